@@ -1,0 +1,174 @@
+"""easel's own API: jobs, their images and events, models, health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse
+from pydantic import BaseModel
+
+from easel import __version__
+from easel.api.errors import ErrorResponse
+from easel.backends.base import Capability
+from easel.events import Subscription
+from easel.jobs import GenerationRequest, Job, JobState, JobView
+from easel.runtime import Runtime
+
+router = APIRouter()
+
+_ERRORS = {
+    404: {"model": ErrorResponse, "description": "No such job or image"},
+    409: {"model": ErrorResponse, "description": "The job already ended"},
+    429: {"model": ErrorResponse, "description": "The user's queue is full"},
+}
+
+
+def runtime_of(request: Request | WebSocket) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+
+
+class ModelEntry(BaseModel):
+    name: str
+    backend: str
+    family: str
+    loaded: bool
+
+
+class BackendEntry(BaseModel):
+    name: str
+    capabilities: list[Capability]
+    default: bool
+
+
+class Models(BaseModel):
+    models: list[ModelEntry]
+    backends: list[BackendEntry]
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    backends: list[str]
+
+
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    response_model=JobView,
+    responses={k: v for k, v in _ERRORS.items() if k == 429},
+    tags=["jobs"],
+)
+async def submit_job(body: GenerationRequest, request: Request, response: Response) -> JobView:
+    """Queue a generation. Answered once the job is durable; watch it on ``/v1/events``."""
+    job = await runtime_of(request).submit(body)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job
+
+
+@router.get("/v1/jobs", response_model=JobList, tags=["jobs"])
+async def list_jobs(
+    request: Request,
+    user_id: str | None = None,
+    state: JobState | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JobList:
+    """Newest first."""
+    jobs = await runtime_of(request).list(user_id=user_id, state=state, limit=limit)
+    return JobList(jobs=jobs)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS, tags=["jobs"])
+async def get_job(job_id: str, request: Request) -> JobView:
+    return await runtime_of(request).get(job_id)
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=Job, responses=_ERRORS, tags=["jobs"])
+async def cancel_job(job_id: str, request: Request) -> Job:
+    """Cancel a queued job at once, or a running one at its next step."""
+    return await runtime_of(request).cancel(job_id)
+
+
+@router.get(
+    "/v1/jobs/{job_id}/images/{index}",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}, **_ERRORS},
+    tags=["jobs"],
+)
+async def get_image(job_id: str, index: int, request: Request) -> FileResponse:
+    path = await runtime_of(request).image_path(job_id, index)
+    return FileResponse(path, media_type="image/png")
+
+
+@router.get("/v1/models", response_model=Models, tags=["models"])
+async def list_models(request: Request) -> Models:
+    runtime = runtime_of(request)
+    return Models(
+        models=[
+            ModelEntry(name=m.name, backend=m.backend, family=m.family, loaded=m.loaded)
+            for backend in runtime.backends.values()
+            for m in backend.models()
+        ],
+        backends=[
+            BackendEntry(
+                name=name,
+                capabilities=sorted(backend.capabilities),
+                default=name == runtime.default_backend,
+            )
+            for name, backend in runtime.backends.items()
+        ],
+    )
+
+
+@router.get("/health", response_model=Health, tags=["operations"])
+async def health(request: Request) -> Health:
+    return Health(status="ok", version=__version__, backends=list(runtime_of(request).backends))
+
+
+@router.websocket("/v1/events")
+async def events(
+    websocket: WebSocket,
+    job_id: str | None = None,
+    user_id: str | None = None,
+    after: int | None = None,
+    last_event_id: Annotated[int | None, Header()] = None,
+) -> None:
+    """Every event (or one job's, or one user's) as JSON text frames, in order.
+
+    Resume with ``after`` (or a ``Last-Event-ID`` header) set to the last id seen. A
+    subscription to one job replays that job's events from the start by default.
+    """
+    runtime = runtime_of(websocket)
+    if after is None:
+        after = last_event_id if last_event_id is not None else (0 if job_id else None)
+    await websocket.accept()
+    subscription = runtime.bus.subscribe(job_id=job_id, user_id=user_id, after=after)
+    async with subscription:
+        sender = asyncio.create_task(_forward(subscription, websocket))
+        receiver = asyncio.create_task(_until_disconnect(websocket))
+        done, pending = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if sender in done and not receiver.done():
+            # the bus ended the stream (subscriber too slow, or shutdown): resume from last id
+            with contextlib.suppress(Exception):
+                await websocket.close(code=1013, reason="resume with after=<last id>")
+
+
+async def _forward(subscription: Subscription, websocket: WebSocket) -> None:
+    async for event in subscription:
+        await websocket.send_text(event.model_dump_json(exclude_none=True))
+
+
+async def _until_disconnect(websocket: WebSocket) -> None:
+    with contextlib.suppress(WebSocketDisconnect):
+        while True:
+            await websocket.receive_text()

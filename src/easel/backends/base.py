@@ -1,0 +1,145 @@
+"""What a backend is, what it can do, and how easel finds one by name.
+
+A backend turns one :class:`~easel.jobs.GenerationRequest` into images. It declares its
+capabilities so that admission refuses what it cannot do before any GPU time is spent.
+``generate`` is async; a backend that computes locally runs its work in a thread
+(``asyncio.to_thread``) so the event loop only moves bytes and events.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from PIL.Image import Image
+
+from easel.errors import Cancelled, InvalidRequest, Unsupported
+from easel.jobs import GenerationRequest, JobKind
+
+
+class Capability(StrEnum):
+    txt2img = "txt2img"
+    img2img = "img2img"
+    inpaint = "inpaint"
+    controlnet = "controlnet"
+    negative_prompt = "negative_prompt"
+    seed = "seed"
+    scheduler = "scheduler"
+    lora = "lora"
+    upscale = "upscale"
+    preview = "preview"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    backend: str
+    family: str = "unknown"
+    path: str | None = None
+    loaded: bool = False
+
+
+ProgressCallback = Callable[[int, int, "Image | None"], None]
+"""``(step, total, preview)``; safe to call from any thread."""
+
+
+@dataclass
+class RunContext:
+    """What a running generation may use besides its request: progress and cancellation."""
+
+    on_progress: ProgressCallback = field(default=lambda step, total, preview: None)
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancel_event.is_set():
+            raise Cancelled("the job was cancelled")
+
+    def progress(self, step: int, total: int, preview: Image | None = None) -> None:
+        self.on_progress(step, total, preview)
+
+
+@dataclass
+class GenerationResult:
+    """Images in batch order; ``seeds[i]`` reproduces ``images[i]`` alone."""
+
+    images: list[Image]
+    seeds: list[int]
+    model: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """One engine. Subclasses set ``name`` and ``capabilities`` and implement ``generate``."""
+
+    name: str = "backend"
+    capabilities: frozenset[Capability] = frozenset()
+
+    async def start(self) -> None:
+        """Load what must be loaded before the first job (called once by the runtime)."""
+
+    async def close(self) -> None:
+        """Free what ``start`` took."""
+
+    def models(self) -> list[ModelInfo]:
+        return []
+
+    @property
+    def default_model(self) -> str | None:
+        models = self.models()
+        return models[0].name if models else None
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse at admission what this backend cannot run; raise a 4xx EaselError."""
+        if request.kind is JobKind.img2img and Capability.img2img not in self.capabilities:
+            raise Unsupported(f"backend {self.name!r} cannot run img2img")
+        if request.scheduler is not None and Capability.scheduler not in self.capabilities:
+            raise Unsupported(f"backend {self.name!r} does not take a scheduler")
+
+    @abstractmethod
+    async def generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:
+        """Run one request; raise :class:`~easel.errors.Cancelled` when cancelled midway."""
+
+
+BackendFactory = Callable[..., Backend]
+
+_registry: dict[str, BackendFactory] = {}
+
+
+def register(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    """Class decorator: make a backend constructible by name (``--backend NAME``)."""
+
+    def decorate(factory: BackendFactory) -> BackendFactory:
+        _registry[name] = factory
+        return factory
+
+    return decorate
+
+
+def available() -> list[str]:
+    _load_builtins()
+    return sorted(_registry)
+
+
+def create(name: str, **options: Any) -> Backend:
+    """Build a backend by registered name; options are the backend's own keyword arguments."""
+    _load_builtins()
+    try:
+        factory = _registry[name]
+    except KeyError:
+        raise InvalidRequest(
+            f"unknown backend {name!r}; available backends are: {', '.join(sorted(_registry))}"
+        ) from None
+    return factory(**options)
+
+
+def _load_builtins() -> None:
+    # Importing registers; the diffusers module imports torch lazily, so this stays cheap.
+    from easel.backends import diffusers, mock  # noqa: F401

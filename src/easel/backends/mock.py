@@ -1,0 +1,88 @@
+"""A deterministic placeholder backend: no model, no GPU, real queue behaviour.
+
+It draws the prompt, seed and size on a background that the seed decides, one "step" at a
+time with a configurable delay, so progress, cancellation and ETAs behave as with a model.
+Tests and the no-GPU quickstart use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import textwrap
+import time
+
+from PIL import Image, ImageDraw, ImageFont
+
+from easel.backends.base import (
+    Backend,
+    Capability,
+    GenerationResult,
+    ModelInfo,
+    RunContext,
+    register,
+)
+from easel.errors import GenerationError
+from easel.images import decode_base64_image
+from easel.jobs import GenerationRequest, JobKind
+
+MOCK_MODEL = "mock"
+FAIL_PROMPT = "[mock:fail]"
+"""A prompt containing this fails at run time: lets tests and demos see a failed job."""
+
+
+@register("mock")
+class MockBackend(Backend):
+    name = "mock"
+    capabilities = frozenset(
+        {
+            Capability.txt2img,
+            Capability.img2img,
+            Capability.negative_prompt,
+            Capability.seed,
+            Capability.scheduler,
+        }
+    )
+
+    def __init__(self, *, step_delay: float = 0.0, **_options: object) -> None:
+        self.step_delay = step_delay
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(name=MOCK_MODEL, backend=self.name, family="mock", loaded=True)]
+
+    async def generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:
+        return await asyncio.to_thread(self._generate, request, context)
+
+    def _generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:
+        for step in range(1, request.steps + 1):
+            context.raise_if_cancelled()
+            if self.step_delay:
+                time.sleep(self.step_delay)
+            context.progress(step, request.steps, None)
+        context.raise_if_cancelled()
+        if FAIL_PROMPT in request.prompt:
+            raise GenerationError("the mock backend was asked to fail", code="mock_failure")
+        init = None
+        if request.kind is JobKind.img2img and request.init_image:
+            init = decode_base64_image(request.init_image).resize((request.width, request.height))
+        images = [placeholder(request, seed, init) for seed in request.seeds]
+        return GenerationResult(images=images, seeds=request.seeds, model=MOCK_MODEL)
+
+
+def placeholder(
+    request: GenerationRequest, seed: int, init: Image.Image | None = None
+) -> Image.Image:
+    """The same request and seed always give the same pixels."""
+    rng = random.Random(seed)
+    background = tuple(rng.randrange(40, 216) for _ in range(3))
+    image = Image.new("RGB", (request.width, request.height), background)  # type: ignore[arg-type]
+    if init is not None:
+        image = Image.blend(image, init, 1 - request.strength)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    text = "\n".join(
+        [*textwrap.wrap(request.prompt, width=max(request.width // 7, 8))[:6],
+         f"seed {seed}", f"{request.width}x{request.height}"]
+    )
+    draw.multiline_text((6, 6), text, fill=(255, 255, 255), font=font, spacing=2)
+    return image

@@ -1,0 +1,103 @@
+"""easel's one error hierarchy.
+
+Every error a client can cause or see carries a machine-readable ``code`` and the HTTP
+status the API answers with; one handler renders them as
+``{"error": {"code": ..., "message": ...}}``. The same codes are recorded on failed jobs.
+
+    EaselError
+    ├── InvalidRequest          422 invalid_request
+    │   └── Unsupported         422 unsupported
+    ├── NotFound                404 not_found
+    │   ├── JobNotFound         404 job_not_found
+    │   ├── ImageNotFound       404 image_not_found
+    │   └── ModelNotFound       404 model_not_found
+    ├── JobFinished             409 job_finished
+    ├── QueueFull               429 queue_full
+    │   └── UserQueueFull       429 user_queue_full
+    ├── StoreUnavailable        503 store_unavailable
+    └── GenerationError         500 generation_failed   (recorded on the job, not an HTTP answer)
+        ├── Cancelled           499 cancelled
+        ├── LeaseLost           409 lease_lost
+        └── BackendUnavailable  503 backend_unavailable (transient: worth a retry)
+"""
+
+from __future__ import annotations
+
+
+class EaselError(Exception):
+    code: str = "error"
+    status: int = 500
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidRequest(EaselError):
+    code = "invalid_request"
+    status = 422
+
+
+class Unsupported(InvalidRequest):
+    code = "unsupported"
+
+
+class NotFound(EaselError):
+    code = "not_found"
+    status = 404
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
+class ImageNotFound(NotFound):
+    code = "image_not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class JobFinished(EaselError):
+    code = "job_finished"
+    status = 409
+
+
+class QueueFull(EaselError):
+    code = "queue_full"
+    status = 429
+
+
+class UserQueueFull(QueueFull):
+    code = "user_queue_full"
+
+
+class StoreUnavailable(EaselError):
+    code = "store_unavailable"
+    status = 503
+
+
+class GenerationError(EaselError):
+    code = "generation_failed"
+    status = 500
+
+
+class Cancelled(GenerationError):
+    code = "cancelled"
+    status = 499
+
+
+class LeaseLost(GenerationError):
+    code = "lease_lost"
+    status = 409
+
+
+class BackendUnavailable(GenerationError):
+    code = "backend_unavailable"
+    status = 503

@@ -1,0 +1,210 @@
+"""The embedded server without HTTP: store, bus, backends, workers and storage, assembled.
+
+The API is one view of a :class:`Runtime`; ``easel generate`` (no server) is another. Both
+submit, cancel and watch jobs through the same methods, so nothing is computed twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+from easel.admission import admit
+from easel.backends import base as backends_registry
+from easel.backends.base import Backend
+from easel.config import Settings
+from easel.errors import ImageNotFound
+from easel.events import EventBus, InProcessEventBus
+from easel.jobs import FINAL_STATES, Event, EventType, GenerationRequest, Job, JobState, JobView
+from easel.scheduler import RunTimes, entry_for, user_cap
+from easel.storage import LocalStorage
+from easel.store.base import JobStore
+from easel.store.sqlite import SqliteStore
+from easel.worker import Worker
+
+log = logging.getLogger("easel")
+
+_EVENT_FOR_STATE = {
+    JobState.queued: EventType.queued,
+    JobState.failed: EventType.failed,
+}
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        backends: Mapping[str, Backend] | None = None,
+        store: JobStore | None = None,
+        bus: EventBus | None = None,
+        storage: LocalStorage | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backends = dict(backends) if backends is not None else _backends_from(settings)
+        self.default_backend = (
+            settings.resolved_backend
+            if settings.resolved_backend in self.backends
+            else next(iter(self.backends))
+        )
+        self.store = store or SqliteStore(
+            settings.resolved_db_path, max_attempts=settings.max_attempts
+        )
+        self.bus = bus or InProcessEventBus()
+        self.storage = storage or LocalStorage(settings.resolved_output_dir)
+        self.run_times = RunTimes()
+        self.workers: list[Worker] = []
+        self._tasks: list[asyncio.Task[object]] = []  # one per worker
+        self._reaper: asyncio.Task[None] | None = None
+        self._wakeup = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, *, workers: bool = True) -> None:
+        await self.store.open()
+        for backend in self.backends.values():
+            await backend.start()
+        if workers:
+            self.start_workers()
+        self._reaper = asyncio.create_task(self._reap_leases(), name="easel-reaper")
+
+    def start_workers(self) -> None:
+        for backend in self.backends.values():
+            for _ in range(self.settings.concurrency):
+                worker = self.worker_for(backend)
+                self.workers.append(worker)
+                self._tasks.append(asyncio.create_task(worker.run(), name=f"easel-{worker.id}"))
+
+    def worker_for(self, backend: Backend) -> Worker:
+        return Worker(
+            store=self.store,
+            bus=self.bus,
+            backend=backend,
+            storage=self.storage,
+            run_times=self.run_times,
+            lease_seconds=self.settings.lease_seconds,
+            heartbeat_seconds=self.settings.heartbeat_seconds,
+            wakeup=self._wakeup,
+        )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop claiming, give running jobs ``grace`` seconds, put the rest back unspent."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+        for worker in self.workers:
+            worker.stop()
+        tasks = list(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for worker in self.workers:
+                if worker.current is not None:
+                    with contextlib.suppress(Exception):
+                        await self.store.requeue(
+                            worker.current.id, worker_id=worker.id, spend_attempt=False
+                        )
+                    worker.cancel_current()
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._tasks.clear()
+        self.workers.clear()
+        for backend in self.backends.values():
+            await backend.close()
+        await self.bus.close()
+        await self.store.close()
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    async def submit(self, request: GenerationRequest) -> JobView:
+        """Admit, make durable, announce ``queued``; returns once the job cannot be lost."""
+        request, backend = admit(request, self.backends, self.default_backend, self.settings.limits)
+        cap = user_cap(
+            request.max_user_queue_size,
+            self.settings.max_user_queue_size,
+            self.settings.max_user_queue_size_limit,
+        )
+        job = await self.store.enqueue(Job(request=request, backend=backend.name), user_cap=cap)
+        self._wakeup.set()
+        view = await self.view(job)
+        await self.bus.publish(
+            Event.of(job, EventType.queued, position=view.position, eta_seconds=view.eta_seconds)
+        )
+        return view
+
+    async def cancel(self, job_id: str) -> Job:
+        job = await self.store.cancel(job_id)
+        await self.bus.publish(Event.of(job, EventType.cancelled))
+        return job
+
+    async def get(self, job_id: str) -> JobView:
+        return await self.view(await self.store.get(job_id))
+
+    async def list(
+        self, *, user_id: str | None = None, state: JobState | None = None, limit: int = 100
+    ) -> list[Job]:
+        return await self.store.list(user_id=user_id, state=state, limit=limit)
+
+    async def view(self, job: Job) -> JobView:
+        """The job with its queue position and ETA (queued jobs only)."""
+        position = eta = None
+        if job.state is JobState.queued and (ahead := await self.store.ahead(job.id)) is not None:
+            position = len(ahead)
+            same_route = [entry for entry in ahead if entry.route == job.backend]
+            workers = sum(1 for worker in self.workers if worker.backend.name == job.backend)
+            eta = self.run_times.eta(same_route, entry_for(job), workers or 1)
+        return JobView(**job.model_dump(), position=position, eta_seconds=eta)
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Until the job ends; returns its final record."""
+        async with asyncio.timeout(timeout):
+            async with self.bus.subscribe(job_id=job_id) as events:
+                job = await self.store.get(job_id)
+                if job.state in FINAL_STATES:
+                    return job
+                async for event in events:
+                    if event.type in {EventType.succeeded, EventType.failed, EventType.cancelled}:
+                        break
+            return await self.store.get(job_id)
+
+    async def image_path(self, job_id: str, index: int) -> Path:
+        job = await self.store.get(job_id)
+        if not 0 <= index < len(job.images):
+            raise ImageNotFound(f"job {job_id} has no image {index} (it has {len(job.images)})")
+        return self.storage.path(job.images[index])
+
+    async def _reap_leases(self) -> None:
+        """Put back jobs whose worker stopped renewing its lease (a hung backend)."""
+        interval = max(self.settings.lease_seconds / 2, 0.5)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                for job in await self.store.expire_leases():
+                    type = _EVENT_FOR_STATE[job.state]
+                    await self.bus.publish(Event.of(job, type, error=job.error))
+                    self._wakeup.set()
+            except Exception:
+                log.exception("could not expire leases; trying again in %.0fs", interval)
+
+
+def _backends_from(settings: Settings) -> dict[str, Backend]:
+    name = settings.resolved_backend
+    options: dict[str, object] = {"device": settings.device}
+    if name == "mock":
+        options["step_delay"] = settings.mock_step_delay
+    if settings.model:
+        options["model"] = settings.model
+    return {name: backends_registry.create(name, **options)}

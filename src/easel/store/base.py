@@ -1,0 +1,95 @@
+"""The durable job store: one small interface, one contract suite (``tests/test_store.py``).
+
+A store persists job records and leases atomically; it asks :mod:`easel.scheduler` which
+queued job to hand out. It never publishes events: the runtime announces what a store
+call changed, so every store gets the same events for free.
+
+Promises every implementation keeps:
+- ``enqueue`` returns only once the job is durable (the API answers 2xx after it);
+- ``claim`` hands a job to exactly one worker and records a lease that the worker renews
+  with ``heartbeat``; ``expire_leases`` puts jobs of silent workers back;
+- a run counts as an attempt when claimed; a job put back with no attempts left ends
+  ``failed`` with the reason given;
+- final states never change again.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection
+
+from easel.jobs import ImageRef, Job, JobError, JobState
+from easel.scheduler import Entry
+
+WORKER_LOST = JobError(
+    code="worker_lost", message="the worker running this job stopped answering too many times"
+)
+
+
+class JobStore(ABC):
+    max_attempts: int = 3
+
+    async def open(self) -> None:
+        """Connect and repair what a crash left behind."""
+
+    async def close(self) -> None:
+        """Flush and disconnect."""
+
+    @abstractmethod
+    async def enqueue(self, job: Job, *, user_cap: int) -> Job:
+        """Make ``job`` durable and queued; raise ``UserQueueFull`` past ``user_cap``."""
+
+    @abstractmethod
+    async def claim(
+        self, worker_id: str, routes: Collection[str], *, lease_seconds: float
+    ) -> Job | None:
+        """Lease the next job for a worker serving ``routes``; None when none is queued."""
+
+    @abstractmethod
+    async def heartbeat(self, job_id: str, worker_id: str, *, lease_seconds: float) -> bool:
+        """Extend a lease; False when the worker no longer holds it (cancelled, expired)."""
+
+    @abstractmethod
+    async def complete(self, job_id: str, worker_id: str, images: list[ImageRef]) -> Job:
+        """Running -> succeeded; ``LeaseLost`` if the worker no longer holds the job."""
+
+    @abstractmethod
+    async def fail(self, job_id: str, error: JobError, *, worker_id: str | None = None) -> Job:
+        """Queued or running -> failed; with ``worker_id``, only if that worker holds it."""
+
+    @abstractmethod
+    async def requeue(
+        self,
+        job_id: str,
+        *,
+        worker_id: str | None = None,
+        spend_attempt: bool = True,
+        reason: JobError = WORKER_LOST,
+    ) -> Job:
+        """Running -> queued, or failed with ``reason`` when no attempt is left."""
+
+    @abstractmethod
+    async def cancel(self, job_id: str) -> Job:
+        """Queued or running -> cancelled; ``JobFinished`` when it already ended."""
+
+    @abstractmethod
+    async def get(self, job_id: str) -> Job:
+        """The job, or ``JobNotFound``."""
+
+    @abstractmethod
+    async def list(
+        self, *, user_id: str | None = None, state: JobState | None = None, limit: int = 100
+    ) -> list[Job]:
+        """Newest first."""
+
+    @abstractmethod
+    async def ahead(self, job_id: str) -> list[Entry] | None:
+        """Queued entries served before this job; None when it is not queued."""
+
+    @abstractmethod
+    async def expire_leases(self) -> list[Job]:
+        """Put back (or fail) running jobs whose lease ran out; return the jobs changed."""
+
+    @abstractmethod
+    async def active_count(self, user_id: str) -> int:
+        """Queued plus running jobs of a user."""

@@ -1,0 +1,403 @@
+"""The embedded store: SQLite (WAL, ``synchronous=FULL``) on one writer thread.
+
+Every call becomes one operation on a dedicated thread that owns the connection. The thread
+takes all operations waiting at once, runs each in its own savepoint and commits them with
+one fsync: group commit, so durable submissions scale with concurrency instead of being
+capped by the disk's fsync rate. The fair queue itself lives in memory, on the event loop,
+rebuilt from the table on ``open``; one process owns the file (use Redis to scale out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any, TypeVar
+
+from easel.errors import EaselError, JobFinished, JobNotFound, LeaseLost, StoreUnavailable
+from easel.jobs import ImageRef, Job, JobError, JobState
+from easel.scheduler import Entry, FairQueue, check_user_cap, entry_for
+from easel.store.base import WORKER_LOST, JobStore
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    user_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    worker_id TEXT,
+    lease_expires_at REAL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs(user_id, seq);
+"""
+_MAX_BATCH = 1024
+
+
+class _Writer:
+    """One connection on one thread; a batch of operations per transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._ops: queue.SimpleQueue[tuple[Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._serve, args=(ready,), name="easel-sqlite", daemon=True
+        )
+        self._thread.start()
+        if (error := ready.get()) is not None:
+            raise StoreUnavailable(f"cannot open the job database {self.path}: {error}")
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._ops.put(None)
+            self._thread.join()
+            self._thread = None
+
+    async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread is None or self._loop is None:
+            raise StoreUnavailable("the job store is closed")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._ops.put((op, future))
+        return await future
+
+    def _serve(self, ready: queue.SimpleQueue[BaseException | None]) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            ready.put(exc)
+            return
+        ready.put(None)
+        try:
+            while (first := self._ops.get()) is not None:
+                batch = [first]
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        item = self._ops.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        self._ops.put(None)  # stop after this batch
+                        break
+                    batch.append(item)
+                self._run_batch(conn, batch)
+        finally:
+            conn.close()
+
+    def _run_batch(
+        self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any]]]
+    ) -> None:
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, future in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    result = op(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append((future, None, exc))
+                else:
+                    outcomes.append((future, result, None))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = StoreUnavailable(f"the job database failed: {exc}")
+            outcomes = [(future, None, error) for _, future in batch]
+        assert self._loop is not None
+        for future, result, error in outcomes:
+            self._loop.call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _load(conn: sqlite3.Connection, job_id: str) -> Job:
+    row = conn.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise JobNotFound(f"no job with id {job_id!r}")
+    return Job.model_validate_json(row[0])
+
+
+def _save(conn: sqlite3.Connection, job: Job, lease_expires_at: float | None = None) -> Job:
+    conn.execute(
+        "UPDATE jobs SET state = ?, worker_id = ?, lease_expires_at = ?, data = ? WHERE id = ?",
+        (job.state, job.worker_id, lease_expires_at, job.model_dump_json(), job.id),
+    )
+    return job
+
+
+def _requeue(
+    conn: sqlite3.Connection, job: Job, *, spend_attempt: bool, reason: JobError, max_attempts: int
+) -> Job:
+    """Running -> queued, or failed with ``reason`` when the attempts are spent."""
+    attempts = job.attempts if spend_attempt else max(job.attempts - 1, 0)
+    if spend_attempt and attempts >= max_attempts:
+        update = {"state": JobState.failed, "error": reason, "finished_at": time.time()}
+    else:
+        update = {"state": JobState.queued, "started_at": None}
+    job = job.model_copy(update={**update, "attempts": attempts, "worker_id": None})
+    return _save(conn, job)
+
+
+class SqliteStore(JobStore):
+    def __init__(self, path: Path | str, *, max_attempts: int = 3) -> None:
+        self.path = Path(path)
+        self.max_attempts = max_attempts
+        self._writer = _Writer(self.path)
+        self._queue = FairQueue()
+        self._active: dict[str, str] = {}  # job id -> user id, queued or running
+        self._active_per_user: dict[str, int] = {}
+
+    async def open(self) -> None:
+        self._writer.start()
+        rows = await self._writer.run(self._recover)
+        for job in rows:
+            self._track(job)
+            if job.state is JobState.queued:
+                self._queue.push(entry_for(job))
+
+    def _recover(self, conn: sqlite3.Connection) -> list[Job]:
+        """Jobs left running by a crashed process go back to the queue (or fail)."""
+        orphans = conn.execute("SELECT data FROM jobs WHERE state = 'running'").fetchall()
+        for (data,) in orphans:
+            self._put_back(conn, Job.model_validate_json(data))
+        rows = conn.execute(
+            "SELECT data FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq"
+        ).fetchall()
+        return [Job.model_validate_json(data) for (data,) in rows]
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._writer.stop)
+
+    # -- bookkeeping on the event loop ------------------------------------------------
+
+    def _track(self, job: Job) -> None:
+        if job.id not in self._active:
+            self._active[job.id] = job.user_id
+            self._active_per_user[job.user_id] = self._active_per_user.get(job.user_id, 0) + 1
+
+    def _untrack(self, job_id: str) -> None:
+        user_id = self._active.pop(job_id, None)
+        if user_id is None:
+            return
+        left = self._active_per_user[user_id] - 1
+        if left:
+            self._active_per_user[user_id] = left
+        else:
+            del self._active_per_user[user_id]
+
+    def _settled(self, job: Job) -> Job:
+        """Bring the in-memory queue in line with a job's durable state."""
+        if job.state.is_final:
+            self._queue.remove(job.id)
+            self._untrack(job.id)
+        elif job.state is JobState.queued and job.id not in self._queue:
+            self._queue.push_front(entry_for(job))
+        return job
+
+    # -- the interface ----------------------------------------------------------------
+
+    async def enqueue(self, job: Job, *, user_cap: int) -> Job:
+        check_user_cap(job.user_id, self._active_per_user.get(job.user_id, 0), user_cap)
+        self._track(job)  # reserve the slot before awaiting, so concurrent submits count
+        try:
+            await self._writer.run(lambda conn: self._insert(conn, job))
+        except BaseException:
+            self._untrack(job.id)
+            raise
+        self._queue.push(entry_for(job))
+        return job
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, job: Job) -> None:
+        conn.execute(
+            "INSERT INTO jobs (id, user_id, state, data) VALUES (?, ?, ?, ?)",
+            (job.id, job.user_id, job.state, job.model_dump_json()),
+        )
+
+    async def claim(
+        self, worker_id: str, routes: Collection[str], *, lease_seconds: float
+    ) -> Job | None:
+        while (entry := self._queue.pop(routes)) is not None:
+            try:
+                job = await self._writer.run(
+                    lambda conn: self._claim(conn, entry.job_id, worker_id, lease_seconds)
+                )
+            except BaseException:
+                self._queue.push_front(entry)
+                raise
+            if job is not None:
+                return job
+        return None
+
+    @staticmethod
+    def _claim(
+        conn: sqlite3.Connection, job_id: str, worker_id: str, lease_seconds: float
+    ) -> Job | None:
+        job = _load(conn, job_id)
+        if job.state is not JobState.queued:
+            return None
+        now = time.time()
+        job = job.model_copy(
+            update={
+                "state": JobState.running,
+                "worker_id": worker_id,
+                "started_at": now,
+                "attempts": job.attempts + 1,
+            }
+        )
+        return _save(conn, job, now + lease_seconds)
+
+    async def heartbeat(self, job_id: str, worker_id: str, *, lease_seconds: float) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE jobs SET lease_expires_at = ? "
+                "WHERE id = ? AND state = 'running' AND worker_id = ?",
+                (time.time() + lease_seconds, job_id, worker_id),
+            )
+            return cursor.rowcount == 1
+
+        return await self._writer.run(op)
+
+    async def complete(self, job_id: str, worker_id: str, images: list[ImageRef]) -> Job:
+        def op(conn: sqlite3.Connection) -> Job:
+            job = self._held(conn, job_id, worker_id)
+            update = {"state": JobState.succeeded, "images": images, "finished_at": time.time()}
+            return _save(conn, job.model_copy(update=update))
+
+        return self._settled(await self._writer.run(op))
+
+    async def fail(self, job_id: str, error: JobError, *, worker_id: str | None = None) -> Job:
+        def op(conn: sqlite3.Connection) -> Job:
+            if worker_id is not None:
+                job = self._held(conn, job_id, worker_id)
+            else:
+                job = _load(conn, job_id)
+                _ensure_open(job)
+            update = {"state": JobState.failed, "error": error, "finished_at": time.time()}
+            return _save(conn, job.model_copy(update=update))
+
+        return self._settled(await self._writer.run(op))
+
+    async def requeue(
+        self,
+        job_id: str,
+        *,
+        worker_id: str | None = None,
+        spend_attempt: bool = True,
+        reason: JobError = WORKER_LOST,
+    ) -> Job:
+        def op(conn: sqlite3.Connection) -> Job:
+            if worker_id is not None:
+                job = self._held(conn, job_id, worker_id)
+            else:
+                job = _load(conn, job_id)
+                if job.state is not JobState.running:
+                    raise JobFinished(f"job {job_id} is {job.state}, not running")
+            return _requeue(
+                conn, job, spend_attempt=spend_attempt, reason=reason, max_attempts=self.max_attempts
+            )
+
+        return self._settled(await self._writer.run(op))
+
+    async def cancel(self, job_id: str) -> Job:
+        entry = self._queue.remove(job_id)
+
+        def op(conn: sqlite3.Connection) -> Job:
+            job = _load(conn, job_id)
+            _ensure_open(job)
+            update = {"state": JobState.cancelled, "finished_at": time.time()}
+            return _save(conn, job.model_copy(update=update))
+
+        try:
+            job = await self._writer.run(op)
+        except EaselError:
+            raise
+        except BaseException:
+            if entry is not None:
+                self._queue.push_front(entry)
+            raise
+        return self._settled(job)
+
+    async def get(self, job_id: str) -> Job:
+        return await self._writer.run(lambda conn: _load(conn, job_id))
+
+    async def list(
+        self, *, user_id: str | None = None, state: JobState | None = None, limit: int = 100
+    ) -> list[Job]:
+        clauses, params = [], []
+        if user_id is not None:
+            clauses.append("user_id = ?")
+            params.append(user_id)
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(str(state))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT data FROM jobs {where} ORDER BY seq DESC LIMIT ?"
+
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(sql, (*params, limit)).fetchall()
+            return [Job.model_validate_json(data) for (data,) in rows]
+
+        return await self._writer.run(op)
+
+    async def ahead(self, job_id: str) -> list[Entry] | None:
+        if job_id not in self._queue:
+            return None
+        return self._queue.ahead(job_id)
+
+    async def expire_leases(self) -> list[Job]:
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                "SELECT data FROM jobs WHERE state = 'running' AND lease_expires_at < ?",
+                (time.time(),),
+            ).fetchall()
+            return [self._put_back(conn, Job.model_validate_json(data)) for (data,) in rows]
+
+        return [self._settled(job) for job in await self._writer.run(op)]
+
+    async def active_count(self, user_id: str) -> int:
+        return self._active_per_user.get(user_id, 0)
+
+    def _put_back(self, conn: sqlite3.Connection, job: Job) -> Job:
+        return _requeue(
+            conn, job, spend_attempt=True, reason=WORKER_LOST, max_attempts=self.max_attempts
+        )
+
+    @staticmethod
+    def _held(conn: sqlite3.Connection, job_id: str, worker_id: str) -> Job:
+        job = _load(conn, job_id)
+        if job.state is not JobState.running or job.worker_id != worker_id:
+            raise LeaseLost(f"worker {worker_id} no longer holds job {job_id} ({job.state})")
+        return job
+
+
+def _ensure_open(job: Job) -> None:
+    if job.state.is_final:
+        raise JobFinished(f"job {job.id} already ended: {job.state}")

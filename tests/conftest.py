@@ -1,0 +1,38 @@
+"""Shared fixtures: heavy things (the tiny pipeline) are built once per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from easel.config import Settings
+from tests.servers import serve
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny randomly initialised Stable-Diffusion pipeline saved as a diffusers folder."""
+    from easel.tiny import make_tiny_pipeline
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings for one test: its own database and output dir, a fast mock backend."""
+    return Settings(data_dir=tmp_path / "data", mock_step_delay=0.0, backend="mock")
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[str]:
+    """A real easel server (mock backend) on a loopback port; yields its base URL."""
+    from easel.api import create_app
+
+    with serve(create_app(settings)) as url:
+        yield url

@@ -1,0 +1,252 @@
+"""The JobStore contract: every store must pass this suite unchanged.
+
+A new store (e.g. Redis) is added to ``store_factory`` below and is done when it passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from easel.errors import JobFinished, JobNotFound, LeaseLost, UserQueueFull
+from easel.jobs import GenerationRequest, ImageRef, Job, JobError, JobState
+from easel.store.base import JobStore
+from easel.store.sqlite import SqliteStore
+
+StoreFactory = Callable[[], Awaitable[JobStore]]
+LEASE = 30.0
+
+
+@pytest.fixture(params=["sqlite"])
+async def store_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[StoreFactory]:
+    """Opens a store over the same durable location each call (a restart)."""
+    opened: list[JobStore] = []
+
+    async def open_store() -> JobStore:
+        store = SqliteStore(tmp_path / "jobs.db", max_attempts=2)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield open_store
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(store_factory: StoreFactory) -> JobStore:
+    return await store_factory()
+
+
+def job(user: str = "alice", priority: int = 0, backend: str = "mock", prompt: str = "p") -> Job:
+    request = GenerationRequest(prompt=prompt, user_id=user, priority=priority, seed=1)
+    return Job(request=request, backend=backend)
+
+
+async def drain(store: JobStore, routes: tuple[str, ...] = ("mock",)) -> list[Job]:
+    claimed = []
+    while (next_job := await store.claim("w", routes, lease_seconds=LEASE)) is not None:
+        claimed.append(next_job)
+    return claimed
+
+
+async def test_enqueue_then_get_and_list(store: JobStore) -> None:
+    first = await store.enqueue(job("alice"), user_cap=10)
+    second = await store.enqueue(job("bob"), user_cap=10)
+    assert (await store.get(first.id)).request == first.request
+    assert [j.id for j in await store.list()] == [second.id, first.id]
+    assert [j.id for j in await store.list(user_id="alice")] == [first.id]
+    assert await store.list(state=JobState.running) == []
+
+
+async def test_get_unknown_job(store: JobStore) -> None:
+    with pytest.raises(JobNotFound):
+        await store.get("nope")
+
+
+async def test_enqueued_job_survives_a_restart(
+    store: JobStore, store_factory: StoreFactory
+) -> None:
+    accepted = await store.enqueue(job(), user_cap=10)
+    await store.close()
+    reopened = await store_factory()
+    assert (await reopened.get(accepted.id)).state is JobState.queued
+    assert [j.id for j in await drain(reopened)] == [accepted.id]
+
+
+async def test_claim_leases_in_priority_then_round_robin_order(store: JobStore) -> None:
+    a1 = await store.enqueue(job("alice"), user_cap=10)
+    a2 = await store.enqueue(job("alice"), user_cap=10)
+    a3 = await store.enqueue(job("alice"), user_cap=10)
+    b1 = await store.enqueue(job("bob"), user_cap=10)
+    premium = await store.enqueue(job("carol", priority=10), user_cap=10)
+    order = [j.id for j in await drain(store)]
+    assert order == [premium.id, a1.id, b1.id, a2.id, a3.id]
+
+
+async def test_claim_marks_running_with_an_attempt(store: JobStore) -> None:
+    queued = await store.enqueue(job(), user_cap=10)
+    claimed = await store.claim("w1", ["mock"], lease_seconds=LEASE)
+    assert claimed is not None and claimed.id == queued.id
+    assert claimed.state is JobState.running
+    assert claimed.worker_id == "w1" and claimed.attempts == 1 and claimed.started_at
+    assert (await store.get(queued.id)).state is JobState.running
+
+
+async def test_claim_only_routes_the_worker_serves(store: JobStore) -> None:
+    other = await store.enqueue(job(backend="diffusers"), user_cap=10)
+    mine = await store.enqueue(job(backend="mock"), user_cap=10)
+    assert [j.id for j in await drain(store, ("mock",))] == [mine.id]
+    assert [j.id for j in await drain(store, ("diffusers",))] == [other.id]
+
+
+async def test_concurrent_claims_never_share_a_job(store: JobStore) -> None:
+    ids = {(await store.enqueue(job(f"u{i}"), user_cap=10)).id for i in range(5)}
+    results = await asyncio.gather(
+        *(store.claim(f"w{i}", ["mock"], lease_seconds=LEASE) for i in range(10))
+    )
+    claimed = [r.id for r in results if r is not None]
+    assert sorted(claimed) == sorted(ids)
+
+
+async def test_heartbeat_only_for_the_holder(store: JobStore) -> None:
+    queued = await store.enqueue(job(), user_cap=10)
+    await store.claim("w1", ["mock"], lease_seconds=LEASE)
+    assert await store.heartbeat(queued.id, "w1", lease_seconds=LEASE)
+    assert not await store.heartbeat(queued.id, "w2", lease_seconds=LEASE)
+    await store.cancel(queued.id)
+    assert not await store.heartbeat(queued.id, "w1", lease_seconds=LEASE)
+
+
+async def test_complete_records_images_once(store: JobStore) -> None:
+    queued = await store.enqueue(job(), user_cap=10)
+    await store.claim("w1", ["mock"], lease_seconds=LEASE)
+    image = ImageRef(index=0, seed=1, width=8, height=8, path="x.png", url="/x")
+    with pytest.raises(LeaseLost):
+        await store.complete(queued.id, "w2", [image])
+    done = await store.complete(queued.id, "w1", [image])
+    assert done.state is JobState.succeeded and done.images == [image] and done.finished_at
+    with pytest.raises((LeaseLost, JobFinished)):
+        await store.complete(queued.id, "w1", [image])
+
+
+async def test_fail_records_the_reason(store: JobStore) -> None:
+    queued = await store.enqueue(job(), user_cap=10)
+    await store.claim("w1", ["mock"], lease_seconds=LEASE)
+    error = JobError(code="boom", message="it broke")
+    failed = await store.fail(queued.id, error, worker_id="w1")
+    assert failed.state is JobState.failed and failed.error == error
+    assert (await store.get(queued.id)).error == error
+
+
+async def test_cancel_queued_job_is_never_claimed(store: JobStore) -> None:
+    queued = await store.enqueue(job(), user_cap=10)
+    cancelled = await store.cancel(queued.id)
+    assert cancelled.state is JobState.cancelled
+    assert await drain(store) == []
+    with pytest.raises(JobFinished):
+        await store.cancel(queued.id)
+    with pytest.raises(JobNotFound):
+        await store.cancel("nope")
+
+
+async def test_cancel_running_job_takes_the_lease_away(store: JobStore) -> None:
+    queued = await store.enqueue(job(), user_cap=10)
+    await store.claim("w1", ["mock"], lease_seconds=LEASE)
+    assert (await store.cancel(queued.id)).state is JobState.cancelled
+    with pytest.raises(LeaseLost):
+        await store.complete(queued.id, "w1", [])
+
+
+async def test_requeue_then_fail_when_attempts_are_spent(store: JobStore) -> None:
+    queued = await store.enqueue(job(), user_cap=10)
+    await store.claim("w1", ["mock"], lease_seconds=LEASE)
+    again = await store.requeue(queued.id, worker_id="w1")
+    assert again.state is JobState.queued and again.attempts == 1
+    second = await store.claim("w2", ["mock"], lease_seconds=LEASE)
+    assert second is not None and second.id == queued.id and second.attempts == 2
+    lost = await store.requeue(queued.id, worker_id="w2")  # max_attempts is 2
+    assert lost.state is JobState.failed
+    assert lost.error is not None and lost.error.code == "worker_lost"
+    assert await drain(store) == []
+
+
+async def test_requeue_without_spending_an_attempt(store: JobStore) -> None:
+    queued = await store.enqueue(job(), user_cap=10)
+    for _ in range(3):
+        await store.claim("w1", ["mock"], lease_seconds=LEASE)
+        back = await store.requeue(queued.id, worker_id="w1", spend_attempt=False)
+        assert back.state is JobState.queued and back.attempts == 0
+
+
+async def test_expired_lease_puts_the_job_back(store: JobStore) -> None:
+    queued = await store.enqueue(job(), user_cap=10)
+    await store.claim("w1", ["mock"], lease_seconds=0.05)
+    await asyncio.sleep(0.1)
+    await store.expire_leases()
+    assert (await store.get(queued.id)).state is JobState.queued
+    reclaimed = await store.claim("w2", ["mock"], lease_seconds=LEASE)
+    assert reclaimed is not None and reclaimed.id == queued.id
+
+
+async def test_user_cap_counts_queued_and_running(store: JobStore) -> None:
+    first = await store.enqueue(job("alice"), user_cap=2)
+    await store.enqueue(job("alice"), user_cap=2)
+    with pytest.raises(UserQueueFull):
+        await store.enqueue(job("alice"), user_cap=2)
+    await store.enqueue(job("bob"), user_cap=2)  # another user is not affected
+    await store.claim("w", ["mock"], lease_seconds=LEASE)  # alice's first now runs
+    with pytest.raises(UserQueueFull):
+        await store.enqueue(job("alice"), user_cap=2)
+    assert await store.active_count("alice") == 2
+    await store.complete(first.id, "w", [])
+    await store.enqueue(job("alice"), user_cap=2)
+
+
+async def test_concurrent_enqueues_respect_the_cap(store: JobStore) -> None:
+    results = await asyncio.gather(
+        *(store.enqueue(job("alice"), user_cap=3) for _ in range(10)), return_exceptions=True
+    )
+    accepted = [r for r in results if isinstance(r, Job)]
+    assert len(accepted) == 3
+    assert all(isinstance(r, UserQueueFull) for r in results if not isinstance(r, Job))
+
+
+async def test_ahead_gives_queue_positions(store: JobStore) -> None:
+    a1 = await store.enqueue(job("alice"), user_cap=10)
+    a2 = await store.enqueue(job("alice"), user_cap=10)
+    b1 = await store.enqueue(job("bob"), user_cap=10)
+    assert await store.ahead(a1.id) == []
+    assert [e.job_id for e in await store.ahead(b1.id) or []] == [a1.id]
+    assert [e.job_id for e in await store.ahead(a2.id) or []] == [a1.id, b1.id]
+    await store.claim("w", ["mock"], lease_seconds=LEASE)
+    assert await store.ahead(a1.id) is None
+
+
+async def test_sqlite_crash_recovery_requeues_running_jobs(tmp_path: Path) -> None:
+    """A job left running by a dead process is queued again on start, then fails when spent."""
+    path = tmp_path / "crash.db"
+    store = SqliteStore(path, max_attempts=2)
+    await store.open()
+    accepted = await store.enqueue(job(), user_cap=10)
+    await store.claim("w1", ["mock"], lease_seconds=LEASE)
+    await store.close()  # the process "dies" with the job running
+
+    restarted = SqliteStore(path, max_attempts=2)
+    await restarted.open()
+    recovered = await restarted.get(accepted.id)
+    assert recovered.state is JobState.queued and recovered.attempts == 1
+    await restarted.claim("w2", ["mock"], lease_seconds=LEASE)
+    await restarted.close()
+
+    again = SqliteStore(path, max_attempts=2)
+    await again.open()
+    final = await again.get(accepted.id)
+    assert final.state is JobState.failed
+    assert final.error is not None and final.error.code == "worker_lost"
+    await again.close()
