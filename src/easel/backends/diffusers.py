@@ -266,7 +266,8 @@ class DiffusersBackend(Backend):
             "guidance_scale": request.cfg_scale,
             "num_images_per_prompt": request.batch_size,
             # One generator per image: image i of a batch is reproducible alone with seed + i.
-            "generator": [torch.Generator(self.device).manual_seed(s) for s in request.seeds],
+            # Noise drawn on the CPU: a seed gives the same image on CPU, CUDA and MPS.
+            "generator": [torch.Generator("cpu").manual_seed(s) for s in request.seeds],
             "callback_on_step_end": on_step_end,
             "output_type": "pil",
         }
