@@ -59,9 +59,9 @@ async def test_enqueue_then_get_and_list(store: JobStore) -> None:
     first = await store.enqueue(job("alice"), user_cap=10)
     second = await store.enqueue(job("bob"), user_cap=10)
     assert (await store.get(first.id)).request == first.request
-    assert [j.id for j in await store.list()] == [second.id, first.id]
-    assert [j.id for j in await store.list(user_id="alice")] == [first.id]
-    assert await store.list(state=JobState.running) == []
+    assert [j.id for j in await store.list_jobs()] == [second.id, first.id]
+    assert [j.id for j in await store.list_jobs(user_id="alice")] == [first.id]
+    assert await store.list_jobs(state=JobState.running) == []
 
 
 async def test_get_unknown_job(store: JobStore) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from easel.errors import EaselError  # noqa: E402
-from easel.jobs import (  # noqa: E402
+from easel.errors import EaselError
+from easel.jobs import (
     Event,
     EventType,
     GenerationRequest,

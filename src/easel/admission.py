@@ -25,16 +25,21 @@ def check_limits(request: GenerationRequest, limits: Limits) -> None:
     if max(request.width, request.height) > limits.max_side:
         raise InvalidRequest(f"width and height must be at most {limits.max_side}")
     if request.steps > limits.max_steps:
-        raise InvalidRequest(f"steps is {request.steps}; this server allows at most "
-                             f"{limits.max_steps}")
+        raise InvalidRequest(
+            f"steps is {request.steps}; this server allows at most {limits.max_steps}"
+        )
     if request.batch_size > limits.max_batch_size:
-        raise InvalidRequest(f"batch_size is {request.batch_size}; this server allows at most "
-                             f"{limits.max_batch_size}")
+        raise InvalidRequest(
+            f"batch_size is {request.batch_size}; this server allows at most "
+            f"{limits.max_batch_size}"
+        )
     for name in ("prompt", "negative_prompt"):
         length = len(getattr(request, name))
         if length > limits.max_prompt_length:
-            raise InvalidRequest(f"{name} has {length} characters; this server allows at most "
-                                 f"{limits.max_prompt_length}")
+            raise InvalidRequest(
+                f"{name} has {length} characters; this server allows at most "
+                f"{limits.max_prompt_length}"
+            )
     if request.init_image is not None:
         decode_base64_image(request.init_image, max_bytes=limits.max_init_image_bytes)
 

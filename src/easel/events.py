@@ -8,6 +8,7 @@ last id it saw and gets what it missed from the bus's recent history, then the l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Collection
@@ -87,10 +88,8 @@ class Subscription:
             self._bus.unsubscribe(self)
             self._bus = None
         if not self.overflowed:
-            try:
+            with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(None)
-            except asyncio.QueueFull:
-                pass
 
     async def __aenter__(self) -> Subscription:
         return self

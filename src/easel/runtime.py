@@ -123,7 +123,10 @@ class Runtime:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.stop()
 
@@ -153,10 +156,10 @@ class Runtime:
     async def get(self, job_id: str) -> JobView:
         return await self.view(await self.store.get(job_id))
 
-    async def list(
+    async def list_jobs(
         self, *, user_id: str | None = None, state: JobState | None = None, limit: int = 100
     ) -> list[Job]:
-        return await self.store.list(user_id=user_id, state=state, limit=limit)
+        return await self.store.list_jobs(user_id=user_id, state=state, limit=limit)
 
     async def view(self, job: Job) -> JobView:
         """The job with its queue position and ETA (queued jobs only)."""

@@ -8,6 +8,7 @@ reproduce the image. Everything here blocks: the worker calls it in a thread.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -36,14 +37,8 @@ class LocalStorage:
         for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
             metadata = sidecar(job, result, index, seed)
             stem = folder / f"{job.id}-{index}"
-            png = PngInfo()
-            png.add_text("parameters", metadata["infotext"])
-            png.add_text("easel", json.dumps(metadata["request"], sort_keys=True))
-            _write_atomic(stem.with_suffix(".png"), lambda f, i=image: i.save(f, "PNG", pnginfo=png))
-            _write_atomic(
-                stem.with_suffix(".json"),
-                lambda f, m=metadata: f.write(json.dumps(m, indent=2).encode()),
-            )
+            _write_atomic(stem.with_suffix(".png"), encode_png(image, metadata))
+            _write_atomic(stem.with_suffix(".json"), json.dumps(metadata, indent=2).encode())
             refs.append(
                 ImageRef(
                     index=index,
@@ -84,11 +79,21 @@ def sidecar(job: Job, result: GenerationResult, index: int, seed: int) -> dict[s
     }
 
 
-def _write_atomic(path: Path, write: Any) -> None:
+def encode_png(image: Image, metadata: dict[str, Any]) -> bytes:
+    """PNG bytes carrying the infotext (``parameters``) and the request as JSON (``easel``)."""
+    info = PngInfo()
+    info.add_text("parameters", metadata["infotext"])
+    info.add_text("easel", json.dumps(metadata["request"], sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
     """Write to a temp file, fsync, rename: a crash never leaves half an image."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as file:
-        write(file)
+        file.write(data)
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, path)

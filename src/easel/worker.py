@@ -61,7 +61,7 @@ class Worker:
         self._stopping = False
 
     async def run(self, *, burst: bool = False) -> int:
-        """Process jobs until stopped; with ``burst``, until the queue is empty. Returns jobs run."""
+        """Process jobs until stopped (``burst``: until the queue is empty); returns jobs run."""
         done = 0
         async with self.bus.subscribe(types={EventType.cancelled}) as cancellations:
             watcher = asyncio.create_task(self._watch(cancellations))

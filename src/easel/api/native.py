@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
@@ -19,7 +19,7 @@ from easel.runtime import Runtime
 
 router = APIRouter()
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "No such job or image"},
     409: {"model": ErrorResponse, "description": "The job already ended"},
     429: {"model": ErrorResponse, "description": "The user's queue is full"},
@@ -81,7 +81,7 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobList:
     """Newest first."""
-    jobs = await runtime_of(request).list(user_id=user_id, state=state, limit=limit)
+    jobs = await runtime_of(request).list_jobs(user_id=user_id, state=state, limit=limit)
     return JobList(jobs=jobs)
 
 

@@ -75,14 +75,17 @@ def placeholder(
     """The same request and seed always give the same pixels."""
     rng = random.Random(seed)
     background = tuple(rng.randrange(40, 216) for _ in range(3))
-    image = Image.new("RGB", (request.width, request.height), background)  # type: ignore[arg-type]
+    image = Image.new("RGB", (request.width, request.height), background)
     if init is not None:
         image = Image.blend(image, init, 1 - request.strength)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
     text = "\n".join(
-        [*textwrap.wrap(request.prompt, width=max(request.width // 7, 8))[:6],
-         f"seed {seed}", f"{request.width}x{request.height}"]
+        [
+            *textwrap.wrap(request.prompt, width=max(request.width // 7, 8))[:6],
+            f"seed {seed}",
+            f"{request.width}x{request.height}",
+        ]
     )
     draw.multiline_text((6, 6), text, fill=(255, 255, 255), font=font, spacing=2)
     return image

@@ -77,7 +77,7 @@ class JobStore(ABC):
         """The job, or ``JobNotFound``."""
 
     @abstractmethod
-    async def list(
+    async def list_jobs(
         self, *, user_id: str | None = None, state: JobState | None = None, limit: int = 100
     ) -> list[Job]:
         """Newest first."""

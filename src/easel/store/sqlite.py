@@ -121,11 +121,10 @@ class _Writer:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            error = StoreUnavailable(f"the job database failed: {exc}")
-            outcomes = [(future, None, error) for _, future in batch]
-        assert self._loop is not None
+            failure = StoreUnavailable(f"the job database failed: {exc}")
+            outcomes = [(future, None, failure) for _, future in batch]
         for future, result, error in outcomes:
-            self._loop.call_soon_threadsafe(_settle, future, result, error)
+            future.get_loop().call_soon_threadsafe(_settle, future, result, error)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -321,7 +320,11 @@ class SqliteStore(JobStore):
                 if job.state is not JobState.running:
                     raise JobFinished(f"job {job_id} is {job.state}, not running")
             return _requeue(
-                conn, job, spend_attempt=spend_attempt, reason=reason, max_attempts=self.max_attempts
+                conn,
+                job,
+                spend_attempt=spend_attempt,
+                reason=reason,
+                max_attempts=self.max_attempts,
             )
 
         return self._settled(await self._writer.run(op))
@@ -348,7 +351,7 @@ class SqliteStore(JobStore):
     async def get(self, job_id: str) -> Job:
         return await self._writer.run(lambda conn: _load(conn, job_id))
 
-    async def list(
+    async def list_jobs(
         self, *, user_id: str | None = None, state: JobState | None = None, limit: int = 100
     ) -> list[Job]:
         clauses, params = [], []

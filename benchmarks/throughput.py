@@ -1,0 +1,155 @@
+"""Admission rate and mock end-to-end throughput of a real ``easel serve``.
+
+    python benchmarks/throughput.py [--jobs 4000] [--connections 32]
+
+Starts ``easel serve`` (mock backend, no step delay, its own temp data dir) on a free
+loopback port and measures, in one run:
+
+1. admission: durable submissions per second accepted by ``POST /v1/jobs`` (each 202 is
+   answered only after SQLite committed the job with ``synchronous=FULL``), while the
+   worker drains the queue as it would in production;
+2. end to end: jobs per second from the first submission until the last ``succeeded``
+   event (64x64, 1 step: the server's own overhead, not a model's).
+
+The load generator speaks HTTP/1.1 over raw keep-alive sockets: an HTTP client library
+costs more CPU per request than the server under test and would measure itself instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import websockets
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def post_jobs(port: int, bodies: list[bytes], connections: int) -> list[float]:
+    """Send every body over ``connections`` keep-alive sockets; returns per-request latency."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    latencies: list[float] = []
+
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while not queue.empty():
+            body = queue.get_nowait()
+            began = time.perf_counter()
+            writer.write(
+                b"POST /v1/jobs HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            status = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) != b"\r\n":
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            if b" 202 " not in status:
+                raise RuntimeError(f"submission refused: {status!r}")
+            latencies.append(time.perf_counter() - began)
+        writer.close()
+
+    await asyncio.gather(*(connection() for _ in range(connections)))
+    return latencies
+
+
+async def measure(port: int, jobs: int, connections: int) -> dict[str, float]:
+    bodies = [
+        json.dumps(
+            {
+                "prompt": f"job {i}",
+                "width": 64,
+                "height": 64,
+                "steps": 1,
+                "user_id": f"u{i % 500}",
+                "max_user_queue_size": 1000,
+            }
+        ).encode()
+        for i in range(jobs)
+    ]
+    async with websockets.connect(f"ws://127.0.0.1:{port}/v1/events", max_queue=None) as ws:
+
+        async def count_done() -> float:
+            done = 0
+            while done < jobs:
+                event = json.loads(await ws.recv())
+                if event["type"] in ("succeeded", "failed"):
+                    done += 1
+            return time.perf_counter()
+
+        counter = asyncio.create_task(count_done())
+        began = time.perf_counter()
+        latencies = await post_jobs(port, bodies, connections)
+        admitted = time.perf_counter()
+        finished = await asyncio.wait_for(counter, timeout=600)
+    latencies.sort()
+    return {
+        "admission_per_s": jobs / (admitted - began),
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
+        "end_to_end_per_s": jobs / (finished - began),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=4000)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="easel-bench-"))
+    port = free_port()
+    easel = shutil.which("easel") or str(Path(sys.executable).with_name("easel"))
+    env = {**os.environ, "EASEL_MOCK_STEP_DELAY": "0", "EASEL_MAX_USER_QUEUE_SIZE": "1000"}
+    server = subprocess.Popen(
+        [easel, "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health").raise_for_status()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("easel serve did not start") from None
+                time.sleep(0.1)
+        results = asyncio.run(measure(port, args.jobs, args.connections))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    print(
+        f"easel throughput: {args.jobs} jobs, {args.connections} connections, "
+        f"{os.cpu_count()} CPUs, SQLite synchronous=FULL"
+    )
+    print(
+        f"  admission (durable 202s)   {results['admission_per_s']:8.0f} jobs/s   "
+        f"p50 {results['p50_ms']:.1f} ms   p99 {results['p99_ms']:.1f} ms"
+    )
+    print(f"  end to end (mock, 1 step)  {results['end_to_end_per_s']:8.0f} jobs/s")
+
+
+if __name__ == "__main__":
+    main()
