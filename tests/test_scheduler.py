@@ -12,8 +12,14 @@ from easel.errors import UserQueueFull
 from easel.scheduler import Entry, FairQueue, RunTimes, check_user_cap, user_cap
 
 
-def entry(job_id: str, user: str, priority: int = 0, route: str = "mock") -> Entry:
-    return Entry(job_id=job_id, user_id=user, priority=priority, route=route)
+def entry(
+    job_id: str, user: str, priority: int = 0, route: str = "mock", cost: float = 1.0
+) -> Entry:
+    return Entry(job_id=job_id, user_id=user, priority=priority, route=route, cost=cost)
+
+
+def _id(queued: Entry | None) -> str | None:
+    return None if queued is None else queued.job_id
 
 
 def served(queue: FairQueue) -> list[str]:
@@ -45,7 +51,7 @@ def test_a_user_arriving_late_is_served_next_round() -> None:
     queue = FairQueue()
     for i in range(4):
         queue.push(entry(f"a{i}", "alice"))
-    assert queue.pop() == entry("a0", "alice")
+    assert _id(queue.pop()) == "a0"
     queue.push(entry("b0", "bob"))
     assert served(queue) == ["a1", "b0", "a2", "a3"]
 
@@ -62,7 +68,7 @@ def test_pop_skips_routes_the_worker_cannot_serve() -> None:
     queue = FairQueue()
     queue.push(entry("gpu", "a", route="diffusers"))
     queue.push(entry("cpu", "a", route="mock"))
-    assert queue.pop(["mock"]) == entry("cpu", "a", route="mock")
+    assert _id(queue.pop(["mock"])) == "cpu"
     assert queue.pop(["mock"]) is None
     assert len(queue) == 1
 
@@ -96,8 +102,9 @@ def test_run_times_learn_and_estimate() -> None:
     assert times.estimate("mock", 1.0) == pytest.approx(2.0)
     times.observe("mock", cost=1.0, seconds=4.0)  # 4 s/unit, halfway: 3 s/unit
     assert times.estimate("mock", 1.0) == pytest.approx(3.0)
-    own = entry("me", "a")
-    assert times.eta([entry("x", "b"), entry("y", "c")], own, workers=2) == pytest.approx(6.0)
+    # 2 units ahead shared by 2 workers, then its own unit: 2 units at 3 s
+    assert times.eta("mock", cost_ahead=2.0, cost=1.0, workers=2) == pytest.approx(6.0)
+    assert times.eta("other", cost_ahead=2.0, cost=1.0, workers=2) is None
 
 
 # -- properties ---------------------------------------------------------------------------
@@ -118,7 +125,7 @@ def test_no_job_lost_or_duplicated_and_tiers_respected(ops: list[tuple[str, str,
     removed: list[str] = []
     for kind, user, value in ops:
         if kind == "push":
-            new = entry(f"j{len(pushed)}", user, value)
+            new = entry(f"j{len(pushed)}", user, value, cost=1.0 + len(pushed) % 3)
             pushed.append(new)
             queue.push(new)
         elif kind == "pop":
@@ -134,6 +141,14 @@ def test_no_job_lost_or_duplicated_and_tiers_respected(ops: list[tuple[str, str,
             victim = pushed[value % len(pushed)].job_id
             if queue.remove(victim) is not None:
                 removed.append(victim)
+    order = list(queue.order())
+    for index, queued in enumerate(order):
+        place = queue.place(queued.job_id)
+        assert place is not None and place.position == index
+        # partial FIFOs are costed at their mean: bounded by the cheapest and dearest job
+        costs = [e.cost for e in order]
+        low, high = min(costs) * index, max(costs) * index
+        assert low - 1e-9 <= place.cost_ahead <= high + 1e-9
     left = served(queue)
     everything = [e.job_id for e in popped] + removed + left
     assert Counter(everything) == Counter(e.job_id for e in pushed)

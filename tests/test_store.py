@@ -217,15 +217,16 @@ async def test_concurrent_enqueues_respect_the_cap(store: JobStore) -> None:
     assert all(isinstance(r, UserQueueFull) for r in results if not isinstance(r, Job))
 
 
-async def test_ahead_gives_queue_positions(store: JobStore) -> None:
+async def test_place_gives_queue_positions(store: JobStore) -> None:
     a1 = await store.enqueue(job("alice"), user_cap=10)
     a2 = await store.enqueue(job("alice"), user_cap=10)
     b1 = await store.enqueue(job("bob"), user_cap=10)
-    assert await store.ahead(a1.id) == []
-    assert [e.job_id for e in await store.ahead(b1.id) or []] == [a1.id]
-    assert [e.job_id for e in await store.ahead(a2.id) or []] == [a1.id, b1.id]
+    places = [await store.place(j.id) for j in (a1, b1, a2)]
+    assert [p.position for p in places if p] == [0, 1, 2]
+    cost = a1.request.cost
+    assert [p.cost_ahead for p in places if p] == pytest.approx([0, cost, 2 * cost])
     await store.claim("w", ["mock"], lease_seconds=LEASE)
-    assert await store.ahead(a1.id) is None
+    assert await store.place(a1.id) is None
 
 
 async def test_sqlite_crash_recovery_requeues_running_jobs(tmp_path: Path) -> None:

@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     )
     model: str | None = Field(default=None, description="A local diffusers folder.")
     device: str = "auto"
-    concurrency: int = Field(default=1, ge=1, description="Jobs run at once per backend.")
+    concurrency: int = Field(
+        default=1, ge=0, description="Jobs run at once per backend; 0 serves the API only."
+    )
     mock_step_delay: float = Field(default=0.02, ge=0, description="Seconds per mock step.")
 
     max_user_queue_size: int = Field(default=10, ge=1, description="Queued+running per user.")

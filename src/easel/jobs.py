@@ -6,9 +6,8 @@ the edge (scheduler, store, worker, backends, storage) speaks only these models.
 
 from __future__ import annotations
 
-import secrets
+import random
 import time
-import uuid
 from enum import StrEnum
 from typing import Any, Self
 
@@ -23,13 +22,18 @@ MAX_SEED = 2**32 - 1
 JSONValue = str | int | float | bool | None | list[Any] | dict[str, Any]
 
 
+# Seeded from os.urandom once. Ids and seeds need to be unique, not secret: access to a
+# job is decided by its owner, never by knowing its id.
+_random = random.Random()
+
+
 def new_job_id() -> str:
     """Time-ordered ids: listing by id is listing by arrival."""
-    return f"{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[:12]}"
+    return f"{time.time_ns() // 1_000_000:012x}{_random.getrandbits(64):016x}"
 
 
 def random_seed() -> int:
-    return secrets.randbelow(MAX_SEED + 1)
+    return _random.randrange(MAX_SEED + 1)
 
 
 class JobKind(StrEnum):

@@ -20,7 +20,7 @@ from easel.config import Settings
 from easel.errors import ImageNotFound
 from easel.events import EventBus, InProcessEventBus
 from easel.jobs import FINAL_STATES, Event, EventType, GenerationRequest, Job, JobState, JobView
-from easel.scheduler import RunTimes, entry_for, user_cap
+from easel.scheduler import RunTimes, user_cap
 from easel.storage import LocalStorage
 from easel.store.base import JobStore
 from easel.store.sqlite import SqliteStore
@@ -164,12 +164,12 @@ class Runtime:
     async def view(self, job: Job) -> JobView:
         """The job with its queue position and ETA (queued jobs only)."""
         position = eta = None
-        if job.state is JobState.queued and (ahead := await self.store.ahead(job.id)) is not None:
-            position = len(ahead)
-            same_route = [entry for entry in ahead if entry.route == job.backend]
+        if job.state is JobState.queued and (place := await self.store.place(job.id)) is not None:
+            position = place.position
             workers = sum(1 for worker in self.workers if worker.backend.name == job.backend)
-            eta = self.run_times.eta(same_route, entry_for(job), workers or 1)
-        return JobView(**job.model_dump(), position=position, eta_seconds=eta)
+            eta = self.run_times.eta(job.backend, place.cost_ahead, job.request.cost, workers)
+        # construct, not validate: the record was validated when it was made
+        return JobView.model_construct(**dict(job), position=position, eta_seconds=eta)
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Until the job ends; returns its final record."""

@@ -20,7 +20,7 @@ from easel.errors import UserQueueFull
 from easel.jobs import Job
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # identity: finding one in a FIFO stays cheap
 class Entry:
     job_id: str
     user_id: str
@@ -39,21 +39,44 @@ def entry_for(job: Job) -> Entry:
     )
 
 
+class _Fifo:
+    """One user's jobs in one tier, oldest first, with their summed cost."""
+
+    __slots__ = ("cost", "entries")
+
+    def __init__(self) -> None:
+        self.entries: deque[Entry] = deque()
+        self.cost = 0.0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def append(self, entry: Entry, *, front: bool = False) -> None:
+        if front:
+            self.entries.appendleft(entry)
+        else:
+            self.entries.append(entry)
+        self.cost += entry.cost
+
+    def remove(self, entry: Entry) -> None:
+        self.entries.remove(entry)
+        self.cost = self.cost - entry.cost if self.entries else 0.0
+
+
 class _Tier:
     """One priority tier: per-user FIFOs and the round-robin order of their users."""
 
-    __slots__ = ("users",)
+    __slots__ = ("cost", "size", "users")
 
     def __init__(self) -> None:
-        # user -> FIFO; dict order is the rotation order (the next user to serve is first)
-        self.users: OrderedDict[str, deque[Entry]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return sum(len(fifo) for fifo in self.users.values())
+        # dict order is the rotation order: the next user to serve is first
+        self.users: OrderedDict[str, _Fifo] = OrderedDict()
+        self.size = 0
+        self.cost = 0.0
 
     def rotation(self) -> Iterator[Entry]:
         """Entries in the order they would be served if nothing new arrived."""
-        fifos = [iter(fifo) for fifo in self.users.values()]
+        fifos = [iter(fifo.entries) for fifo in self.users.values()]
         while fifos:
             alive = []
             for fifo in fifos:
@@ -62,6 +85,14 @@ class _Tier:
                     yield entry
                     alive.append(fifo)
             fifos = alive
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a queued job stands: jobs served before it and their summed cost."""
+
+    position: int
+    cost_ahead: float
 
 
 class FairQueue:
@@ -85,19 +116,24 @@ class FairQueue:
         """Add at the back of its user's FIFO; a new user joins the back of the rotation."""
         if entry.job_id in self._entries:
             raise ValueError(f"job {entry.job_id} is already queued")
-        tier = self._tiers.setdefault(entry.priority, _Tier())
-        tier.users.setdefault(entry.user_id, deque()).append(entry)
-        self._entries[entry.job_id] = entry
-        self._per_user[entry.user_id] = self._per_user.get(entry.user_id, 0) + 1
+        self._add(entry, front=False)
 
     def push_front(self, entry: Entry) -> None:
         """Put a job back at the head of its user's FIFO (a claim that could not be kept)."""
+        if entry.job_id in self._entries:
+            raise ValueError(f"job {entry.job_id} is already queued")
+        self._add(entry, front=True)
+
+    def _add(self, entry: Entry, *, front: bool) -> None:
         tier = self._tiers.setdefault(entry.priority, _Tier())
         fifo = tier.users.get(entry.user_id)
         if fifo is None:
-            fifo = tier.users[entry.user_id] = deque()
-            tier.users.move_to_end(entry.user_id, last=False)
-        fifo.appendleft(entry)
+            fifo = tier.users[entry.user_id] = _Fifo()
+            if front:  # it was at the head before it left: it is next again
+                tier.users.move_to_end(entry.user_id, last=False)
+        fifo.append(entry, front=front)
+        tier.size += 1
+        tier.cost += entry.cost
         self._entries[entry.job_id] = entry
         self._per_user[entry.user_id] = self._per_user.get(entry.user_id, 0) + 1
 
@@ -106,17 +142,12 @@ class FairQueue:
         for priority in sorted(self._tiers, reverse=True):
             tier = self._tiers[priority]
             for user_id, fifo in tier.users.items():
-                entry = _first_routable(fifo, routes)
+                entry = _first_routable(fifo.entries, routes)
                 if entry is None:
                     continue
-                fifo.remove(entry)
-                if fifo:
+                self._take(tier, fifo, entry)
+                if user_id in tier.users:
                     tier.users.move_to_end(user_id)
-                else:
-                    del tier.users[user_id]
-                if not tier.users:
-                    del self._tiers[priority]
-                self._forget(entry)
                 return entry
         return None
 
@@ -125,45 +156,65 @@ class FairQueue:
         if entry is None:
             return None
         tier = self._tiers[entry.priority]
-        fifo = tier.users[entry.user_id]
+        self._take(tier, tier.users[entry.user_id], entry)
+        return entry
+
+    def _take(self, tier: _Tier, fifo: _Fifo, entry: Entry) -> None:
         fifo.remove(entry)
         if not fifo:
             del tier.users[entry.user_id]
-        if not tier.users:
+        tier.size -= 1
+        tier.cost = tier.cost - entry.cost if tier.size else 0.0
+        if not tier.size:
             del self._tiers[entry.priority]
-        self._forget(entry)
-        return entry
-
-    def order(self) -> Iterator[Entry]:
-        """Every queued entry in the order it would be served if nothing new arrived."""
-        for priority in sorted(self._tiers, reverse=True):
-            yield from self._tiers[priority].rotation()
-
-    def position(self, job_id: str) -> int | None:
-        """How many queued jobs run before this one (0: it is next); None if not queued."""
-        if job_id not in self._entries:
-            return None
-        for index, entry in enumerate(self.order()):
-            if entry.job_id == job_id:
-                return index
-        raise AssertionError("unreachable: an indexed entry is always in the order")
-
-    def ahead(self, job_id: str) -> list[Entry]:
-        """The queued entries served before this one."""
-        ahead: list[Entry] = []
-        for entry in self.order():
-            if entry.job_id == job_id:
-                return ahead
-            ahead.append(entry)
-        return []
-
-    def _forget(self, entry: Entry) -> None:
         del self._entries[entry.job_id]
         left = self._per_user[entry.user_id] - 1
         if left:
             self._per_user[entry.user_id] = left
         else:
             del self._per_user[entry.user_id]
+
+    def order(self) -> Iterator[Entry]:
+        """Every queued entry in the order it would be served if nothing new arrived."""
+        for priority in sorted(self._tiers, reverse=True):
+            yield from self._tiers[priority].rotation()
+
+    def place(self, job_id: str) -> Place | None:
+        """Where a job stands, without walking the queue: O(users in its tier + its index)."""
+        entry = self._entries.get(job_id)
+        if entry is None:
+            return None
+        position, cost = 0, 0.0
+        for priority, tier in self._tiers.items():
+            if priority > entry.priority:
+                position += tier.size
+                cost += tier.cost
+        tier = self._tiers[entry.priority]
+        own = tier.users[entry.user_id]
+        index = own.entries.index(entry)
+        position += index
+        cost += (own.cost - entry.cost) * index / max(len(own.entries) - 1, 1)
+        # Round-robin: in round ``index``, users ahead in the rotation are served first.
+        # A partial FIFO is costed at its mean: O(1) per user; the ETA is an estimate.
+        ahead = True
+        for user_id, fifo in tier.users.items():
+            if user_id == entry.user_id:
+                ahead = False
+                continue
+            size = len(fifo.entries)
+            served = index + 1 if ahead else index
+            if served >= size:
+                position += size
+                cost += fifo.cost
+            else:
+                position += served
+                cost += fifo.cost * served / size
+        return Place(position, cost)
+
+    def position(self, job_id: str) -> int | None:
+        """How many queued jobs run before this one (0: it is next); None if not queued."""
+        place = self.place(job_id)
+        return None if place is None else place.position
 
 
 def _first_routable(fifo: deque[Entry], routes: Collection[str] | None) -> Entry | None:
@@ -204,13 +255,12 @@ class RunTimes:
         per_unit = self._per_unit.get(key)
         return None if per_unit is None else per_unit * cost
 
-    def eta(self, ahead: list[Entry], own: Entry, workers: int) -> float | None:
-        """Seconds until ``own`` is done: the queue ahead shared by the workers, then its run."""
-        own_time = self.estimate(own.route, own.cost)
-        if own_time is None:
+    def eta(self, route: str, cost_ahead: float, cost: float, workers: int) -> float | None:
+        """Seconds until a job is done: the work ahead shared by the workers, then its own."""
+        per_unit = self._per_unit.get(route)
+        if per_unit is None:
             return None
-        wait = sum(self.estimate(entry.route, entry.cost) or own_time for entry in ahead)
-        return wait / max(workers, 1) + own_time
+        return per_unit * (cost_ahead / max(workers, 1) + cost)
 
     def snapshot(self) -> dict[str, float]:
         return dict(self._per_unit)

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
-from pydantic import BaseModel
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 
 from easel import __version__
 from easel.api.errors import ErrorResponse
@@ -65,12 +66,30 @@ class Health(BaseModel):
     response_model=JobView,
     responses={k: v for k, v in _ERRORS.items() if k == 429},
     tags=["jobs"],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/GenerationRequest"}}
+            },
+        }
+    },
 )
-async def submit_job(body: GenerationRequest, request: Request, response: Response) -> JobView:
+async def submit_job(request: Request) -> Response:
     """Queue a generation. Answered once the job is durable; watch it on ``/v1/events``."""
+    # The hot path: pydantic-core parses the bytes straight into the model, skipping
+    # FastAPI's dependency machinery (about a tenth of each request).
+    try:
+        body = GenerationRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
     job = await runtime_of(request).submit(body)
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job
+    return Response(
+        job.model_dump_json(),
+        status_code=202,
+        media_type="application/json",
+        headers={"Location": f"/v1/jobs/{job.id}"},
+    )
 
 
 @router.get("/v1/jobs", response_model=JobList, tags=["jobs"])

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection
 
 from easel.jobs import ImageRef, Job, JobError, JobState
-from easel.scheduler import Entry
+from easel.scheduler import Place
 
 WORKER_LOST = JobError(
     code="worker_lost", message="the worker running this job stopped answering too many times"
@@ -83,8 +83,8 @@ class JobStore(ABC):
         """Newest first."""
 
     @abstractmethod
-    async def ahead(self, job_id: str) -> list[Entry] | None:
-        """Queued entries served before this job; None when it is not queued."""
+    async def place(self, job_id: str) -> Place | None:
+        """Where a queued job stands; None when it is not queued."""
 
     @abstractmethod
     async def expire_leases(self) -> list[Job]:

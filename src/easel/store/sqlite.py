@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from easel.errors import EaselError, JobFinished, JobNotFound, LeaseLost, StoreUnavailable
 from easel.jobs import ImageRef, Job, JobError, JobState
-from easel.scheduler import Entry, FairQueue, check_user_cap, entry_for
+from easel.scheduler import FairQueue, Place, check_user_cap, entry_for
 from easel.store.base import WORKER_LOST, JobStore
 
 T = TypeVar("T")
@@ -370,10 +370,8 @@ class SqliteStore(JobStore):
 
         return await self._writer.run(op)
 
-    async def ahead(self, job_id: str) -> list[Entry] | None:
-        if job_id not in self._queue:
-            return None
-        return self._queue.ahead(job_id)
+    async def place(self, job_id: str) -> Place | None:
+        return self._queue.place(job_id)
 
     async def expire_leases(self) -> list[Job]:
         def op(conn: sqlite3.Connection) -> list[Job]:
