@@ -38,7 +38,7 @@ def test_jobs_survive_a_killed_server(tmp_path: Path) -> None:
     with easel_serve(data, env=SLOW) as first:
         running = httpx.post(
             f"{first.url}/v1/jobs", json={"prompt": "interrupted", "width": 64, "height": 64,
-                                          "steps": 200}
+                                          "steps": 150}
         ).json()  # fmt: skip
         queued = httpx.post(
             f"{first.url}/v1/jobs", json={"prompt": "waiting", "width": 64, "height": 64,

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from easel.backends.base import Backend
 from easel.config import Limits
-from easel.errors import InvalidRequest, ModelNotFound
+from easel.errors import EaselError, InvalidRequest, ModelNotFound, Unsupported
 from easel.images import decode_base64_image
 from easel.jobs import GenerationRequest, random_seed
 
@@ -47,24 +47,44 @@ def check_limits(request: GenerationRequest, limits: Limits) -> None:
 def choose_backend(
     request: GenerationRequest, backends: Mapping[str, Backend], default: str
 ) -> Backend:
-    """The backend named by the request, else the one serving its model, else the default."""
+    """The first backend that can run the request, trying the one it names, else those
+    serving its model, else every backend with the default first.
+
+    A request no served backend can run is refused here, before it costs anything.
+    """
     if request.backend is not None:
-        backend = backends.get(request.backend)
-        if backend is None:
+        if request.backend not in backends:
             raise InvalidRequest(
                 f"backend {request.backend!r} is not served here; "
                 f"served backends are: {', '.join(sorted(backends))}"
             )
-        return backend
-    if request.model is not None:
-        for backend in backends.values():
-            if any(model.name == request.model for model in backend.models()):
-                return backend
-        served = sorted(m.name for b in backends.values() for m in b.models())
-        raise ModelNotFound(
-            f"model {request.model!r} is not served here; served models are: {', '.join(served)}"
-        )
-    return backends[default]
+        candidates = [backends[request.backend]]
+    elif request.model is not None:
+        candidates = [
+            b for b in backends.values() if any(m.name == request.model for m in b.models())
+        ]
+        if not candidates:
+            served = sorted(m.name for b in backends.values() for m in b.models())
+            raise ModelNotFound(
+                f"model {request.model!r} is not served here; "
+                f"served models are: {', '.join(served)}"
+            )
+    else:
+        candidates = [backends[default], *(b for n, b in backends.items() if n != default)]
+    refusals: list[EaselError] = []
+    for backend in candidates:
+        try:
+            backend.check(request)
+        except EaselError as refusal:
+            refusals.append(refusal)
+        else:
+            return backend
+    if len(refusals) == 1:
+        raise refusals[0]
+    raise Unsupported(
+        "no backend served here can run this request: "
+        + "; ".join(f"{b.name}: {r.message}" for b, r in zip(candidates, refusals, strict=True))
+    )
 
 
 def admit(
@@ -73,7 +93,6 @@ def admit(
     """Check everything a request can be refused for; fix its seed so it is reproducible."""
     check_limits(request, limits)
     backend = choose_backend(request, backends, default)
-    backend.check(request)
     if request.seed is None:
         request = request.model_copy(update={"seed": random_seed()})
     return request, backend

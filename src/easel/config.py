@@ -51,7 +51,18 @@ class Settings(BaseSettings):
     max_user_queue_size_limit: int = Field(
         default=1000, ge=1, description="The most a request's max_user_queue_size may raise it."
     )
-    max_attempts: int = Field(default=3, ge=1)
+    max_queue_size: int | None = Field(default=100_000, ge=1, description="All queued jobs.")
+    aging_seconds: float | None = Field(
+        default=600.0, gt=0, description="A job waiting this long joins the top tier."
+    )
+    user_weights: dict[str, float] = Field(
+        default_factory=dict, description="Share of service per user inside a tier (1.0)."
+    )
+    batch_limit: int = Field(
+        default=1, ge=1, description="Compatible jobs run as one pipeline call, at most."
+    )
+    max_attempts: int = Field(default=3, ge=1, description="Runs per job, retries included.")
+    retry_base_seconds: float = Field(default=2.0, ge=0, description="First retry backoff.")
     lease_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     limits: Limits = Field(default_factory=Limits)

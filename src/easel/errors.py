@@ -27,15 +27,19 @@ from __future__ import annotations
 class EaselError(Exception):
     code: str = "error"
     status: int = 500
+    retryable: bool = False
+    """Transient: the same job may succeed if run again later."""
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, **details: object) -> None:
         super().__init__(message)
         self.message = message
+        self.details = details
         if code is not None:
             self.code = code
 
-    def to_dict(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
+    def to_dict(self) -> dict[str, object]:
+        """The API's error body: code, message and any details (such as a count)."""
+        return {"code": self.code, "message": self.message, **self.details}
 
 
 class InvalidRequest(EaselError):
@@ -101,3 +105,4 @@ class LeaseLost(GenerationError):
 class BackendUnavailable(GenerationError):
     code = "backend_unavailable"
     status = 503
+    retryable = True

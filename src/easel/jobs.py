@@ -168,6 +168,9 @@ class JobView(Job):
     eta_seconds: float | None = Field(
         default=None, description="Expected seconds until done, from measured run times."
     )
+    average_seconds: float | None = Field(
+        default=None, description="Measured average run time of jobs like this one."
+    )
 
 
 class EventType(StrEnum):
@@ -191,6 +194,7 @@ class Event(BaseModel):
     total: int | None = None
     position: int | None = None
     eta_seconds: float | None = None
+    average_seconds: float | None = None
     images: list[ImageRef] | None = None
     error: JobError | None = None
     preview: str | None = Field(default=None, description="Base64 JPEG of the work so far.")

@@ -17,10 +17,10 @@ from easel.admission import admit
 from easel.backends import base as backends_registry
 from easel.backends.base import Backend
 from easel.config import Settings
-from easel.errors import ImageNotFound
+from easel.errors import ImageNotFound, JobFinished
 from easel.events import EventBus, InProcessEventBus
 from easel.jobs import FINAL_STATES, Event, EventType, GenerationRequest, Job, JobState, JobView
-from easel.scheduler import RunTimes, user_cap
+from easel.scheduler import Policy, RunTimes, user_cap
 from easel.storage import LocalStorage
 from easel.store.base import JobStore
 from easel.store.sqlite import SqliteStore
@@ -52,7 +52,10 @@ class Runtime:
             else next(iter(self.backends))
         )
         self.store = store or SqliteStore(
-            settings.resolved_db_path, max_attempts=settings.max_attempts
+            settings.resolved_db_path,
+            max_attempts=settings.max_attempts,
+            policy=Policy(aging_seconds=settings.aging_seconds, weights=settings.user_weights),
+            max_queue_size=settings.max_queue_size,
         )
         self.bus = bus or InProcessEventBus()
         self.storage = storage or LocalStorage(settings.resolved_output_dir)
@@ -88,6 +91,8 @@ class Runtime:
             run_times=self.run_times,
             lease_seconds=self.settings.lease_seconds,
             heartbeat_seconds=self.settings.heartbeat_seconds,
+            batch_limit=self.settings.batch_limit,
+            retry_base_seconds=self.settings.retry_base_seconds,
             wakeup=self._wakeup,
         )
 
@@ -102,12 +107,10 @@ class Runtime:
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
             for worker in self.workers:
-                if worker.current is not None:
+                for job in worker.current:
                     with contextlib.suppress(Exception):
-                        await self.store.requeue(
-                            worker.current.id, worker_id=worker.id, spend_attempt=False
-                        )
-                    worker.cancel_current()
+                        await self.store.requeue(job.id, worker_id=worker.id, spend_attempt=False)
+                worker.cancel_current()
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -132,26 +135,60 @@ class Runtime:
 
     # -- jobs -----------------------------------------------------------------------------
 
-    async def submit(self, request: GenerationRequest) -> JobView:
-        """Admit, make durable, announce ``queued``; returns once the job cannot be lost."""
+    async def submit(
+        self, request: GenerationRequest, *, idempotency_key: str | None = None
+    ) -> JobView:
+        """Admit, make durable, announce ``queued``; returns once the job cannot be lost.
+
+        The same ``idempotency_key`` from the same user returns the first job again.
+        """
         request, backend = admit(request, self.backends, self.default_backend, self.settings.limits)
         cap = user_cap(
             request.max_user_queue_size,
             self.settings.max_user_queue_size,
             self.settings.max_user_queue_size_limit,
         )
-        job = await self.store.enqueue(Job(request=request, backend=backend.name), user_cap=cap)
-        self._wakeup.set()
+        new = Job(request=request, backend=backend.name)
+        job = await self.store.enqueue(new, user_cap=cap, idempotency_key=idempotency_key)
         view = await self.view(job)
-        await self.bus.publish(
-            Event.of(job, EventType.queued, position=view.position, eta_seconds=view.eta_seconds)
-        )
+        if job.id == new.id:
+            self._wakeup.set()
+            await self.bus.publish(
+                Event.of(
+                    job,
+                    EventType.queued,
+                    position=view.position,
+                    eta_seconds=view.eta_seconds,
+                    average_seconds=view.average_seconds,
+                )
+            )
         return view
 
     async def cancel(self, job_id: str) -> Job:
+        """A queued job ends at once; a running one stops at its next step."""
         job = await self.store.cancel(job_id)
         await self.bus.publish(Event.of(job, EventType.cancelled))
         return job
+
+    async def cancel_user(self, user_id: str) -> list[Job]:
+        """Cancel every queued and running job of a user; returns those cancelled."""
+        cancelled = []
+        for state in (JobState.queued, JobState.running):
+            for job in await self.store.list_jobs(user_id=user_id, state=state, limit=100_000):
+                with contextlib.suppress(JobFinished):
+                    cancelled.append(await self.cancel(job.id))
+        return cancelled
+
+    async def queue(self) -> dict[str, object]:
+        """Counts per tier and per user, and the measured averages: ``GET /v1/queue``."""
+        stats = await self.store.stats()
+        return {
+            "queued": stats.queued,
+            "running": stats.running,
+            "tiers": {str(tier): count for tier, count in stats.tiers.items()},
+            "users": stats.users,
+            "averages": self.run_times.averages(),
+        }
 
     async def get(self, job_id: str) -> JobView:
         return await self.view(await self.store.get(job_id))
@@ -164,12 +201,15 @@ class Runtime:
     async def view(self, job: Job) -> JobView:
         """The job with its queue position and ETA (queued jobs only)."""
         position = eta = None
+        average = self.run_times.estimate(job.backend, job.request)
         if job.state is JobState.queued and (place := await self.store.place(job.id)) is not None:
             position = place.position
             workers = sum(1 for worker in self.workers if worker.backend.name == job.backend)
-            eta = self.run_times.eta(job.backend, place.cost_ahead, job.request.cost, workers)
+            eta = self.run_times.eta(job.backend, job.request, place.cost_ahead, workers)
         # construct, not validate: the record was validated when it was made
-        return JobView.model_construct(**dict(job), position=position, eta_seconds=eta)
+        return JobView.model_construct(
+            **dict(job), position=position, eta_seconds=eta, average_seconds=average
+        )
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Until the job ends; returns its final record."""

@@ -1,226 +1,293 @@
 """Pure queue policy: who runs next, who may enqueue, how long the wait is.
 
-No I/O here. Stores keep a :class:`FairQueue` in step with their durable records and ask
-it what to claim; the tests drive it directly with random arrival sequences.
+No I/O and no clock here: callers pass ``now``. Stores keep a :class:`FairQueue` in step
+with their durable records and ask it what to claim; tests drive it directly.
 
-Policy:
-- higher ``priority`` tier first;
-- inside a tier, one FIFO per user, and round-robin between the users that have work, so a
-  user with 50 queued jobs and a user with one alternate;
-- a job is only handed to a worker whose backend it was admitted for (``route``).
+Policy, in order:
+1. **Aging**: a job below the top tier that has waited ``aging_seconds`` is promoted to the
+   top tier, where it competes fairly with premium work: nothing starves forever.
+2. **Priority tiers**: a higher ``priority`` tier is served first.
+3. **Fair share inside a tier**, weighted by cost: start-time fair queueing, the
+   virtual-clock form of deficit round robin. Each job gets a start tag
+   ``max(tier clock, its user's last finish tag)`` and a finish tag ``start + cost/weight``;
+   the smallest start tag runs next. Over time every backlogged user gets service in
+   proportion to its weight whatever the size of its jobs (50 large jobs cannot starve one
+   small one), jobs of one user stay FIFO, and equal-cost jobs alternate between users
+   exactly like round robin. Tags never change once given, so the serving order is a
+   sorted list and a queue position is a rank lookup, O(log n).
+4. **Routing**: a job is only handed to a worker serving its ``route`` (the backend it was
+   admitted for); compatible jobs next in line may be handed out together as a batch.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
-from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+import heapq
+import itertools
+import random
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from easel.errors import UserQueueFull
-from easel.jobs import Job
+from sortedcontainers import SortedKeyList
+
+from easel.errors import QueueFull, UserQueueFull
+from easel.jobs import PREMIUM_PRIORITY, GenerationRequest, Job
 
 
-@dataclass(frozen=True, slots=True, eq=False)  # identity: finding one in a FIFO stays cheap
+@dataclass(frozen=True, slots=True, eq=False)  # identity: lookups stay cheap
 class Entry:
     job_id: str
     user_id: str
     priority: int
     route: str
     cost: float = 1.0
+    enqueued_at: float = 0.0
+    batch_key: str | None = None
 
 
 def entry_for(job: Job) -> Entry:
+    request = job.request
     return Entry(
         job_id=job.id,
         user_id=job.user_id,
-        priority=job.request.priority,
+        priority=request.priority,
         route=job.backend,
-        cost=job.request.cost,
+        cost=request.cost,
+        enqueued_at=job.created_at,
+        batch_key=batch_key(job),
     )
 
 
-class _Fifo:
-    """One user's jobs in one tier, oldest first, with their summed cost."""
-
-    __slots__ = ("cost", "entries")
-
-    def __init__(self) -> None:
-        self.entries: deque[Entry] = deque()
-        self.cost = 0.0
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def append(self, entry: Entry, *, front: bool = False) -> None:
-        if front:
-            self.entries.appendleft(entry)
-        else:
-            self.entries.append(entry)
-        self.cost += entry.cost
-
-    def remove(self, entry: Entry) -> None:
-        self.entries.remove(entry)
-        self.cost = self.cost - entry.cost if self.entries else 0.0
+def batch_key(job: Job) -> str | None:
+    """Jobs with the same key can run as one pipeline call (prompts and seeds may differ)."""
+    r = job.request
+    if r.init_image is not None:
+        return None
+    return f"{job.backend}|{r.model}|{r.kind}|{r.width}x{r.height}|{r.steps}|{r.scheduler}|{r.cfg_scale}"
 
 
-class _Tier:
-    """One priority tier: per-user FIFOs and the round-robin order of their users."""
+@dataclass(frozen=True)
+class Policy:
+    aging_seconds: float | None = 600.0
+    """A job below the top tier waiting this long is promoted to it (None: never)."""
+    weights: Mapping[str, float] = field(default_factory=dict)
+    """Per-user share of service inside a tier (default 1.0)."""
+    top_priority: int = PREMIUM_PRIORITY
 
-    __slots__ = ("cost", "size", "users")
-
-    def __init__(self) -> None:
-        # dict order is the rotation order: the next user to serve is first
-        self.users: OrderedDict[str, _Fifo] = OrderedDict()
-        self.size = 0
-        self.cost = 0.0
-
-    def rotation(self) -> Iterator[Entry]:
-        """Entries in the order they would be served if nothing new arrived."""
-        fifos = [iter(fifo.entries) for fifo in self.users.values()]
-        while fifos:
-            alive = []
-            for fifo in fifos:
-                entry = next(fifo, None)
-                if entry is not None:
-                    yield entry
-                    alive.append(fifo)
-            fifos = alive
+    def weight(self, user_id: str) -> float:
+        return self.weights.get(user_id, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
 class Place:
-    """Where a queued job stands: jobs served before it and their summed cost."""
+    """Where a queued job stands: jobs served before it and (about) their summed cost."""
 
     position: int
     cost_ahead: float
 
 
-class FairQueue:
-    """The queued jobs of one store, ordered by tier, then round-robin over users."""
+@dataclass(frozen=True)
+class QueueStats:
+    queued: int
+    running: int
+    tiers: dict[int, int]
+    users: dict[str, int]
+
+
+@dataclass(slots=True)
+class _Tagged:
+    start: float
+    seq: int
+    entry: Entry
+    tier: int
+
+
+class _Tier:
+    """One priority tier: entries sorted by start tag, a virtual clock, users' finish tags."""
+
+    __slots__ = ("clock", "cost", "finish", "order")
 
     def __init__(self) -> None:
+        self.order: SortedKeyList = SortedKeyList(key=lambda t: (t.start, t.seq))
+        self.clock = 0.0
+        self.finish: dict[str, float] = {}
+        self.cost = 0.0
+
+
+class FairQueue:
+    """The queued jobs of one store, in the order they will be served."""
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        self.policy = policy or Policy()
         self._tiers: dict[int, _Tier] = {}
-        self._entries: dict[str, Entry] = {}
+        self._tagged: dict[str, _Tagged] = {}
         self._per_user: dict[str, int] = {}
+        self._seq = itertools.count()
+        self._waiting: list[tuple[float, int, str]] = []  # (enqueued_at, seq, id) below top
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._tagged)
 
     def __contains__(self, job_id: object) -> bool:
-        return job_id in self._entries
+        return job_id in self._tagged
 
     def queued_for(self, user_id: str) -> int:
         return self._per_user.get(user_id, 0)
 
+    def tier_counts(self) -> dict[int, int]:
+        return {priority: len(tier.order) for priority, tier in sorted(self._tiers.items())}
+
+    def user_counts(self) -> dict[str, int]:
+        return dict(self._per_user)
+
+    # -- changes ----------------------------------------------------------------------
+
     def push(self, entry: Entry) -> None:
-        """Add at the back of its user's FIFO; a new user joins the back of the rotation."""
-        if entry.job_id in self._entries:
+        """Queue behind the user's own jobs, at the tier's current virtual time."""
+        if entry.job_id in self._tagged:
             raise ValueError(f"job {entry.job_id} is already queued")
-        self._add(entry, front=False)
+        self._add(entry, min(entry.priority, self.policy.top_priority), front=False)
+        self._per_user[entry.user_id] = self._per_user.get(entry.user_id, 0) + 1
+        if entry.priority < self.policy.top_priority and self.policy.aging_seconds is not None:
+            seq = self._tagged[entry.job_id].seq
+            heapq.heappush(self._waiting, (entry.enqueued_at, seq, entry.job_id))
 
     def push_front(self, entry: Entry) -> None:
-        """Put a job back at the head of its user's FIFO (a claim that could not be kept)."""
-        if entry.job_id in self._entries:
+        """Put a job back first in line of its tier (a claim that could not be kept)."""
+        if entry.job_id in self._tagged:
             raise ValueError(f"job {entry.job_id} is already queued")
-        self._add(entry, front=True)
-
-    def _add(self, entry: Entry, *, front: bool) -> None:
-        tier = self._tiers.setdefault(entry.priority, _Tier())
-        fifo = tier.users.get(entry.user_id)
-        if fifo is None:
-            fifo = tier.users[entry.user_id] = _Fifo()
-            if front:  # it was at the head before it left: it is next again
-                tier.users.move_to_end(entry.user_id, last=False)
-        fifo.append(entry, front=front)
-        tier.size += 1
-        tier.cost += entry.cost
-        self._entries[entry.job_id] = entry
+        self._add(entry, min(entry.priority, self.policy.top_priority), front=True)
         self._per_user[entry.user_id] = self._per_user.get(entry.user_id, 0) + 1
 
-    def pop(self, routes: Collection[str] | None = None) -> Entry | None:
+    def _add(self, entry: Entry, priority: int, *, front: bool) -> None:
+        tier = self._tiers.get(priority)
+        if tier is None:
+            tier = self._tiers[priority] = _Tier()
+        if front:
+            first = tier.order[0].start if tier.order else tier.clock
+            start = min(first, tier.clock)
+            seq = -next(self._seq)  # before everything with the same tag
+        else:
+            start = max(tier.clock, tier.finish.get(entry.user_id, 0.0))
+            tier.finish[entry.user_id] = start + entry.cost / self.policy.weight(entry.user_id)
+            seq = next(self._seq)
+        tagged = _Tagged(start, seq, entry, priority)
+        tier.order.add(tagged)
+        tier.cost += entry.cost
+        self._tagged[entry.job_id] = tagged
+
+    def age(self, now: float) -> int:
+        """Promote jobs that waited past the aging bound; returns how many moved."""
+        if self.policy.aging_seconds is None:
+            return 0
+        limit = now - self.policy.aging_seconds
+        moved = 0
+        while self._waiting and self._waiting[0][0] <= limit:
+            _, _, job_id = heapq.heappop(self._waiting)
+            tagged = self._tagged.get(job_id)
+            if tagged is None or tagged.tier >= self.policy.top_priority:
+                continue  # gone, or already at the top
+            self._detach(tagged)
+            self._add(tagged.entry, self.policy.top_priority, front=False)
+            moved += 1
+        return moved
+
+    def pop(
+        self, routes: Collection[str] | None = None, *, now: float | None = None
+    ) -> Entry | None:
         """Take the next job a worker serving ``routes`` can run (None: any route)."""
-        for priority in sorted(self._tiers, reverse=True):
-            tier = self._tiers[priority]
-            for user_id, fifo in tier.users.items():
-                entry = _first_routable(fifo.entries, routes)
-                if entry is None:
-                    continue
-                self._take(tier, fifo, entry)
-                if user_id in tier.users:
-                    tier.users.move_to_end(user_id)
-                return entry
-        return None
+        if now is not None:
+            self.age(now)
+        tagged = self._next(routes)
+        if tagged is None:
+            return None
+        return self._serve(tagged)
+
+    def pop_batch(
+        self, routes: Collection[str] | None, limit: int, *, now: float | None = None
+    ) -> list[Entry]:
+        """The next job and, up to ``limit``, the compatible jobs right behind it in line."""
+        first = self.pop(routes, now=now)
+        if first is None:
+            return []
+        batch = [first]
+        while first.batch_key is not None and len(batch) < limit:
+            following = self._next(routes)
+            if following is None or following.entry.batch_key != first.batch_key:
+                break
+            batch.append(self._serve(following))
+        return batch
 
     def remove(self, job_id: str) -> Entry | None:
-        entry = self._entries.get(job_id)
-        if entry is None:
+        tagged = self._tagged.get(job_id)
+        if tagged is None:
             return None
-        tier = self._tiers[entry.priority]
-        self._take(tier, tier.users[entry.user_id], entry)
-        return entry
+        self._detach(tagged)
+        self._forget(tagged.entry)
+        return tagged.entry
 
-    def _take(self, tier: _Tier, fifo: _Fifo, entry: Entry) -> None:
-        fifo.remove(entry)
-        if not fifo:
-            del tier.users[entry.user_id]
-        tier.size -= 1
-        tier.cost = tier.cost - entry.cost if tier.size else 0.0
-        if not tier.size:
-            del self._tiers[entry.priority]
-        del self._entries[entry.job_id]
+    def _next(self, routes: Collection[str] | None) -> _Tagged | None:
+        for priority in sorted(self._tiers, reverse=True):
+            tagged: _Tagged
+            for tagged in self._tiers[priority].order:
+                if routes is None or tagged.entry.route in routes:
+                    return tagged
+        return None
+
+    def _serve(self, tagged: _Tagged) -> Entry:
+        tier = self._tiers[tagged.tier]
+        tier.clock = max(tier.clock, tagged.start)
+        if len(tier.finish) > 2 * len(tier.order) + 64:
+            # users whose finish tag is behind the clock start afresh anyway: forget them
+            tier.finish = {u: f for u, f in tier.finish.items() if f > tier.clock}
+        self._detach(tagged)
+        self._forget(tagged.entry)
+        return tagged.entry
+
+    def _detach(self, tagged: _Tagged) -> None:
+        tier = self._tiers[tagged.tier]
+        tier.order.remove(tagged)
+        tier.cost = tier.cost - tagged.entry.cost if tier.order else 0.0
+        del self._tagged[tagged.entry.job_id]
+        if not tier.order:
+            del self._tiers[tagged.tier]  # no backlog left: nobody is owed anything
+
+    def _forget(self, entry: Entry) -> None:
         left = self._per_user[entry.user_id] - 1
         if left:
             self._per_user[entry.user_id] = left
         else:
             del self._per_user[entry.user_id]
 
+    # -- reading ----------------------------------------------------------------------
+
     def order(self) -> Iterator[Entry]:
         """Every queued entry in the order it would be served if nothing new arrived."""
         for priority in sorted(self._tiers, reverse=True):
-            yield from self._tiers[priority].rotation()
+            for tagged in self._tiers[priority].order:
+                yield tagged.entry
 
     def place(self, job_id: str) -> Place | None:
-        """Where a job stands, without walking the queue: O(users in its tier + its index)."""
-        entry = self._entries.get(job_id)
-        if entry is None:
+        """Where a job stands: O(tiers + log n)."""
+        tagged = self._tagged.get(job_id)
+        if tagged is None:
             return None
         position, cost = 0, 0.0
         for priority, tier in self._tiers.items():
-            if priority > entry.priority:
-                position += tier.size
+            if priority > tagged.tier:
+                position += len(tier.order)
                 cost += tier.cost
-        tier = self._tiers[entry.priority]
-        own = tier.users[entry.user_id]
-        index = own.entries.index(entry)
-        position += index
-        cost += (own.cost - entry.cost) * index / max(len(own.entries) - 1, 1)
-        # Round-robin: in round ``index``, users ahead in the rotation are served first.
-        # A partial FIFO is costed at its mean: O(1) per user; the ETA is an estimate.
-        ahead = True
-        for user_id, fifo in tier.users.items():
-            if user_id == entry.user_id:
-                ahead = False
-                continue
-            size = len(fifo.entries)
-            served = index + 1 if ahead else index
-            if served >= size:
-                position += size
-                cost += fifo.cost
-            else:
-                position += served
-                cost += fifo.cost * served / size
-        return Place(position, cost)
+        tier = self._tiers[tagged.tier]
+        rank = tier.order.index(tagged)
+        # cost of the jobs ahead in its tier, taken at the tier's mean: the ETA is an estimate
+        others = len(tier.order) - 1
+        cost += (tier.cost - tagged.entry.cost) * rank / others if others else 0.0
+        return Place(position + rank, cost)
 
     def position(self, job_id: str) -> int | None:
         """How many queued jobs run before this one (0: it is next); None if not queued."""
         place = self.place(job_id)
         return None if place is None else place.position
-
-
-def _first_routable(fifo: deque[Entry], routes: Collection[str] | None) -> Entry | None:
-    if routes is None:
-        return fifo[0] if fifo else None
-    return next((entry for entry in fifo if entry.route in routes), None)
 
 
 def user_cap(requested: int | None, default: int, limit: int) -> int:
@@ -233,34 +300,78 @@ def check_user_cap(user_id: str, active: int, cap: int) -> None:
     if active >= cap:
         raise UserQueueFull(
             f"user {user_id!r} already has {active} queued or running jobs (the cap is {cap}); "
-            "wait for one to finish or cancel one"
+            "wait for one to finish or cancel one",
+            count=active,
         )
 
 
+def check_queue_cap(queued: int, cap: int | None) -> None:
+    """Admission: refuse any job past the server's global queue size."""
+    if cap is not None and queued >= cap:
+        raise QueueFull(f"the queue holds {queued} jobs, its limit; try again later", count=queued)
+
+
+def retry_delay(
+    attempt: int, *, base: float = 2.0, cap: float = 60.0, jitter: float = 0.5
+) -> float:
+    """Exponential backoff with jitter before retry ``attempt`` (1-based); pure but for
+    ``jitter``, which takes a fraction of the delay at random so retries do not align."""
+    delay = min(cap, base * 2 ** max(attempt - 1, 0))
+    return float(delay * (1 - jitter * _jitter.random()))
+
+
+_jitter = random.Random()
+
+ShapeKey = tuple[str, str | None, int, int, int]
+
+
 class RunTimes:
-    """Measured seconds per work unit (see ``GenerationRequest.cost``) per route: an EWMA."""
+    """Measured generation times, for ETAs.
+
+    An EWMA of seconds per image for each (backend, model, width, height, steps), and per
+    backend seconds per work unit (``GenerationRequest.cost``) for shapes not seen yet.
+    """
 
     def __init__(self, alpha: float = 0.2) -> None:
         self.alpha = alpha
+        self._per_image: dict[ShapeKey, float] = {}
         self._per_unit: dict[str, float] = {}
 
-    def observe(self, key: str, cost: float, seconds: float) -> None:
-        if cost <= 0 or seconds <= 0:
+    @staticmethod
+    def shape(backend: str, request: GenerationRequest) -> ShapeKey:
+        return (backend, request.model, request.width, request.height, request.steps)
+
+    def observe(self, backend: str, request: GenerationRequest, seconds: float) -> None:
+        if seconds <= 0:
             return
-        sample = seconds / cost
-        old = self._per_unit.get(key)
-        self._per_unit[key] = sample if old is None else old + self.alpha * (sample - old)
+        self._update(self._per_image, self.shape(backend, request), seconds / request.batch_size)
+        self._update(self._per_unit, backend, seconds / request.cost)
 
-    def estimate(self, key: str, cost: float) -> float | None:
-        per_unit = self._per_unit.get(key)
-        return None if per_unit is None else per_unit * cost
+    def _update(self, table: dict[Any, float], key: Any, sample: float) -> None:
+        old = table.get(key)
+        table[key] = sample if old is None else old + self.alpha * (sample - old)
 
-    def eta(self, route: str, cost_ahead: float, cost: float, workers: int) -> float | None:
-        """Seconds until a job is done: the work ahead shared by the workers, then its own."""
-        per_unit = self._per_unit.get(route)
-        if per_unit is None:
+    def estimate(self, backend: str, request: GenerationRequest) -> float | None:
+        """Seconds one run of this request takes, when anything like it was measured."""
+        per_image = self._per_image.get(self.shape(backend, request))
+        if per_image is not None:
+            return per_image * request.batch_size
+        per_unit = self._per_unit.get(backend)
+        return None if per_unit is None else per_unit * request.cost
+
+    def eta(
+        self, backend: str, request: GenerationRequest, cost_ahead: float, workers: int
+    ) -> float | None:
+        """Seconds until done: the work ahead shared by the workers, then its own run."""
+        own = self.estimate(backend, request)
+        per_unit = self._per_unit.get(backend)
+        if own is None or per_unit is None:
             return None
-        return per_unit * (cost_ahead / max(workers, 1) + cost)
+        return per_unit * cost_ahead / max(workers, 1) + own
 
-    def snapshot(self) -> dict[str, float]:
-        return dict(self._per_unit)
+    def averages(self) -> list[dict[str, Any]]:
+        return [
+            {"backend": b, "model": m, "width": w, "height": h, "steps": s,
+             "seconds_per_image": round(t, 4)}
+            for (b, m, w, h, s), t in sorted(self._per_image.items(), key=str)
+        ]  # fmt: skip

@@ -1,9 +1,10 @@
-"""The worker: lease a job, run its backend, store the result, then announce it.
+"""The worker: lease jobs, run their backend, store the results, then announce them.
 
 Order matters and is kept for every job: ``started``, ``progress`` 1..N, then exactly one
-of ``succeeded`` / ``failed``; results are on disk before ``succeeded`` is published and
-the final store write runs under ``asyncio.shield`` so a cancel cannot half-write it.
-A cancelled job (``cancelled`` on the bus, or a lost lease) stops at the next step.
+of ``succeeded`` / ``failed`` (or ``queued`` again for a retry); results are on disk before
+``succeeded`` is published, and final store writes run under ``asyncio.shield`` so a
+cancel cannot half-write them. A cancelled job (``cancelled`` on the bus, or a lost lease)
+stops at the next step; in a batch, the others go on.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from collections.abc import AsyncIterable
 
 from PIL.Image import Image
 
-from easel.backends.base import Backend, RunContext
+from easel.backends.base import Backend, GenerationResult, RunContext
 from easel.errors import Cancelled, EaselError, GenerationError, JobFinished, LeaseLost
 from easel.events import EventBus
-from easel.jobs import Event, EventType, ImageRef, Job, JobError
-from easel.scheduler import RunTimes
+from easel.jobs import Event, EventType, Job, JobError, JobState
+from easel.scheduler import RunTimes, retry_delay
 from easel.storage import LocalStorage
 from easel.store.base import JobStore
 
@@ -44,6 +45,8 @@ class Worker:
         lease_seconds: float = 30.0,
         heartbeat_seconds: float = 5.0,
         poll_seconds: float = 1.0,
+        batch_limit: int = 1,
+        retry_base_seconds: float = 2.0,
         wakeup: asyncio.Event | None = None,
     ) -> None:
         self.store = store
@@ -55,9 +58,11 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.heartbeat_seconds = heartbeat_seconds
         self.poll_seconds = poll_seconds
+        self.batch_limit = batch_limit if backend.batches else 1
+        self.retry_base_seconds = retry_base_seconds
         self.wakeup = wakeup or asyncio.Event()
-        self.current: Job | None = None
-        self._cancel = threading.Event()
+        self.current: list[Job] = []
+        self._cancels: dict[str, threading.Event] = {}
         self._stopping = False
 
     async def run(self, *, burst: bool = False) -> int:
@@ -68,99 +73,136 @@ class Worker:
             try:
                 while not self._stopping:
                     self.wakeup.clear()
-                    job = await self.store.claim(
-                        self.id, [self.backend.name], lease_seconds=self.lease_seconds
+                    jobs = await self.store.claim_batch(
+                        self.id,
+                        [self.backend.name],
+                        lease_seconds=self.lease_seconds,
+                        limit=self.batch_limit,
                     )
-                    if job is None:
+                    if not jobs:
                         if burst:
                             break
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self.wakeup.wait(), self.poll_seconds)
                         continue
-                    await self.process(job)
-                    done += 1
+                    await self.process(jobs)
+                    done += len(jobs)
             finally:
                 watcher.cancel()
         return done
 
     def stop(self) -> None:
-        """Stop claiming; the job in hand finishes (or is cancelled by the caller)."""
+        """Stop claiming; the jobs in hand finish (or are cancelled by the caller)."""
         self._stopping = True
         self.wakeup.set()
 
     def cancel_current(self) -> None:
-        self._cancel.set()
+        for cancel in self._cancels.values():
+            cancel.set()
 
     async def _watch(self, cancellations: AsyncIterable[Event]) -> None:
         async for event in cancellations:
-            if self.current is not None and event.job_id == self.current.id:
-                self._cancel.set()
+            if (cancel := self._cancels.get(event.job_id)) is not None:
+                cancel.set()
 
-    async def process(self, job: Job) -> None:
-        """Run one claimed job to its end; never raises for the job's own failures."""
-        self.current = job
-        self._cancel = threading.Event()
-        await self.bus.publish(Event.of(job, EventType.started))
-        heartbeat = asyncio.create_task(self._heartbeat(job))
+    async def process(self, jobs: list[Job]) -> None:
+        """Run claimed jobs (one backend call) to their ends; never raises for their failures."""
+        self.current = jobs
+        self._cancels = {job.id: threading.Event() for job in jobs}
+        for job in jobs:
+            await self.bus.publish(Event.of(job, EventType.started))
+        heartbeat = asyncio.create_task(self._heartbeat(jobs))
         began = time.monotonic()
         try:
-            images = await self._run(job)
-            finished = await asyncio.shield(self.store.complete(job.id, self.id, images))
-        except (Cancelled, LeaseLost, JobFinished):
-            log.info("job %s stopped: cancelled or no longer ours", job.id)
-        except EaselError as exc:
-            await self._fail(job, JobError(code=exc.code, message=exc.message))
+            results = await self._generate(jobs)
         except Exception as exc:
-            log.exception("job %s failed in backend %s", job.id, self.backend.name)
-            message = f"{type(exc).__name__}: {exc}"
-            await self._fail(job, JobError(code=GenerationError.code, message=message))
+            for job in jobs:
+                await self._failed(job, exc)
         else:
-            self.run_times.observe(job.backend, job.request.cost, time.monotonic() - began)
-            await self.bus.publish(Event.of(finished, EventType.succeeded, images=finished.images))
+            seconds = (time.monotonic() - began) / len(jobs)
+            for job, result in zip(jobs, results, strict=True):
+                await self._finish(job, result, seconds)
         finally:
             heartbeat.cancel()
-            self.current = None
+            self.current = []
+            self._cancels = {}
 
-    async def _run(self, job: Job) -> list[ImageRef]:
+    async def _generate(self, jobs: list[Job]) -> list[GenerationResult]:
         loop = asyncio.get_running_loop()
         pending: asyncio.Queue[Event | None] = asyncio.Queue()
 
-        def on_progress(step: int, total: int, preview: Image | None) -> None:
-            event = Event.of(job, EventType.progress, step=step, total=total)
-            if preview is not None:
-                event.preview = _jpeg_base64(preview)
-            loop.call_soon_threadsafe(pending.put_nowait, event)
+        def progress_of(job: Job) -> RunContext:
+            def on_progress(step: int, total: int, preview: Image | None) -> None:
+                event = Event.of(job, EventType.progress, step=step, total=total)
+                if preview is not None:
+                    event.preview = _jpeg_base64(preview)
+                loop.call_soon_threadsafe(pending.put_nowait, event)
+
+            return RunContext(on_progress=on_progress, cancel_event=self._cancels[job.id])
 
         async def pump() -> None:
             while (event := await pending.get()) is not None:
                 await self.bus.publish(event)
 
         publisher = asyncio.create_task(pump())
+        contexts = [progress_of(job) for job in jobs]
         try:
-            context = RunContext(on_progress=on_progress, cancel_event=self._cancel)
-            result = await self.backend.generate(job.request, context)
+            if len(jobs) == 1:
+                return [await self.backend.generate(jobs[0].request, contexts[0])]
+            return await self.backend.generate_batch([job.request for job in jobs], contexts)
         finally:
             # progress scheduled from the thread is queued before the sentinel: order is kept
             pending.put_nowait(None)
             await publisher
-        if self._cancel.is_set():
-            raise Cancelled("the job was cancelled")
-        return await asyncio.to_thread(self.storage.save, job, result)
 
-    async def _fail(self, job: Job, error: JobError) -> None:
+    async def _finish(self, job: Job, result: GenerationResult, seconds: float) -> None:
+        if self._cancels[job.id].is_set():
+            log.info("job %s was cancelled; its result is discarded", job.id)
+            return
         try:
-            failed = await asyncio.shield(self.store.fail(job.id, error, worker_id=self.id))
+            images = await asyncio.to_thread(self.storage.save, job, result)
+            done = await asyncio.shield(self.store.complete(job.id, self.id, images))
+        except (LeaseLost, JobFinished):
+            log.info("job %s is no longer ours; its result is discarded", job.id)
+        except Exception as exc:
+            await self._failed(job, exc)
+        else:
+            self.run_times.observe(job.backend, job.request, seconds)
+            await self.bus.publish(Event.of(done, EventType.succeeded, images=done.images))
+
+    async def _failed(self, job: Job, exc: Exception) -> None:
+        """Record a failure: retry it later if it was transient, else fail it with its reason."""
+        if isinstance(exc, Cancelled | LeaseLost | JobFinished):
+            return
+        if isinstance(exc, EaselError):
+            error = JobError(code=exc.code, message=exc.message)
+        else:
+            log.exception("job %s failed in backend %s", job.id, self.backend.name, exc_info=exc)
+            error = JobError(code=GenerationError.code, message=f"{type(exc).__name__}: {exc}")
+        try:
+            if isinstance(exc, EaselError) and exc.retryable:
+                delay = retry_delay(job.attempts, base=self.retry_base_seconds)
+                after = await asyncio.shield(
+                    self.store.requeue(job.id, worker_id=self.id, reason=error, delay=delay)
+                )
+            else:
+                after = await asyncio.shield(self.store.fail(job.id, error, worker_id=self.id))
         except (LeaseLost, JobFinished):
             return
-        await self.bus.publish(Event.of(failed, EventType.failed, error=error))
+        if after.state is JobState.queued:
+            log.warning("job %s: %s; retrying (attempt %d)", job.id, error.message, after.attempts)
+            await self.bus.publish(Event.of(after, EventType.queued, error=error))
+            self.wakeup.set()
+        else:
+            await self.bus.publish(Event.of(after, EventType.failed, error=after.error))
 
-    async def _heartbeat(self, job: Job) -> None:
+    async def _heartbeat(self, jobs: list[Job]) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
-            held = await self.store.heartbeat(job.id, self.id, lease_seconds=self.lease_seconds)
-            if not held:
-                self._cancel.set()
-                return
+            for job in jobs:
+                held = await self.store.heartbeat(job.id, self.id, lease_seconds=self.lease_seconds)
+                if not held:
+                    self._cancels[job.id].set()
 
 
 def _jpeg_base64(image: Image, max_side: int = 256) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 from easel.errors import EaselError
@@ -27,6 +27,8 @@ _HTTP_CODES = {
 
 
 class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="allow")  # details such as ``count`` ride along
+
     code: str
     message: str
 
@@ -57,7 +59,7 @@ def describe_validation(errors: Any) -> tuple[int, str, str]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(EaselError)
     async def easel_error(request: Request, exc: EaselError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message)
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

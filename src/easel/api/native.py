@@ -75,7 +75,13 @@ class Health(BaseModel):
         }
     },
 )
-async def submit_job(request: Request) -> Response:
+async def submit_job(
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(max_length=200, description="Resending the same key returns the same job."),
+    ] = None,
+) -> Response:
     """Queue a generation. Answered once the job is durable; watch it on ``/v1/events``."""
     # The hot path: pydantic-core parses the bytes straight into the model, skipping
     # FastAPI's dependency machinery (about a tenth of each request).
@@ -83,7 +89,7 @@ async def submit_job(request: Request) -> Response:
         body = GenerationRequest.model_validate_json(await request.body())
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    job = await runtime_of(request).submit(body)
+    job = await runtime_of(request).submit(body, idempotency_key=idempotency_key)
     return Response(
         job.model_dump_json(),
         status_code=202,
@@ -102,6 +108,35 @@ async def list_jobs(
     """Newest first."""
     jobs = await runtime_of(request).list_jobs(user_id=user_id, state=state, limit=limit)
     return JobList(jobs=jobs)
+
+
+@router.delete("/v1/jobs", response_model=JobList, tags=["jobs"])
+async def cancel_user_jobs(request: Request, user_id: str) -> JobList:
+    """Cancel every queued and running job of one user."""
+    return JobList(jobs=await runtime_of(request).cancel_user(user_id))
+
+
+class QueueAverage(BaseModel):
+    backend: str
+    model: str | None
+    width: int
+    height: int
+    steps: int
+    seconds_per_image: float
+
+
+class QueueState(BaseModel):
+    queued: int
+    running: int
+    tiers: dict[str, int]
+    users: dict[str, int]
+    averages: list[QueueAverage]
+
+
+@router.get("/v1/queue", response_model=QueueState, tags=["jobs"])
+async def queue_state(request: Request) -> QueueState:
+    """Queued jobs per priority tier and per user, and measured run times."""
+    return QueueState.model_validate(await runtime_of(request).queue())
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS, tags=["jobs"])

@@ -81,6 +81,8 @@ class Backend(ABC):
 
     name: str = "backend"
     capabilities: frozenset[Capability] = frozenset()
+    batches: bool = False
+    """Whether ``generate_batch`` runs compatible requests as one call (faster than each)."""
 
     async def start(self) -> None:
         """Load what must be loaded before the first job (called once by the runtime)."""
@@ -106,6 +108,16 @@ class Backend(ABC):
     @abstractmethod
     async def generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:
         """Run one request; raise :class:`~easel.errors.Cancelled` when cancelled midway."""
+
+    async def generate_batch(
+        self, requests: list[GenerationRequest], contexts: list[RunContext]
+    ) -> list[GenerationResult]:
+        """Run compatible requests (same batch key: size, steps, model...) together.
+
+        Each result must equal what ``generate`` gives for its request alone. A request
+        whose context is cancelled may still get a result: the worker discards it.
+        """
+        return [await self.generate(r, c) for r, c in zip(requests, contexts, strict=True)]
 
 
 BackendFactory = Callable[..., Backend]

@@ -22,13 +22,21 @@ from easel.backends.base import (
     RunContext,
     register,
 )
-from easel.errors import GenerationError
+from easel.errors import BackendUnavailable, Cancelled, GenerationError
 from easel.images import decode_base64_image
 from easel.jobs import GenerationRequest, JobKind
 
 MOCK_MODEL = "mock"
 FAIL_PROMPT = "[mock:fail]"
 """A prompt containing this fails at run time: lets tests and demos see a failed job."""
+UNAVAILABLE_PROMPT = "[mock:unavailable]"
+"""A prompt containing this fails as a transient error (``backend_unavailable``): retried."""
+
+
+def _failure(requests: list[GenerationRequest]) -> GenerationError:
+    if any(UNAVAILABLE_PROMPT in r.prompt for r in requests):
+        return BackendUnavailable("the mock backend is pretending to be unavailable")
+    return GenerationError("the mock backend was asked to fail", code="mock_failure")
 
 
 @register("mock")
@@ -44,6 +52,8 @@ class MockBackend(Backend):
         }
     )
 
+    batches = True
+
     def __init__(self, *, step_delay: float = 0.0, **_options: object) -> None:
         self.step_delay = step_delay
 
@@ -51,17 +61,33 @@ class MockBackend(Backend):
         return [ModelInfo(name=MOCK_MODEL, backend=self.name, family="mock", loaded=True)]
 
     async def generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:
-        return await asyncio.to_thread(self._generate, request, context)
+        results = await asyncio.to_thread(self._generate, [request], [context])
+        return results[0]
 
-    def _generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:
-        for step in range(1, request.steps + 1):
-            context.raise_if_cancelled()
+    async def generate_batch(
+        self, requests: list[GenerationRequest], contexts: list[RunContext]
+    ) -> list[GenerationResult]:
+        return await asyncio.to_thread(self._generate, requests, contexts)
+
+    def _generate(
+        self, requests: list[GenerationRequest], contexts: list[RunContext]
+    ) -> list[GenerationResult]:
+        """One "step" loop for the whole batch, as a pipeline would run it."""
+        steps = requests[0].steps
+        for step in range(1, steps + 1):
+            if all(context.cancelled for context in contexts):
+                raise Cancelled("every job of the batch was cancelled")
             if self.step_delay:
                 time.sleep(self.step_delay)
-            context.progress(step, request.steps, None)
-        context.raise_if_cancelled()
-        if FAIL_PROMPT in request.prompt:
-            raise GenerationError("the mock backend was asked to fail", code="mock_failure")
+            for context in contexts:
+                context.progress(step, steps, None)
+        if len(requests) == 1:
+            contexts[0].raise_if_cancelled()
+        if any(FAIL_PROMPT in r.prompt or UNAVAILABLE_PROMPT in r.prompt for r in requests):
+            raise _failure(requests)
+        return [self._draw(request) for request in requests]
+
+    def _draw(self, request: GenerationRequest) -> GenerationResult:
         init = None
         if request.kind is JobKind.img2img and request.init_image:
             init = decode_base64_image(request.init_image).resize((request.width, request.height))

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection
 
 from easel.jobs import ImageRef, Job, JobError, JobState
-from easel.scheduler import Place
+from easel.scheduler import Place, QueueStats
 
 WORKER_LOST = JobError(
     code="worker_lost", message="the worker running this job stopped answering too many times"
@@ -36,14 +36,24 @@ class JobStore(ABC):
         """Flush and disconnect."""
 
     @abstractmethod
-    async def enqueue(self, job: Job, *, user_cap: int) -> Job:
-        """Make ``job`` durable and queued; raise ``UserQueueFull`` past ``user_cap``."""
+    async def enqueue(self, job: Job, *, user_cap: int, idempotency_key: str | None = None) -> Job:
+        """Make ``job`` durable and queued; raise ``UserQueueFull`` past ``user_cap`` and
+        ``QueueFull`` past the store's size. A key the same user sent before (within a day)
+        returns the job it made instead of a new one."""
 
     @abstractmethod
+    async def claim_batch(
+        self, worker_id: str, routes: Collection[str], *, lease_seconds: float, limit: int = 1
+    ) -> list[Job]:
+        """Lease the next job for a worker serving ``routes`` and, up to ``limit``, the
+        compatible jobs right behind it (same batch key); empty when none is queued."""
+
     async def claim(
         self, worker_id: str, routes: Collection[str], *, lease_seconds: float
     ) -> Job | None:
         """Lease the next job for a worker serving ``routes``; None when none is queued."""
+        jobs = await self.claim_batch(worker_id, routes, lease_seconds=lease_seconds)
+        return jobs[0] if jobs else None
 
     @abstractmethod
     async def heartbeat(self, job_id: str, worker_id: str, *, lease_seconds: float) -> bool:
@@ -65,8 +75,10 @@ class JobStore(ABC):
         worker_id: str | None = None,
         spend_attempt: bool = True,
         reason: JobError = WORKER_LOST,
+        delay: float = 0.0,
     ) -> Job:
-        """Running -> queued, or failed with ``reason`` when no attempt is left."""
+        """Running -> queued (claimable after ``delay`` seconds), or failed with ``reason``
+        when no attempt is left."""
 
     @abstractmethod
     async def cancel(self, job_id: str) -> Job:
@@ -93,3 +105,7 @@ class JobStore(ABC):
     @abstractmethod
     async def active_count(self, user_id: str) -> int:
         """Queued plus running jobs of a user."""
+
+    @abstractmethod
+    async def stats(self) -> QueueStats:
+        """Counts for ``GET /v1/queue``."""

@@ -20,7 +20,15 @@ from typing import Any, TypeVar
 
 from easel.errors import EaselError, JobFinished, JobNotFound, LeaseLost, StoreUnavailable
 from easel.jobs import ImageRef, Job, JobError, JobState
-from easel.scheduler import FairQueue, Place, check_user_cap, entry_for
+from easel.scheduler import (
+    FairQueue,
+    Place,
+    Policy,
+    QueueStats,
+    check_queue_cap,
+    check_user_cap,
+    entry_for,
+)
 from easel.store.base import WORKER_LOST, JobStore
 
 T = TypeVar("T")
@@ -38,7 +46,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs(user_id, seq);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 """
+IDEMPOTENCY_RETENTION_SECONDS = 24 * 3600
 _MAX_BATCH = 1024
 
 
@@ -165,13 +179,23 @@ def _requeue(
 
 
 class SqliteStore(JobStore):
-    def __init__(self, path: Path | str, *, max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        max_attempts: int = 3,
+        policy: Policy | None = None,
+        max_queue_size: int | None = None,
+    ) -> None:
         self.path = Path(path)
         self.max_attempts = max_attempts
+        self.max_queue_size = max_queue_size
         self._writer = _Writer(self.path)
-        self._queue = FairQueue()
+        self._queue = FairQueue(policy)
         self._active: dict[str, str] = {}  # job id -> user id, queued or running
         self._active_per_user: dict[str, int] = {}
+        self._running: set[str] = set()
+        self._delayed: dict[str, asyncio.TimerHandle] = {}  # requeued with a backoff
 
     async def open(self) -> None:
         self._writer.start()
@@ -180,6 +204,8 @@ class SqliteStore(JobStore):
             self._track(job)
             if job.state is JobState.queued:
                 self._queue.push(entry_for(job))
+            else:
+                self._running.add(job.id)
 
     def _recover(self, conn: sqlite3.Connection) -> list[Job]:
         """Jobs left running by a crashed process go back to the queue (or fail)."""
@@ -192,6 +218,9 @@ class SqliteStore(JobStore):
         return [Job.model_validate_json(data) for (data,) in rows]
 
     async def close(self) -> None:
+        for timer in self._delayed.values():
+            timer.cancel()
+        self._delayed.clear()
         await asyncio.to_thread(self._writer.stop)
 
     # -- bookkeeping on the event loop ------------------------------------------------
@@ -211,49 +240,83 @@ class SqliteStore(JobStore):
         else:
             del self._active_per_user[user_id]
 
-    def _settled(self, job: Job) -> Job:
-        """Bring the in-memory queue in line with a job's durable state."""
+    def _settled(self, job: Job, *, delay: float = 0.0) -> Job:
+        """Bring the in-memory queue in line with a job's new durable state."""
+        self._running.discard(job.id)
         if job.state.is_final:
             self._queue.remove(job.id)
+            if (timer := self._delayed.pop(job.id, None)) is not None:
+                timer.cancel()
             self._untrack(job.id)
         elif job.state is JobState.queued and job.id not in self._queue:
-            self._queue.push_front(entry_for(job))
+            if delay > 0:
+                loop = asyncio.get_running_loop()
+                self._delayed[job.id] = loop.call_later(delay, self._release, job)
+            else:
+                self._queue.push_front(entry_for(job))
         return job
+
+    def _release(self, job: Job) -> None:
+        """A retry's backoff is over: the job is back in line."""
+        if self._delayed.pop(job.id, None) is not None:
+            self._queue.push_front(entry_for(job))
 
     # -- the interface ----------------------------------------------------------------
 
-    async def enqueue(self, job: Job, *, user_cap: int) -> Job:
+    async def enqueue(self, job: Job, *, user_cap: int, idempotency_key: str | None = None) -> Job:
+        check_queue_cap(len(self._queue) + len(self._delayed), self.max_queue_size)
         check_user_cap(job.user_id, self._active_per_user.get(job.user_id, 0), user_cap)
         self._track(job)  # reserve the slot before awaiting, so concurrent submits count
         try:
-            await self._writer.run(lambda conn: self._insert(conn, job))
+            stored = await self._writer.run(lambda conn: self._insert(conn, job, idempotency_key))
         except BaseException:
             self._untrack(job.id)
             raise
+        if stored.id != job.id:  # the same idempotency key: the job accepted before
+            self._untrack(job.id)
+            return stored
         self._queue.push(entry_for(job))
         return job
 
     @staticmethod
-    def _insert(conn: sqlite3.Connection, job: Job) -> None:
+    def _insert(conn: sqlite3.Connection, job: Job, idempotency_key: str | None) -> Job:
+        if idempotency_key is not None:
+            key = f"{job.user_id}\0{idempotency_key}"
+            conn.execute(
+                "DELETE FROM idempotency WHERE created_at < ?",
+                (time.time() - IDEMPOTENCY_RETENTION_SECONDS,),
+            )
+            row = conn.execute("SELECT job_id FROM idempotency WHERE key = ?", (key,)).fetchone()
+            if row is not None:
+                return _load(conn, row[0])
+            conn.execute(
+                "INSERT INTO idempotency (key, job_id, created_at) VALUES (?, ?, ?)",
+                (key, job.id, time.time()),
+            )
         conn.execute(
             "INSERT INTO jobs (id, user_id, state, data) VALUES (?, ?, ?, ?)",
             (job.id, job.user_id, job.state, job.model_dump_json()),
         )
+        return job
 
-    async def claim(
-        self, worker_id: str, routes: Collection[str], *, lease_seconds: float
-    ) -> Job | None:
-        while (entry := self._queue.pop(routes)) is not None:
-            try:
-                job = await self._writer.run(
-                    lambda conn: self._claim(conn, entry.job_id, worker_id, lease_seconds)
-                )
-            except BaseException:
+    async def claim_batch(
+        self, worker_id: str, routes: Collection[str], *, lease_seconds: float, limit: int = 1
+    ) -> list[Job]:
+        entries = self._queue.pop_batch(routes, limit, now=time.time())
+        if not entries:
+            return []
+        ids = [entry.job_id for entry in entries]
+        try:
+            jobs = await self._writer.run(
+                lambda conn: [self._claim(conn, i, worker_id, lease_seconds) for i in ids]
+            )
+        except BaseException:
+            for entry in reversed(entries):
                 self._queue.push_front(entry)
-                raise
-            if job is not None:
-                return job
-        return None
+            raise
+        claimed = [job for job in jobs if job is not None]
+        self._running.update(job.id for job in claimed)
+        return claimed
 
     @staticmethod
     def _claim(
@@ -311,6 +374,7 @@ class SqliteStore(JobStore):
         worker_id: str | None = None,
         spend_attempt: bool = True,
         reason: JobError = WORKER_LOST,
+        delay: float = 0.0,
     ) -> Job:
         def op(conn: sqlite3.Connection) -> Job:
             if worker_id is not None:
@@ -327,7 +391,7 @@ class SqliteStore(JobStore):
                 max_attempts=self.max_attempts,
             )
 
-        return self._settled(await self._writer.run(op))
+        return self._settled(await self._writer.run(op), delay=delay)
 
     async def cancel(self, job_id: str) -> Job:
         entry = self._queue.remove(job_id)
@@ -385,6 +449,14 @@ class SqliteStore(JobStore):
 
     async def active_count(self, user_id: str) -> int:
         return self._active_per_user.get(user_id, 0)
+
+    async def stats(self) -> QueueStats:
+        return QueueStats(
+            queued=len(self._queue) + len(self._delayed),
+            running=len(self._running),
+            tiers=self._queue.tier_counts(),
+            users=self._queue.user_counts(),
+        )
 
     def _put_back(self, conn: sqlite3.Connection, job: Job) -> Job:
         return _requeue(
