@@ -97,15 +97,19 @@ def test_weights_give_users_proportional_shares() -> None:
     assert Counter(j[0] for j in first) == {"g": 30, "s": 10}
 
 
-def test_aging_promotes_a_waiting_job_over_premium_work() -> None:
-    queue = FairQueue(Policy(aging_seconds=60))
-    queue.push(entry("old", "patient", priority=0, at=0.0))
-    for i in range(10):
+def test_aging_gives_a_starving_tier_one_decision_in_four() -> None:
+    queue = FairQueue(Policy(aging_seconds=60, aged_every=4))
+    for i in range(3):
+        queue.push(entry(f"old{i}", f"patient{i}", priority=0, at=0.0))
+    for i in range(20):
         queue.push(entry(f"p{i}", "vip", priority=10, at=1.0))
     assert [_id(queue.pop(now=30.0)) for _ in range(2)] == ["p0", "p1"]  # not yet aged
-    # promoted at 61 s: it now competes in the top tier as its own user, and goes next
-    assert _id(queue.pop(now=61.0)) == "old"
-    assert queue.position("p2") == 0
+    assert queue.position("old0") == 18
+    # starving from 60 s: one decision in four goes to its tier, the rest to premium work
+    assert [_id(queue.pop(now=61.0)) for _ in range(9)] == [
+        "p2", "old0", "p3", "p4", "p5", "old1", "p6", "p7", "p8",
+    ]  # fmt: skip
+    assert queue.position("old2") == 0
 
 
 def test_position_matches_serving_order() -> None:
@@ -216,10 +220,14 @@ def test_no_job_lost_or_duplicated_and_tiers_respected(ops: list[tuple[str, str,
             got = queue.pop(now=now)
             if got is not None:
                 assert got is queued[0]  # the head of the serving order is what is served
-                # priority is respected up to aging: nothing waits while an unaged higher
-                # tier job... only an aged job may overtake a higher tier
+                # priority is respected up to aging: a lower tier goes before a higher one
+                # only when one of its jobs has waited past the bound
                 higher = [e for e in queued if e.priority > got.priority]
-                assert not higher or now - got.enqueued_at >= AGING
+                starving = [
+                    e for e in queued
+                    if e.priority == got.priority and now - e.enqueued_at >= AGING
+                ]  # fmt: skip
+                assert not higher or starving
                 popped.append(got)
         elif pushed:
             victim = pushed[value % len(pushed)].job_id

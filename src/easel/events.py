@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Collection
@@ -102,7 +103,9 @@ class InProcessEventBus(EventBus):
     """The embedded bus: one process, ids from a counter, a bounded history for resume."""
 
     def __init__(self, history_size: int = HISTORY_SIZE) -> None:
-        self._next_id = 1
+        # Ids go on growing across restarts (microseconds at start), so a client resuming
+        # with ``after=`` from before a restart does not skip the new process's events.
+        self._next_id = time.time_ns() // 1000
         self._history: deque[Event] = deque(maxlen=history_size)
         self._subscriptions: set[Subscription] = set()
 

@@ -4,8 +4,10 @@ No I/O and no clock here: callers pass ``now``. Stores keep a :class:`FairQueue`
 with their durable records and ask it what to claim; tests drive it directly.
 
 Policy, in order:
-1. **Aging**: a job below the top tier that has waited ``aging_seconds`` is promoted to the
-   top tier, where it competes fairly with premium work: nothing starves forever.
+1. **Aging**: when a job below the top tier has waited ``aging_seconds``, its tier is
+   starving and gets one decision in ``aged_every`` whatever waits above it (served in
+   its own fair order), so nothing starves forever, yet premium work keeps most of the
+   worker under sustained overload and fairness between users is not bent.
 2. **Priority tiers**: a higher ``priority`` tier is served first.
 3. **Fair share inside a tier**, weighted by cost: start-time fair queueing, the
    virtual-clock form of deficit round robin. Each job gets a start tag
@@ -69,9 +71,11 @@ def batch_key(job: Job) -> str | None:
 @dataclass(frozen=True)
 class Policy:
     aging_seconds: float | None = 600.0
-    """A job below the top tier waiting this long is promoted to it (None: never)."""
+    """A job below the top tier waiting this long makes its tier starving (None: never)."""
     weights: Mapping[str, float] = field(default_factory=dict)
     """Per-user share of service inside a tier (default 1.0)."""
+    aged_every: int = 4
+    """A starving tier gets one scheduling decision in this many."""
     top_priority: int = PREMIUM_PRIORITY
 
     def weight(self, user_id: str) -> float:
@@ -120,10 +124,13 @@ class FairQueue:
     def __init__(self, policy: Policy | None = None) -> None:
         self.policy = policy or Policy()
         self._tiers: dict[int, _Tier] = {}
+        self._priorities: list[int] = []  # highest first
         self._tagged: dict[str, _Tagged] = {}
         self._per_user: dict[str, int] = {}
         self._seq = itertools.count()
         self._waiting: list[tuple[float, int, str]] = []  # (enqueued_at, seq, id) below top
+        self._starving: int | None = None  # the tier of a job waiting past the bound
+        self._since_boost = 0  # decisions since the starving tier was last served
 
     def __len__(self) -> int:
         return len(self._tagged)
@@ -144,25 +151,20 @@ class FairQueue:
 
     def push(self, entry: Entry) -> None:
         """Queue behind the user's own jobs, at the tier's current virtual time."""
-        if entry.job_id in self._tagged:
-            raise ValueError(f"job {entry.job_id} is already queued")
-        self._add(entry, min(entry.priority, self.policy.top_priority), front=False)
-        self._per_user[entry.user_id] = self._per_user.get(entry.user_id, 0) + 1
-        if entry.priority < self.policy.top_priority and self.policy.aging_seconds is not None:
-            seq = self._tagged[entry.job_id].seq
-            heapq.heappush(self._waiting, (entry.enqueued_at, seq, entry.job_id))
+        self._add(entry, front=False)
 
     def push_front(self, entry: Entry) -> None:
         """Put a job back first in line of its tier (a claim that could not be kept)."""
+        self._add(entry, front=True)
+
+    def _add(self, entry: Entry, *, front: bool) -> None:
         if entry.job_id in self._tagged:
             raise ValueError(f"job {entry.job_id} is already queued")
-        self._add(entry, min(entry.priority, self.policy.top_priority), front=True)
-        self._per_user[entry.user_id] = self._per_user.get(entry.user_id, 0) + 1
-
-    def _add(self, entry: Entry, priority: int, *, front: bool) -> None:
+        priority = min(entry.priority, self.policy.top_priority)
         tier = self._tiers.get(priority)
         if tier is None:
             tier = self._tiers[priority] = _Tier()
+            self._priorities = sorted(self._tiers, reverse=True)
         if front:
             first = tier.order[0].start if tier.order else tier.clock
             start = min(first, tier.clock)
@@ -175,22 +177,25 @@ class FairQueue:
         tier.order.add(tagged)
         tier.cost += entry.cost
         self._tagged[entry.job_id] = tagged
+        self._per_user[entry.user_id] = self._per_user.get(entry.user_id, 0) + 1
+        if priority < self.policy.top_priority and self.policy.aging_seconds is not None:
+            heapq.heappush(self._waiting, (entry.enqueued_at, seq, entry.job_id))
 
-    def age(self, now: float) -> int:
-        """Promote jobs that waited past the aging bound; returns how many moved."""
+    def age(self, now: float) -> int | None:
+        """Find the tier of the oldest job waiting past the aging bound, if any."""
+        self._starving = None
         if self.policy.aging_seconds is None:
-            return 0
-        limit = now - self.policy.aging_seconds
-        moved = 0
-        while self._waiting and self._waiting[0][0] <= limit:
-            _, _, job_id = heapq.heappop(self._waiting)
+            return None
+        while self._waiting:
+            enqueued_at, seq, job_id = self._waiting[0]
             tagged = self._tagged.get(job_id)
-            if tagged is None or tagged.tier >= self.policy.top_priority:
-                continue  # gone, or already at the top
-            self._detach(tagged)
-            self._add(tagged.entry, self.policy.top_priority, front=False)
-            moved += 1
-        return moved
+            if tagged is None or tagged.seq != seq:
+                heapq.heappop(self._waiting)  # served, cancelled or queued again since
+                continue
+            if enqueued_at <= now - self.policy.aging_seconds:
+                self._starving = tagged.tier
+            break
+        return self._starving
 
     def pop(
         self, routes: Collection[str] | None = None, *, now: float | None = None
@@ -199,9 +204,7 @@ class FairQueue:
         if now is not None:
             self.age(now)
         tagged = self._next(routes)
-        if tagged is None:
-            return None
-        return self._serve(tagged)
+        return None if tagged is None else self._serve(tagged)
 
     def pop_batch(
         self, routes: Collection[str] | None, limit: int, *, now: float | None = None
@@ -223,25 +226,34 @@ class FairQueue:
         if tagged is None:
             return None
         self._detach(tagged)
-        self._forget(tagged.entry)
         return tagged.entry
 
     def _next(self, routes: Collection[str] | None) -> _Tagged | None:
-        for priority in sorted(self._tiers, reverse=True):
-            tagged: _Tagged
-            for tagged in self._tiers[priority].order:
-                if routes is None or tagged.entry.route in routes:
-                    return tagged
+        """Highest tier first, but a starving tier gets one decision in ``aged_every``."""
+        starving = self._starving
+        if (
+            starving is not None
+            and starving in self._tiers
+            and self._since_boost >= self.policy.aged_every - 1
+            and (tagged := _first(self._tiers[starving], routes)) is not None
+        ):
+            return tagged
+        for priority in self._priorities:
+            if (tagged := _first(self._tiers[priority], routes)) is not None:
+                return tagged
         return None
 
     def _serve(self, tagged: _Tagged) -> Entry:
+        if tagged.tier == self._starving:
+            self._since_boost = 0
+        else:
+            self._since_boost = min(self._since_boost + 1, self.policy.aged_every - 1)
         tier = self._tiers[tagged.tier]
         tier.clock = max(tier.clock, tagged.start)
         if len(tier.finish) > 2 * len(tier.order) + 64:
             # users whose finish tag is behind the clock start afresh anyway: forget them
             tier.finish = {u: f for u, f in tier.finish.items() if f > tier.clock}
         self._detach(tagged)
-        self._forget(tagged.entry)
         return tagged.entry
 
     def _detach(self, tagged: _Tagged) -> None:
@@ -249,45 +261,104 @@ class FairQueue:
         tier.order.remove(tagged)
         tier.cost = tier.cost - tagged.entry.cost if tier.order else 0.0
         del self._tagged[tagged.entry.job_id]
-        if not tier.order:
-            del self._tiers[tagged.tier]  # no backlog left: nobody is owed anything
-
-    def _forget(self, entry: Entry) -> None:
-        left = self._per_user[entry.user_id] - 1
+        if not tier.order:  # no backlog left: nobody is owed anything
+            del self._tiers[tagged.tier]
+            self._priorities.remove(tagged.tier)
+        user_id = tagged.entry.user_id
+        left = self._per_user[user_id] - 1
         if left:
-            self._per_user[entry.user_id] = left
+            self._per_user[user_id] = left
         else:
-            del self._per_user[entry.user_id]
+            del self._per_user[user_id]
 
     # -- reading ----------------------------------------------------------------------
 
+    def _split(self) -> tuple[list[int], _Tier | None, list[int]]:
+        """Tiers above the starving one, the starving tier, and the tiers below it."""
+        starving = self._starving
+        if starving is None or starving not in self._tiers:
+            return self._priorities, None, []
+        above = [p for p in self._priorities if p > starving]
+        below = [p for p in self._priorities if p < starving]
+        return above, self._tiers[starving], below
+
     def order(self) -> Iterator[Entry]:
-        """Every queued entry in the order it would be served if nothing new arrived."""
-        for priority in sorted(self._tiers, reverse=True):
+        """Every queued entry in the order it would be served if nothing new arrived (and
+        a starving tier stayed starving)."""
+        above, starving, below = self._split()
+        ahead = (t for p in above for t in self._tiers[p].order)
+        boosted = iter(starving.order) if starving is not None else iter(())
+        since, every = self._since_boost, self.policy.aged_every
+        for head in ahead:
+            if since >= every - 1 and (tagged := next(boosted, None)) is not None:
+                yield tagged.entry
+                since = 0
+            yield head.entry
+            since = min(since + 1, every - 1)
+        for tagged in boosted:
+            yield tagged.entry
+        for priority in below:
             for tagged in self._tiers[priority].order:
                 yield tagged.entry
 
     def place(self, job_id: str) -> Place | None:
-        """Where a job stands: O(tiers + log n)."""
+        """Where a job stands, without walking the queue: O(tiers + log n)."""
         tagged = self._tagged.get(job_id)
         if tagged is None:
             return None
-        position, cost = 0, 0.0
-        for priority, tier in self._tiers.items():
-            if priority > tagged.tier:
-                position += len(tier.order)
-                cost += tier.cost
+        above, starving, below = self._split()
+        boosted = len(starving.order) if starving is not None else 0
+        ahead = sum(len(self._tiers[p].order) for p in above)
+        ahead_cost = sum(self._tiers[p].cost for p in above)
+        gap = self.policy.aged_every - 1  # decisions for the tiers above per boost
+        first_gap = gap - self._since_boost
         tier = self._tiers[tagged.tier]
         rank = tier.order.index(tagged)
-        # cost of the jobs ahead in its tier, taken at the tier's mean: the ETA is an estimate
-        others = len(tier.order) - 1
-        cost += (tier.cost - tagged.entry.cost) * rank / others if others else 0.0
-        return Place(position + rank, cost)
+        cost = _cost_before(tier, tagged, rank)
+        if tagged.tier in below or starving is None:
+            position = rank
+            for priority in self._priorities:
+                if priority > tagged.tier:
+                    position += len(self._tiers[priority].order)
+                    cost += self._tiers[priority].cost
+            return Place(position, cost)
+        if starving is tier:  # boosted: served after the tiers above let it through
+            passed = ahead if gap == 0 else min(ahead, first_gap + rank * gap)
+            return Place(rank + passed, cost + ahead_cost * passed / max(ahead, 1))
+        # in a tier above the starving one: boosts slip in before it
+        position = rank + sum(len(self._tiers[p].order) for p in above if p > tagged.tier)
+        cost += sum(self._tiers[p].cost for p in above if p > tagged.tier)
+        if gap == 0:
+            boosts = boosted
+        elif position < first_gap:
+            boosts = 0
+        else:
+            boosts = 1 + (position - first_gap) // gap
+        boosts = min(boosted, boosts)
+        cost += starving.cost * boosts / boosted if boosted else 0.0
+        return Place(position + boosts, cost)
 
     def position(self, job_id: str) -> int | None:
         """How many queued jobs run before this one (0: it is next); None if not queued."""
         place = self.place(job_id)
         return None if place is None else place.position
+
+
+def _first(tier: _Tier, routes: Collection[str] | None) -> _Tagged | None:
+    if routes is None:
+        first: _Tagged = tier.order[0]
+        return first
+    tagged: _Tagged
+    for tagged in tier.order:
+        if tagged.entry.route in routes:
+            return tagged
+    return None
+
+
+def _cost_before(tier: _Tier, tagged: _Tagged, rank: int) -> float:
+    """The cost of the jobs ahead in a tier, taken at the tier's mean: an ETA estimate."""
+    others = len(tier.order) - 1
+    return (tier.cost - tagged.entry.cost) * rank / others if others else 0.0
 
 
 def user_cap(requested: int | None, default: int, limit: int) -> int:

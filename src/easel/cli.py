@@ -1,0 +1,332 @@
+"""easel's command line: ``serve``, ``generate``, ``models`` and ``jobs``.
+
+Commands are thin: generation goes through :mod:`easel.client` (a server, or easel embedded
+in this process), so the CLI shows progress and files and nothing else. Errors print their
+code and message and exit 1; they never end in a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Column, Table
+
+from easel.errors import EaselError
+from easel.jobs import Event, EventType, JobState
+
+if TYPE_CHECKING:
+    from easel.config import Settings
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+app = typer.Typer(
+    name="easel",
+    help="A self-hosted generation server: one fair queue, many backends, many clients.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(
+    help="Models: list what is served, build a tiny one.", no_args_is_help=True
+)
+jobs_app = typer.Typer(help="Jobs on a server: list, show, cancel.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(jobs_app, name="jobs")
+
+console = Console(stderr=True, highlight=False)
+log = logging.getLogger("easel")
+
+Server = Annotated[
+    str | None,
+    typer.Option(envvar="EASEL_SERVER", help="Base URL of an easel server, e.g. " + DEFAULT_SERVER),
+]
+RemoteServer = Annotated[
+    str, typer.Option(envvar="EASEL_SERVER", help="Base URL of the easel server.")
+]
+Backend = Annotated[str | None, typer.Option(help="Backend name, e.g. mock or diffusers.")]
+Model = Annotated[str | None, typer.Option(help="A local diffusers model folder.")]
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """EaselErrors (4xx answers, failed jobs, an unreachable server) become exit code 1."""
+    try:
+        yield
+    except EaselError as exc:
+        _fail(exc.code, exc.message)
+
+
+def _fail(code: str, message: str) -> NoReturn:
+    console.print(f"[bold red]error[/] {escape(code)}: {escape(message)}")
+    raise typer.Exit(1)
+
+
+# -- serve --------------------------------------------------------------------------------
+
+
+class _OneLineFormatter(logging.Formatter):
+    """One line per record, tracebacks included, so log collectors never split a record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", "\\n")
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+def serving_line(settings: Settings) -> str:
+    """What this process serves; the first thing ``easel serve`` logs."""
+    backend = settings.resolved_backend
+    if settings.model is None:
+        return (
+            f"serving backend {backend!r} "
+            "(no model configured; pass --model DIR to run a diffusers model)"
+        )
+    return f"serving backend {backend!r} with model {settings.model} on device {settings.device}"
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="[default: 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="[default: 8000]")] = None,
+    backend: Backend = None,
+    model: Model = None,
+    data_dir: Annotated[Path | None, typer.Option(help="[default: easel-data]")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="[default: DATA_DIR/outputs]")] = None,
+    db_path: Annotated[Path | None, typer.Option(help="[default: DATA_DIR/easel.db]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps [default: auto]")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(min=0, help="Jobs run at once per backend; 0: API only [default: 1]"),
+    ] = None,
+) -> None:
+    """Run the server: HTTP API, queue and workers in one process.
+
+    Options override EASEL_* environment variables, which override the defaults.
+    """
+    import uvicorn
+
+    from easel.api import create_app
+    from easel.backends import available
+    from easel.config import Settings
+
+    given: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "backend": backend,
+        "model": model,
+        "data_dir": data_dir,
+        "output_dir": output_dir,
+        "db_path": db_path,
+        "device": device,
+        "concurrency": concurrency,
+    }
+    settings = Settings(**{key: value for key, value in given.items() if value is not None})
+    if settings.resolved_backend not in available():
+        _fail(
+            "invalid_request",
+            f"unknown backend {settings.resolved_backend!r}; "
+            f"available backends are: {', '.join(available())}",
+        )
+    _configure_logging()
+    log.info(serving_line(settings))
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,  # events are small JSON: compressing costs more than it saves
+        access_log=False,  # easel logs jobs; a line per request costs ~5% of admission
+        log_config=None,
+    )
+
+
+# -- generate -----------------------------------------------------------------------------
+
+
+@contextmanager
+def _progress_bar() -> Iterator[Callable[[Event], None]]:
+    """A rich progress bar fed by the job's events; yields the event callback."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("submitting", total=None)
+
+        def on_event(event: Event) -> None:
+            if event.type is EventType.queued:
+                where = f" (position {event.position})" if event.position is not None else ""
+                progress.update(task, description=f"queued{where}")
+            elif event.type is EventType.started:
+                progress.update(task, description="generating")
+            elif event.type is EventType.progress:
+                progress.update(task, completed=event.step, total=event.total)
+            else:
+                progress.update(task, description=event.type.value)
+
+        yield on_event
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    server: Server = None,
+    backend: Backend = None,
+    model: Model = None,
+    width: int = 512,
+    height: int = 512,
+    steps: int = 20,
+    seed: int | None = None,
+    negative_prompt: str | None = None,
+    cfg_scale: float | None = None,
+    scheduler: str | None = None,
+    batch_size: int = 1,
+    strength: Annotated[float | None, typer.Option(help="img2img: how much to change.")] = None,
+    init_image: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="img2img: the start image.")
+    ] = None,
+    output_dir: Annotated[Path, typer.Option(help="Where PNGs and sidecars go.")] = Path("."),
+    user_id: str | None = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Embedded runs only [default: a temporary directory]")
+    ] = None,
+) -> None:
+    """Generate images: on a server with --server, else right here (no server needed).
+
+    Prints the path of each PNG and of its JSON sidecar (what reproduces it).
+    """
+    from easel.client._quick import generate_files
+
+    given: dict[str, Any] = {
+        "prompt": prompt,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "seed": seed,
+        "negative_prompt": negative_prompt,
+        "cfg_scale": cfg_scale,
+        "scheduler": scheduler,
+        "batch_size": batch_size,
+        "strength": strength,
+        "user_id": user_id,
+    }
+    params = {key: value for key, value in given.items() if value is not None}
+    if init_image is not None:
+        params["init_image"] = base64.b64encode(init_image.read_bytes()).decode()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with _errors(), _progress_bar() as on_event:
+        job, paths = asyncio.run(
+            generate_files(
+                params,
+                output_dir,
+                server=server,
+                backend=backend,
+                model=model,
+                data_dir=data_dir,
+                on_event=on_event,
+            )
+        )
+    if job.state is not JobState.succeeded:
+        error = job.error
+        _fail(error.code if error else job.state.value, error.message if error else "no images")
+    for path in paths:
+        typer.echo(path)
+        typer.echo(path.with_suffix(".json"))
+
+
+# -- models -------------------------------------------------------------------------------
+
+
+@models_app.command("make-tiny")
+def make_tiny(
+    directory: Annotated[Path, typer.Argument(help="Where to write the diffusers folder.")],
+) -> None:
+    """Build a tiny random Stable-Diffusion pipeline: real code paths, noise for images."""
+    try:
+        from easel.tiny import make_tiny_pipeline
+    except ImportError as exc:
+        _fail("missing_dependency", f"{exc}; install easel[diffusers]")
+    typer.echo(make_tiny_pipeline(directory))
+
+
+@models_app.command("list")
+def list_models(server: Server = None) -> None:
+    """What a server serves; without --server, what this machine would serve."""
+    from easel.client import Client
+
+    table = Table("backend", "model", "family", "loaded", "default")
+    if server is None:
+        from easel.backends import available
+        from easel.config import Settings
+
+        settings = Settings()
+        for name in available():
+            chosen = name == settings.resolved_backend
+            table.add_row(name, settings.model if chosen else "", "", "", "yes" if chosen else "")
+    else:
+        with _errors(), Client(server) as client:
+            listing = client.models()
+        defaults = {entry.name for entry in listing.backends if entry.default}
+        for entry in listing.models:
+            default = "yes" if entry.backend in defaults else ""
+            loaded = "yes" if entry.loaded else "no"
+            table.add_row(entry.backend, entry.name, entry.family, loaded, default)
+    Console().print(table)
+
+
+# -- jobs ---------------------------------------------------------------------------------
+
+
+@jobs_app.command("list")
+def list_jobs(
+    server: RemoteServer = DEFAULT_SERVER,
+    user_id: str | None = None,
+    state: JobState | None = None,
+    limit: int = 20,
+) -> None:
+    """Newest first."""
+    from easel.client import Client
+
+    with _errors(), Client(server) as client:
+        jobs = client.list(user_id=user_id, state=state, limit=limit)
+    table = Table(Column("id", no_wrap=True, min_width=24), "state", "user", "backend", "images")
+    table.add_column("prompt", overflow="ellipsis", no_wrap=True)
+    for job in jobs:
+        row = (job.id, job.state.value, job.user_id, job.backend, str(len(job.images)))
+        table.add_row(*row, escape(job.request.prompt))
+    Console().print(table)
+
+
+@jobs_app.command("get")
+def get_job(job_id: str, server: RemoteServer = DEFAULT_SERVER) -> None:
+    """The job record as JSON."""
+    from easel.client import Client
+
+    with _errors(), Client(server) as client:
+        job = client.get(job_id)
+    typer.echo(job.model_dump_json(indent=2))
+
+
+@jobs_app.command("cancel")
+def cancel_job(job_id: str, server: RemoteServer = DEFAULT_SERVER) -> None:
+    """Cancel a queued job at once, or a running one at its next step."""
+    from easel.client import Client
+
+    with _errors(), Client(server) as client:
+        job = client.cancel(job_id)
+    typer.echo(f"{job.id} {job.state.value}")

@@ -1,0 +1,323 @@
+"""The async client: easel's HTTP API and event websocket, with typed results and handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import builtins
+import inspect
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+from urllib.parse import quote, urlencode
+
+import httpx
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from easel import __version__
+from easel.client import _files
+from easel.client._common import (
+    FINAL_EVENTS,
+    HANDLER_FOR_EVENT,
+    HANDLER_NAMES,
+    Handler,
+    HandlerName,
+    backoff,
+    error_for,
+    error_from_response,
+    final_event,
+    unreachable,
+)
+from easel.errors import InvalidRequest
+from easel.jobs import Event, GenerationRequest, Job, JobState, JobView
+
+if TYPE_CHECKING:
+    from easel.api.native import Models
+
+H = TypeVar("H", bound=Handler)
+
+REPLAY_GRACE = 0.5
+"""Seconds to wait for a finished job's replayed events before rebuilding its final one."""
+
+STEADY_SECONDS = 10.0
+"""A connection that stayed up this long counts as healthy: the reconnect budget refills."""
+
+
+class AsyncClient:
+    """easel over HTTP and websockets. Async first: :class:`~easel.client.Client` wraps this.
+
+    Errors the server answers become the matching :class:`~easel.errors.EaselError` subclass;
+    a server that cannot be reached becomes an ``EaselError`` with code ``server_unreachable``.
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        user_id: str | None = None,
+        timeout: float = 30.0,
+        token: str | None = None,
+        max_reconnects: int | None = 10,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.user_id = user_id
+        self.timeout = timeout
+        self.max_reconnects = max_reconnects
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=timeout,
+            headers={"User-Agent": f"easel-client/{__version__}", **self._auth},
+        )
+        self._ws_url = "ws" + self.base_url.removeprefix("http")
+        self._handlers: dict[HandlerName, list[Handler]] = {name: [] for name in HANDLER_NAMES}
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- handlers -------------------------------------------------------------------------
+
+    @overload
+    def on(self, name: HandlerName) -> Callable[[H], H]: ...
+
+    @overload
+    def on(self, name: HandlerName, handler: H) -> H: ...
+
+    def on(self, name: HandlerName, handler: H | None = None) -> H | Callable[[H], H]:
+        """Register a handler, sync or async; usable as ``@client.on("done")``.
+
+        ``queued``, ``generating``, ``progress``, ``done``, ``error`` and ``cancelled`` get
+        the :class:`~easel.jobs.Event`; ``connection_error`` gets the exception that dropped
+        the event stream, before it reconnects. They fire in :meth:`wait` (so in
+        :meth:`generate`) and :meth:`listen`, in event order.
+        """
+        if name not in self._handlers:
+            raise ValueError(
+                f"unknown handler {name!r}; valid names are: {', '.join(HANDLER_NAMES)}"
+            )
+
+        def register(function: H) -> H:
+            self._handlers[name].append(function)
+            return function
+
+        return register(handler) if handler is not None else register
+
+    async def _dispatch(self, name: HandlerName, argument: object) -> None:
+        for handler in self._handlers[name]:
+            result = handler(argument)
+            if inspect.isawaitable(result):
+                await result
+
+    async def _dispatch_event(self, event: Event) -> None:
+        await self._dispatch(HANDLER_FOR_EVENT[event.type], event)
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    async def submit(
+        self, prompt: str | None = None, *, request: GenerationRequest | None = None, **params: Any
+    ) -> JobView:
+        """Queue a job; returns once the server holds it durably (with ``position``, ``eta``).
+
+        ``params`` are :class:`~easel.jobs.GenerationRequest` fields and override ``request``;
+        the server validates them. ``init_image`` may be bytes or a path as well as base64.
+        """
+        body = request.model_dump(mode="json", exclude_unset=True) if request else {}
+        body.update(params)
+        if prompt is not None:
+            body["prompt"] = prompt
+        if "prompt" not in body:
+            raise InvalidRequest("a prompt is needed: submit('a red fox') or submit(request=...)")
+        if self.user_id is not None:
+            body.setdefault("user_id", self.user_id)
+        if isinstance(init := body.get("init_image"), bytes | Path):
+            raw = init if isinstance(init, bytes) else await asyncio.to_thread(init.read_bytes)
+            body["init_image"] = base64.b64encode(raw).decode()
+        response = await self._request("POST", "/v1/jobs", json=body)
+        return JobView.model_validate_json(response.content)
+
+    async def get(self, job_id: str) -> JobView:
+        response = await self._request("GET", f"/v1/jobs/{quote(job_id, safe='')}")
+        return JobView.model_validate_json(response.content)
+
+    async def list(
+        self, user_id: str | None = None, state: JobState | str | None = None, limit: int = 100
+    ) -> builtins.list[Job]:
+        """Newest first."""
+        query = {"user_id": user_id, "state": state, "limit": limit}
+        params = {key: str(value) for key, value in query.items() if value is not None}
+        response = await self._request("GET", "/v1/jobs", params=params)
+        return [Job.model_validate(job) for job in response.json()["jobs"]]
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job at once, a running one at its next step (409 once it ended)."""
+        response = await self._request("DELETE", f"/v1/jobs/{quote(job_id, safe='')}")
+        return Job.model_validate_json(response.content)
+
+    async def models(self) -> Models:
+        from easel.api.native import Models
+
+        response = await self._request("GET", "/v1/models")
+        return Models.model_validate_json(response.content)
+
+    async def image(self, job_or_id: Job | str, index: int = 0) -> bytes:
+        """The PNG bytes, with the ``parameters`` text chunk that reproduces the image."""
+        job_id = job_or_id if isinstance(job_or_id, str) else job_or_id.id
+        response = await self._request("GET", f"/v1/jobs/{quote(job_id, safe='')}/images/{index}")
+        return response.content
+
+    async def save_images(
+        self, job: Job, directory: Path | str, prefix: str | None = None
+    ) -> builtins.list[Path]:
+        """Write ``<prefix or job id>-<index>.png`` and a ``.json`` sidecar beside each one.
+
+        The sidecar holds the job id, index, seed and the request with that seed and batch
+        size 1: enough to reproduce that one image. Returns the PNG paths.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        return await self.write_images(job, _files.image_targets(directory, job, prefix))
+
+    async def write_images(self, job: Job, paths: builtins.list[Path]) -> builtins.list[Path]:
+        """Write image ``i`` of a finished job (and its sidecar) to ``paths[i]``."""
+        if job.state is not JobState.succeeded:
+            raise InvalidRequest(f"job {job.id} is {job.state}, so it has no images to save")
+        for ref, path in zip(job.images, paths, strict=True):
+            png = await self.image(job, ref.index)
+            metadata = await asyncio.to_thread(_files.client_sidecar, job, ref, png)
+            await asyncio.to_thread(_files.write_image, path, png, metadata)
+        return paths
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        request: GenerationRequest | None = None,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> Job:
+        """Submit and :meth:`wait`: the final job, whether it succeeded or not."""
+        view = await self.submit(prompt, request=request, **params)
+        return await self.wait(view.id, timeout)
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Follow the job's events (dispatching handlers) until it ends; its final record.
+
+        Failed and cancelled jobs are returned too: check ``job.state``. A job that ended so
+        long ago that the server forgot its events still gets its final handler, once.
+        """
+        async with asyncio.timeout(timeout):
+            stream = self._stream(job_id=job_id)
+            try:
+                await self._follow(job_id, stream)
+            finally:
+                await stream.aclose()
+            return await self.get(job_id)
+
+    async def _follow(self, job_id: str, stream: AsyncIterator[Event | None]) -> None:
+        ended: Job | None = None
+        while True:
+            try:
+                async with asyncio.timeout(REPLAY_GRACE if ended else None):
+                    item = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if ended is None:
+                    raise
+                await self._dispatch_event(final_event(ended))
+                return
+            if item is None:  # (re)connected: the job may have ended while we were away
+                job = await self.get(job_id)
+                ended = job if job.state.is_final else None
+            else:
+                await self._dispatch_event(item)
+
+    # -- events ---------------------------------------------------------------------------
+
+    async def events(
+        self, job_id: str | None = None, user_id: str | None = None, after: int | None = None
+    ) -> AsyncGenerator[Event, None]:
+        """Events as they happen: all, one user's, or one job's (replayed from its start and
+        ending with its final event). Handlers are not called; see :meth:`listen`.
+
+        A dropped connection is resumed after the last id seen, with backoff, so no event is
+        lost or repeated; ``max_reconnects`` failures in a row raise ``server_unreachable``.
+        A stream of all events that drops before its first event resumes live.
+        """
+        async for item in self._stream(job_id=job_id, user_id=user_id, after=after):
+            if item is not None:
+                yield item
+
+    async def listen(self, user_id: str | None = None, after: int | None = None) -> None:
+        """Follow every event (or one user's) and dispatch handlers until cancelled: for bots.
+
+        A bot that keeps the last event id it handled passes it as ``after`` when it restarts
+        and gets what it missed while down (what the server still remembers).
+        """
+        async for event in self.events(user_id=user_id, after=after):
+            await self._dispatch_event(event)
+
+    async def _stream(
+        self, *, job_id: str | None = None, user_id: str | None = None, after: int | None = None
+    ) -> AsyncGenerator[Event | None, None]:
+        """Events, and ``None`` each time the websocket (re)connects."""
+        last, failures = after, 0
+        while True:
+            query = {"job_id": job_id, "user_id": user_id, "after": last}
+            url = f"{self._ws_url}/v1/events?" + urlencode(
+                {key: value for key, value in query.items() if value is not None}
+            )
+            opened = time.monotonic()
+            try:
+                async with connect(
+                    url, additional_headers=self._auth, open_timeout=self.timeout
+                ) as websocket:
+                    yield None
+                    while True:
+                        event = Event.model_validate_json(await websocket.recv())
+                        if last is not None and event.id <= last:
+                            continue
+                        last, failures = event.id, 0
+                        yield event
+                        if job_id is not None and event.type in FINAL_EVENTS:
+                            return
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if 400 <= status < 500:
+                    raise error_for(
+                        f"http_{status}", f"{url} refused the websocket", status
+                    ) from exc
+                reason: Exception = exc
+            except (OSError, ConnectionClosed, InvalidHandshake) as exc:
+                # OSError includes refused connections and the open timeout
+                reason = exc
+            if time.monotonic() - opened > STEADY_SECONDS:
+                failures = 0
+            await self._dispatch("connection_error", reason)
+            if self.max_reconnects is not None and failures >= self.max_reconnects:
+                raise unreachable(self.base_url, reason) from reason
+            await asyncio.sleep(backoff(failures))
+            failures += 1
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise unreachable(self.base_url, exc) from exc
+        if response.is_error:
+            raise error_from_response(response)
+        return response

@@ -1,0 +1,60 @@
+"""Results on the client's disk: where each PNG goes, and the sidecar that reproduces it.
+
+Everything here blocks; the async client calls it in a thread.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from easel.backends.base import GenerationResult
+from easel.jobs import ImageRef, Job
+from easel.metadata import parse_infotext
+from easel.storage import sidecar
+
+
+def image_targets(target: Path, job: Job, prefix: str | None = None) -> list[Path]:
+    """An existing directory gets ``<prefix or job id>-<index>.png`` files; any other path
+    is the file itself, suffixed ``-1``, ``-2``... when the batch has more than one image."""
+    if target.is_dir():
+        return [target / f"{prefix or job.id}-{ref.index}.png" for ref in job.images]
+    png = target.with_suffix(".png")
+    if len(job.images) == 1:
+        return [png]
+    return [png.with_stem(f"{png.stem}-{ref.index + 1}") for ref in job.images]
+
+
+def client_sidecar(job: Job, ref: ImageRef, png: bytes) -> dict[str, Any]:
+    """The server's own sidecar format, rebuilt from the job and the PNG's text chunk."""
+    with Image.open(io.BytesIO(png)) as image:
+        parameters = image.info.get("parameters")
+    model = parse_infotext(parameters).get("Model") if isinstance(parameters, str) else None
+    result = GenerationResult(images=[], seeds=[], model=model)
+    return sidecar(job, result, ref.index, ref.seed)
+
+
+def write_image(path: Path, png: bytes, metadata: dict[str, Any]) -> None:
+    """The PNG and its ``.json`` sidecar next to it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, png)
+    _write(path.with_suffix(".json"), json.dumps(metadata, indent=2).encode())
+
+
+def copy_image(source: Path, path: Path) -> None:
+    """A PNG the embedded runtime stored, with the sidecar it wrote beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, path)
+    shutil.copyfile(source.with_suffix(".json"), path.with_suffix(".json"))
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,161 @@
+"""The sync client: the async one, run on a private event loop thread.
+
+Each method hands its coroutine to an anyio blocking portal and waits for it, so there is
+one implementation of every behaviour (reconnects, handlers, errors). Handlers run on the
+portal's thread.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import ExitStack
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from anyio.from_thread import start_blocking_portal
+
+from easel.client._async import AsyncClient
+from easel.client._common import Handler, HandlerName
+from easel.jobs import Event, GenerationRequest, Job, JobState, JobView
+
+if TYPE_CHECKING:
+    from easel.api.native import Models
+
+H = TypeVar("H", bound=Handler)
+
+
+class Client:
+    """The blocking API of :class:`~easel.client.AsyncClient`: same methods, same results."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        user_id: str | None = None,
+        timeout: float = 30.0,
+        token: str | None = None,
+        max_reconnects: int | None = 10,
+    ) -> None:
+        self._stack = ExitStack()
+        self._portal = self._stack.enter_context(start_blocking_portal())
+        try:
+            self._async: AsyncClient = self._portal.call(
+                partial(
+                    AsyncClient,
+                    base_url,
+                    user_id=user_id,
+                    timeout=timeout,
+                    token=token,
+                    max_reconnects=max_reconnects,
+                )
+            )
+        except BaseException:
+            self._stack.close()
+            raise
+
+    @property
+    def base_url(self) -> str:
+        return self._async.base_url
+
+    @property
+    def user_id(self) -> str | None:
+        return self._async.user_id
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._portal.call(self._async.aclose)
+        finally:
+            # cancel what an interrupted call left running (a listen() stopped by Ctrl-C)
+            self._portal.call(self._portal.stop, True)
+            self._stack.close()
+
+    @overload
+    def on(self, name: HandlerName) -> Callable[[H], H]: ...
+
+    @overload
+    def on(self, name: HandlerName, handler: H) -> H: ...
+
+    def on(self, name: HandlerName, handler: H | None = None) -> H | Callable[[H], H]:
+        """See :meth:`AsyncClient.on`; handlers run on the client's event loop thread."""
+        if handler is None:
+            return self._async.on(name)
+        return self._async.on(name, handler)
+
+    def submit(
+        self, prompt: str | None = None, *, request: GenerationRequest | None = None, **params: Any
+    ) -> JobView:
+        return self._portal.call(partial(self._async.submit, prompt, request=request, **params))
+
+    def get(self, job_id: str) -> JobView:
+        return self._portal.call(self._async.get, job_id)
+
+    def list(
+        self, user_id: str | None = None, state: JobState | str | None = None, limit: int = 100
+    ) -> builtins.list[Job]:
+        return self._portal.call(self._async.list, user_id, state, limit)
+
+    def cancel(self, job_id: str) -> Job:
+        return self._portal.call(self._async.cancel, job_id)
+
+    def models(self) -> Models:
+        return self._portal.call(self._async.models)
+
+    def image(self, job_or_id: Job | str, index: int = 0) -> bytes:
+        return self._portal.call(self._async.image, job_or_id, index)
+
+    def save_images(
+        self, job: Job, directory: Path | str, prefix: str | None = None
+    ) -> builtins.list[Path]:
+        return self._portal.call(self._async.save_images, job, directory, prefix)
+
+    def write_images(self, job: Job, paths: builtins.list[Path]) -> builtins.list[Path]:
+        return self._portal.call(self._async.write_images, job, paths)
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        request: GenerationRequest | None = None,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> Job:
+        call = partial(self._async.generate, prompt, request=request, timeout=timeout, **params)
+        return self._portal.call(call)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        return self._portal.call(self._async.wait, job_id, timeout)
+
+    def listen(self, user_id: str | None = None, after: int | None = None) -> None:
+        self._portal.call(self._async.listen, user_id, after)
+
+    def events(
+        self, job_id: str | None = None, user_id: str | None = None, after: int | None = None
+    ) -> Iterator[Event]:
+        stream = self._async.events(job_id, user_id, after)
+        try:
+            while (event := self._portal.call(_next, stream)) is not None:
+                yield event
+        finally:
+            self._portal.call(stream.aclose)
+
+
+async def _next(stream: AsyncGenerator[Event, None]) -> Event | None:
+    """``anext`` with a sentinel: StopAsyncIteration must not cross the portal."""
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return None
