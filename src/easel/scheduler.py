@@ -65,7 +65,8 @@ def batch_key(job: Job) -> str | None:
     r = job.request
     if r.init_image is not None:
         return None
-    return f"{job.backend}|{r.model}|{r.kind}|{r.width}x{r.height}|{r.steps}|{r.scheduler}|{r.cfg_scale}"
+    parts = (job.backend, r.model, r.kind, r.width, r.height, r.steps, r.scheduler, r.cfg_scale)
+    return "|".join(map(str, parts))
 
 
 @dataclass(frozen=True)
