@@ -36,3 +36,13 @@ def server(settings: Settings) -> Iterator[str]:
 
     with serve(create_app(settings)) as url:
         yield url
+
+
+@pytest.fixture
+def slow_server(tmp_path: Path) -> Iterator[str]:
+    """A mock backend that takes 10 ms a step: a long job holds the single worker."""
+    from easel.api import create_app
+
+    settings = Settings(data_dir=tmp_path / "slow", mock_step_delay=0.01, backend="mock")
+    with serve(create_app(settings)) as url:
+        yield url

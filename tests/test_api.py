@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +13,11 @@ import pytest
 from PIL import Image
 from websockets.sync.client import connect
 
-from easel.api import create_app
 from easel.config import Settings
 from easel.metadata import parse_infotext
-from tests.servers import serve
 
 FINAL = {"succeeded", "failed", "cancelled"}
 SMALL = {"width": 64, "height": 64, "steps": 3}
-
-
-@pytest.fixture
-def slow_server(tmp_path: Path) -> Iterator[str]:
-    """A mock backend that takes 10 ms a step: a long job holds the single worker."""
-    settings = Settings(data_dir=tmp_path / "slow", mock_step_delay=0.01, backend="mock")
-    with serve(create_app(settings)) as url:
-        yield url
 
 
 def submit(url: str, **fields: Any) -> dict[str, Any]:

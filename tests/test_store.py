@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from easel.errors import JobFinished, JobNotFound, LeaseLost, UserQueueFull
+from easel.errors import JobFinished, JobNotFound, LeaseLost, QueueFull, UserQueueFull
 from easel.jobs import GenerationRequest, ImageRef, Job, JobError, JobState
 from easel.store.base import JobStore
 from easel.store.sqlite import SqliteStore
@@ -28,7 +28,7 @@ async def store_factory(
     opened: list[JobStore] = []
 
     async def open_store() -> JobStore:
-        store = SqliteStore(tmp_path / "jobs.db", max_attempts=2)
+        store = SqliteStore(tmp_path / "jobs.db", max_attempts=2, max_queue_size=50)
         await store.open()
         opened.append(store)
         return store
@@ -208,6 +208,14 @@ async def test_user_cap_counts_queued_and_running(store: JobStore) -> None:
     await store.enqueue(job("alice"), user_cap=2)
 
 
+async def test_the_global_queue_cap(store: JobStore) -> None:
+    for i in range(50):  # the fixture's stores hold at most 50 queued jobs
+        await store.enqueue(job(f"u{i}"), user_cap=10)
+    with pytest.raises(QueueFull) as full:
+        await store.enqueue(job("late"), user_cap=10)
+    assert full.value.code == "queue_full" and full.value.to_dict()["count"] == 50
+
+
 async def test_concurrent_enqueues_respect_the_cap(store: JobStore) -> None:
     results = await asyncio.gather(
         *(store.enqueue(job("alice"), user_cap=3) for _ in range(10)), return_exceptions=True
@@ -251,3 +259,58 @@ async def test_sqlite_crash_recovery_requeues_running_jobs(tmp_path: Path) -> No
     assert final.state is JobState.failed
     assert final.error is not None and final.error.code == "worker_lost"
     await again.close()
+
+
+async def test_claim_batch_takes_compatible_jobs_next_in_line(store: JobStore) -> None:
+    first = await store.enqueue(job("alice"), user_cap=10)
+    second = await store.enqueue(job("bob"), user_cap=10)
+    other = Job(request=GenerationRequest(prompt="p", user_id="carol", width=256, seed=1),
+                backend="mock")  # fmt: skip
+    await store.enqueue(other, user_cap=10)
+    batch = await store.claim_batch("w", ["mock"], lease_seconds=LEASE, limit=4)
+    assert [j.id for j in batch] == [first.id, second.id]  # a different size ends the run
+    assert all(j.state is JobState.running and j.worker_id == "w" for j in batch)
+    rest = await store.claim_batch("w", ["mock"], lease_seconds=LEASE, limit=4)
+    assert [j.id for j in rest] == [other.id]
+
+
+async def test_requeue_with_a_delay_holds_the_job_back(store: JobStore) -> None:
+    queued = await store.enqueue(job(), user_cap=10)
+    await store.claim("w1", ["mock"], lease_seconds=LEASE)
+    error = JobError(code="backend_unavailable", message="try later")
+    back = await store.requeue(queued.id, worker_id="w1", reason=error, delay=0.2)
+    assert back.state is JobState.queued
+    assert await store.claim("w2", ["mock"], lease_seconds=LEASE) is None  # not yet
+    await asyncio.sleep(0.3)
+    again = await store.claim("w2", ["mock"], lease_seconds=LEASE)
+    assert again is not None and again.id == queued.id and again.attempts == 2
+
+
+async def test_a_delayed_job_can_be_cancelled(store: JobStore) -> None:
+    queued = await store.enqueue(job(), user_cap=10)
+    await store.claim("w1", ["mock"], lease_seconds=LEASE)
+    await store.requeue(queued.id, worker_id="w1", delay=0.1)
+    assert (await store.cancel(queued.id)).state is JobState.cancelled
+    await asyncio.sleep(0.2)
+    assert await store.claim("w2", ["mock"], lease_seconds=LEASE) is None
+
+
+async def test_idempotency_key_returns_the_first_job(store: JobStore) -> None:
+    first = await store.enqueue(job("alice"), user_cap=10, idempotency_key="k1")
+    again = await store.enqueue(job("alice"), user_cap=10, idempotency_key="k1")
+    assert again.id == first.id
+    other_user = await store.enqueue(job("bob"), user_cap=10, idempotency_key="k1")
+    assert other_user.id != first.id
+    assert len(await store.list_jobs()) == 2
+    assert await store.active_count("alice") == 1
+    assert len(await drain(store)) == 2
+
+
+async def test_stats_count_tiers_users_and_running(store: JobStore) -> None:
+    await store.enqueue(job("alice"), user_cap=10)
+    await store.enqueue(job("alice", priority=10), user_cap=10)
+    await store.enqueue(job("bob"), user_cap=10)
+    await store.claim("w", ["mock"], lease_seconds=LEASE)  # the premium one
+    stats = await store.stats()
+    assert (stats.queued, stats.running) == (2, 1)
+    assert stats.tiers == {0: 2} and stats.users == {"alice": 1, "bob": 1}
