@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from easel.config import Settings
 from tests.servers import serve
+
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,3 +50,23 @@ def slow_server(tmp_path: Path) -> Iterator[str]:
     settings = Settings(data_dir=tmp_path / "slow", mock_step_delay=0.01, backend="mock")
     with serve(create_app(settings)) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session, on a free loopback port, AOF on
+    (``appendfsync always``, as the README asks). Tests share it under their own prefixes."""
+    from tests.redis_server import RedisServer, redis_server_command
+
+    if redis_server_command() is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed; .ci/run installs it")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url

@@ -251,7 +251,10 @@ async def test_a_dropped_event_stream_reconnects_without_loss(tmp_path: Path) ->
                 seen.append(event)
                 if event.step == 3:
                     drop()
+            # what the server holds for the job, replayed in one piece afterwards
+            everything = [event.id async for event in client.events(job_id=view.id)]
     assert len(drops) == 1
+    assert [event.id for event in seen] == everything  # every event, each exactly once
     assert [event.type for event in seen] == ["queued", "started", *["progress"] * 10, "succeeded"]
     assert [event.step for event in seen if event.type is EventType.progress] == list(range(1, 11))
     ids = [event.id for event in seen]

@@ -20,15 +20,23 @@ StoreFactory = Callable[[], Awaitable[JobStore]]
 LEASE = 30.0
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "redis"])
 async def store_factory(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[StoreFactory]:
     """Opens a store over the same durable location each call (a restart)."""
     opened: list[JobStore] = []
+    prefix = f"test:{tmp_path.name}:"  # one Redis keyspace per test
 
     async def open_store() -> JobStore:
-        store = SqliteStore(tmp_path / "jobs.db", max_attempts=2, max_queue_size=50)
+        store: JobStore
+        if request.param == "redis":
+            from easel.store.redis import RedisStore
+
+            url = request.getfixturevalue("redis_url")
+            store = RedisStore(url, prefix=prefix, max_attempts=2, max_queue_size=50)
+        else:
+            store = SqliteStore(tmp_path / "jobs.db", max_attempts=2, max_queue_size=50)
         await store.open()
         opened.append(store)
         return store

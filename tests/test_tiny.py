@@ -63,3 +63,8 @@ def test_builder_leaves_global_rng_alone(tmp_path: Path) -> None:
     make_tiny_pipeline(tmp_path / "tiny")
 
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_unknown_family_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="use one of: sd, sdxl, sd3, flux"):
+        make_tiny_pipeline(tmp_path / "x", family="sd4")

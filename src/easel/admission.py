@@ -16,13 +16,13 @@ from easel.jobs import GenerationRequest, random_seed
 
 def check_limits(request: GenerationRequest, limits: Limits) -> None:
     """Refuse sizes, step counts, batches and prompts over the server's limits."""
-    pixels = request.width * request.height
+    width, height = request.output_size
+    pixels = width * height
     if pixels > limits.max_pixels:
         raise InvalidRequest(
-            f"{request.width}x{request.height} is {pixels} pixels; "
-            f"this server allows at most {limits.max_pixels}"
+            f"{width}x{height} is {pixels} pixels; this server allows at most {limits.max_pixels}"
         )
-    if max(request.width, request.height) > limits.max_side:
+    if max(width, height) > limits.max_side:
         raise InvalidRequest(f"width and height must be at most {limits.max_side}")
     if request.steps > limits.max_steps:
         raise InvalidRequest(
@@ -40,8 +40,12 @@ def check_limits(request: GenerationRequest, limits: Limits) -> None:
                 f"{name} has {length} characters; this server allows at most "
                 f"{limits.max_prompt_length}"
             )
-    if request.init_image is not None:
-        decode_base64_image(request.init_image, max_bytes=limits.max_init_image_bytes)
+    images = [request.init_image, request.mask_image]
+    images += [request.controlnet.image] if request.controlnet is not None else []
+    images += [item.image for item in request.mix]
+    for image in images:
+        if image is not None:
+            decode_base64_image(image, max_bytes=limits.max_init_image_bytes)
 
 
 def choose_backend(
@@ -61,10 +65,14 @@ def choose_backend(
         candidates = [backends[request.backend]]
     elif request.model is not None:
         candidates = [
-            b for b in backends.values() if any(m.name == request.model for m in b.models())
+            b
+            for b in backends.values()
+            if any(m.name == request.model and m.kind == "pipeline" for m in b.models())
         ]
         if not candidates:
-            served = sorted(m.name for b in backends.values() for m in b.models())
+            served = sorted(
+                m.name for b in backends.values() for m in b.models() if m.kind == "pipeline"
+            )
             raise ModelNotFound(
                 f"model {request.model!r} is not served here; "
                 f"served models are: {', '.join(served)}"

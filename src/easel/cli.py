@@ -54,6 +54,14 @@ RemoteServer = Annotated[
 ]
 Backend = Annotated[str | None, typer.Option(help="Backend name, e.g. mock or diffusers.")]
 Model = Annotated[str | None, typer.Option(help="A local diffusers model folder.")]
+RedisUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--redis",
+        envvar="EASEL_REDIS_URL",
+        help="redis://host:port/db: share one queue with other easel processes.",
+    ),
+]
 
 
 @contextmanager
@@ -111,6 +119,17 @@ def serve(
         int | None,
         typer.Option(min=0, help="Jobs run at once per backend; 0: API only [default: 1]"),
     ] = None,
+    grpc_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            envvar="EASEL_GRPC_PORT",
+            help="Also serve Draw Things' gRPC service on this port (Draw Things uses 7859) "
+            "[default: no gRPC]",
+        ),
+    ] = None,
+    redis: RedisUrl = None,
 ) -> None:
     """Run the server: HTTP API, queue and workers in one process.
 
@@ -132,6 +151,7 @@ def serve(
         "db_path": db_path,
         "device": device,
         "concurrency": concurrency,
+        "redis_url": redis,
     }
     settings = Settings(**{key: value for key, value in given.items() if value is not None})
     if settings.resolved_backend not in available():
@@ -143,7 +163,7 @@ def serve(
     _configure_logging()
     log.info(serving_line(settings))
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, grpc_port=grpc_port),
         host=settings.host,
         port=settings.port,
         ws="websockets-sansio",
@@ -151,6 +171,71 @@ def serve(
         access_log=False,  # easel logs jobs; a line per request costs ~5% of admission
         log_config=None,
     )
+
+
+@app.command()
+def worker(
+    redis: RedisUrl = None,
+    backend: Backend = None,
+    model: Model = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps [default: auto]")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Jobs run at once [default: 1]")
+    ] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Shared with the API processes [default: DATA_DIR/outputs]")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="[default: easel-data]")] = None,
+    heartbeat_seconds: Annotated[
+        float | None, typer.Option(min=0.01, help="Lease heartbeat [default: 5]")
+    ] = None,
+    lease_seconds: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01, help="A silent worker's job goes back after this [default: 1.2 x heartbeat]"
+        ),
+    ] = None,
+    grace_seconds: Annotated[
+        float | None, typer.Option(min=0, help="On SIGTERM, time for running jobs [default: 30]")
+    ] = None,
+) -> None:
+    """Run jobs from a shared Redis queue: no HTTP, one process per GPU host (or per GPU).
+
+    SIGTERM stops claiming at once; running jobs get the grace period, then go back to the
+    queue without spending an attempt.
+    """
+    from easel.backends import available
+    from easel.config import Settings
+    from easel.worker_process import run_worker_process
+
+    given: dict[str, Any] = {
+        "redis_url": redis,
+        "backend": backend,
+        "model": model,
+        "device": device,
+        "concurrency": concurrency,
+        "output_dir": output_dir,
+        "data_dir": data_dir,
+        "heartbeat_seconds": heartbeat_seconds,
+        "lease_seconds": lease_seconds,
+        "shutdown_grace_seconds": grace_seconds,
+    }
+    settings = Settings(**{key: value for key, value in given.items() if value is not None})
+    if settings.redis_url is None:
+        _fail("invalid_request", "easel worker needs --redis URL (or EASEL_REDIS_URL)")
+    if "lease_seconds" not in settings.model_fields_set:
+        # leases of 1.2 heartbeats, reaped every half lease: a hung worker's job is back
+        # in the queue within 1.8 heartbeats of its last one
+        settings = settings.model_copy(update={"lease_seconds": settings.heartbeat_seconds * 1.2})
+    if settings.resolved_backend not in available():
+        _fail(
+            "invalid_request",
+            f"unknown backend {settings.resolved_backend!r}; "
+            f"available backends are: {', '.join(available())}",
+        )
+    _configure_logging()
+    log.info(serving_line(settings).replace("serving", "worker for", 1))
+    asyncio.run(run_worker_process(settings))
 
 
 # -- generate -----------------------------------------------------------------------------
@@ -255,37 +340,44 @@ def generate(
 @models_app.command("make-tiny")
 def make_tiny(
     directory: Annotated[Path, typer.Argument(help="Where to write the diffusers folder.")],
+    family: Annotated[
+        str, typer.Option(help="sd, sdxl, sd3, flux, flux-dev, kandinsky22 or kandinsky3.")
+    ] = "sd",
 ) -> None:
-    """Build a tiny random Stable-Diffusion pipeline: real code paths, noise for images."""
+    """Build a tiny random pipeline of a model family: real code paths, noise for images."""
     try:
         from easel.tiny import make_tiny_pipeline
     except ImportError as exc:
         _fail("missing_dependency", f"{exc}; install easel[diffusers]")
-    typer.echo(make_tiny_pipeline(directory))
+    with _errors():
+        typer.echo(make_tiny_pipeline(directory, family=family))
 
 
 @models_app.command("list")
-def list_models(server: Server = None) -> None:
-    """What a server serves; without --server, what this machine would serve."""
-    from easel.client import Client
-
-    table = Table("backend", "model", "family", "loaded", "default")
+def list_models(
+    server: Server = None,
+    models_dir: Annotated[
+        Path | None, typer.Option(envvar="EASEL_MODELS_DIR", help="A folder of models.")
+    ] = None,
+) -> None:
+    """What a server serves; without --server, the models found on this machine."""
+    table = Table("backend", "kind", "model", "family", "size", "loaded")
     if server is None:
-        from easel.backends import available
-        from easel.config import Settings
+        from easel.models import ModelRegistry
 
-        settings = Settings()
-        for name in available():
-            chosen = name == settings.resolved_backend
-            table.add_row(name, settings.model if chosen else "", "", "", "yes" if chosen else "")
+        registry = ModelRegistry(models_dir)
+        for entry in sorted(registry.entries(), key=lambda e: (e.kind, e.name)):
+            size = f"{entry.size_bytes / 1e6:,.0f} MB"
+            table.add_row("diffusers", entry.kind, entry.name, entry.family, size, "")
     else:
+        from easel.client import Client
+
         with _errors(), Client(server) as client:
             listing = client.models()
-        defaults = {entry.name for entry in listing.backends if entry.default}
-        for entry in listing.models:
-            default = "yes" if entry.backend in defaults else ""
-            loaded = "yes" if entry.loaded else "no"
-            table.add_row(entry.backend, entry.name, entry.family, loaded, default)
+        for model in listing.models:
+            size = f"{model.size_bytes / 1e6:,.0f} MB" if model.size_bytes else ""
+            loaded = "yes" if model.loaded else "no"
+            table.add_row(model.backend, model.kind, model.name, model.family, size, loaded)
     Console().print(table)
 
 

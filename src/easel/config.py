@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import (
@@ -15,6 +16,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from easel import redis_keys
 
 
 class Limits(BaseModel):
@@ -26,6 +29,30 @@ class Limits(BaseModel):
     max_batch_size: int = 8
     max_prompt_length: int = 4000
     max_init_image_bytes: int = 20 * 1024 * 1024
+
+
+class DiffusersOptions(BaseModel):
+    """How the diffusers backend loads and runs models (``EASEL_DIFFUSERS__*``)."""
+
+    hf_cache: bool | str = Field(
+        default=True, description="Also serve models already in the Hugging Face cache."
+    )
+    dtype: str | None = Field(default=None, description="fp32, fp16 or bf16 (default by device).")
+    offload: Literal["none", "model", "sequential"] = "none"
+    attention_slicing: bool = False
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    compile: Literal["off", "regional", "full"] = "off"
+    memory_budget: str | None = Field(
+        default=None, description="Loaded pipelines kept within this, e.g. 12GB."
+    )
+    preview_every: int = Field(default=0, ge=0, description="Previews every K steps (0: off).")
+    preview_vae: str | None = Field(default=None, description="A local tiny autoencoder.")
+    warmup: list[str] = Field(
+        default_factory=list, description="Sizes compiled at start, e.g. 1024x1024."
+    )
 
 
 class Settings(BaseSettings):
@@ -40,7 +67,13 @@ class Settings(BaseSettings):
     backend: str | None = Field(
         default=None, description="Default: diffusers when a model is given, else mock."
     )
-    model: str | None = Field(default=None, description="A local diffusers folder.")
+    model: str | None = Field(
+        default=None, description="A local diffusers folder or .safetensors checkpoint."
+    )
+    models_dir: Path | None = Field(
+        default=None, description="A folder of models, LoRAs and ControlNets to serve."
+    )
+    diffusers: DiffusersOptions = Field(default_factory=DiffusersOptions)
     device: str = "auto"
     concurrency: int = Field(
         default=1, ge=0, description="Jobs run at once per backend; 0 serves the API only."
@@ -67,6 +100,35 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     limits: Limits = Field(default_factory=Limits)
 
+    # scaling out: with a Redis URL, the store, the events and the worker registry live there
+    redis_url: str | None = Field(
+        default=None, description="redis://host:port/db: share one queue between processes."
+    )
+    redis_prefix: str = Field(
+        default=redis_keys.DEFAULT_PREFIX, description="Prefix of every Redis key."
+    )
+    redis_socket_timeout: float = Field(
+        default=redis_keys.SOCKET_TIMEOUT_SECONDS,
+        gt=0,
+        description="A Redis call never waits longer (then 503).",
+    )
+    redis_durability: Literal["auto", "waitaof", "fsync", "off"] = Field(
+        default="auto", description="How a 2xx waits for disk; see the README."
+    )
+    retention_seconds: float = Field(
+        default=redis_keys.RETENTION_SECONDS,
+        gt=0,
+        description="Finished jobs are kept this long (Redis).",
+    )
+    event_stream_maxlen: int = Field(
+        default=redis_keys.EVENT_STREAM_MAXLEN,
+        ge=1000,
+        description="Recent events kept for resuming (Redis).",
+    )
+    shutdown_grace_seconds: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, running jobs get this long to finish."
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -91,4 +153,4 @@ class Settings(BaseSettings):
 
     @property
     def resolved_backend(self) -> str:
-        return self.backend or ("diffusers" if self.model else "mock")
+        return self.backend or ("diffusers" if self.model or self.models_dir else "mock")

@@ -39,6 +39,8 @@ def random_seed() -> int:
 class JobKind(StrEnum):
     txt2img = "txt2img"
     img2img = "img2img"
+    inpaint = "inpaint"
+    mix = "mix"
 
 
 class JobState(StrEnum):
@@ -67,6 +69,59 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
+class LoraSpec(BaseModel):
+    """A LoRA from the models directory, applied to this request only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="A LoRA listed by GET /v1/models.")
+    weight: float = Field(default=1.0, ge=-4, le=4)
+
+
+class ControlNetSpec(BaseModel):
+    """A ControlNet from the models directory and its conditioning image."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="A ControlNet listed by GET /v1/models.")
+    image: str = Field(description="Base64 PNG/JPEG/WebP control map (depth, canny edges...).")
+    scale: float = Field(default=1.0, ge=0, le=4)
+    start: float = Field(default=0.0, ge=0, le=1)
+    end: float = Field(default=1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.start >= self.end:
+            raise ValueError("controlnet.start must be before controlnet.end")
+        return self
+
+
+class UpscaleSpec(BaseModel):
+    """A latent upscale ("hires fix"): a second pass at ``factor`` times the size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    factor: float = Field(default=2.0, gt=1, le=4)
+    strength: float = Field(default=0.5, gt=0, le=1)
+    steps: int | None = Field(default=None, gt=0, description="Default: the request's steps.")
+
+
+class MixItem(BaseModel):
+    """One ingredient of a mix: an image or a prompt, with its weight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: str | None = None
+    prompt: str | None = None
+    weight: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Self:
+        if (self.image is None) == (self.prompt is None):
+            raise ValueError("each mix item needs exactly one of image or prompt")
+        return self
+
+
 class GenerationRequest(BaseModel):
     """Everything needed to run, queue and reproduce one generation."""
 
@@ -84,6 +139,19 @@ class GenerationRequest(BaseModel):
     strength: float = Field(default=0.75, ge=0, le=1)
     init_image: str | None = Field(
         default=None, description="Base64 PNG/JPEG/WebP (a data: URL is accepted); img2img only."
+    )
+    mask_image: str | None = Field(
+        default=None, description="Base64 mask for inpainting: white is repainted."
+    )
+    loras: list[LoraSpec] = Field(default_factory=list)
+    controlnet: ControlNetSpec | None = None
+    clip_skip: int | None = Field(
+        default=None, ge=1, le=12, description="CLIP layers skipped from the end (1: none)."
+    )
+    upscale: UpscaleSpec | None = None
+    mix: list[MixItem] = Field(default_factory=list, max_length=8)
+    preview_every: int | None = Field(
+        default=None, ge=0, description="A preview every this many steps (0: none)."
     )
     batch_size: int = Field(default=1, gt=0)
     model: str | None = None
@@ -105,12 +173,21 @@ class GenerationRequest(BaseModel):
     def _consistent(self) -> Self:
         if self.premium:
             self.priority = PREMIUM_PRIORITY
-        if self.init_image is not None and self.kind is JobKind.txt2img:
-            if "kind" in self.model_fields_set:
-                raise ValueError("init_image is only used by img2img; set kind to img2img")
-            self.kind = JobKind.img2img
-        if self.kind is JobKind.img2img and not self.init_image:
-            raise ValueError("img2img needs init_image (base64 PNG, JPEG or WebP)")
+        if "kind" not in self.model_fields_set:  # the images given say what kind it is
+            if self.mix:
+                self.kind = JobKind.mix
+            elif self.mask_image is not None:
+                self.kind = JobKind.inpaint
+            elif self.init_image is not None:
+                self.kind = JobKind.img2img
+        if self.kind is JobKind.txt2img and self.init_image is not None:
+            raise ValueError("init_image is only used by img2img; set kind to img2img")
+        if self.kind in {JobKind.img2img, JobKind.inpaint} and not self.init_image:
+            raise ValueError(f"{self.kind} needs init_image (base64 PNG, JPEG or WebP)")
+        if self.kind is JobKind.inpaint and not self.mask_image:
+            raise ValueError("inpaint needs mask_image (white = repaint)")
+        if self.kind is JobKind.mix and not self.mix:
+            raise ValueError("a mix needs mix items (images or prompts, with weights)")
         return self
 
     @property
@@ -121,8 +198,18 @@ class GenerationRequest(BaseModel):
 
     @property
     def cost(self) -> float:
-        """Work units, proportional to the time a diffusion run takes."""
-        return self.steps * self.width * self.height * self.batch_size / 1e6
+        """Work units, proportional to the time a diffusion run takes (upscale pass too)."""
+        pixel_steps = float(self.steps * self.width * self.height)
+        if self.upscale is not None:
+            steps = (self.upscale.steps or self.steps) * self.upscale.strength
+            pixel_steps += steps * self.width * self.height * self.upscale.factor**2
+        return pixel_steps * self.batch_size / 1e6
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """Width and height of the images, after any upscale."""
+        factor = self.upscale.factor if self.upscale is not None else 1
+        return int(self.width * factor), int(self.height * factor)
 
 
 class ImageRef(BaseModel):

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
+from easel import scale
 from easel.admission import admit
 from easel.backends import base as backends_registry
 from easel.backends.base import Backend
@@ -51,36 +52,44 @@ class Runtime:
             if settings.resolved_backend in self.backends
             else next(iter(self.backends))
         )
+        if store is None and settings.redis_url:
+            store = scale.redis_store(settings)
         self.store = store or SqliteStore(
             settings.resolved_db_path,
             max_attempts=settings.max_attempts,
             policy=Policy(aging_seconds=settings.aging_seconds, weights=settings.user_weights),
             max_queue_size=settings.max_queue_size,
         )
-        self.bus = bus or InProcessEventBus()
+        self.bus = bus or (scale.redis_bus(settings) if settings.redis_url else InProcessEventBus())
+        self.registry = scale.registry_for(settings)
         self.storage = storage or LocalStorage(settings.resolved_output_dir)
         self.run_times = RunTimes()
         self.workers: list[Worker] = []
         self._tasks: list[asyncio.Task[object]] = []  # one per worker
         self._reaper: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
+        self._background: scale.Background | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self, *, workers: bool = True) -> None:
         await self.store.open()
+        await scale.open_parts(self.bus, self.registry)
         for backend in self.backends.values():
             await backend.start()
         if workers:
             self.start_workers()
         self._reaper = asyncio.create_task(self._reap_leases(), name="easel-reaper")
+        self._background = scale.start_background(self)
 
     def start_workers(self) -> None:
         for backend in self.backends.values():
             for _ in range(self.settings.concurrency):
                 worker = self.worker_for(backend)
                 self.workers.append(worker)
-                self._tasks.append(asyncio.create_task(worker.run(), name=f"easel-{worker.id}"))
+                self._tasks.append(
+                    asyncio.create_task(scale.keep_running(worker), name=f"easel-{worker.id}")
+                )
 
     def worker_for(self, backend: Backend) -> Worker:
         return Worker(
@@ -115,11 +124,13 @@ class Runtime:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         self._tasks.clear()
+        await scale.stop_background(self, self._background)
         self.workers.clear()
         for backend in self.backends.values():
             await backend.close()
         await self.bus.close()
         await self.store.close()
+        await self.registry.close()
 
     async def __aenter__(self) -> Runtime:
         await self.start()
@@ -248,6 +259,10 @@ def _backends_from(settings: Settings) -> dict[str, Backend]:
     options: dict[str, object] = {"device": settings.device}
     if name == "mock":
         options["step_delay"] = settings.mock_step_delay
+    if name == "diffusers":
+        options.update(settings.diffusers.model_dump())
+        if settings.models_dir is not None:
+            options["models_dir"] = str(settings.models_dir)
     if settings.model:
         options["model"] = settings.model
     return {name: backends_registry.create(name, **options)}

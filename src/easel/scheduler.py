@@ -63,9 +63,12 @@ def entry_for(job: Job) -> Entry:
 def batch_key(job: Job) -> str | None:
     """Jobs with the same key can run as one pipeline call (prompts and seeds may differ)."""
     r = job.request
-    if r.init_image is not None:
+    if r.init_image or r.mask_image or r.loras or r.controlnet or r.upscale or r.mix:
         return None
-    parts = (job.backend, r.model, r.kind, r.width, r.height, r.steps, r.scheduler, r.cfg_scale)
+    parts = (
+        job.backend, r.model, r.kind, r.width, r.height, r.steps, r.scheduler, r.cfg_scale,
+        r.clip_skip,
+    )  # fmt: skip
     return "|".join(map(str, parts))
 
 

@@ -1,15 +1,19 @@
-"""A tiny, randomly initialised Stable-Diffusion pipeline, built offline.
+"""Tiny, randomly initialised pipelines of every family easel serves, built offline.
 
-Tests and demos need a real diffusers folder that goes through exactly the code paths of a
-user's model (``from_pretrained``, ``from_pipe``, schedulers, callbacks) without a download and
-in well under a second per image. The weights are random, so the images are noise; the shapes,
-configs and file layout are those of Stable Diffusion 1.x (VAE downscale 8, 77-token CLIP).
+Tests, demos and benchmarks need real diffusers folders that go through exactly the code paths
+of a user's model (``from_pretrained``, ``from_pipe``, schedulers, callbacks, LoRA, ControlNet)
+without a download and in well under a second per image. The weights are random, so the images
+are noise; the configs and file layout are those of the real family (SD 1.x, SDXL, SD3, FLUX).
+The builders live in ``easel.backends._tiny_families``; this module names them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+TINY_FAMILIES = ("sd", "sdxl", "sd3", "flux", "flux-dev", "kandinsky22", "kandinsky3")
+"""What :func:`make_tiny_pipeline` builds: SD 1.x, SDXL, SD3, FLUX.1 (schnell, dev), Kandinsky."""
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -31,7 +35,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def _byte_level_vocab() -> dict[str, int]:
+def byte_level_vocab() -> dict[str, int]:
     """GPT-2/CLIP byte-level alphabet: 256 byte tokens, the same with ``</w>``, bos and eos.
 
     With no merges every word splits into single bytes, so any text tokenizes and no vocabulary
@@ -56,71 +60,49 @@ def _byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
-def make_tiny_pipeline(path: Path | str, *, seed: int = 0) -> Path:
-    """Build a tiny ``StableDiffusionPipeline`` and save it as a diffusers folder at ``path``.
+def make_tiny_pipeline(path: Path | str, *, family: str = "sd", seed: int = 0) -> Path:
+    """Build a tiny pipeline of ``family`` and save it as a diffusers folder at ``path``.
 
     The same ``seed`` gives the same weights; the caller's global torch RNG is left untouched.
     """
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; use one of: {', '.join(TINY_FAMILIES)}")
+    from easel.backends._tiny_families import build
 
     path = Path(path)
-    vocab = _byte_level_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=MAX_TOKENS)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(vocab),
-                hidden_size=32,
-                intermediate_size=37,
-                projection_dim=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=MAX_TOKENS,
-                bos_token_id=vocab[BOS_TOKEN],
-                eos_token_id=vocab[EOS_TOKEN],
-                pad_token_id=vocab[EOS_TOKEN],
-            )
-        )
-        unet = UNet2DConditionModel(  # type: ignore[no-untyped-call]
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        )
-        # Four blocks = downscale 8, like SD: latents stay small and the VAE stays fast.
-        vae = AutoencoderKL(  # type: ignore[no-untyped-call]
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=512,
-        )
-    pipe: Any = StableDiffusionPipeline(  # type: ignore[no-untyped-call]
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),  # type: ignore[no-untyped-call]
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
+    build(family, seed).save_pretrained(path)
     return path
+
+
+def make_tiny_lora(
+    path: Path | str, base: Path | str, *, seed: int = 0, scale: float = 1.0
+) -> Path:
+    """A random LoRA for the tiny pipeline at ``base``, saved as one ``.safetensors`` file.
+
+    Needs peft (as diffusers' LoRA loading does).
+    """
+    from easel.backends._tiny_parts import make_lora
+
+    return make_lora(Path(path), Path(base), seed=seed, scale=scale)
+
+
+def make_tiny_controlnet(path: Path | str, base: Path | str, *, seed: int = 0) -> Path:
+    """A random ControlNet for the tiny SD/SDXL pipeline at ``base``, as a diffusers folder."""
+    from easel.backends._tiny_parts import make_controlnet
+
+    return make_controlnet(Path(path), Path(base), seed=seed)
+
+
+def make_tiny_preview_vae(path: Path | str, *, latent_channels: int = 4, seed: int = 0) -> Path:
+    """A random tiny autoencoder (TAESD layout) for full-size previews."""
+    from easel.backends._tiny_parts import make_preview_vae
+
+    return make_preview_vae(Path(path), latent_channels=latent_channels, seed=seed)
+
+
+def save_tiny_single_file(folder: Path | str, path: Path | str) -> Path:
+    """The tiny SD 1.x folder as one original-layout ``.safetensors`` checkpoint (what people
+    download), for testing single-file loading."""
+    from easel.backends._tiny_parts import save_single_file
+
+    return save_single_file(Path(folder), Path(path))

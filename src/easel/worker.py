@@ -22,7 +22,14 @@ from collections.abc import AsyncIterable
 from PIL.Image import Image
 
 from easel.backends.base import Backend, GenerationResult, RunContext
-from easel.errors import Cancelled, EaselError, GenerationError, JobFinished, LeaseLost
+from easel.errors import (
+    Cancelled,
+    EaselError,
+    GenerationError,
+    JobFinished,
+    LeaseLost,
+    StoreUnavailable,
+)
 from easel.events import EventBus
 from easel.jobs import Event, EventType, Job, JobError, JobState
 from easel.scheduler import RunTimes, retry_delay
@@ -95,6 +102,10 @@ class Worker:
         """Stop claiming; the jobs in hand finish (or are cancelled by the caller)."""
         self._stopping = True
         self.wakeup.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def cancel_current(self) -> None:
         for cancel in self._cancels.values():
@@ -200,7 +211,13 @@ class Worker:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
             for job in jobs:
-                held = await self.store.heartbeat(job.id, self.id, lease_seconds=self.lease_seconds)
+                try:
+                    held = await self.store.heartbeat(
+                        job.id, self.id, lease_seconds=self.lease_seconds
+                    )
+                except StoreUnavailable as exc:  # keep beating: the store may be back in time
+                    log.warning("job %s: heartbeat failed: %s", job.id, exc.message)
+                    continue
                 if not held:
                     self._cancels[job.id].set()
 

@@ -1,4 +1,9 @@
-"""The FastAPI application: one :class:`~easel.runtime.Runtime`, viewed over HTTP."""
+"""The FastAPI application: one :class:`~easel.runtime.Runtime`, viewed over HTTP (and gRPC).
+
+Every surface is a view of the same runtime: the native API, Server-Sent Events, the
+OpenAI, Automatic1111 and pipeline compatibility routers and, when a port is given, the
+Draw Things gRPC service, started and stopped with the app.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,22 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from easel import __version__
-from easel.api import errors, native
+from easel.api import a1111, errors, native, openai, pipeline, sse
 from easel.config import Settings
 from easel.runtime import Runtime
 
 
-def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:
-    """The app starts its runtime (store, workers) on startup and stops it on shutdown."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    runtime: Runtime | None = None,
+    grpc_port: int | None = None,
+) -> FastAPI:
+    """The app starts its runtime (store, workers) on startup and stops it on shutdown.
+
+    ``grpc_port`` also serves Draw Things' gRPC service on ``settings.host`` (0: a free
+    port, found afterwards in ``app.state.grpc_port``); None serves no gRPC.
+    """
     settings = settings or (runtime.settings if runtime else Settings())
 
     @asynccontextmanager
@@ -22,15 +36,27 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         rt = runtime or Runtime(settings)
         app.state.runtime = rt
         await rt.start()
+        grpc_server = None
         try:
+            if grpc_port is not None:
+                from easel.api.grpc import start_server
+
+                grpc_server, app.state.grpc_port = await start_server(rt, settings.host, grpc_port)
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1.0)
             await rt.stop()
 
     app = FastAPI(
         title="easel",
         version=__version__,
-        description="A self-hosted generation server: one fair queue, many backends.",
+        description=(
+            "A self-hosted generation server: one fair queue, many backends. Besides its own "
+            "API it speaks OpenAI's images API (`/v1/images/*`), Automatic1111's "
+            "(`/sdapi/v1/*`), a text-to-image microservice's (`/pipeline/*`) and, on its "
+            "gRPC port, Draw Things' `ImageGenerationService`."
+        ),
         lifespan=lifespan,
         responses={
             422: {"model": errors.ErrorResponse, "description": "Invalid request"},
@@ -38,4 +64,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     )
     errors.install(app)
     app.include_router(native.router)
+    app.include_router(sse.router)
+    app.include_router(openai.router)
+    app.include_router(a1111.router)
+    app.include_router(pipeline.router)
     return app

@@ -17,6 +17,7 @@ from easel.backends.base import Capability
 from easel.events import Subscription
 from easel.jobs import GenerationRequest, Job, JobState, JobView
 from easel.runtime import Runtime
+from easel.worker_registry import WorkerInfo
 
 router = APIRouter()
 
@@ -41,6 +42,9 @@ class ModelEntry(BaseModel):
     backend: str
     family: str
     loaded: bool
+    kind: str = "pipeline"
+    size_bytes: int | None = None
+    description: str | None = None
 
 
 class BackendEntry(BaseModel):
@@ -166,7 +170,15 @@ async def list_models(request: Request) -> Models:
     runtime = runtime_of(request)
     return Models(
         models=[
-            ModelEntry(name=m.name, backend=m.backend, family=m.family, loaded=m.loaded)
+            ModelEntry(
+                name=m.name,
+                backend=m.backend,
+                family=m.family,
+                loaded=m.loaded,
+                kind=m.kind,
+                size_bytes=m.size_bytes,
+                description=m.description,
+            )
             for backend in runtime.backends.values()
             for m in backend.models()
         ],
@@ -226,3 +238,14 @@ async def _until_disconnect(websocket: WebSocket) -> None:
     with contextlib.suppress(WebSocketDisconnect):
         while True:
             await websocket.receive_text()
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerInfo]
+
+
+@router.get("/v1/workers", response_model=WorkerList, tags=["operations"])
+async def list_workers(request: Request) -> WorkerList:
+    """Live workers of every process sharing this queue: backend, models, capabilities,
+    the jobs they run and the age of their last heartbeat."""
+    return WorkerList(workers=await runtime_of(request).registry.list())

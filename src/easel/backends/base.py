@@ -18,7 +18,7 @@ from typing import Any
 from PIL.Image import Image
 
 from easel.errors import Cancelled, InvalidRequest, Unsupported
-from easel.jobs import GenerationRequest, JobKind
+from easel.jobs import GenerationRequest
 
 
 class Capability(StrEnum):
@@ -32,6 +32,7 @@ class Capability(StrEnum):
     lora = "lora"
     upscale = "upscale"
     preview = "preview"
+    mix = "mix"
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class ModelInfo:
     family: str = "unknown"
     path: str | None = None
     loaded: bool = False
+    kind: str = "pipeline"
+    """pipeline, lora, controlnet or preview_vae: what a request may name it as."""
+    size_bytes: int | None = None
+    description: str | None = None
 
 
 ProgressCallback = Callable[[int, int, "Image | None"], None]
@@ -95,15 +100,25 @@ class Backend(ABC):
 
     @property
     def default_model(self) -> str | None:
-        models = self.models()
+        models = [model for model in self.models() if model.kind == "pipeline"]
         return models[0].name if models else None
 
     def check(self, request: GenerationRequest) -> None:
         """Refuse at admission what this backend cannot run; raise a 4xx EaselError."""
-        if request.kind is JobKind.img2img and Capability.img2img not in self.capabilities:
-            raise Unsupported(f"backend {self.name!r} cannot run img2img")
-        if request.scheduler is not None and Capability.scheduler not in self.capabilities:
-            raise Unsupported(f"backend {self.name!r} does not take a scheduler")
+        needed = {Capability(request.kind.value)}
+        if request.scheduler is not None:
+            needed.add(Capability.scheduler)
+        if request.loras:
+            needed.add(Capability.lora)
+        if request.controlnet is not None:
+            needed.add(Capability.controlnet)
+        if request.upscale is not None:
+            needed.add(Capability.upscale)
+        if missing := needed - self.capabilities:
+            raise Unsupported(
+                f"backend {self.name!r} cannot do {', '.join(sorted(missing))}; it can do "
+                f"{', '.join(sorted(self.capabilities))}"
+            )
 
     @abstractmethod
     async def generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:

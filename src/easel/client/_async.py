@@ -7,6 +7,7 @@ import base64
 import builtins
 import inspect
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
@@ -45,12 +46,20 @@ REPLAY_GRACE = 0.5
 STEADY_SECONDS = 10.0
 """A connection that stayed up this long counts as healthy: the reconnect budget refills."""
 
+RETRY_STATUSES = frozenset({502, 503, 504})
+"""Answers that say "not now" (a proxy without its upstream, a store briefly unavailable)."""
+
 
 class AsyncClient:
     """easel over HTTP and websockets. Async first: :class:`~easel.client.Client` wraps this.
 
     Errors the server answers become the matching :class:`~easel.errors.EaselError` subclass;
     a server that cannot be reached becomes an ``EaselError`` with code ``server_unreachable``.
+
+    ``timeout`` bounds each HTTP call (and the websocket's opening). A call that could not
+    reach the server, or got 502/503/504, is tried again up to ``retries`` times with
+    jittered exponential backoff: always for reads and cancels, and for submissions too,
+    because each carries an ``Idempotency-Key`` (a retried submission returns the same job).
     """
 
     def __init__(
@@ -61,11 +70,13 @@ class AsyncClient:
         timeout: float = 30.0,
         token: str | None = None,
         max_reconnects: int | None = 10,
+        retries: int = 3,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.user_id = user_id
         self.timeout = timeout
         self.max_reconnects = max_reconnects
+        self.retries = retries
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
@@ -128,12 +139,19 @@ class AsyncClient:
     # -- jobs -----------------------------------------------------------------------------
 
     async def submit(
-        self, prompt: str | None = None, *, request: GenerationRequest | None = None, **params: Any
+        self,
+        prompt: str | None = None,
+        *,
+        request: GenerationRequest | None = None,
+        idempotency_key: str | None = None,
+        **params: Any,
     ) -> JobView:
         """Queue a job; returns once the server holds it durably (with ``position``, ``eta``).
 
         ``params`` are :class:`~easel.jobs.GenerationRequest` fields and override ``request``;
         the server validates them. ``init_image`` may be bytes or a path as well as base64.
+        ``idempotency_key`` (default: a new one per call, so retries are safe): submitting
+        again with the same key returns the same job instead of a second one.
         """
         body = request.model_dump(mode="json", exclude_unset=True) if request else {}
         body.update(params)
@@ -146,7 +164,10 @@ class AsyncClient:
         if isinstance(init := body.get("init_image"), bytes | Path):
             raw = init if isinstance(init, bytes) else await asyncio.to_thread(init.read_bytes)
             body["init_image"] = base64.b64encode(raw).decode()
-        response = await self._request("POST", "/v1/jobs", json=body)
+        key = idempotency_key or uuid.uuid4().hex
+        response = await self._request(
+            "POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}
+        )
         return JobView.model_validate_json(response.content)
 
     async def get(self, job_id: str) -> JobView:
@@ -314,10 +335,25 @@ class AsyncClient:
             failures += 1
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = await self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise unreachable(self.base_url, exc) from exc
+        """One call, retried with backoff while the server cannot take it (see the class)."""
+        headers = kwargs.get("headers") or {}
+        safe = method in {"GET", "HEAD", "DELETE"} or "Idempotency-Key" in headers
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                # a connection never made sent nothing: retrying is safe for any call
+                retry = safe or isinstance(exc, httpx.ConnectError)
+                if not retry or attempt >= self.retries:
+                    raise unreachable(self.base_url, exc) from exc
+            else:
+                if response.status_code not in RETRY_STATUSES or not safe:
+                    break
+                if attempt >= self.retries:
+                    break
+            await asyncio.sleep(backoff(attempt))
+            attempt += 1
         if response.is_error:
             raise error_from_response(response)
         return response

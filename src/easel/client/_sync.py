@@ -38,6 +38,7 @@ class Client:
         timeout: float = 30.0,
         token: str | None = None,
         max_reconnects: int | None = 10,
+        retries: int = 3,
     ) -> None:
         self._stack = ExitStack()
         self._portal = self._stack.enter_context(start_blocking_portal())
@@ -50,6 +51,7 @@ class Client:
                     timeout=timeout,
                     token=token,
                     max_reconnects=max_reconnects,
+                    retries=retries,
                 )
             )
         except BaseException:
@@ -96,9 +98,17 @@ class Client:
         return self._async.on(name, handler)
 
     def submit(
-        self, prompt: str | None = None, *, request: GenerationRequest | None = None, **params: Any
+        self,
+        prompt: str | None = None,
+        *,
+        request: GenerationRequest | None = None,
+        idempotency_key: str | None = None,
+        **params: Any,
     ) -> JobView:
-        return self._portal.call(partial(self._async.submit, prompt, request=request, **params))
+        call = partial(
+            self._async.submit, prompt, request=request, idempotency_key=idempotency_key, **params
+        )
+        return self._portal.call(call)
 
     def get(self, job_id: str) -> JobView:
         return self._portal.call(self._async.get, job_id)

@@ -1,0 +1,147 @@
+"""Server-Sent Events: the event stream for clients that cannot open a websocket.
+
+``GET /v1/jobs/{id}/events`` streams one job's events, from its start, and ends after its
+final one; ``GET /v1/events`` streams every event (or one user's) until the client leaves.
+Each frame is ``id: <event id>``, ``event: <type>``, ``data: <the event as JSON>``, the
+same JSON as the websocket's. A reconnecting client (a browser's ``EventSource`` does it by
+itself) sends ``Last-Event-ID`` and gets exactly the events after it; ``?after=<id>`` does the
+same by hand. The larger of the two wins, so a URL that still carries its first ``after``
+resumes right. A job that already ended and has nothing after the client's id answers
+``204``, which tells ``EventSource`` to stop reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import StreamingResponse
+
+from easel.api.errors import ErrorResponse
+from easel.api.native import runtime_of
+from easel.client._common import final_event
+from easel.events import Subscription
+from easel.jobs import Event, EventType, Job
+from easel.runtime import Runtime
+
+router = APIRouter(tags=["events"])
+
+KEEPALIVE_SECONDS = 15.0
+"""A comment line this often keeps idle proxies from closing the stream."""
+REPLAY_GRACE = 0.5
+"""How long to wait for a finished job's replayed events before deciding there are none."""
+
+_FINAL = frozenset({EventType.succeeded, EventType.failed, EventType.cancelled})
+_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_STREAM: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "An event stream: `id:`, `event:` and `data:` (the event JSON) per event",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+}
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        **_STREAM,
+        204: {"description": "The job ended and has no events after Last-Event-ID"},
+        404: {"model": ErrorResponse, "description": "No such job"},
+    },
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    after: int | None = None,
+    last_event_id: Annotated[int | None, Header(description="The last id seen.")] = None,
+) -> Response:
+    """One job's events as Server-Sent Events, from its start (or after the last id seen),
+    ending with its final event."""
+    runtime = runtime_of(request)
+    start = _resume_point(after, last_event_id)
+    job = await runtime.get(job_id)  # 404 before any stream starts
+    synthesize = False
+    if job.state.is_final:
+        # the job's events may be forgotten by now; see whether any come back
+        async with runtime.bus.subscribe(job_id=job_id, after=start or 0) as probe:
+            replayed = await _next(probe, REPLAY_GRACE)
+        if replayed is None:
+            if start:
+                return Response(status_code=204)
+            synthesize = True
+    stream = _job_stream(runtime, job, start or 0, synthesize)
+    return StreamingResponse(stream, media_type="text/event-stream", headers=_HEADERS)
+
+
+@router.get("/v1/events", response_class=StreamingResponse, responses=_STREAM)
+async def all_events(
+    request: Request,
+    user_id: str | None = None,
+    after: int | None = None,
+    last_event_id: Annotated[int | None, Header(description="The last id seen.")] = None,
+) -> Response:
+    """Every event (or one user's) as Server-Sent Events, live or from after the last id
+    seen, until the client leaves. The websocket at the same path serves the same events."""
+    runtime = runtime_of(request)
+    start = _resume_point(after, last_event_id)
+
+    async def stream() -> AsyncIterator[str]:
+        async with runtime.bus.subscribe(user_id=user_id, after=start) as subscription:
+            async for frame in _frames(subscription, until_final=False):
+                yield frame
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=_HEADERS)
+
+
+def _resume_point(after: int | None, last_event_id: int | None) -> int | None:
+    given = [value for value in (after, last_event_id) if value is not None]
+    return max(given) if given else None
+
+
+async def _job_stream(
+    runtime: Runtime, job: Job, start: int, synthesize: bool
+) -> AsyncIterator[str]:
+    if synthesize:  # ended so long ago that the bus forgot it: its record says how
+        yield _frame(final_event(job), with_id=False)
+        return
+    async with runtime.bus.subscribe(job_id=job.id, after=start) as subscription:
+        async for frame in _frames(subscription, until_final=True):
+            yield frame
+
+
+async def _frames(subscription: Subscription, *, until_final: bool) -> AsyncIterator[str]:
+    """SSE frames of the subscription's events, with a keep-alive comment when idle."""
+    yield "retry: 1000\n\n"
+    while True:
+        try:
+            event = await _next(subscription, KEEPALIVE_SECONDS, raise_timeout=True)
+        except TimeoutError:
+            yield ": keep-alive\n\n"
+            continue
+        if event is None:  # the bus ended the stream (slow client, shutdown): resume
+            return
+        yield _frame(event)
+        if until_final and event.type in _FINAL:
+            return
+
+
+async def _next(
+    subscription: Subscription, timeout: float, *, raise_timeout: bool = False
+) -> Event | None:
+    """The next event, or None when the stream ended (or, unless ``raise_timeout``, timed
+    out). Waits on the subscription's queue, whose ``get`` is safe to cancel."""
+    try:
+        return await asyncio.wait_for(subscription.queue.get(), timeout)
+    except TimeoutError:
+        if raise_timeout:
+            raise
+        return None
+
+
+def _frame(event: Event, *, with_id: bool = True) -> str:
+    lines = [f"id: {event.id}"] if with_id else []
+    lines += [f"event: {event.type}", f"data: {event.model_dump_json(exclude_none=True)}"]
+    return "\n".join(lines) + "\n\n"

@@ -1,0 +1,52 @@
+"""Silence the few warnings diffusers raises on every call that easel cannot act on.
+
+Under ``-W error`` (the test suite, and anyone running strict) they would fail a job.
+Warning filters are process-wide before Python 3.14 and runs overlap in threads, so the first
+run in installs the filters and the last run out restores them: one run ending never
+unsilences another that is still going.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# numpy 2 deprecations that diffusers' schedulers trigger (``np.array(tensor)`` with torch 2.13)
+# when they build their sigmas: harmless, not ours to fix.
+_NUMPY_ARRAY_PROTOCOL = r"__array(_wrap)?__ (implementation doesn't accept|must accept)"
+# Kandinsky's combined pipelines pass the deprecated ``callback_steps`` to their own decoder.
+_CALLBACK_STEPS = r"`callback_steps` is deprecated"
+# A LoRA trained on the UNet only is the common case; several adapters at once is the point.
+_NO_TEXT_LORA = r"No LoRA keys associated to"
+_MORE_ADAPTERS = r"Already found a `peft_config` attribute"
+
+_lock = threading.Lock()
+_users = 0
+_saved: warnings.catch_warnings | None = None
+
+
+@contextmanager
+def quiet_warnings() -> Iterator[None]:
+    """Silence only the known, harmless warnings of diffusers' own code."""
+    global _users, _saved
+    with _lock:
+        if _users == 0:
+            _saved = warnings.catch_warnings()
+            _saved.__enter__()
+            warnings.filterwarnings(
+                "ignore", message=_NUMPY_ARRAY_PROTOCOL, category=DeprecationWarning
+            )
+            warnings.filterwarnings("ignore", message=_CALLBACK_STEPS, category=FutureWarning)
+            warnings.filterwarnings("ignore", message=_NO_TEXT_LORA)
+            warnings.filterwarnings("ignore", message=_MORE_ADAPTERS)
+        _users += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _users -= 1
+            if _users == 0 and _saved is not None:
+                _saved.__exit__(None, None, None)
+                _saved = None

@@ -1,0 +1,274 @@
+"""A Draw Things gRPC client: works against easel (``easel serve --grpc-port``) and, since
+both speak the same service, against a Draw Things server (the app, or gRPCServerCLI).
+
+    from easel.client.grpc import DrawThingsClient
+
+    with DrawThingsClient("127.0.0.1:7859") as client:
+        images = client.generate("a red fox", width=512, height=512, steps=20, seed=42)
+        images[0].save("fox.png")
+
+:class:`AsyncDrawThingsClient` is the same with ``async``, and ``stream()`` besides.
+Sizes are in pixels and must be multiples of 64 (Draw Things counts 64-pixel units).
+A Draw Things server sends fpzip-compressed images when started with compression: reading
+them needs ``pip install fpzip``. Its previews are latents, which only the model can turn
+into pixels, so ``Progress.preview`` is None there; easel's previews are images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from functools import partial
+from types import TracebackType
+from typing import Any
+
+import grpc
+from anyio.from_thread import start_blocking_portal
+from PIL.Image import Image
+
+from easel.errors import EaselError
+from easel.proto import imageservice_pb2 as pb
+from easel.proto.drawthings import (
+    Configuration,
+    decode_preview,
+    decode_tensor,
+    encode_configuration,
+    encode_tensor,
+)
+
+SERVICE = "/ImageGenerationService/"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_ADDRESS = "127.0.0.1:7859"
+"""Draw Things' usual gRPC port."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress message: the stage (``text_encoded``, ``sampling``, ``image_decoded``...),
+    the step while sampling, the run's total steps, and a preview when there is one."""
+
+    stage: str | None
+    step: int | None = None
+    total: int | None = None
+    preview: Image | None = None
+
+
+@dataclass(frozen=True)
+class Echo:
+    message: str
+    files: list[str]
+
+
+ProgressCallback = Callable[[Progress], object]
+
+
+class AsyncDrawThingsClient:
+    """Draw Things' ``ImageGenerationService`` over grpc.aio; errors become ``EaselError``."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        user: str = "easel",
+        shared_secret: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """``credentials``: ``grpc.ssl_channel_credentials(...)`` for a TLS server (Draw
+        Things' gRPCServerCLI uses TLS unless started with ``--no-tls``)."""
+        self.address = address
+        self.user = user
+        self.shared_secret = shared_secret
+        self.timeout = timeout
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self._generate = self._channel.unary_stream(
+            SERVICE + "GenerateImage",
+            request_serializer=pb.ImageGenerationRequest.SerializeToString,
+            response_deserializer=pb.ImageGenerationResponse.FromString,
+        )
+        self._echo = self._channel.unary_unary(
+            SERVICE + "Echo",
+            request_serializer=pb.EchoRequest.SerializeToString,
+            response_deserializer=pb.EchoReply.FromString,
+        )
+
+    async def __aenter__(self) -> AsyncDrawThingsClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._channel.close()
+
+    async def echo(self, name: str | None = None) -> Echo:
+        """Liveness; ``files`` are the models the server offers."""
+        request = pb.EchoRequest(name=name or self.user)
+        if self.shared_secret is not None:
+            request.shared_secret = self.shared_secret
+        try:
+            reply: pb.EchoReply = await self._echo(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(self.address, exc) from exc
+        return Echo(message=reply.message, files=list(reply.files))
+
+    async def stream(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        image: Image | None = None,
+        config: Configuration | None = None,
+        **fields: Any,
+    ) -> AsyncIterator[Progress | list[Image]]:
+        """:class:`Progress` as the server reports it, then the images (one list, last).
+
+        ``fields`` are :class:`~easel.proto.drawthings.Configuration` fields (``width``,
+        ``steps``, ``seed``...) and override ``config``; a missing seed is drawn at random.
+        """
+        given = config
+        config = replace(config or Configuration(), **fields)
+        if given is None and "seed" not in fields:
+            config = replace(config, seed=random.randrange(2**32))
+        request = pb.ImageGenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            configuration=encode_configuration(config),
+            user=self.user,
+            device=pb.LAPTOP,
+            chunked=True,
+        )
+        if image is not None:
+            request.image = await asyncio.to_thread(encode_tensor, image)
+        if self.shared_secret is not None:
+            request.shared_secret = self.shared_secret
+        tensors: list[bytes] = []
+        partial_tensor = b""
+        total: int | None = None
+        try:
+            async for response in self._generate(request, timeout=self.timeout):
+                if response.signposts:
+                    total = _total(response.signposts) or total
+                if response.HasField("current_signpost"):
+                    yield await _progress(response, total)
+                for data in response.generated_images:
+                    partial_tensor += data
+                    if response.chunk_state == pb.LAST_CHUNK:
+                        tensors.append(partial_tensor)
+                        partial_tensor = b""
+        except grpc.RpcError as exc:
+            raise _error(self.address, exc) from exc
+        yield await asyncio.to_thread(lambda: [decode_tensor(t) for t in tensors])
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        on_progress: ProgressCallback | None = None,
+        **params: Any,
+    ) -> list[Image]:
+        """Generate and return the images; ``on_progress`` gets each :class:`Progress`.
+        ``params`` are those of :meth:`stream`."""
+        images: list[Image] = []
+        async for item in self.stream(prompt, **params):
+            if isinstance(item, Progress):
+                if on_progress is not None:
+                    on_progress(item)
+            else:
+                images = item
+        return images
+
+
+class DrawThingsClient:
+    """The blocking :class:`AsyncDrawThingsClient`, run on a private event loop thread."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, **options: Any) -> None:
+        self._stack = ExitStack()
+        self._portal = self._stack.enter_context(start_blocking_portal())
+        try:
+            self._async: AsyncDrawThingsClient = self._portal.call(
+                partial(AsyncDrawThingsClient, address, **options)
+            )
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def __enter__(self) -> DrawThingsClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._portal.call(self._async.aclose)
+        finally:
+            self._stack.close()
+
+    def echo(self, name: str | None = None) -> Echo:
+        return self._portal.call(self._async.echo, name)
+
+    def generate(
+        self, prompt: str, *, on_progress: ProgressCallback | None = None, **params: Any
+    ) -> list[Image]:
+        """See :meth:`AsyncDrawThingsClient.generate`; ``on_progress`` runs on the client's
+        event loop thread."""
+        call = partial(self._async.generate, prompt, on_progress=on_progress, **params)
+        return self._portal.call(call)
+
+
+def _total(signposts: Iterable[pb.ImageGenerationSignpostProto]) -> int | None:
+    for signpost in signposts:
+        if signpost.WhichOneof("signpost") == "sampling":
+            return int(signpost.sampling.step)
+    return None
+
+
+async def _progress(response: pb.ImageGenerationResponse, total: int | None) -> Progress:
+    current = response.current_signpost
+    stage = current.WhichOneof("signpost")
+    step = current.sampling.step if stage == "sampling" else None
+    preview = None
+    if response.HasField("preview_image"):
+        preview = await asyncio.to_thread(decode_preview, response.preview_image)
+    return Progress(stage=stage, step=step, total=total, preview=preview)
+
+
+_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: ("invalid_request", 422),
+    grpc.StatusCode.NOT_FOUND: ("not_found", 404),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ("queue_full", 429),
+    grpc.StatusCode.CANCELLED: ("cancelled", 499),
+    grpc.StatusCode.UNAVAILABLE: ("server_unreachable", 503),
+    grpc.StatusCode.DEADLINE_EXCEEDED: ("timeout", 504),
+}
+
+
+def _error(address: str, exc: grpc.RpcError) -> EaselError:
+    """A gRPC status -> an EaselError with a code (the details are the server's message)."""
+    status = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+    code, http = _CODES.get(status, ("generation_failed", 500)) if status else ("error", 500)
+    details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+    error = EaselError(f"{address}: {details or status}", code=code)
+    error.status = http
+    return error

@@ -1,0 +1,240 @@
+"""Draw Things' two binary formats, read and written by easel's own code.
+
+**The configuration** of a generation is a FlatBuffers table (Draw Things'
+``GenerationConfiguration``). FlatBuffers finds a field through the table's vtable at byte
+``4 + 2 * id``, where ``id`` is the field's position in the schema; :data:`FIELDS` lists
+the ids easel reads, and this module reads and writes them with the ``flatbuffers``
+runtime only (no generated code). Sizes are in 64-pixel units, as Draw Things counts them.
+
+**Images** travel as tensors: a 68-byte header of 17 little-endian uint32 (``[0]`` is 0, or
+1012247 when the data is fpzip-compressed; ``[3]`` the element type; ``[5:9]`` batch,
+height, width, channels), then the values, NHWC, in -1..1.
+
+The server (``easel.api.grpc``) and the client (``easel.client.grpc``) share this module.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+import flatbuffers
+from flatbuffers import encode, number_types, packer, table
+from PIL import Image
+
+from easel.errors import InvalidRequest
+from easel.images import MAX_DECODED_PIXELS
+
+SIZE_UNIT = 64
+"""Draw Things counts width and height in 64-pixel units."""
+
+
+class FIELDS:
+    """Field ids of ``GenerationConfiguration`` (schema order; deprecated ones keep theirs)."""
+
+    start_width = 1  # ushort, x64 pixels
+    start_height = 2  # ushort, x64 pixels
+    seed = 3  # uint
+    steps = 4  # uint
+    guidance_scale = 5  # float
+    strength = 6  # float
+    model = 7  # string
+    sampler = 8  # SamplerType (byte), default 0
+    batch_count = 9  # uint, default 1
+    batch_size = 10  # uint, default 1
+    seed_mode = 17  # SeedMode (byte)
+    clip_skip = 18  # uint, default 1
+    shift = 49  # float, default 1.0
+
+
+SAMPLERS: tuple[str, ...] = (
+    "DPM++ 2M Karras",
+    "Euler a",
+    "DDIM",
+    "PLMS",
+    "DPM++ SDE Karras",
+    "UniPC",
+    "LCM",
+    "Euler a Substep",
+    "DPM++ SDE Substep",
+    "TCD",
+    "Euler a Trailing",
+    "DPM++ SDE Trailing",
+    "DPM++ 2M AYS",
+    "Euler a AYS",
+    "DPM++ SDE AYS",
+    "DPM++ 2M Trailing",
+    "DDIM Trailing",
+    "UniPC Trailing",
+    "UniPC AYS",
+    "TCD Trailing",
+)
+"""``SamplerType`` values in enum order, as easel's scheduler table names them."""
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """The fields of a ``GenerationConfiguration`` that easel uses, in pixels."""
+
+    width: int = 512
+    height: int = 512
+    seed: int = 0
+    steps: int = 20
+    guidance_scale: float = 7.0
+    strength: float = 1.0
+    model: str | None = None
+    sampler: str = SAMPLERS[0]
+    batch_count: int = 1
+    batch_size: int = 1
+    clip_skip: int = 1
+    shift: float = 1.0
+
+
+def _vtable(field_id: int) -> int:
+    return 4 + 2 * field_id
+
+
+def decode_configuration(data: bytes) -> Configuration:
+    """The FlatBuffer -> :class:`Configuration`; a damaged buffer is ``invalid_request``."""
+    if len(data) < 8:
+        raise InvalidRequest("configuration is not a GenerationConfiguration FlatBuffer")
+    try:
+        buffer = bytearray(data)
+        root = table.Table(buffer, encode.Get(packer.uoffset, buffer, 0))
+
+        def scalar(field_id: int, flags: Any, default: Any) -> Any:
+            offset = root.Offset(_vtable(field_id))
+            value = root.Get(flags, root.Pos + offset) if offset else default
+            # float32 -> the short decimal it was written as (0.6, not 0.6000000238)
+            return float(f"{value:.6g}") if isinstance(value, float) else value
+
+        model_offset = root.Offset(_vtable(FIELDS.model))
+        model = root.String(root.Pos + model_offset).decode() if model_offset else None
+        sampler = scalar(FIELDS.sampler, number_types.Int8Flags, 0)
+        config = Configuration(
+            width=scalar(FIELDS.start_width, number_types.Uint16Flags, 0) * SIZE_UNIT,
+            height=scalar(FIELDS.start_height, number_types.Uint16Flags, 0) * SIZE_UNIT,
+            seed=scalar(FIELDS.seed, number_types.Uint32Flags, 0),
+            steps=scalar(FIELDS.steps, number_types.Uint32Flags, 0),
+            guidance_scale=scalar(FIELDS.guidance_scale, number_types.Float32Flags, 0.0),
+            strength=scalar(FIELDS.strength, number_types.Float32Flags, 0.0),
+            model=model or None,
+            sampler=SAMPLERS[sampler] if 0 <= sampler < len(SAMPLERS) else str(sampler),
+            batch_count=scalar(FIELDS.batch_count, number_types.Uint32Flags, 1),
+            batch_size=scalar(FIELDS.batch_size, number_types.Uint32Flags, 1),
+            clip_skip=scalar(FIELDS.clip_skip, number_types.Uint32Flags, 1),
+            shift=scalar(FIELDS.shift, number_types.Float32Flags, 1.0),
+        )
+    except (IndexError, struct.error, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"configuration is not a readable FlatBuffer ({exc})") from None
+    if config.sampler not in SAMPLERS:
+        raise InvalidRequest(
+            f"sampler {config.sampler} is not a known Draw Things sampler (0-{len(SAMPLERS) - 1})"
+        )
+    return config
+
+
+def encode_configuration(config: Configuration) -> bytes:
+    """:class:`Configuration` -> the FlatBuffer a Draw Things server reads."""
+    for name, value in (("width", config.width), ("height", config.height)):
+        if value <= 0 or value % SIZE_UNIT:
+            raise InvalidRequest(f"{name} must be a positive multiple of {SIZE_UNIT} (got {value})")
+    if config.sampler not in SAMPLERS:
+        raise InvalidRequest(
+            f"sampler {config.sampler!r} is not a Draw Things sampler; they are: "
+            + ", ".join(SAMPLERS)
+        )
+    builder = flatbuffers.Builder(256)
+    model = builder.CreateString(config.model) if config.model else None
+    builder.StartObject(FIELDS.shift + 1)
+    builder.PrependUint16Slot(FIELDS.start_width, config.width // SIZE_UNIT, 0)
+    builder.PrependUint16Slot(FIELDS.start_height, config.height // SIZE_UNIT, 0)
+    builder.PrependUint32Slot(FIELDS.seed, config.seed, 0)
+    builder.PrependUint32Slot(FIELDS.steps, config.steps, 0)
+    builder.PrependFloat32Slot(FIELDS.guidance_scale, config.guidance_scale, 0.0)
+    builder.PrependFloat32Slot(FIELDS.strength, config.strength, 0.0)
+    if model is not None:
+        builder.PrependUOffsetTRelativeSlot(FIELDS.model, model, 0)
+    builder.PrependInt8Slot(FIELDS.sampler, SAMPLERS.index(config.sampler), 0)
+    builder.PrependUint32Slot(FIELDS.batch_count, config.batch_count, 1)
+    builder.PrependUint32Slot(FIELDS.batch_size, config.batch_size, 1)
+    builder.PrependUint32Slot(FIELDS.clip_skip, config.clip_skip, 1)
+    builder.PrependFloat32Slot(FIELDS.shift, config.shift, 1.0)
+    builder.Finish(builder.EndObject())
+    return bytes(builder.Output())
+
+
+# -- tensors -------------------------------------------------------------------------------
+
+HEADER = struct.Struct("<17I")
+FPZIP_MAGIC = 1012247
+_CPU_MEMORY = 0x1
+_NHWC = 0x02
+_FLOAT16 = 0x20000
+_FLOAT32 = 0x04000
+
+# uint8 -> the two bytes of float16(i / 127.5 - 1): encoding is two C-speed translations
+_HALF = [struct.pack("<e", i / 127.5 - 1) for i in range(256)]
+_LOW = bytes(h[0] for h in _HALF)
+_HIGH = bytes(h[1] for h in _HALF)
+
+
+def encode_tensor(image: Image.Image) -> bytes:
+    """An RGB image -> an uncompressed float16 NHWC tensor in -1..1 (blocks: use a thread)."""
+    rgb = image.convert("RGB")
+    raw = rgb.tobytes()
+    values = bytearray(2 * len(raw))
+    values[0::2] = raw.translate(_LOW)
+    values[1::2] = raw.translate(_HIGH)
+    header = HEADER.pack(0, _CPU_MEMORY, _NHWC, _FLOAT16, 0, 1, rgb.height, rgb.width, 3, *[0] * 8)
+    return header + bytes(values)
+
+
+def decode_tensor(data: bytes) -> Image.Image:
+    """A tensor -> an RGB image; fpzip-compressed ones need the ``fpzip`` package."""
+    if len(data) < HEADER.size:
+        raise InvalidRequest("the image tensor is shorter than its 68-byte header")
+    words = HEADER.unpack_from(data)
+    height, width, channels = words[6], words[7], words[8]
+    if not (height and width and channels in (1, 3, 4)):
+        raise InvalidRequest(f"cannot read a {width}x{height}x{channels} image tensor")
+    if width * height > MAX_DECODED_PIXELS:
+        raise InvalidRequest(f"the image tensor is {width}x{height}; too large")
+    count = width * height * channels
+    floats = _values(words, data[HEADER.size :], count)
+    bands = []
+    for channel in range(min(channels, 3)):
+        plane = array("f", floats[channel::channels]).tobytes()
+        # F -> L truncates and clips: +0.5 rounds
+        band = Image.frombytes("F", (width, height), plane).point(lambda v: v * 127.5 + 128.0)
+        bands.append(band.convert("L"))
+    if len(bands) == 1:
+        return bands[0].convert("RGB")
+    return Image.merge("RGB", bands)
+
+
+def decode_preview(data: bytes) -> Image.Image | None:
+    """A preview tensor -> an image when it is RGB (easel's); Draw Things sends latents,
+    which only the model that made them can turn into pixels: None."""
+    if len(data) < HEADER.size or HEADER.unpack_from(data)[8] != 3:
+        return None
+    return decode_tensor(data)
+
+
+def _values(words: tuple[int, ...], payload: bytes, count: int) -> tuple[float, ...]:
+    if words[0] == FPZIP_MAGIC:
+        try:
+            import fpzip
+        except ImportError:
+            raise InvalidRequest(
+                "this image tensor is fpzip-compressed; to read it, pip install fpzip"
+            ) from None
+        flat = fpzip.decompress(payload, order="C").reshape(-1)
+        return tuple(float(v) for v in flat[:count])
+    kind = "e" if words[3] & _FLOAT16 or not words[3] & _FLOAT32 else "f"
+    size = struct.calcsize(kind) * count
+    if len(payload) < size:
+        raise InvalidRequest(f"the image tensor holds {len(payload)} bytes; {size} expected")
+    return struct.unpack_from(f"<{count}{kind}", payload)

@@ -1,0 +1,368 @@
+"""The scale-out store: job records, the fair queue and leases in one Redis, many processes.
+
+Every state change is one Lua script (``_redis_lua.py``), so API replicas and workers on
+many hosts see one queue and no two workers ever hold the same job. The queue policy is
+:class:`easel.scheduler.FairQueue`'s, transcribed into the scripts with its state in
+Redis; times (leases, retries, aging) are Redis server time, so hosts' clocks do not matter.
+
+Durability: ``enqueue`` returns once Redis has the job on disk when Redis runs with AOF,
+either because ``appendfsync always`` fsyncs before Redis replies, or by ``WAITAOF``
+(Redis 7.2+) after the write. :attr:`RedisStore.durability` says which applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Collection
+from typing import Any, Literal
+
+from pydantic import TypeAdapter
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from easel import redis_keys as keys
+from easel.errors import (
+    EaselError,
+    JobFinished,
+    JobNotFound,
+    LeaseLost,
+    QueueFull,
+    StoreUnavailable,
+    UserQueueFull,
+)
+from easel.jobs import GenerationRequest, ImageRef, Job, JobError, JobState
+from easel.scheduler import Place, Policy, QueueStats, entry_for
+from easel.store import _redis_lua as lua
+from easel.store.base import WORKER_LOST, JobStore
+
+log = logging.getLogger("easel.store.redis")
+
+Durability = Literal["auto", "waitaof", "fsync", "off"]
+_IMAGES = TypeAdapter(list[ImageRef])
+_UNAVAILABLE_REPLIES = ("MISCONF", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS")
+
+
+def connect(url: str, *, socket_timeout: float = keys.SOCKET_TIMEOUT_SECONDS) -> Redis:
+    """A client that fails fast: a request never hangs on a Redis that is gone."""
+    client: Redis = Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=keys.CONNECT_TIMEOUT_SECONDS,
+    )
+    return client
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancel that redis-py swallowed: on CPython < 3.12 one that lands as a
+    reply arrives can be lost (gh-86296), and a loop around the call would never end."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def unavailable(exc: Exception, url: str) -> EaselError:
+    """Translate a Redis client error: connection trouble is a 503, the rest a bug."""
+    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | OSError):
+        return StoreUnavailable(f"Redis at {url} is unavailable ({exc}); try again shortly")
+    if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES):
+        return StoreUnavailable(f"Redis at {url} cannot take writes now ({exc})")
+    return EaselError(f"Redis answered an error: {exc}", code="store_error")
+
+
+class RedisStore(JobStore):
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = keys.DEFAULT_PREFIX,
+        max_attempts: int = 3,
+        policy: Policy | None = None,
+        max_queue_size: int | None = None,
+        retention_seconds: float = keys.RETENTION_SECONDS,
+        durability: Durability = "auto",
+        socket_timeout: float = keys.SOCKET_TIMEOUT_SECONDS,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """``clock`` replaces Redis server time (tests drive aging with it)."""
+        self.url = url
+        self.prefix = prefix
+        self.max_attempts = max_attempts
+        self.policy = policy or Policy()
+        self.max_queue_size = max_queue_size
+        self.retention_seconds = retention_seconds
+        self.requested_durability: Durability = durability
+        self.durability = "unknown until open"
+        self.socket_timeout = socket_timeout
+        self.clock = clock
+        self._waitaof = False
+        self._redis: Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._redis = connect(self.url, socket_timeout=self.socket_timeout)
+        for name in ("ENQUEUE", "CLAIM", "HEARTBEAT", "COMPLETE", "FAIL", "REQUEUE", "CANCEL",
+                     "EXPIRE", "PLACE", "STATS"):  # fmt: skip
+            self._scripts[name] = self._redis.register_script(getattr(lua, name))
+        try:
+            await self._detect_durability(self._redis)
+        except redis_errors.RedisError as exc:
+            await self.close()
+            raise unavailable(exc, self.url) from exc
+
+    async def _detect_durability(self, client: Redis) -> None:
+        """What a 2xx promises: decided once, from the server's version and AOF settings."""
+        info = await client.info("server")
+        version = tuple(int(part) for part in str(info["redis_version"]).split(".")[:2])
+        try:
+            config = await client.config_get("append*")
+        except redis_errors.ResponseError:  # CONFIG renamed away (managed Redis)
+            config = {}
+        aof = config.get("appendonly") == "yes"
+        fsync = config.get("appendfsync")
+        wanted = self.requested_durability
+        if wanted == "waitaof" or (wanted == "auto" and aof and fsync != "always"):
+            if version < (7, 2):
+                log.warning("WAITAOF needs Redis 7.2+ (this is %s)", info["redis_version"])
+            else:
+                self._waitaof = True
+                self.durability = "on disk before 2xx (WAITAOF 1 0 after each submission)"
+                return
+        if aof and fsync == "always":
+            self.durability = "on disk before 2xx (AOF, appendfsync always)"
+        elif not config:
+            self.durability = "unknown (CONFIG GET is not allowed; check the AOF settings)"
+        else:
+            self.durability = (
+                f"NOT on disk before 2xx (appendonly {config.get('appendonly')}, "
+                f"appendfsync {fsync}): a Redis crash may lose recent submissions"
+            )
+            log.warning("redis store %s: %s", self.url, self.durability)
+            return
+        log.info("redis store %s: %s", self.url, self.durability)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    # -- calling scripts --------------------------------------------------------------
+
+    def _header(self) -> list[str | int | float]:
+        policy = self.policy
+        aging = "" if policy.aging_seconds is None else repr(float(policy.aging_seconds))
+        now = "" if self.clock is None else repr(self.clock())
+        return [self.prefix, aging, policy.aged_every, policy.top_priority, now,
+                self.max_attempts, repr(float(self.retention_seconds))]  # fmt: skip
+
+    async def _run(self, name: str, *args: str | int | float) -> Any:
+        if self._redis is None:
+            raise StoreUnavailable("the job store is closed")
+        try:
+            reply = await self._scripts[name](args=[*self._header(), *args])
+        except redis_errors.RedisError as exc:
+            raise unavailable(exc, self.url) from exc
+        raise_if_cancelled()
+        return reply
+
+    async def _read(self, call: Callable[[Redis], Any]) -> Any:
+        if self._redis is None:
+            raise StoreUnavailable("the job store is closed")
+        try:
+            reply = await call(self._redis)
+        except redis_errors.RedisError as exc:
+            raise unavailable(exc, self.url) from exc
+        raise_if_cancelled()
+        return reply
+
+    def _key(self, name: str) -> str:
+        return self.prefix + name
+
+    # -- the interface ----------------------------------------------------------------
+
+    async def enqueue(self, job: Job, *, user_cap: int, idempotency_key: str | None = None) -> Job:
+        entry = entry_for(job)
+        idem = ""
+        if idempotency_key is not None:
+            user = job.user_id
+            idem = self._key(f"{keys.IDEMPOTENCY}{len(user)}:{user}:{idempotency_key}")
+        args = (
+            job.id, job.user_id, min(entry.priority, self.policy.top_priority), job.backend,
+            repr(entry.cost), repr(job.created_at), entry.batch_key or "",
+            job.request.model_dump_json(), user_cap,
+            "" if self.max_queue_size is None else self.max_queue_size,
+            idem, keys.IDEMPOTENCY_TTL_SECONDS * 1000, repr(self.policy.weight(job.user_id)),
+        )  # fmt: skip
+        if self._waitaof:
+            reply = await self._enqueue_waitaof(args)
+        else:
+            reply = await self._run("ENQUEUE", *args)
+        outcome = reply[0]
+        if outcome == "dup":
+            return _job(reply[1])
+        if outcome == "queue_full":
+            raise QueueFull(
+                f"the queue holds {reply[1]} jobs, its limit; try again later", count=reply[1]
+            )
+        if outcome == "user_full":
+            raise UserQueueFull(
+                f"user {job.user_id!r} already has {reply[1]} queued or running jobs (the cap "
+                f"is {user_cap}); wait for one to finish or cancel one",
+                count=reply[1],
+            )
+        return job
+
+    async def _enqueue_waitaof(self, args: tuple[str | int | float, ...]) -> Any:
+        """The script and WAITAOF on one connection: WAITAOF waits for that client's writes."""
+        if self._redis is None:
+            raise StoreUnavailable("the job store is closed")
+        timeout_ms = int(self.socket_timeout * 1000 / 2)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                await self._scripts["ENQUEUE"](args=[*self._header(), *args], client=pipe)
+                pipe.execute_command("WAITAOF", 1, 0, timeout_ms)
+                reply, (local, _replicas) = await pipe.execute()
+        except redis_errors.RedisError as exc:
+            raise unavailable(exc, self.url) from exc
+        if reply[0] == "ok" and int(local) < 1:
+            raise StoreUnavailable("Redis did not fsync the job in time; resend it (same key)")
+        return reply
+
+    async def claim_batch(
+        self, worker_id: str, routes: Collection[str], *, lease_seconds: float, limit: int = 1
+    ) -> list[Job]:
+        if not routes:
+            return []
+        reply = await self._run("CLAIM", worker_id, repr(float(lease_seconds)), limit, *routes)
+        return [_job(fields) for fields in reply]
+
+    async def heartbeat(self, job_id: str, worker_id: str, *, lease_seconds: float) -> bool:
+        return bool(await self._run("HEARTBEAT", job_id, worker_id, repr(float(lease_seconds))))
+
+    async def complete(self, job_id: str, worker_id: str, images: list[ImageRef]) -> Job:
+        payload = _IMAGES.dump_json(images).decode()
+        return _outcome(await self._run("COMPLETE", job_id, worker_id, payload), job_id, worker_id)
+
+    async def fail(self, job_id: str, error: JobError, *, worker_id: str | None = None) -> Job:
+        reply = await self._run("FAIL", job_id, error.model_dump_json(), worker_id or "")
+        return _outcome(reply, job_id, worker_id)
+
+    async def requeue(
+        self,
+        job_id: str,
+        *,
+        worker_id: str | None = None,
+        spend_attempt: bool = True,
+        reason: JobError = WORKER_LOST,
+        delay: float = 0.0,
+    ) -> Job:
+        reply = await self._run(
+            "REQUEUE", job_id, worker_id or "", int(spend_attempt), reason.model_dump_json(),
+            repr(float(delay)),
+        )  # fmt: skip
+        return _outcome(reply, job_id, worker_id)
+
+    async def cancel(self, job_id: str) -> Job:
+        return _outcome(await self._run("CANCEL", job_id), job_id, None)
+
+    async def get(self, job_id: str) -> Job:
+        fields = await self._read(lambda r: r.hgetall(self._key(keys.JOB + job_id)))
+        if not fields:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        return _from_fields(fields)
+
+    async def list_jobs(
+        self, *, user_id: str | None = None, state: JobState | None = None, limit: int = 100
+    ) -> list[Job]:
+        if user_id is not None and state is not None:
+            user_key, state_key = self._key(keys.USER + user_id), self._key(keys.STATE + state)
+
+            async def both(r: Redis) -> list[str]:
+                ids: list[str] = await r.zinter([user_key, state_key], aggregate="MAX")
+                return ids[::-1][:limit]
+
+            ids = await self._read(both)
+        else:
+            name = (
+                keys.USER + user_id if user_id is not None
+                else keys.STATE + state if state is not None
+                else keys.ALL
+            )  # fmt: skip
+            ids = await self._read(lambda r: r.zrevrange(self._key(name), 0, limit - 1))
+        return await self._load_many(ids)
+
+    async def _load_many(self, ids: list[str]) -> list[Job]:
+        async def load(r: Redis) -> list[dict[str, str]]:
+            async with r.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(self._key(keys.JOB + job_id))
+                rows: list[dict[str, str]] = await pipe.execute()
+                return rows
+
+        rows = await self._read(load) if ids else []
+        return [_from_fields(row) for row in rows if row]  # expired records are skipped
+
+    async def place(self, job_id: str) -> Place | None:
+        reply = await self._run("PLACE", job_id)
+        return None if reply is None else Place(int(reply[0]), float(reply[1]))
+
+    async def expire_leases(self) -> list[Job]:
+        reply = await self._run("EXPIRE", WORKER_LOST.model_dump_json(), keys.SWEEP_LIMIT)
+        return [_job(fields) for fields in reply]
+
+    async def active_count(self, user_id: str) -> int:
+        count = await self._read(lambda r: r.hget(self._key(keys.ACTIVE), user_id))
+        return int(count or 0)
+
+    async def stats(self) -> QueueStats:
+        queued, running, tiers, users = await self._run("STATS")
+        return QueueStats(
+            queued=int(queued),
+            running=int(running),
+            tiers={int(tiers[i]): int(tiers[i + 1]) for i in range(0, len(tiers), 2)},
+            users={users[i]: int(users[i + 1]) for i in range(0, len(users), 2)},
+        )
+
+
+def _outcome(reply: list[Any], job_id: str, worker_id: str | None) -> Job:
+    """A script's verdict as the store interface's result or error."""
+    match reply[0]:
+        case "ok":
+            return _job(reply[1])
+        case "missing":
+            raise JobNotFound(f"no job with id {job_id!r}")
+        case "lost":
+            raise LeaseLost(f"worker {worker_id} no longer holds job {job_id} ({reply[1]})")
+        case _:
+            raise JobFinished(f"job {job_id} already ended: {reply[1]}")
+
+
+def _job(flat: list[str]) -> Job:
+    return _from_fields(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+
+def _from_fields(fields: dict[str, str]) -> Job:
+    """A job hash as the one vocabulary's :class:`Job`."""
+    error = fields.get("error")
+    return Job(
+        id=fields["id"],
+        request=GenerationRequest.model_validate_json(fields["request"]),
+        state=JobState(fields["state"]),
+        backend=fields["backend"],
+        created_at=float(fields["created_at"]),
+        started_at=_float(fields.get("started_at")),
+        finished_at=_float(fields.get("finished_at")),
+        attempts=int(fields.get("attempts") or 0),
+        worker_id=fields.get("worker_id") or None,
+        images=_IMAGES.validate_json(fields.get("images") or "[]"),
+        error=JobError.model_validate(json.loads(error)) if error else None,
+    )
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value else None
