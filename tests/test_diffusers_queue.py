@@ -80,7 +80,7 @@ async def test_a_batch_of_compatible_jobs_matches_the_jobs_run_alone(
             jobs = [
                 await rt.submit(
                     request(f"prompt {i}", seed=10 + i).model_copy(update={"user_id": f"u{i}"})
-                )  # fmt: skip
+                )
                 for i in range(4)
             ]
             worker = rt.worker_for(backend)
