@@ -316,3 +316,35 @@ def test_easel_serve_serves_grpc_on_the_port_given(tmp_path: Path) -> None:
         assert client.echo("cli").files == ["mock"]
         [image] = client.generate("a fox", width=64, height=64, steps=1)
     assert image.size == (64, 64)
+
+
+def test_with_tokens_configured_grpc_needs_one_too(tmp_path: Path) -> None:
+    from easel.proto import imageservice_pb2 as pb
+
+    token = "grpc-reader-0123456789"
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        backend="mock",
+        safety={"tokens": [{"service": "viewer", "token": token, "scopes": ["read"]}]},
+    )
+    app = create_app(settings, grpc_port=0)
+    with serve(app), grpc.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel:
+        echo = channel.unary_unary(
+            "/ImageGenerationService/Echo",
+            request_serializer=pb.EchoRequest.SerializeToString,
+            response_deserializer=pb.EchoReply.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            echo(pb.EchoRequest(name="x"), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        reply = echo(pb.EchoRequest(name="x"), metadata=[("authorization", f"Bearer {token}")])
+        assert reply.message == "HELLO x"
+        generate = channel.unary_stream(
+            "/ImageGenerationService/GenerateImage",
+            request_serializer=pb.ImageGenerationRequest.SerializeToString,
+            response_deserializer=pb.ImageGenerationResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as denied:
+            list(generate(pb.ImageGenerationRequest(prompt="x"),
+                          metadata=[("authorization", f"Bearer {token}")], timeout=10))  # fmt: skip
+        assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED

@@ -133,7 +133,9 @@ class Cluster:
         """``succeeded`` events per job id, read straight from the stream."""
         client = redis.Redis.from_url(self.url, decode_responses=True)
         try:
-            entries = client.xrange(self.prefix + "events")
+            entries: list[tuple[str, dict[str, str]]] = client.xrange(  # type: ignore[assignment]
+                self.prefix + "events"
+            )
         finally:
             client.close()
         return Counter(fields["j"] for _id, fields in entries if fields["t"] == "succeeded")
@@ -308,7 +310,7 @@ def test_a_websocket_client_resuming_on_another_replica_misses_nothing(cluster: 
 
 
 def _until_final(source: Any, jobs: list[str]) -> list[dict[str, Any]]:
-    pending, seen = set(jobs), []
+    pending, seen = set(jobs), list[dict[str, Any]]()
     with ExitStack() as stack:
         ws = stack.enter_context(connect(source)) if isinstance(source, str) else source
         while pending:
@@ -449,7 +451,7 @@ def test_eight_workers_claiming_ten_thousand_jobs_run_none_twice(
         async def enqueue_all() -> list[str]:
             async def one(i: int) -> str:
                 request = GenerationRequest(
-                    prompt=f"many {i} [noimage]", user_id=f"u{i % 50}", **SMALL
+                    prompt=f"many {i} [noimage]", user_id=f"u{i % 50}", width=8, height=8, steps=1
                 )
                 job = await store.enqueue(Job(request=request, backend="mock"), user_cap=10_000)
                 return job.id
@@ -469,7 +471,7 @@ def test_eight_workers_claiming_ten_thousand_jobs_run_none_twice(
         jobs = runner.run(store.list_jobs(state=JobState.succeeded, limit=20_000))
         assert len(jobs) == 10_000 and {job.id for job in jobs} == set(ids)
         assert all(job.attempts == 1 for job in jobs)
-        runs = Counter()
+        runs: Counter[str] = Counter()
         for i in range(8):
             runs.update(line.rsplit(" ", 1)[0] for line in
                         (tmp_path / f"runs-{i}.log").read_text().splitlines())  # fmt: skip

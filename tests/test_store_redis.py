@@ -251,3 +251,24 @@ async def test_a_stopped_redis_times_out_instead_of_hanging(tmp_path: Path) -> N
         os.kill(server.process.pid, signal.SIGCONT)
         await store.close()
         server.stop()
+
+
+async def test_every_field_of_a_job_round_trips(redis_url: str) -> None:
+    """What the scripts do not touch is kept as the job's own JSON: fields added to Job
+    later survive the store without a change to it."""
+    store = RedisStore(redis_url, prefix=f"rt:{uuid.uuid4().hex}:")
+    await store.open()
+    try:
+        request = GenerationRequest(
+            prompt="p", user_id="a", seed=7, metadata={"chat": 42, "tags": ["x"]}, priority=3
+        )
+        made = Job(request=request, backend="mock")
+        await store.enqueue(made, user_cap=10)
+        assert await store.get(made.id) == made
+        claimed = await store.claim("w", ["mock"], lease_seconds=LEASE)
+        assert claimed is not None
+        assert claimed.model_dump(exclude={"state", "started_at", "attempts", "worker_id"}) == (
+            made.model_dump(exclude={"state", "started_at", "attempts", "worker_id"})
+        )
+    finally:
+        await store.close()

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
+from easel import logs
 from easel.errors import EaselError
 from easel.jobs import Event, EventType, JobState
 
@@ -81,17 +82,8 @@ def _fail(code: str, message: str) -> NoReturn:
 # -- serve --------------------------------------------------------------------------------
 
 
-class _OneLineFormatter(logging.Formatter):
-    """One line per record, tracebacks included, so log collectors never split a record."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\n", "\\n")
-
-
-def _configure_logging() -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+def _configure_logging(settings: Settings) -> None:
+    logs.configure(settings.log_format)
 
 
 def serving_line(settings: Settings) -> str:
@@ -160,7 +152,7 @@ def serve(
             f"unknown backend {settings.resolved_backend!r}; "
             f"available backends are: {', '.join(available())}",
         )
-    _configure_logging()
+    _configure_logging(settings)
     log.info(serving_line(settings))
     uvicorn.run(
         create_app(settings, grpc_port=grpc_port),
@@ -233,7 +225,7 @@ def worker(
             f"unknown backend {settings.resolved_backend!r}; "
             f"available backends are: {', '.join(available())}",
         )
-    _configure_logging()
+    _configure_logging(settings)
     log.info(serving_line(settings).replace("serving", "worker for", 1))
     asyncio.run(run_worker_process(settings))
 

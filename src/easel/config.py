@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -53,6 +53,58 @@ class DiffusersOptions(BaseModel):
     warmup: list[str] = Field(
         default_factory=list, description="Sizes compiled at start, e.g. 1024x1024."
     )
+
+
+class TokenSetting(BaseModel):
+    """One service's token (``EASEL_TOKENS='[{"service": "bot", "token": "..."}]'``)."""
+
+    service: str = Field(min_length=1)
+    token: SecretStr = Field(min_length=16)
+    scopes: list[Literal["submit", "read", "admin"]] = Field(default=["submit", "read"])
+
+
+class Safety(BaseModel):
+    """Who may call, how often, and what they may ask for (``EASEL_SAFETY__*``)."""
+
+    tokens: list[TokenSetting] = Field(
+        default_factory=list, description="When any is set, every route but /health needs one."
+    )
+    user_rate: float | None = Field(default=None, gt=0, description="Submissions/s per user.")
+    user_burst: int = Field(default=10, ge=1)
+    service_rate: float | None = Field(default=None, gt=0, description="Submissions/s each.")
+    service_burst: int = Field(default=50, ge=1)
+    service_max_active: int | None = Field(
+        default=None, ge=1, description="Queued+running jobs per service (this process)."
+    )
+    deny_words: list[str] = Field(default_factory=list, description="Whole words refused.")
+    deny_patterns: list[str] = Field(default_factory=list, description="Regexes refused.")
+    moderation_url: str | None = Field(
+        default=None, description='An HTTP classifier: POST {"input"} -> {"flagged", "reason"}.'
+    )
+    moderate_all: bool = Field(
+        default=False, description="Moderate every request, not only those asking for it."
+    )
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+
+
+class S3Settings(BaseModel):
+    """Results also go to an S3-compatible store (``EASEL_S3__*``); off unless a bucket is set.
+
+    Credentials left unset come from boto3's usual chain (``AWS_*`` env vars, profiles, roles).
+    """
+
+    bucket: str | None = None
+    prefix: str = Field(default="easel/", description="Prepended to every object key.")
+    endpoint_url: str | None = Field(default=None, description="Default: AWS for the region.")
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    presign_seconds: int = Field(
+        default=3600, ge=0, description="URLs handed out are presigned for this long (0: plain)."
+    )
+    max_attempts: int = Field(default=5, ge=1, description="Uploads tried, retries included.")
+    retry_base_seconds: float = Field(default=1.0, ge=0, description="First retry backoff.")
+    timeout_seconds: float = Field(default=10.0, gt=0, description="Per S3 call.")
 
 
 class Settings(BaseSettings):
@@ -99,6 +151,10 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     limits: Limits = Field(default_factory=Limits)
+    safety: Safety = Field(default_factory=Safety)
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one JSON object per line, with job and user ids."
+    )
 
     # scaling out: with a Redis URL, the store, the events and the worker registry live there
     redis_url: str | None = Field(
@@ -112,8 +168,8 @@ class Settings(BaseSettings):
         gt=0,
         description="A Redis call never waits longer (then 503).",
     )
-    redis_durability: Literal["auto", "waitaof", "fsync", "off"] = Field(
-        default="auto", description="How a 2xx waits for disk; see the README."
+    redis_durability: Literal["auto", "waitaof", "off"] = Field(
+        default="auto", description="auto: WAITAOF when AOF is on without appendfsync always."
     )
     retention_seconds: float = Field(
         default=redis_keys.RETENTION_SECONDS,
@@ -125,6 +181,16 @@ class Settings(BaseSettings):
         ge=1000,
         description="Recent events kept for resuming (Redis).",
     )
+    s3: S3Settings = Field(default_factory=S3Settings)
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list, description="Hosts webhooks may go to (empty: webhooks refused)."
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Signs webhook bodies (HMAC-SHA256); required for webhooks."
+    )
+    webhook_max_attempts: int = Field(default=5, ge=1, description="POSTs per event, at most.")
+    webhook_retry_base_seconds: float = Field(default=1.0, ge=0, description="First backoff.")
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, description="Per POST.")
     shutdown_grace_seconds: float = Field(
         default=30.0, ge=0, description="On SIGTERM, running jobs get this long to finish."
     )

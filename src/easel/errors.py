@@ -7,6 +7,7 @@ status the API answers with; one handler renders them as
     EaselError
     ├── InvalidRequest          422 invalid_request
     │   └── Unsupported         422 unsupported
+    ├── UnsupportedMediaType    415 unsupported_media_type
     ├── NotFound                404 not_found
     │   ├── JobNotFound         404 job_not_found
     │   ├── ImageNotFound       404 image_not_found
@@ -49,6 +50,11 @@ class InvalidRequest(EaselError):
 
 class Unsupported(InvalidRequest):
     code = "unsupported"
+
+
+class UnsupportedMediaType(EaselError):
+    code = "unsupported_media_type"
+    status = 415
 
 
 class NotFound(EaselError):

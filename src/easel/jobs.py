@@ -160,7 +160,19 @@ class GenerationRequest(BaseModel):
     priority: int = Field(default=0, ge=MIN_PRIORITY, le=PREMIUM_PRIORITY)
     premium: bool = Field(default=False, description="Shorthand for the top priority tier.")
     max_user_queue_size: int | None = Field(default=None, gt=0)
+    moderate: bool = Field(
+        default=False, description="Check the prompts against the server's moderation first."
+    )
     metadata: dict[str, JSONValue] = Field(default_factory=dict)
+    sync_with_s3: bool = Field(
+        default=False,
+        description="Announce succeeded only once the images are on S3, with their URLs.",
+    )
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="Events of this job are POSTed here, signed (host must be allowed).",
+    )
 
     @field_validator("width", "height")
     @classmethod
@@ -221,11 +233,24 @@ class ImageRef(BaseModel):
     height: int
     path: str
     url: str
+    remote_url: str | None = Field(
+        default=None, description="The object on S3 (presigned when so configured)."
+    )
 
 
 class JobError(BaseModel):
     code: str
     message: str
+
+
+class WebhookDelivery(BaseModel):
+    """Where a job's webhook deliveries stand."""
+
+    url: str
+    delivered: bool = Field(default=False, description="The latest event reached the URL.")
+    events: int = Field(default=0, description="Events delivered so far.")
+    attempts: int = Field(default=0, description="POSTs made, retries included.")
+    last_error: str | None = None
 
 
 class Job(BaseModel):
@@ -237,9 +262,14 @@ class Job(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     attempts: int = Field(default=0, description="Runs started, including the current one.")
+    service: str | None = Field(default=None, description="The service that submitted it.")
     worker_id: str | None = None
     images: list[ImageRef] = Field(default_factory=list)
     error: JobError | None = None
+    upload_error: str | None = Field(
+        default=None, description="Why the S3 upload failed; the local images remain."
+    )
+    webhook: WebhookDelivery | None = None
 
     @property
     def user_id(self) -> str:
@@ -267,6 +297,8 @@ class EventType(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    uploaded = "uploaded"
+    upload_failed = "upload_failed"
 
 
 class Event(BaseModel):
@@ -284,8 +316,11 @@ class Event(BaseModel):
     average_seconds: float | None = None
     images: list[ImageRef] | None = None
     error: JobError | None = None
+    upload_error: str | None = None
     preview: str | None = Field(default=None, description="Base64 JPEG of the work so far.")
+
+    service: str | None = None
 
     @classmethod
     def of(cls, job: Job, type: EventType, **fields: Any) -> Event:
-        return cls(type=type, job_id=job.id, user_id=job.user_id, **fields)
+        return cls(type=type, job_id=job.id, user_id=job.user_id, service=job.service, **fields)

@@ -18,13 +18,19 @@ from easel.admission import admit
 from easel.backends import base as backends_registry
 from easel.backends.base import Backend
 from easel.config import Settings
-from easel.errors import ImageNotFound, JobFinished
+from easel.errors import EaselError, ImageNotFound, JobFinished, JobNotFound
 from easel.events import EventBus, InProcessEventBus
 from easel.jobs import FINAL_STATES, Event, EventType, GenerationRequest, Job, JobState, JobView
+from easel.metrics import Metrics
+from easel.notes import JobNotes
+from easel.s3 import S3Store, Uploads
+from easel.safety import Gate
 from easel.scheduler import Policy, RunTimes, user_cap
+from easel.services import current_service, may_see
 from easel.storage import LocalStorage
 from easel.store.base import JobStore
 from easel.store.sqlite import SqliteStore
+from easel.webhooks import Webhooks, check_webhook_url
 from easel.worker import Worker
 
 log = logging.getLogger("easel")
@@ -64,9 +70,16 @@ class Runtime:
         self.registry = scale.registry_for(settings)
         self.storage = storage or LocalStorage(settings.resolved_output_dir)
         self.run_times = RunTimes()
+        self.notes = JobNotes()  # upload and webhook state, after a job is stored
+        self.uploads = _uploads_for(settings, self.storage, self.bus, self.notes)
+        self.webhooks = Webhooks(settings, self.bus, self.store, self.notes)
         self.workers: list[Worker] = []
         self._tasks: list[asyncio.Task[object]] = []  # one per worker
         self._reaper: asyncio.Task[None] | None = None
+        self._gatekeeper: asyncio.Task[None] | None = None
+        self._metering: asyncio.Task[None] | None = None
+        self.gate = Gate(settings.safety)
+        self.metrics = Metrics()
         self._wakeup = asyncio.Event()
         self._background: scale.Background | None = None
 
@@ -80,6 +93,10 @@ class Runtime:
         if workers:
             self.start_workers()
         self._reaper = asyncio.create_task(self._reap_leases(), name="easel-reaper")
+        if self.settings.webhook_allowed_hosts:
+            self.webhooks.start()
+        self._gatekeeper = asyncio.create_task(self.gate.follow(self.bus), name="easel-gate")
+        self._metering = asyncio.create_task(self.metrics.follow(self.bus), name="easel-metrics")
         self._background = scale.start_background(self)
 
     def start_workers(self) -> None:
@@ -103,13 +120,16 @@ class Runtime:
             batch_limit=self.settings.batch_limit,
             retry_base_seconds=self.settings.retry_base_seconds,
             wakeup=self._wakeup,
+            uploads=self.uploads,
         )
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop claiming, give running jobs ``grace`` seconds, put the rest back unspent."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-            await asyncio.gather(self._reaper, return_exceptions=True)
+        for helper in (self._reaper, self._gatekeeper, self._metering):
+            if helper is not None:
+                helper.cancel()
+                await asyncio.gather(helper, return_exceptions=True)
+        await self.gate.close()
         for worker in self.workers:
             worker.stop()
         tasks = list(self._tasks)
@@ -126,6 +146,9 @@ class Runtime:
         self._tasks.clear()
         await scale.stop_background(self, self._background)
         self.workers.clear()
+        if self.uploads is not None:
+            await self.uploads.close(grace)
+        await self.webhooks.close()
         for backend in self.backends.values():
             await backend.close()
         await self.bus.close()
@@ -153,16 +176,33 @@ class Runtime:
 
         The same ``idempotency_key`` from the same user returns the first job again.
         """
-        request, backend = admit(request, self.backends, self.default_backend, self.settings.limits)
+        try:
+            if request.webhook_url is not None:
+                check_webhook_url(
+                    request.webhook_url,
+                    self.settings.webhook_allowed_hosts,
+                    self.settings.webhook_secret is not None,
+                )
+            request, backend = admit(
+                request, self.backends, self.default_backend, self.settings.limits
+            )
+            service = current_service.get()
+            await self.gate.check(request, service)
+        except EaselError as refusal:
+            self.metrics.rejected.labels(refusal.code).inc()
+            raise
         cap = user_cap(
             request.max_user_queue_size,
             self.settings.max_user_queue_size,
             self.settings.max_user_queue_size_limit,
         )
-        new = Job(request=request, backend=backend.name)
+        owner = service.name if service is not None else None
+        new = Job(request=request, backend=backend.name, service=owner)
         job = await self.store.enqueue(new, user_cap=cap, idempotency_key=idempotency_key)
         view = await self.view(job)
         if job.id == new.id:
+            self.gate.accepted(job.id, service)
+            self.metrics.label(job.id, backend.name, request.model)
             self._wakeup.set()
             await self.bus.publish(
                 Event.of(
@@ -175,8 +215,16 @@ class Runtime:
             )
         return view
 
+    async def _visible(self, job_id: str) -> Job:
+        """The job, if the calling service may see it; else as if it did not exist."""
+        job = await self.store.get(job_id)
+        if not may_see(job.service):
+            raise JobNotFound(f"no job with id {job_id!r}")
+        return job
+
     async def cancel(self, job_id: str) -> Job:
         """A queued job ends at once; a running one stops at its next step."""
+        await self._visible(job_id)
         job = await self.store.cancel(job_id)
         await self.bus.publish(Event.of(job, EventType.cancelled))
         return job
@@ -186,6 +234,8 @@ class Runtime:
         cancelled = []
         for state in (JobState.queued, JobState.running):
             for job in await self.store.list_jobs(user_id=user_id, state=state, limit=100_000):
+                if not may_see(job.service):
+                    continue
                 with contextlib.suppress(JobFinished):
                     cancelled.append(await self.cancel(job.id))
         return cancelled
@@ -202,16 +252,21 @@ class Runtime:
         }
 
     async def get(self, job_id: str) -> JobView:
-        return await self.view(await self.store.get(job_id))
+        return await self.view(await self._visible(job_id))
 
     async def list_jobs(
         self, *, user_id: str | None = None, state: JobState | None = None, limit: int = 100
     ) -> list[Job]:
-        return await self.store.list_jobs(user_id=user_id, state=state, limit=limit)
+        """Newest first; a service sees only its own jobs (the newest ``limit`` of them)."""
+        if current_service.get() is None:
+            return await self.store.list_jobs(user_id=user_id, state=state, limit=limit)
+        jobs = await self.store.list_jobs(user_id=user_id, state=state, limit=limit * 10)
+        return [job for job in jobs if may_see(job.service)][:limit]
 
     async def view(self, job: Job) -> JobView:
         """The job with its queue position and ETA (queued jobs only)."""
         position = eta = None
+        job = self.notes.apply(job)
         average = self.run_times.estimate(job.backend, job.request)
         if job.state is JobState.queued and (place := await self.store.place(job.id)) is not None:
             position = place.position
@@ -235,7 +290,7 @@ class Runtime:
             return await self.store.get(job_id)
 
     async def image_path(self, job_id: str, index: int) -> Path:
-        job = await self.store.get(job_id)
+        job = await self._visible(job_id)
         if not 0 <= index < len(job.images):
             raise ImageNotFound(f"job {job_id} has no image {index} (it has {len(job.images)})")
         return self.storage.path(job.images[index])
@@ -252,6 +307,14 @@ class Runtime:
                     self._wakeup.set()
             except Exception:
                 log.exception("could not expire leases; trying again in %.0fs", interval)
+
+
+def _uploads_for(
+    settings: Settings, storage: LocalStorage, bus: EventBus, notes: JobNotes
+) -> Uploads | None:
+    if not settings.s3.bucket:
+        return None
+    return Uploads(S3Store(settings.s3), storage, bus, notes)
 
 
 def _backends_from(settings: Settings) -> dict[str, Backend]:

@@ -27,6 +27,7 @@ from easel.metadata import infotext
 class LocalStorage:
     def __init__(self, output_dir: Path | str) -> None:
         self.root = Path(output_dir).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def save(self, job: Job, result: GenerationResult) -> list[ImageRef]:
         """Write every image and its sidecar; return refs in batch order."""

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterable
+from typing import TYPE_CHECKING
 
 from PIL.Image import Image
 
@@ -31,10 +32,13 @@ from easel.errors import (
     StoreUnavailable,
 )
 from easel.events import EventBus
-from easel.jobs import Event, EventType, Job, JobError, JobState
+from easel.jobs import Event, EventType, ImageRef, Job, JobError, JobState
 from easel.scheduler import RunTimes, retry_delay
 from easel.storage import LocalStorage
 from easel.store.base import JobStore
+
+if TYPE_CHECKING:
+    from easel.s3 import Uploads
 
 log = logging.getLogger("easel.worker")
 
@@ -55,6 +59,7 @@ class Worker:
         batch_limit: int = 1,
         retry_base_seconds: float = 2.0,
         wakeup: asyncio.Event | None = None,
+        uploads: Uploads | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -68,6 +73,7 @@ class Worker:
         self.batch_limit = batch_limit if backend.batches else 1
         self.retry_base_seconds = retry_base_seconds
         self.wakeup = wakeup or asyncio.Event()
+        self.uploads = uploads
         self.current: list[Job] = []
         self._cancels: dict[str, threading.Event] = {}
         self._stopping = False
@@ -168,18 +174,27 @@ class Worker:
 
     async def _finish(self, job: Job, result: GenerationResult, seconds: float) -> None:
         if self._cancels[job.id].is_set():
-            log.info("job %s was cancelled; its result is discarded", job.id)
+            log.info("job %s was cancelled; its result is discarded", job.id, extra=_ids(job))
             return
+        upload_error = None
         try:
             images = await asyncio.to_thread(self.storage.save, job, result)
+            if self.uploads is not None and job.request.sync_with_s3:
+                images, upload_error = await _upload_now(self.uploads, job, images)
             done = await asyncio.shield(self.store.complete(job.id, self.id, images))
         except (LeaseLost, JobFinished):
-            log.info("job %s is no longer ours; its result is discarded", job.id)
+            log.info("job %s is no longer ours; its result is discarded", job.id, extra=_ids(job))
         except Exception as exc:
             await self._failed(job, exc)
         else:
             self.run_times.observe(job.backend, job.request, seconds)
-            await self.bus.publish(Event.of(done, EventType.succeeded, images=done.images))
+            if upload_error is not None and self.uploads is not None:
+                self.uploads.notes.update(done.id, upload_error=upload_error)
+            await self.bus.publish(
+                Event.of(done, EventType.succeeded, images=done.images, upload_error=upload_error)
+            )
+            if self.uploads is not None and not job.request.sync_with_s3:
+                self.uploads.schedule(done)
 
     async def _failed(self, job: Job, exc: Exception) -> None:
         """Record a failure: retry it later if it was transient, else fail it with its reason."""
@@ -188,7 +203,10 @@ class Worker:
         if isinstance(exc, EaselError):
             error = JobError(code=exc.code, message=exc.message)
         else:
-            log.exception("job %s failed in backend %s", job.id, self.backend.name, exc_info=exc)
+            log.exception(
+                "job %s failed in backend %s", job.id, self.backend.name, exc_info=exc,
+                extra=_ids(job),
+            )  # fmt: skip
             error = JobError(code=GenerationError.code, message=f"{type(exc).__name__}: {exc}")
         try:
             if isinstance(exc, EaselError) and exc.retryable:
@@ -201,7 +219,10 @@ class Worker:
         except (LeaseLost, JobFinished):
             return
         if after.state is JobState.queued:
-            log.warning("job %s: %s; retrying (attempt %d)", job.id, error.message, after.attempts)
+            log.warning(
+                "job %s: %s; retrying (attempt %d)", job.id, error.message, after.attempts,
+                extra=_ids(job),
+            )  # fmt: skip
             await self.bus.publish(Event.of(after, EventType.queued, error=error))
             self.wakeup.set()
         else:
@@ -220,6 +241,22 @@ class Worker:
                     continue
                 if not held:
                     self._cancels[job.id].set()
+
+
+async def _upload_now(
+    uploads: Uploads, job: Job, images: list[ImageRef]
+) -> tuple[list[ImageRef], str | None]:
+    """``sync_with_s3``: the refs with their URLs, or the local refs and why not."""
+    try:
+        return await uploads.upload(job, images), None
+    except Exception as exc:
+        log.error("job %s: upload failed for good; its images stay local: %s", job.id, exc)
+        return images, f"{type(exc).__name__}: {exc}"
+
+
+def _ids(job: Job) -> dict[str, str | None]:
+    """Fields for structured logs (``EASEL_LOG_FORMAT=json``)."""
+    return {"job_id": job.id, "user_id": job.user_id, "service": job.service}
 
 
 def _jpeg_base64(image: Image, max_side: int = 256) -> str:

@@ -13,9 +13,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from easel import __version__
-from easel.api import a1111, errors, native, openai, pipeline, sse
+from easel.api import a1111, errors, native, openai, operations, pipeline, sse
+from easel.api.auth import BodyLimit, TokenAuth
 from easel.config import Settings
 from easel.runtime import Runtime
+from easel.safety import service_tokens
 
 
 def create_app(
@@ -63,7 +65,11 @@ def create_app(
         },
     )
     errors.install(app)
+    if settings.safety.tokens:
+        app.add_middleware(TokenAuth, tokens=service_tokens(settings.safety))
+    app.add_middleware(BodyLimit, max_bytes=settings.safety.max_body_bytes)  # outermost
     app.include_router(native.router)
+    app.include_router(operations.router)
     app.include_router(sse.router)
     app.include_router(openai.router)
     app.include_router(a1111.router)

@@ -4,58 +4,21 @@ When any token is configured, every route but ``/health`` needs one, as
 ``Authorization: Bearer <token>`` (or ``?token=`` on a websocket, which browsers cannot
 give headers). Tokens are compared in constant time against every configured token and
 are never logged. The caller's service lands in ``scope["state"]["service"]``; routes use
-it to show a service only its own jobs (``admin`` sees all).
+it to show a service only its own jobs (``admin`` sees all); so does
+``easel.services.current_service``, for code below the routes.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 from urllib.parse import parse_qs
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from easel.services import Permission, ServiceToken, current_service, identify
 
 OPEN_PATHS = frozenset({"/health"})
-
-
-class Permission(StrEnum):
-    submit = "submit"
-    read = "read"
-    admin = "admin"
-
-
-@dataclass(frozen=True)
-class Service:
-    name: str
-    scopes: frozenset[str]
-
-    def may(self, scope: str) -> bool:
-        return scope in self.scopes or Permission.admin in self.scopes
-
-    @property
-    def is_admin(self) -> bool:
-        return Permission.admin in self.scopes
-
-
-@dataclass(frozen=True)
-class ServiceToken:
-    service: Service
-    token: bytes
-
-
-def identify(tokens: Sequence[ServiceToken], presented: str | None) -> Service | None:
-    """The service whose token was presented; every token is compared, in constant time."""
-    if not presented:
-        return None
-    given = presented.encode()
-    found = None
-    for candidate in tokens:
-        if hmac.compare_digest(candidate.token, given):
-            found = candidate.service
-    return found
 
 
 def required_scope(method: str) -> str:
@@ -86,7 +49,11 @@ class TokenAuth:
             )  # fmt: skip
             return
         scope.setdefault("state", {})["service"] = service
-        await self.app(scope, receive, send)
+        reset = current_service.set(service)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current_service.reset(reset)
 
 
 def _presented(scope: Scope) -> str | None:
@@ -114,3 +81,55 @@ async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with easel's 413, before they are read whole.
+
+    ``Content-Length`` is checked up front; a chunked body is counted as it arrives.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._refuse(scope, send)
+                return
+        seen = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await self._refuse(scope, send)
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        await _refuse(
+            scope, send, 413, "request_too_large",
+            f"the request body is larger than {self.max_bytes} bytes",
+        )  # fmt: skip
+
+
+class _TooLarge(Exception):
+    pass

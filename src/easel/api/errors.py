@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
 from easel.errors import EaselError
@@ -59,10 +60,22 @@ def describe_validation(errors: Any) -> tuple[int, str, str]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(EaselError)
     async def easel_error(request: Request, exc: EaselError) -> JSONResponse:
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.status)
+        headers = None
+        if isinstance(retry := exc.details.get("retry_after"), int | float):
+            headers = {"Retry-After": str(max(1, math.ceil(retry)))}
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, code, message = describe_validation(exc.errors())
+        if (runtime := getattr(request.app.state, "runtime", None)) is not None:
+            runtime.metrics.rejected.labels(code).inc()
+        return error_response(status, code, message)
+
+    @app.exception_handler(ValidationError)
+    async def invalid_model(request: Request, exc: ValidationError) -> JSONResponse:
+        # a compatibility route building easel's request from a foreign one: still the
+        # client's input, so still a 422 with a code, never a 500
         status, code, message = describe_validation(exc.errors())
         return error_response(status, code, message)
 

@@ -42,6 +42,9 @@ from easel.jobs import Event, EventType, GenerationRequest, Job, JobKind, JobSta
 from easel.proto import imageservice_pb2 as pb
 from easel.proto.drawthings import decode_configuration, decode_tensor, encode_tensor
 from easel.runtime import Runtime
+from easel.safety import service_tokens
+from easel.services import Permission, current_service
+from easel.services import identify as identify_service
 
 log = logging.getLogger("easel.grpc")
 
@@ -70,6 +73,26 @@ class ImageGenerationService:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.tokens = service_tokens(runtime.settings.safety)
+
+    async def _authorize(self, context: Context, permission: str) -> None:
+        """With tokens configured, the call must carry one (``authorization: Bearer <t>``
+        metadata); the service then owns the jobs of this call, as over HTTP."""
+        if not self.tokens:
+            return
+        metadata = {key: value for key, value in context.invocation_metadata() or ()}
+        kind, _, token = str(metadata.get("authorization", "")).partition(" ")
+        service = identify_service(self.tokens, token.strip() if kind.lower() == "bearer" else None)
+        if service is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "a valid service token is required"
+            )
+        elif not service.may(permission):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"service {service.name!r} lacks the {permission!r} scope",
+            )
+        current_service.set(service)
 
     def served(self) -> list[str]:
         return [
@@ -80,11 +103,13 @@ class ImageGenerationService:
         ]
 
     async def echo(self, request: pb.EchoRequest, context: Context) -> pb.EchoReply:
+        await self._authorize(context, Permission.read)
         return pb.EchoReply(message=f"HELLO {request.name}", files=self.served())
 
     async def files_exist(
         self, request: pb.FileListRequest, context: Context
     ) -> pb.FileExistenceResponse:
+        await self._authorize(context, Permission.read)
         files = [*request.files, *request.files_with_hash]
         return pb.FileExistenceResponse(
             files=files,
@@ -95,6 +120,7 @@ class ImageGenerationService:
     async def generate_image(
         self, request: pb.ImageGenerationRequest, context: Context
     ) -> AsyncIterator[pb.ImageGenerationResponse]:
+        await self._authorize(context, Permission.submit)
         try:
             generation = await self._translate(request, context)
             async with submitted(self.runtime, generation) as run:

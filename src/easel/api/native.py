@@ -14,9 +14,11 @@ from pydantic import BaseModel, ValidationError
 from easel import __version__
 from easel.api.errors import ErrorResponse
 from easel.backends.base import Capability
+from easel.errors import UnsupportedMediaType
 from easel.events import Subscription
 from easel.jobs import GenerationRequest, Job, JobState, JobView
 from easel.runtime import Runtime
+from easel.services import may_see
 from easel.worker_registry import WorkerInfo
 
 router = APIRouter()
@@ -89,6 +91,9 @@ async def submit_job(
     """Queue a generation. Answered once the job is durable; watch it on ``/v1/events``."""
     # The hot path: pydantic-core parses the bytes straight into the model, skipping
     # FastAPI's dependency machinery (about a tenth of each request).
+    media = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if media != "application/json":
+        raise UnsupportedMediaType(f"send the job as application/json, not {media}")
     try:
         body = GenerationRequest.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -231,7 +236,8 @@ async def events(
 
 async def _forward(subscription: Subscription, websocket: WebSocket) -> None:
     async for event in subscription:
-        await websocket.send_text(event.model_dump_json(exclude_none=True))
+        if may_see(event.service):  # a service sees only its own jobs' events
+            await websocket.send_text(event.model_dump_json(exclude_none=True))
 
 
 async def _until_disconnect(websocket: WebSocket) -> None:

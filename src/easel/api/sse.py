@@ -25,6 +25,7 @@ from easel.client._common import final_event
 from easel.events import Subscription
 from easel.jobs import Event, EventType, Job
 from easel.runtime import Runtime
+from easel.services import may_see
 
 router = APIRouter(tags=["events"])
 
@@ -123,6 +124,8 @@ async def _frames(subscription: Subscription, *, until_final: bool) -> AsyncIter
             continue
         if event is None:  # the bus ended the stream (slow client, shutdown): resume
             return
+        if not may_see(event.service):  # a service sees only its own jobs' events
+            continue
         yield _frame(event)
         if until_final and event.type in _FINAL:
             return

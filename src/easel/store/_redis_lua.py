@@ -254,7 +254,8 @@ def _script(body: str) -> str:
 
 
 ENQUEUE = _script("""
--- 8 id, 9 user, 10 tier, 11 backend, 12 cost, 13 created_at, 14 batch key, 15 request JSON,
+-- 8 id, 9 user, 10 tier, 11 backend, 12 cost, 13 created_at, 14 batch key, 15 the job's
+-- JSON without the fields scripts change (see redis.py),
 -- 16 user cap, 17 queue cap ('' = none), 18 idempotency key ('' = none), 19 its ttl ms,
 -- 20 the user's weight
 local id, user = ARGV[8], ARGV[9]
@@ -273,7 +274,7 @@ if active >= tonumber(ARGV[16]) then return {'user_full', active} end
 local seq = redis.call('HINCRBY', K_SCHED, 'jobs', 1)
 redis.call('HSET', job_key(id), 'id', id, 'user_id', user, 'tier', ARGV[10],
   'backend', ARGV[11], 'cost', ARGV[12], 'created_at', ARGV[13], 'batch_key', ARGV[14],
-  'request', ARGV[15], 'state', 'queued', 'attempts', 0, 'started_at', '', 'finished_at', '',
+  'base', ARGV[15], 'state', 'queued', 'attempts', 0, 'started_at', '', 'finished_at', '',
   'worker_id', '', 'images', '[]', 'error', '', 'lease', '', 'member', '', 'seq', seq)
 redis.call('ZADD', K_ALL, seq, id)
 redis.call('ZADD', user_key(user), seq, id)

@@ -13,7 +13,6 @@ either because ``appendfsync always`` fsyncs before Redis replies, or by ``WAITA
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable, Collection
 from typing import Any, Literal
@@ -33,15 +32,19 @@ from easel.errors import (
     StoreUnavailable,
     UserQueueFull,
 )
-from easel.jobs import GenerationRequest, ImageRef, Job, JobError, JobState
+from easel.jobs import ImageRef, Job, JobError, JobState
 from easel.scheduler import Place, Policy, QueueStats, entry_for
 from easel.store import _redis_lua as lua
 from easel.store.base import WORKER_LOST, JobStore
 
 log = logging.getLogger("easel.store.redis")
 
-Durability = Literal["auto", "waitaof", "fsync", "off"]
+Durability = Literal["auto", "waitaof", "off"]
 _IMAGES = TypeAdapter(list[ImageRef])
+_CHANGING = frozenset(
+    {"state", "started_at", "finished_at", "attempts", "worker_id", "images", "error"}
+)
+"""Job fields the scripts change, each a hash field; the rest is stored once as JSON."""
 _UNAVAILABLE_REPLIES = ("MISCONF", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS")
 
 
@@ -194,7 +197,7 @@ class RedisStore(JobStore):
         args = (
             job.id, job.user_id, min(entry.priority, self.policy.top_priority), job.backend,
             repr(entry.cost), repr(job.created_at), entry.batch_key or "",
-            job.request.model_dump_json(), user_cap,
+            job.model_dump_json(exclude=set(_CHANGING)), user_cap,
             "" if self.max_queue_size is None else self.max_queue_size,
             idem, keys.IDEMPOTENCY_TTL_SECONDS * 1000, repr(self.policy.weight(job.user_id)),
         )  # fmt: skip
@@ -347,20 +350,19 @@ def _job(flat: list[str]) -> Job:
 
 
 def _from_fields(fields: dict[str, str]) -> Job:
-    """A job hash as the one vocabulary's :class:`Job`."""
+    """A job hash as the one vocabulary's :class:`Job`: what it was made with, then what
+    changed since (so fields added to Job later round-trip without a script change)."""
     error = fields.get("error")
-    return Job(
-        id=fields["id"],
-        request=GenerationRequest.model_validate_json(fields["request"]),
-        state=JobState(fields["state"]),
-        backend=fields["backend"],
-        created_at=float(fields["created_at"]),
-        started_at=_float(fields.get("started_at")),
-        finished_at=_float(fields.get("finished_at")),
-        attempts=int(fields.get("attempts") or 0),
-        worker_id=fields.get("worker_id") or None,
-        images=_IMAGES.validate_json(fields.get("images") or "[]"),
-        error=JobError.model_validate(json.loads(error)) if error else None,
+    return Job.model_validate_json(fields["base"]).model_copy(
+        update={
+            "state": JobState(fields["state"]),
+            "started_at": _float(fields.get("started_at")),
+            "finished_at": _float(fields.get("finished_at")),
+            "attempts": int(fields.get("attempts") or 0),
+            "worker_id": fields.get("worker_id") or None,
+            "images": _IMAGES.validate_json(fields.get("images") or "[]"),
+            "error": JobError.model_validate_json(error) if error else None,
+        }
     )
 
 
