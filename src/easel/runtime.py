@@ -31,7 +31,7 @@ from easel.storage import LocalStorage
 from easel.store.base import JobStore
 from easel.store.sqlite import SqliteStore
 from easel.webhooks import Webhooks, check_webhook_url
-from easel.worker import Worker
+from easel.worker import Doorbell, Worker
 
 log = logging.getLogger("easel")
 
@@ -80,7 +80,7 @@ class Runtime:
         self._metering: asyncio.Task[None] | None = None
         self.gate = Gate(settings.safety)
         self.metrics = Metrics()
-        self._wakeup = asyncio.Event()
+        self._wakeup = Doorbell()
         self._background: scale.Background | None = None
 
     # -- lifecycle ----------------------------------------------------------------------

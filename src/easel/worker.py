@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,40 @@ if TYPE_CHECKING:
 log = logging.getLogger("easel.worker")
 
 
+class Doorbell:
+    """Wakes ONE idle worker per ring. An ``asyncio.Event`` shared by the workers of a
+    process would wake them all to race for the same job (one claim wins, the rest are
+    wasted round trips to the store). A ring with nobody waiting is kept for the next."""
+
+    def __init__(self) -> None:
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._pending = False
+
+    def set(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._pending = True
+
+    def clear(self) -> None:
+        self._pending = False
+
+    async def wait(self) -> None:
+        if self._pending:
+            self._pending = False
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.set()  # rung as we left (a timeout): pass the ring on
+            raise
+
+
 class Worker:
     def __init__(
         self,
@@ -58,7 +93,7 @@ class Worker:
         poll_seconds: float = 1.0,
         batch_limit: int = 1,
         retry_base_seconds: float = 2.0,
-        wakeup: asyncio.Event | None = None,
+        wakeup: Doorbell | None = None,
         uploads: Uploads | None = None,
     ) -> None:
         self.store = store
@@ -72,7 +107,7 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.batch_limit = batch_limit if backend.batches else 1
         self.retry_base_seconds = retry_base_seconds
-        self.wakeup = wakeup or asyncio.Event()
+        self.wakeup = wakeup or Doorbell()
         self.uploads = uploads
         self.current: list[Job] = []
         self._cancels: dict[str, threading.Event] = {}
