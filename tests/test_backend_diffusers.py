@@ -104,7 +104,6 @@ def importlib_spec(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-needs_peft = pytest.mark.skipif(not importlib_spec("peft"), reason="LoRAs need peft")
 
 
 @pytest.fixture(scope="module")
@@ -407,7 +406,6 @@ async def test_upscale_is_for_txt2img(backend: DiffusersBackend) -> None:
 # -- LoRA ---------------------------------------------------------------------------------------
 
 
-@needs_peft
 async def test_lora_changes_the_output_and_unloading_restores_it(
     backend: DiffusersBackend,
 ) -> None:
@@ -424,7 +422,6 @@ async def test_lora_changes_the_output_and_unloading_restores_it(
     assert pixels(ink_again.images[0]) == pixels(ink.images[0])
 
 
-@needs_peft
 async def test_concurrent_lora_requests_each_get_their_own_set(backend: DiffusersBackend) -> None:
     reqs = [
         request(seed=5),
@@ -437,7 +434,6 @@ async def test_concurrent_lora_requests_each_get_their_own_set(backend: Diffuser
     assert [pixels(r.images[0]) for r in together] == alone
 
 
-@needs_peft
 async def test_lora_refusals(backend: DiffusersBackend) -> None:
     with pytest.raises(ModelNotFound, match="Available loras: loras/ink"):
         backend.check(request(loras=[{"name": "nope"}]))

@@ -3,7 +3,6 @@ locally, saved as diffusers folders and loaded from a models directory like user
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,7 +29,6 @@ FAMILIES = {  # tiny builder -> the family the registry must find from the saved
     "kandinsky22": "kandinsky22",
     "kandinsky3": "kandinsky3",
 }
-HAS_PEFT = importlib.util.find_spec("peft") is not None
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +38,7 @@ def family_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("families")
     for builder in FAMILIES:
         base = make_tiny_pipeline(root / f"tiny-{builder}", family=builder, seed=1)
-        if HAS_PEFT and builder in ("sdxl", "sd3", "flux"):
+        if builder in ("sdxl", "sd3", "flux"):  # peft comes with easel[diffusers]
             make_tiny_lora(root / "loras" / f"{builder}-style.safetensors", base, seed=5)
     make_tiny_controlnet(root / "controlnet" / "xl-canny", root / "tiny-sdxl")
     return root
@@ -204,7 +202,6 @@ async def test_family_limits_are_4xx(backend: DiffusersBackend) -> None:
         )
 
 
-@pytest.mark.skipif(not HAS_PEFT, reason="LoRAs need peft")
 @pytest.mark.parametrize("builder", ["sdxl", "sd3", "flux"])
 async def test_lora_changes_then_restores(backend: DiffusersBackend, builder: str) -> None:
     req = request(model=model(builder), seed=6, steps=2)
