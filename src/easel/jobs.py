@@ -301,6 +301,10 @@ class EventType(StrEnum):
     upload_failed = "upload_failed"
 
 
+FINAL_EVENTS = frozenset({EventType.succeeded, EventType.failed, EventType.cancelled})
+"""The events that end a job: exactly one of them is its last."""
+
+
 class Event(BaseModel):
     """One change of one job. ``id`` orders all events of a bus; resume after it."""
 

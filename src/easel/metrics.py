@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from easel.events import EventBus
-from easel.jobs import Event, EventType
+from easel.jobs import FINAL_EVENTS, Event, EventType
 from easel.store.base import JobStore
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -54,7 +54,7 @@ class Metrics:
             self._started[event.job_id] = event.at
             if (queued := self._queued_at.get(event.job_id)) is not None:
                 self.wait.labels(backend, model).observe(event.at - queued)
-        elif event.type in {EventType.succeeded, EventType.failed, EventType.cancelled}:
+        elif event.type in FINAL_EVENTS:
             started = self._started.pop(event.job_id, None)
             self._queued_at.pop(event.job_id, None)
             self._labels.pop(event.job_id, None)

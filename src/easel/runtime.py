@@ -20,7 +20,16 @@ from easel.backends.base import Backend
 from easel.config import Settings
 from easel.errors import EaselError, ImageNotFound, JobFinished, JobNotFound
 from easel.events import EventBus, InProcessEventBus
-from easel.jobs import FINAL_STATES, Event, EventType, GenerationRequest, Job, JobState, JobView
+from easel.jobs import (
+    FINAL_EVENTS,
+    FINAL_STATES,
+    Event,
+    EventType,
+    GenerationRequest,
+    Job,
+    JobState,
+    JobView,
+)
 from easel.metrics import Metrics
 from easel.notes import JobNotes
 from easel.s3 import S3Store, Uploads
@@ -285,7 +294,7 @@ class Runtime:
                 if job.state in FINAL_STATES:
                     return job
                 async for event in events:
-                    if event.type in {EventType.succeeded, EventType.failed, EventType.cancelled}:
+                    if event.type in FINAL_EVENTS:
                         break
             return await self.store.get(job_id)
 

@@ -11,12 +11,10 @@ import time
 from easel.config import Safety
 from easel.errors import QueueFull
 from easel.events import EventBus
-from easel.jobs import EventType, GenerationRequest
+from easel.jobs import FINAL_EVENTS, GenerationRequest
 from easel.moderation import DenyList, HttpClassifier, Moderator, moderate
 from easel.ratelimit import TokenBuckets
 from easel.services import Permission, Service, ServiceToken
-
-_FINAL_EVENTS = frozenset({EventType.succeeded, EventType.failed, EventType.cancelled})
 
 
 def service_tokens(safety: Safety) -> list[ServiceToken]:
@@ -72,7 +70,7 @@ class Gate:
 
     async def follow(self, bus: EventBus) -> None:
         """Free a service's slot when one of its jobs ends (until cancelled)."""
-        async with bus.subscribe(types=_FINAL_EVENTS) as events:
+        async with bus.subscribe(types=FINAL_EVENTS) as events:
             async for event in events:
                 if event.service is not None:
                     self._active.get(event.service, set()).discard(event.job_id)

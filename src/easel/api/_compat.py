@@ -20,13 +20,11 @@ from starlette.requests import HTTPConnection
 
 from easel.client._common import final_event
 from easel.events import Subscription
-from easel.jobs import FINAL_STATES, Event, EventType, GenerationRequest, Job, JobView
+from easel.jobs import FINAL_EVENTS, FINAL_STATES, Event, GenerationRequest, Job, JobView
 from easel.runtime import Runtime
 
 USER_HEADER = "x-easel-user"
 """A header any compatibility client can set to name its user (A1111 has no user field)."""
-
-_FINAL_EVENTS = frozenset({EventType.succeeded, EventType.failed, EventType.cancelled})
 
 
 def identify(
@@ -96,7 +94,7 @@ async def _events_of(
         if event.job_id != job_id:
             continue
         yield event
-        if event.type in _FINAL_EVENTS:
+        if event.type in FINAL_EVENTS:
             return
     # the bus ended the stream (a slow subscriber, or shutdown): the record has the end
     job = await runtime.wait(job_id)

@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
+from easel.api.native import runtime_of
 from easel.errors import EaselError
-from easel.runtime import Runtime
 
 router = APIRouter(tags=["operations"])
 
@@ -21,11 +21,6 @@ class Readiness(BaseModel):
     store: str
     workers: int
     storage: str
-
-
-def runtime_of(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
 
 
 @router.get(

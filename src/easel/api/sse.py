@@ -23,7 +23,7 @@ from easel.api.errors import ErrorResponse
 from easel.api.native import runtime_of
 from easel.client._common import final_event
 from easel.events import Subscription
-from easel.jobs import Event, EventType, Job
+from easel.jobs import FINAL_EVENTS, Event, Job
 from easel.runtime import Runtime
 from easel.services import may_see
 
@@ -34,7 +34,6 @@ KEEPALIVE_SECONDS = 15.0
 REPLAY_GRACE = 0.5
 """How long to wait for a finished job's replayed events before deciding there are none."""
 
-_FINAL = frozenset({EventType.succeeded, EventType.failed, EventType.cancelled})
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _STREAM: dict[int | str, dict[str, Any]] = {
     200: {
@@ -127,7 +126,7 @@ async def _frames(subscription: Subscription, *, until_final: bool) -> AsyncIter
         if not may_see(event.service):  # a service sees only its own jobs' events
             continue
         yield _frame(event)
-        if until_final and event.type in _FINAL:
+        if until_final and event.type in FINAL_EVENTS:
             return
 
 

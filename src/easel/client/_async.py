@@ -21,7 +21,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from easel import __version__
 from easel.client import _files
 from easel.client._common import (
-    FINAL_EVENTS,
     HANDLER_FOR_EVENT,
     HANDLER_NAMES,
     Handler,
@@ -33,7 +32,7 @@ from easel.client._common import (
     unreachable,
 )
 from easel.errors import InvalidRequest
-from easel.jobs import Event, GenerationRequest, Job, JobState, JobView
+from easel.jobs import FINAL_EVENTS, Event, GenerationRequest, Job, JobState, JobView
 
 if TYPE_CHECKING:
     from easel.api.native import Models

@@ -36,7 +36,6 @@ HANDLER_FOR_EVENT: dict[EventType, HandlerName] = {
     EventType.cancelled: "cancelled",
 }
 
-FINAL_EVENTS = frozenset({EventType.succeeded, EventType.failed, EventType.cancelled})
 
 _EVENT_FOR_STATE = {
     JobState.succeeded: EventType.succeeded,

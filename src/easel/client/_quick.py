@@ -20,9 +20,9 @@ from pydantic import ValidationError
 
 from easel.client import _files
 from easel.client._async import AsyncClient
-from easel.client._common import FINAL_EVENTS, HANDLER_FOR_EVENT, job_error
+from easel.client._common import HANDLER_FOR_EVENT, job_error
 from easel.errors import InvalidRequest
-from easel.jobs import Event, GenerationRequest, Job, JobState
+from easel.jobs import FINAL_EVENTS, Event, GenerationRequest, Job, JobState
 
 EventCallback = Callable[[Event], object]
 
