@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from easel.backends.diffusers import DiffusersBackend
+from easel.backends.diffusers.backend import DiffusersBackend
 from easel.config import Settings
 from easel.jobs import GenerationRequest, JobState
-from easel.runtime import Runtime
+from easel.runtime.facade import Runtime
 from easel.tiny import make_tiny_pipeline
 
 

@@ -13,7 +13,7 @@ backlogged. It prints:
 - p50/p99 wait per priority tier (aging promotes standard jobs after ``--aging`` s);
 - scheduling decisions per second of ``FairQueue`` in this process (target >= 100,000/s).
 
-The policy under test is ``easel.scheduler.FairQueue``, the code the stores run.
+The policy under test is ``easel.queue.scheduler.FairQueue``, the code the stores run.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from easel.scheduler import Entry, FairQueue, Policy
+from easel.queue.scheduler import Entry, FairQueue, Policy
 
 SIZES = [(512, 512), (768, 768), (1024, 1024)]
 STEPS = [20, 30, 40]

@@ -8,7 +8,7 @@ Speed does not depend on weight values, so the pipelines are built from the real
 architectures' configs (SD 1.5: UNet 320/640/1280/1280 + CLIP ViT-L/14 + the SD VAE; SDXL:
 UNet 320/640/1280 with 1/2/10 transformer layers + CLIP ViT-L and OpenCLIP bigG + the VAE)
 with random weights, directly on the device, in fp16. Each variant applies easel's own
-device/speed knobs (``easel.backends._pipelines.place``) to a fresh pipeline:
+device/speed knobs (``easel.backends.diffusers._pipelines.place``) to a fresh pipeline:
 
     eager          fp16, PyTorch SDPA attention (the default)
     tuned          + channels_last UNet + fused QKV projections
@@ -84,7 +84,7 @@ def build(model: str, scheduler: Any) -> Any:
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from easel.backends._tiny_families import clip_tokenizer
+    from easel.tiny._families import clip_tokenizer
 
     if model == "sd15":
         unet = UNet2DConditionModel(  # type: ignore[no-untyped-call]
@@ -133,13 +133,13 @@ def build(model: str, scheduler: Any) -> Any:
 
 def build_tiny(model: str) -> Any:
     """The smoke-test stand-in: easel's tiny SD / SDXL (same code path, tiny configs)."""
-    from easel.backends._tiny_families import build as build_family
+    from easel.tiny._families import build as build_family
 
     return build_family("sd" if model == "sd15" else "sdxl", seed=0)
 
 
 def options_for(variant: str, device: str) -> Any:
-    from easel.backends._pipelines import DeviceOptions
+    from easel.backends.diffusers._pipelines import DeviceOptions
 
     dtype = "float32" if device == "cpu" else "float16"
     tuned = variant != "eager"
@@ -204,7 +204,7 @@ def main() -> None:
     import torch
     from diffusers import EulerDiscreteScheduler
 
-    from easel.backends._pipelines import place
+    from easel.backends.diffusers._pipelines import place
     from easel.tiny import SCHEDULER_CONFIG
 
     torch.backends.cuda.matmul.allow_tf32 = True

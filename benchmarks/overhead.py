@@ -95,7 +95,7 @@ async def main() -> None:
     from PIL import Image, ImageChops
 
     from easel.config import Settings
-    from easel.runtime import Runtime
+    from easel.runtime.facade import Runtime
     from easel.tiny import make_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -118,11 +118,11 @@ async def bounded(jobs: int, submit: Callable[[int], Awaitable[Any]], width: int
 async def run_easel(
     url: str, workers: int, jobs: int, data: Path, backend: str, concurrency: int
 ) -> float:
-    from easel.backends.base import create
+    from easel.backends.registry import create
     from easel.config import Settings
     from easel.jobs import GenerationRequest
-    from easel.runtime import Runtime
-    from easel.worker_registry import RedisRegistry
+    from easel.runtime.facade import Runtime
+    from easel.runtime.registry import RedisRegistry
 
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"
     env = {"EASEL_REDIS_PREFIX": prefix, "EASEL_MOCK_STEP_DELAY": "0"}
@@ -165,7 +165,8 @@ async def _count(registry: Any, workers: int) -> bool:
 
 
 def register_noop() -> None:
-    from easel.backends.base import Backend, Capability, GenerationResult, RunContext, register
+    from easel.backends.base import Backend, Capability, GenerationResult, RunContext
+    from easel.backends.registry import register
     from easel.jobs import GenerationRequest
 
     @register("noop")

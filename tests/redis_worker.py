@@ -16,7 +16,8 @@ import os
 import re
 
 from easel.backends import mock
-from easel.backends.base import GenerationResult, RunContext, register
+from easel.backends.base import GenerationResult, RunContext
+from easel.backends.registry import register
 from easel.jobs import GenerationRequest
 
 _SLEEP = re.compile(r"\[sleep:([0-9.]+)\]")

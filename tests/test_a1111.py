@@ -18,8 +18,8 @@ from PIL import Image
 
 from easel.api import create_app
 from easel.config import Settings
-from easel.metadata import parse_infotext
-from easel.runtime import Runtime
+from easel.results.metadata import parse_infotext
+from easel.runtime.facade import Runtime
 from tests._backends import PreviewMock
 from tests.servers import serve
 

@@ -8,12 +8,12 @@ import io
 import pytest
 from PIL import Image
 
-from easel.admission import admit, choose_backend
 from easel.backends.base import Capability
 from easel.backends.mock import MockBackend
 from easel.config import Limits
 from easel.errors import InvalidRequest, ModelNotFound, Unsupported
 from easel.jobs import GenerationRequest
+from easel.queue.admission import admit, choose_backend
 
 
 class TextOnly(MockBackend):

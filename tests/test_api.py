@@ -14,7 +14,7 @@ from PIL import Image
 from websockets.sync.client import connect
 
 from easel.config import Settings
-from easel.metadata import parse_infotext
+from easel.results.metadata import parse_infotext
 
 FINAL = {"succeeded", "failed", "cancelled"}
 SMALL = {"width": 64, "height": 64, "steps": 3}

@@ -16,8 +16,8 @@ from PIL import Image, ImageChops
 from pydantic import ValidationError
 
 from easel.backends import RunContext
-from easel.backends._options import read_extras
-from easel.backends.diffusers import DiffusersBackend
+from easel.backends.diffusers._options import read_extras
+from easel.backends.diffusers.backend import DiffusersBackend
 from easel.errors import (
     Cancelled,
     GenerationError,
@@ -102,8 +102,6 @@ def importlib_spec(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
-
-
 
 
 @pytest.fixture(scope="module")
@@ -507,7 +505,7 @@ async def test_lru_cache_evicts_the_least_recently_used_model_under_a_budget(
 def test_models_in_use_and_the_latest_are_never_evicted() -> None:
     import torch
 
-    from easel.backends._pipelines import PipelineCache
+    from easel.backends.diffusers._pipelines import PipelineCache
 
     def weights() -> torch.nn.Module:
         return torch.nn.Linear(16, 16)  # 1,088 bytes: over the budget alone
@@ -598,7 +596,7 @@ async def test_offload_needs_an_accelerator(tiny_model_dir: Path) -> None:
 
 
 def test_memory_budget_sizes() -> None:
-    from easel.backends._pipelines import parse_bytes
+    from easel.backends.diffusers._pipelines import parse_bytes
 
     assert parse_bytes("12GB") == 12 * 1024**3
     assert parse_bytes("512 MiB") == 512 * 1024**2

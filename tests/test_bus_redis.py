@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from easel.bus_redis import RedisEventBus
-from easel.events import Subscription
+from easel.events.bus import Subscription
+from easel.events.redis import RedisEventBus
 from easel.jobs import Event, EventType
-from easel.worker_registry import RedisRegistry, WorkerInfo
+from easel.runtime.registry import RedisRegistry, WorkerInfo
 
 
 @pytest.fixture

@@ -25,9 +25,9 @@ from easel.errors import (
     JobNotFound,
     UserQueueFull,
 )
-from easel.events import InProcessEventBus
+from easel.events.bus import InProcessEventBus
 from easel.jobs import Event, EventType, GenerationRequest, JobState
-from easel.runtime import Runtime
+from easel.runtime.facade import Runtime
 from tests.servers import serve
 
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 3}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from easel.backends.diffusers import DiffusersBackend
+from easel.backends.diffusers.backend import DiffusersBackend
 from easel.errors import InvalidRequest, Unsupported
 from tests.test_backend_diffusers import (
     Recorder,

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from easel.backends.diffusers import DiffusersBackend
+from easel.backends.diffusers.backend import DiffusersBackend
 from easel.config import Settings
 from easel.jobs import EventType, GenerationRequest, JobState
-from easel.runtime import Runtime
+from easel.runtime.facade import Runtime
 
 
 @pytest.fixture(scope="module")

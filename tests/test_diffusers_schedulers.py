@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from easel.backends._families import FAMILIES
-from easel.backends.schedulers import (
+from easel.backends.diffusers._families import FAMILIES
+from easel.backends.diffusers.schedulers import (
     FLOW_SCHEDULERS,
     SCHEDULERS,
     ays_timesteps,
@@ -165,8 +165,8 @@ def test_kandinsky_schedulers_take_a_generator_in_step() -> None:
 def test_modules_import_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = sys.modules['diffusers'] = None\n"
-        "import easel.backends.diffusers, easel.backends.schedulers, easel.tiny, easel.models\n"
-        "from easel.backends.schedulers import resolve_scheduler\n"
+        "import easel.backends.diffusers.backend, easel.backends.diffusers.schedulers, easel.tiny, easel.backends.diffusers.models\n"
+        "from easel.backends.diffusers.schedulers import resolve_scheduler\n"
         "print(resolve_scheduler('Euler a')[0])"
     )
     result = subprocess.run(

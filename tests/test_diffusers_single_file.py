@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from easel.backends import RunContext
-from easel.backends.diffusers import DiffusersBackend
+from easel.backends.diffusers.backend import DiffusersBackend
+from easel.backends.diffusers.models import ModelFormat
 from easel.errors import ModelNotFound
-from easel.models import ModelFormat
 from tests.test_backend_diffusers import pixels, request, run
 
 pytest.importorskip("diffusers")

@@ -33,7 +33,7 @@ from easel.proto.drawthings import (
     encode_configuration,
     encode_tensor,
 )
-from easel.runtime import Runtime
+from easel.runtime.facade import Runtime
 from tests._backends import PreviewMock
 from tests.servers import easel_serve, free_port, serve
 

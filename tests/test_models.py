@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from easel.backends.diffusers.models import ModelFormat, ModelKind, ModelRegistry, classify_tensors
 from easel.errors import ModelNotFound
-from easel.models import ModelFormat, ModelKind, ModelRegistry, classify_tensors
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -180,7 +180,7 @@ def test_hf_cache_entries_are_named_by_repo(tmp_path: Path) -> None:
 def test_hf_cache_location_follows_the_hub_variables(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from easel.models import default_hf_cache
+    from easel.backends.diffusers.models import default_hf_cache
 
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -221,7 +221,7 @@ def test_inpainting_checkpoint_is_marked() -> None:
 def test_registry_imports_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = sys.modules['diffusers'] = None\n"
-        "import easel.models; print('ok')"
+        "import easel.backends.diffusers.models; print('ok')"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False

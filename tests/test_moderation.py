@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 
 from easel.errors import StoreUnavailable
 from easel.jobs import GenerationRequest
-from easel.moderation import DenyList, HttpClassifier, PromptRejected, moderate
+from easel.safety.moderation import DenyList, HttpClassifier, PromptRejected, moderate
 from tests.servers import free_port, serve
 
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
-from easel.metadata import parse_infotext
+from easel.results.metadata import parse_infotext
 
 
 def _client(server: str, api_key: str = "sk-test") -> openai.OpenAI:

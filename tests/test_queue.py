@@ -14,7 +14,7 @@ from websockets.sync.client import connect
 from easel.api import create_app
 from easel.backends.mock import MockBackend
 from easel.config import Settings
-from easel.runtime import Runtime
+from easel.runtime.facade import Runtime
 from tests.servers import serve
 from tests.test_api import SMALL, events_until_final, hold_worker, submit
 

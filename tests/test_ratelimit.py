@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from easel.ratelimit import RateLimited, TokenBuckets
+from easel.safety.ratelimit import RateLimited, TokenBuckets
 
 
 def test_a_burst_passes_then_the_rate_holds() -> None:

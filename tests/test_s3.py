@@ -13,9 +13,9 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from easel.config import S3Settings, Settings
-from easel.events import Subscription
+from easel.events.bus import Subscription
 from easel.jobs import Event, EventType, GenerationRequest
-from easel.runtime import Runtime
+from easel.runtime.facade import Runtime
 from tests.servers import free_port
 
 BUCKET = "easel-test"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from easel.errors import QueueFull, UserQueueFull
 from easel.jobs import GenerationRequest
-from easel.scheduler import (
+from easel.queue.scheduler import (
     Entry,
     FairQueue,
     Policy,

@@ -15,8 +15,8 @@ from websockets.asyncio.client import connect
 
 from easel.api import create_app
 from easel.config import Settings
-from easel.events import InProcessEventBus
-from easel.runtime import Runtime
+from easel.events.bus import InProcessEventBus
+from easel.runtime.facade import Runtime
 from tests.servers import serve
 
 SMALL = {"width": 64, "height": 64}

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from easel.errors import StoreUnavailable
 from easel.jobs import GenerationRequest, Job, JobState
-from easel.scheduler import FairQueue, Policy, entry_for
+from easel.queue.scheduler import FairQueue, Policy, entry_for
 from easel.store.base import JobStore
 from easel.store.redis import RedisStore
 from easel.store.sqlite import SqliteStore

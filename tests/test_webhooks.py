@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request, Response
 
 from easel.api import create_app
 from easel.config import Settings
-from easel.webhooks import check_webhook_url, sign
+from easel.effects.webhooks import check_webhook_url, sign
 from tests.servers import serve
 
 SECRET = "a webhook secret for tests"
@@ -102,7 +102,9 @@ def test_events_arrive_signed_and_in_order(
         job_id = response.json()["id"]
         got = receiver.wait_for(job_id, "succeeded")
         assert [r["event"]["type"] for r in got] == ["queued", "started", "succeeded"]
-        assert all(r["valid"] for r in got)  # no progress ticks: documented in easel.webhooks
+        assert all(
+            r["valid"] for r in got
+        )  # no progress ticks: documented in easel.effects.webhooks
         assert abs(got[0]["timestamp"] - time.time()) < 60
         assert got[-1]["event"]["images"][0]["index"] == 0
         job = _settled(server, job_id, events=3)

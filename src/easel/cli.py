@@ -21,9 +21,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from easel import logs
 from easel.errors import EaselError
 from easel.jobs import Event, EventType, JobState
+from easel.runtime import logs
 
 if TYPE_CHECKING:
     from easel.config import Settings
@@ -198,7 +198,7 @@ def worker(
     """
     from easel.backends import available
     from easel.config import Settings
-    from easel.worker_process import run_worker_process
+    from easel.runtime.process import run_worker_process
 
     given: dict[str, Any] = {
         "redis_url": redis,
@@ -355,7 +355,7 @@ def list_models(
     """What a server serves; without --server, the models found on this machine."""
     table = Table("backend", "kind", "model", "family", "size", "loaded")
     if server is None:
-        from easel.models import ModelRegistry
+        from easel.backends.diffusers.models import ModelRegistry
 
         registry = ModelRegistry(models_dir)
         for entry in sorted(registry.entries(), key=lambda e: (e.kind, e.name)):

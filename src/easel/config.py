@@ -17,7 +17,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from easel import redis_keys
+from easel import constants as redis_keys
 
 
 class Limits(BaseModel):

@@ -1,4 +1,4 @@
-"""The FastAPI application: one :class:`~easel.runtime.Runtime`, viewed over HTTP (and gRPC).
+"""The FastAPI application: one :class:`~easel.runtime.facade.Runtime`, viewed over HTTP (and gRPC).
 
 Every surface is a view of the same runtime: the native API, Server-Sent Events, the
 OpenAI, Automatic1111 and pipeline compatibility routers and, when a port is given, the
@@ -13,11 +13,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from easel import __version__
-from easel.api import a1111, errors, native, openai, operations, pipeline, sse
+from easel.api import errors, native, operations, sse
 from easel.api.auth import BodyLimit, TokenAuth
+from easel.api.compat import a1111, openai, pipeline
 from easel.config import Settings
-from easel.runtime import Runtime
-from easel.safety import service_tokens
+from easel.runtime.facade import Runtime
+from easel.safety.gate import service_tokens
 
 
 def create_app(
@@ -41,7 +42,7 @@ def create_app(
         grpc_server = None
         try:
             if grpc_port is not None:
-                from easel.api.grpc import start_server
+                from easel.api.compat.grpc import start_server
 
                 grpc_server, app.state.grpc_port = await start_server(rt, settings.host, grpc_port)
             yield

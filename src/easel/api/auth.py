@@ -5,7 +5,7 @@ When any token is configured, every route but ``/health`` needs one, as
 give headers). Tokens are compared in constant time against every configured token and
 are never logged. The caller's service lands in ``scope["state"]["service"]``; routes use
 it to show a service only its own jobs (``admin`` sees all); so does
-``easel.services.current_service``, for code below the routes.
+``easel.safety.services.current_service``, for code below the routes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from easel.services import Permission, ServiceToken, current_service, identify
+from easel.safety.services import Permission, ServiceToken, current_service, identify
 
 OPEN_PATHS = frozenset({"/health"})
 

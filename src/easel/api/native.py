@@ -15,11 +15,11 @@ from easel import __version__
 from easel.api.errors import ErrorResponse
 from easel.backends.base import Capability
 from easel.errors import UnsupportedMediaType
-from easel.events import Subscription
+from easel.events.bus import Subscription
 from easel.jobs import GenerationRequest, Job, JobState, JobView
-from easel.runtime import Runtime
-from easel.services import may_see
-from easel.worker_registry import WorkerInfo
+from easel.runtime.facade import Runtime
+from easel.runtime.registry import WorkerInfo
+from easel.safety.services import may_see
 
 router = APIRouter()
 

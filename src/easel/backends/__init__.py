@@ -1,4 +1,10 @@
-"""Backends: one module per engine, each declaring its capabilities (see ``base``)."""
+"""Backends: the engines a job runs on.
+
+``base`` is the protocol every backend implements (capabilities, models, ``generate``);
+``registry`` names the kinds (``mock``, ``diffusers``, entry points); one module or
+subpackage per engine. Backends import the vocabulary only: never the queue, store,
+runtime or API.
+"""
 
 from easel.backends.base import (
     Backend,
@@ -6,10 +12,8 @@ from easel.backends.base import (
     GenerationResult,
     ModelInfo,
     RunContext,
-    available,
-    create,
-    register,
 )
+from easel.backends.registry import available, create
 
 __all__ = [
     "Backend",
@@ -19,5 +23,4 @@ __all__ = [
     "RunContext",
     "available",
     "create",
-    "register",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL.Image import Image
 
-from easel.errors import Cancelled, InvalidRequest, Unsupported
+from easel.errors import Cancelled, Unsupported
 from easel.jobs import GenerationRequest
 
 
@@ -133,40 +133,3 @@ class Backend(ABC):
         whose context is cancelled may still get a result: the worker discards it.
         """
         return [await self.generate(r, c) for r, c in zip(requests, contexts, strict=True)]
-
-
-BackendFactory = Callable[..., Backend]
-
-_registry: dict[str, BackendFactory] = {}
-
-
-def register(name: str) -> Callable[[BackendFactory], BackendFactory]:
-    """Class decorator: make a backend constructible by name (``--backend NAME``)."""
-
-    def decorate(factory: BackendFactory) -> BackendFactory:
-        _registry[name] = factory
-        return factory
-
-    return decorate
-
-
-def available() -> list[str]:
-    _load_builtins()
-    return sorted(_registry)
-
-
-def create(name: str, **options: Any) -> Backend:
-    """Build a backend by registered name; options are the backend's own keyword arguments."""
-    _load_builtins()
-    try:
-        factory = _registry[name]
-    except KeyError:
-        raise InvalidRequest(
-            f"unknown backend {name!r}; available backends are: {', '.join(sorted(_registry))}"
-        ) from None
-    return factory(**options)
-
-
-def _load_builtins() -> None:
-    # Importing registers; the diffusers module imports torch lazily, so this stays cheap.
-    from easel.backends import diffusers, mock  # noqa: F401

@@ -20,7 +20,6 @@ from easel.backends.base import (
     GenerationResult,
     ModelInfo,
     RunContext,
-    register,
 )
 from easel.errors import BackendUnavailable, Cancelled, GenerationError
 from easel.images import decode_base64_image
@@ -39,7 +38,6 @@ def _failure(requests: list[GenerationRequest]) -> GenerationError:
     return GenerationError("the mock backend was asked to fail", code="mock_failure")
 
 
-@register("mock")
 class MockBackend(Backend):
     name = "mock"
     capabilities = frozenset(

@@ -16,8 +16,8 @@ from PIL import Image
 
 from easel.backends.base import GenerationResult
 from easel.jobs import ImageRef, Job
-from easel.metadata import parse_infotext
-from easel.storage import sidecar
+from easel.results.files import sidecar
+from easel.results.metadata import parse_infotext
 
 
 def image_targets(target: Path, job: Job, prefix: str | None = None) -> list[Path]:

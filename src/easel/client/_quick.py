@@ -1,7 +1,7 @@
 """One prompt to PNG files, through a server or with easel embedded in this process.
 
 ``quick_generate`` (scripts) and ``easel generate`` (the CLI) both end up in
-:func:`generate_files`; embedded, it runs the same :class:`~easel.runtime.Runtime` as the
+:func:`generate_files`; embedded, it runs the same :class:`~easel.runtime.facade.Runtime` as the
 server, so results and sidecars are the server's own.
 """
 
@@ -115,7 +115,7 @@ async def _embedded(
     on_event: EventCallback | None,
 ) -> tuple[Job, list[Path]]:
     from easel.config import Settings
-    from easel.runtime import Runtime
+    from easel.runtime.facade import Runtime
 
     async with Runtime(Settings(data_dir=data_dir, **overrides)) as runtime:  # type: ignore[arg-type]
         view = await runtime.submit(request)

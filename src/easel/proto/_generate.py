@@ -3,7 +3,7 @@
 ``python -m easel.proto._generate`` (needs grpcio-tools, a dev dependency). The generated
 modules are committed so that the server needs only ``protobuf`` at run time, not protoc; a
 test regenerates them into a temporary folder and fails if they differ from these.
-Only message classes are generated: the service is wired by hand in ``easel.api.grpc``.
+Only message classes are generated: the service is wired by hand in ``easel.api.compat.grpc``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ runtime only (no generated code). Sizes are in 64-pixel units, as Draw Things co
 1012247 when the data is fpzip-compressed; ``[3]`` the element type; ``[5:9]`` batch,
 height, width, channels), then the values, NHWC, in -1..1.
 
-The server (``easel.api.grpc``) and the client (``easel.client.grpc``) share this module.
+The server (``easel.api.compat.grpc``) and the client (``easel.client.grpc``) share this module.
 """
 
 from __future__ import annotations

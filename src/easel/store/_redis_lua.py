@@ -1,7 +1,7 @@
 """The Lua scripts of :class:`~easel.store.redis.RedisStore`: every state change is one script.
 
 The fair-queue helpers (``push``, ``detach``, ``age``, ``next_entry``, ``serve``, ``place``)
-transcribe :class:`easel.scheduler.FairQueue` line by line, with its state in Redis, so that
+transcribe :class:`easel.queue.scheduler.FairQueue` line by line, with its state in Redis, so that
 both give the same serving order (``tests/test_store_redis.py`` checks it on random
 operations). Floats cross into and out of Redis as ``%.17g`` text, which round-trips
 exactly, and are added in the same order as in Python, so the tags are bit-identical.
@@ -13,7 +13,7 @@ Redis server clock), 6 max attempts, 7 retention seconds; its own arguments foll
 
 from __future__ import annotations
 
-from easel import redis_keys as k
+from easel import constants as k
 
 _PRELUDE = f"""
 local P = ARGV[1]

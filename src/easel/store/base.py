@@ -1,6 +1,6 @@
 """The durable job store: one small interface, one contract suite (``tests/test_store.py``).
 
-A store persists job records and leases atomically; it asks :mod:`easel.scheduler` which
+A store persists job records and leases atomically; it asks :mod:`easel.queue.scheduler` which
 queued job to hand out. It never publishes events: the runtime announces what a store
 call changed, so every store gets the same events for free.
 
@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection
 
 from easel.jobs import ImageRef, Job, JobError, JobState
-from easel.scheduler import Place, QueueStats
+from easel.queue.scheduler import Place, QueueStats
 
 WORKER_LOST = JobError(
     code="worker_lost", message="the worker running this job stopped answering too many times"

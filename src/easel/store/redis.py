@@ -2,7 +2,7 @@
 
 Every state change is one Lua script (``_redis_lua.py``), so API replicas and workers on
 many hosts see one queue and no two workers ever hold the same job. The queue policy is
-:class:`easel.scheduler.FairQueue`'s, transcribed into the scripts with its state in
+:class:`easel.queue.scheduler.FairQueue`'s, transcribed into the scripts with its state in
 Redis; times (leases, retries, aging) are Redis server time, so hosts' clocks do not matter.
 
 Durability: ``enqueue`` returns once Redis has the job on disk when Redis runs with AOF,
@@ -22,7 +22,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from easel import redis_keys as keys
+from easel import constants as keys
 from easel.errors import (
     EaselError,
     JobFinished,
@@ -33,7 +33,7 @@ from easel.errors import (
     UserQueueFull,
 )
 from easel.jobs import ImageRef, Job, JobError, JobState
-from easel.scheduler import Place, Policy, QueueStats, entry_for
+from easel.queue.scheduler import Place, Policy, QueueStats, entry_for
 from easel.store import _redis_lua as lua
 from easel.store.base import WORKER_LOST, JobStore
 

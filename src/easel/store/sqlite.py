@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from easel.errors import EaselError, JobFinished, JobNotFound, LeaseLost, StoreUnavailable
 from easel.jobs import ImageRef, Job, JobError, JobState
-from easel.scheduler import (
+from easel.queue.scheduler import (
     FairQueue,
     Place,
     Policy,

@@ -1,0 +1,471 @@
+"""Automatic1111-compatible web API: the ``/sdapi/v1/*`` routes that clients and plugins use.
+
+``txt2img`` and ``img2img`` translate into one :class:`~easel.jobs.GenerationRequest` (a
+batch of ``batch_size x n_iter``), go through the fair queue and wait, as A1111's do; the
+answer carries base64 PNGs (with their ``parameters`` text chunk), the ``parameters`` echoed
+and ``info``: A1111's JSON string whose ``infotexts`` are the PNGs' own infotext.
+
+A1111 has no users. easel runs each caller as the user named by the ``X-Easel-User``
+header, else the HTTP Basic user name (``WebUIApi(username=..., password=...)``), else the
+client's address (``ip:<address>``); see :func:`easel.api.compat._shared.identify`. ``/progress``
+and ``/interrupt`` act on that caller's most recent A1111 job only, never on anyone else's.
+
+Mapped: ``sampler_name`` (else an explicit ``sampler_index``; else the model's own
+scheduler) with ``scheduler`` appended as a modifier (``karras``, ``exponential``,
+``beta``, ``sgm_uniform``, ``align_your_steps``; ``automatic``/``uniform``/``simple``/
+``normal`` add none), ``seed`` (-1: random), ``width``/``height`` (rounded down to multiples
+of 8, as A1111 does), ``denoising_strength`` (img2img), ``override_settings.
+sd_model_checkpoint``. Ignored: hires fix, restore faces, tiling, subseeds, scripts, styles.
+``/options`` POST with ``sd_model_checkpoint`` sets the model of this server's later A1111
+requests that do not name one (the native API keeps choosing per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from easel import __version__
+from easel.api.compat._shared import caller, png_bytes, submitted
+from easel.api.errors import ErrorResponse
+from easel.api.native import runtime_of
+from easel.backends.diffusers.schedulers import SCHEDULERS
+from easel.errors import EaselError, InvalidRequest, JobFinished, ModelNotFound, Unsupported
+from easel.jobs import MAX_SEED, Event, EventType, GenerationRequest, Job, JobKind, JobState
+from easel.results.metadata import infotext, parse_infotext
+from easel.runtime.facade import Runtime
+
+router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "Model not served here"},
+    429: {"model": ErrorResponse, "description": "The caller's queue is full"},
+    500: {"model": ErrorResponse, "description": "The generation failed"},
+}
+
+SCHEDULER_MODIFIERS: dict[str, str | None] = {
+    "automatic": None,
+    "uniform": None,
+    "simple": None,
+    "normal": None,
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "beta": "Beta",
+    "sgm_uniform": "SGM Uniform",
+    "align_your_steps": "Align Your Steps",
+}
+"""A1111 ``scheduler`` -> the modifier easel's scheduler table reads (None: none)."""
+
+MAX_CALLERS = 10_000
+"""Callers whose latest job ``/progress`` remembers; the oldest is forgotten first."""
+
+
+# -- requests and responses --------------------------------------------------------------
+
+
+class Txt2ImgRequest(BaseModel):
+    """A1111's txt2img request; fields easel does not use are accepted and echoed back."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = Field(default=-1, ge=-1, le=MAX_SEED)
+    sampler_name: str | None = None
+    sampler_index: str | None = "Euler"
+    scheduler: str | None = None
+    batch_size: int = Field(default=1, ge=1)
+    n_iter: int = Field(default=1, ge=1)
+    steps: int = Field(default=50, ge=1)
+    cfg_scale: float = 7.0
+    width: int = Field(default=512, ge=8)
+    height: int = Field(default=512, ge=8)
+    denoising_strength: float | None = None
+    override_settings: dict[str, Any] | None = None
+    send_images: bool = True
+    save_images: bool = False
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] = Field(min_length=1, description="Base64 images; the first is used.")
+    mask: str | None = Field(default=None, description="Refused: no inpainting yet.")
+    denoising_strength: float | None = Field(default=0.75, ge=0, le=1)
+    include_init_images: bool = False
+
+
+class A1111Images(BaseModel):
+    images: list[str] | None = Field(description="Base64 PNGs.")
+    parameters: dict[str, Any]
+    info: str = Field(description="JSON: seeds, infotexts (A1111's infotext per image)...")
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(description="0..1 for the caller's job now running.")
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None = Field(default=None, description="Base64 preview, if any.")
+    textinfo: str | None = None
+
+
+class Options(BaseModel):
+    """The A1111 options easel reads or reports; others are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str | None = Field(default=None, examples=["mock"])
+    sd_checkpoint_hash: str | None = None
+    samples_format: str = "png"
+    live_previews_enable: bool = True
+    CLIP_stop_at_last_layers: int = 1
+
+
+class SDModel(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None = None
+    sha256: str | None = None
+    filename: str
+    config: str | None = None
+
+
+class Sampler(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, str]
+
+
+class Scheduler(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None = None
+
+
+# -- per caller: the latest job, for /progress and /interrupt -----------------------------
+
+
+@dataclass
+class _Live:
+    job_id: str
+    created: float
+    step: int = 0
+    total: int = 0
+    preview: str | None = None
+    started: float | None = None
+    finished: bool = False
+    interrupted: bool = False
+
+    def update(self, event: Event) -> None:
+        if event.type is EventType.started:
+            self.started = time.monotonic()
+        elif event.type is EventType.progress:
+            self.step, self.total = event.step or 0, event.total or 0
+            self.preview = event.preview or self.preview
+        elif event.type in (EventType.succeeded, EventType.failed, EventType.cancelled):
+            self.finished = True
+
+
+class A1111State:
+    """The server-wide A1111 state: the model set by ``/options``, each caller's latest job."""
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+        self.live: OrderedDict[str, _Live] = OrderedDict()
+
+    def track(self, who: str, job_id: str) -> _Live:
+        live = self.live[who] = _Live(job_id, time.time())
+        self.live.move_to_end(who)
+        while len(self.live) > MAX_CALLERS:
+            self.live.popitem(last=False)
+        return live
+
+
+def state_of(request: Request) -> A1111State:
+    state: A1111State | None = getattr(request.app.state, "a1111", None)
+    if state is None:
+        state = request.app.state.a1111 = A1111State()
+    return state
+
+
+# -- routes ------------------------------------------------------------------------------
+
+
+@router.post("/txt2img", response_model=A1111Images, responses=_ERRORS)
+async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Images:
+    """Generate from a prompt; waits for the images."""
+    return await _generate(request, body)
+
+
+@router.post("/img2img", response_model=A1111Images, responses=_ERRORS)
+async def img2img(body: Img2ImgRequest, request: Request) -> A1111Images:
+    """Generate from an image and a prompt; waits for the images."""
+    if body.mask:
+        raise Unsupported("mask (inpainting) is not supported yet; send init_images alone")
+    return await _generate(request, body)
+
+
+@router.get("/progress", response_model=ProgressResponse)
+async def progress(request: Request, skip_current_image: bool = False) -> ProgressResponse:
+    """The progress of the caller's own latest job (see the module doc for who a caller is)."""
+    live = state_of(request).live.get(caller(request))
+    idle = ProgressResponse(
+        progress=0, eta_relative=0, state=ProgressState(), textinfo="Waiting..."
+    )
+    if live is None or live.finished:
+        return idle
+    state = ProgressState(
+        job=f"task({live.job_id})",
+        job_count=1,
+        job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(live.created)),
+        sampling_step=live.step,
+        sampling_steps=live.total,
+        interrupted=live.interrupted,
+    )
+    if live.started is None or not live.total:
+        view = await runtime_of(request).get(live.job_id)
+        ahead = view.position or 0
+        return ProgressResponse(
+            progress=0,
+            eta_relative=view.eta_seconds or 0,
+            state=state,
+            textinfo=f"In queue: {ahead} job(s) ahead",
+        )
+    done = live.step / live.total
+    elapsed = time.monotonic() - live.started
+    return ProgressResponse(
+        progress=done,
+        eta_relative=elapsed / done - elapsed if done else 0,
+        state=state,
+        current_image=None if skip_current_image else live.preview,
+        textinfo=f"Sampling step {live.step}/{live.total}",
+    )
+
+
+@router.post("/interrupt", response_model=dict[str, Any])
+async def interrupt(request: Request) -> dict[str, Any]:
+    """Stop the caller's own running (or queued) job; its txt2img call returns no images."""
+    live = state_of(request).live.get(caller(request))
+    if live is not None and not live.finished:
+        live.interrupted = True
+        with contextlib.suppress(JobFinished):
+            await runtime_of(request).cancel(live.job_id)
+    return {}
+
+
+@router.post("/skip", response_model=dict[str, Any])
+async def skip(request: Request) -> dict[str, Any]:
+    """As ``/interrupt``: easel runs a batch as one job."""
+    return await interrupt(request)
+
+
+@router.get("/sd-models", response_model=list[SDModel])
+async def sd_models(request: Request) -> list[SDModel]:
+    """Every model easel serves, by name."""
+    return [
+        SDModel(title=m.name, model_name=m.name, filename=m.path or m.name)
+        for backend in runtime_of(request).backends.values()
+        for m in backend.models()
+        if m.kind == "pipeline"
+    ]
+
+
+@router.get("/samplers", response_model=list[Sampler])
+async def samplers() -> list[Sampler]:
+    """easel's scheduler names (A1111's, with their modifiers: "DPM++ 2M Karras")."""
+    return [Sampler(name=name, aliases=[], options={}) for name in SCHEDULERS]
+
+
+@router.get("/schedulers", response_model=list[Scheduler])
+async def schedulers() -> list[Scheduler]:
+    """The A1111 ``scheduler`` values easel maps onto its samplers."""
+    return [
+        Scheduler(name=name, label=name.replace("_", " ").title()) for name in SCHEDULER_MODIFIERS
+    ]
+
+
+@router.get("/scripts", response_model=dict[str, list[str]])
+async def scripts() -> dict[str, list[str]]:
+    """No scripts: clients (webuiapi) ask at start to see which extensions are installed."""
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/options", response_model=Options)
+async def get_options(request: Request) -> Options:
+    """The options A1111 clients read; ``sd_model_checkpoint`` is the model in use."""
+    return _options(runtime_of(request), state_of(request))
+
+
+@router.post("/options", response_model=Options, responses=_ERRORS)
+async def set_options(options: Options, request: Request) -> Options:
+    """Switch the model of later A1111 requests (``sd_model_checkpoint``); other options are
+    accepted and ignored."""
+    runtime, state = runtime_of(request), state_of(request)
+    if options.sd_model_checkpoint is not None:
+        state.model = _served_model(runtime, options.sd_model_checkpoint)
+    return _options(runtime, state)
+
+
+# -- translation -------------------------------------------------------------------------
+
+
+def _options(runtime: Runtime, state: A1111State) -> Options:
+    model = state.model or runtime.backends[runtime.default_backend].default_model
+    return Options(sd_model_checkpoint=model)
+
+
+def _served_model(runtime: Runtime, title: str) -> str:
+    """A model by A1111 title (``name [hash]``) or name, case-insensitive."""
+    wanted = title.split(" [")[0].strip().casefold()
+    names = [
+        m.name
+        for backend in runtime.backends.values()
+        for m in backend.models()
+        if m.kind == "pipeline"
+    ]
+    for name in names:
+        if name.casefold() == wanted:
+            return name
+    raise ModelNotFound(
+        f"model {title!r} is not served here; served models are: {', '.join(names)}"
+    )
+
+
+def _scheduler(body: Txt2ImgRequest) -> str | None:
+    sampler = body.sampler_name or (
+        body.sampler_index if "sampler_index" in body.model_fields_set else None
+    )
+    if not sampler:
+        return None
+    key = (body.scheduler or "automatic").strip().lower().replace(" ", "_")
+    if key not in SCHEDULER_MODIFIERS:
+        raise InvalidRequest(
+            f"unknown scheduler {body.scheduler!r}; valid schedulers are: "
+            + ", ".join(SCHEDULER_MODIFIERS)
+        )
+    modifier = SCHEDULER_MODIFIERS[key]
+    if modifier is None or sampler.casefold().endswith(modifier.casefold()):
+        return sampler
+    return f"{sampler} {modifier}"
+
+
+def _translate(
+    body: Txt2ImgRequest, user: str, runtime: Runtime, state: A1111State
+) -> GenerationRequest:
+    """A1111's request -> easel's one vocabulary."""
+    if not body.prompt.strip():
+        raise InvalidRequest("prompt is empty; easel needs a prompt")
+    override = (body.override_settings or {}).get("sd_model_checkpoint")
+    model = _served_model(runtime, str(override)) if override else state.model
+    fields: dict[str, Any] = {
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt,
+        "width": max(body.width - body.width % 8, 8),
+        "height": max(body.height - body.height % 8, 8),
+        "steps": body.steps,
+        "cfg_scale": body.cfg_scale,
+        "scheduler": _scheduler(body),
+        "seed": None if body.seed < 0 else body.seed,
+        "batch_size": body.batch_size * body.n_iter,
+        "model": model,
+        "user_id": user,
+        "metadata": {"api": "a1111"},
+    }
+    if isinstance(body, Img2ImgRequest):
+        fields["kind"] = JobKind.img2img
+        fields["init_image"] = body.init_images[0]
+        if body.denoising_strength is not None:
+            fields["strength"] = body.denoising_strength
+    return GenerationRequest.model_validate(fields)
+
+
+async def _generate(request: Request, body: Txt2ImgRequest) -> A1111Images:
+    runtime, state = runtime_of(request), state_of(request)
+    who = caller(request)
+    generation = _translate(body, who, runtime, state)
+    async with submitted(runtime, generation) as run:
+        live = state.track(who, run.view.id)
+        async for event in run.events:
+            live.update(event)
+    job = await runtime.get(run.view.id)
+    parameters = body.model_dump()
+    if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+        parameters.update(init_images=None, mask=None)
+    if job.state is JobState.succeeded:
+        images, infotexts = await asyncio.to_thread(_encode, await png_bytes(runtime, job))
+    elif job.state is JobState.cancelled:
+        images, infotexts = [], []
+    else:
+        error = job.error
+        raise EaselError(
+            error.message if error else "the job failed", code=error.code if error else None
+        )
+    info = _info(job, infotexts, interrupted=job.state is JobState.cancelled)
+    return A1111Images(
+        images=images if body.send_images else None, parameters=parameters, info=info
+    )
+
+
+def _encode(pngs: list[bytes]) -> tuple[list[str], list[str]]:
+    """Base64 of each PNG and the infotext in its ``parameters`` chunk (blocks)."""
+    images, texts = [], []
+    for png in pngs:
+        with Image.open(io.BytesIO(png)) as image:
+            texts.append(str(image.info.get("parameters", "")))
+        images.append(base64.b64encode(png).decode())
+    return images, texts
+
+
+def _info(job: Job, infotexts: list[str], *, interrupted: bool) -> str:
+    """A1111's ``info``: a JSON string, its ``infotexts`` those written into the PNGs."""
+    request = job.request
+    seeds = [ref.seed for ref in job.images] or request.seeds
+    if not infotexts:  # nothing was stored (interrupted): describe the request itself
+        infotexts = [infotext(request, seed=seeds[0], model=request.model, scheduler=None)]
+    fields = parse_infotext(infotexts[0])
+    return json.dumps(
+        {
+            "prompt": request.prompt,
+            "all_prompts": [request.prompt] * len(seeds),
+            "negative_prompt": request.negative_prompt,
+            "all_negative_prompts": [request.negative_prompt] * len(seeds),
+            "seed": seeds[0],
+            "all_seeds": seeds,
+            "subseed": -1,
+            "all_subseeds": [-1] * len(seeds),
+            "width": request.width,
+            "height": request.height,
+            "sampler_name": fields.get("Sampler"),
+            "cfg_scale": request.cfg_scale,
+            "steps": request.steps,
+            "batch_size": request.batch_size,
+            "sd_model_name": fields.get("Model"),
+            "denoising_strength": request.strength if request.kind is JobKind.img2img else None,
+            "index_of_first_image": 0,
+            "infotexts": infotexts,
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created_at)),
+            "version": f"easel {__version__}",
+            "job_id": job.id,
+            "interrupted": interrupted,
+        }
+    )

@@ -1,0 +1,324 @@
+"""Draw Things' gRPC ``ImageGenerationService``, served from easel's runtime.
+
+A Draw Things client (the app's "server offload", scripts using its proto, or
+:class:`easel.client.grpc.DrawThingsClient`) points at ``easel serve --grpc-port 7859`` and
+its generations go through easel's fair queue like any other job. The service is described
+by ``easel/proto/imageservice.proto``; methods are wired here by hand (no generated service
+code), with the message classes protoc made from that file.
+
+- ``GenerateImage`` decodes the configuration FlatBuffer (size in 64 px units, steps, seed,
+  guidance, sampler, strength, batch) and the init image tensor (img2img), submits the job,
+  then streams: ``text_encoded`` when it starts, ``sampling`` with a preview (an RGB tensor,
+  where the backend draws previews) at every step, ``image_decoded``, the images' total
+  ``download_size``, and one response per image tensor (split in 4 MiB chunks when the
+  client says it can join them). Cancelling the call cancels the job.
+- ``Echo`` answers ``HELLO <name>`` with the served models as ``files``.
+- ``FilesExist`` answers true for every file: easel runs a model it does not serve on its
+  default model, and a Draw Things client that thinks a model is missing uploads it.
+- The user is the request's ``user``, else ``x-easel-user`` or ``authorization`` metadata,
+  else the peer address (:func:`easel.api.compat._shared.identify`). Masks are refused; control
+  hints, LoRAs and other configuration fields are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from PIL import Image
+from pydantic import ValidationError
+
+from easel.api.compat._shared import identify, png_bytes, submitted
+from easel.api.errors import describe_validation
+from easel.errors import EaselError, InvalidRequest, Unsupported
+from easel.images import decode_base64_image, encode_png_base64
+from easel.jobs import Event, EventType, GenerationRequest, Job, JobKind, JobState
+from easel.proto import imageservice_pb2 as pb
+from easel.proto.drawthings import decode_configuration, decode_tensor, encode_tensor
+from easel.runtime.facade import Runtime
+from easel.safety.gate import service_tokens
+from easel.safety.services import Permission, current_service
+from easel.safety.services import identify as identify_service
+
+log = logging.getLogger("easel.grpc")
+
+SERVICE = "ImageGenerationService"
+CHUNK_BYTES = 4 * 1024 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Init images and results are whole tensors: a 1024x1024 one is 6 MiB."""
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Signpost = pb.ImageGenerationSignpostProto
+
+_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+_background: set[asyncio.Task[None]] = set()
+
+
+class ImageGenerationService:
+    """The methods of the service; each takes a request message and the call context."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.tokens = service_tokens(runtime.settings.safety)
+
+    async def _authorize(self, context: Context, permission: str) -> None:
+        """With tokens configured, the call must carry one (``authorization: Bearer <t>``
+        metadata); the service then owns the jobs of this call, as over HTTP."""
+        if not self.tokens:
+            return
+        metadata = {key: value for key, value in context.invocation_metadata() or ()}
+        kind, _, token = str(metadata.get("authorization", "")).partition(" ")
+        service = identify_service(self.tokens, token.strip() if kind.lower() == "bearer" else None)
+        if service is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "a valid service token is required"
+            )
+        elif not service.may(permission):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"service {service.name!r} lacks the {permission!r} scope",
+            )
+        current_service.set(service)
+
+    def served(self) -> list[str]:
+        return [
+            m.name
+            for backend in self.runtime.backends.values()
+            for m in backend.models()
+            if m.kind == "pipeline"
+        ]
+
+    async def echo(self, request: pb.EchoRequest, context: Context) -> pb.EchoReply:
+        await self._authorize(context, Permission.read)
+        return pb.EchoReply(message=f"HELLO {request.name}", files=self.served())
+
+    async def files_exist(
+        self, request: pb.FileListRequest, context: Context
+    ) -> pb.FileExistenceResponse:
+        await self._authorize(context, Permission.read)
+        files = [*request.files, *request.files_with_hash]
+        return pb.FileExistenceResponse(
+            files=files,
+            existences=[True] * len(files),
+            hashes=[b""] * len(request.files_with_hash),
+        )
+
+    async def generate_image(
+        self, request: pb.ImageGenerationRequest, context: Context
+    ) -> AsyncIterator[pb.ImageGenerationResponse]:
+        await self._authorize(context, Permission.submit)
+        try:
+            generation = await self._translate(request, context)
+            async with submitted(self.runtime, generation) as run:
+                job_id = run.view.id
+                try:
+                    async for event in run.events:
+                        if (update := await _update(event, generation)) is not None:
+                            yield update
+                except BaseException:
+                    _cancel_later(self.runtime, job_id)  # the client went away
+                    raise
+            job = await self.runtime.get(job_id)
+        except EaselError as exc:
+            await context.abort(_STATUS.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+        if job.state is not JobState.succeeded:
+            await _abort_for(job, context)
+        tensors = await _tensors(await png_bytes(self.runtime, job))
+        yield pb.ImageGenerationResponse(download_size=sum(len(t) for t in tensors))
+        for tensor in tensors:
+            for response in _chunks(tensor, request.chunked):
+                yield response
+
+    async def _translate(
+        self, request: pb.ImageGenerationRequest, context: Context
+    ) -> GenerationRequest:
+        """The Draw Things request -> easel's one vocabulary."""
+        if request.HasField("mask"):
+            raise Unsupported("masks (inpainting) are not supported yet; send the image alone")
+        config = decode_configuration(request.configuration)
+        metadata = {key: value for key, value in context.invocation_metadata() or ()}
+        fields: dict[str, Any] = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "width": config.width,
+            "height": config.height,
+            "steps": config.steps,
+            "cfg_scale": config.guidance_scale,
+            "scheduler": config.sampler,
+            "seed": config.seed,
+            "batch_size": config.batch_count * config.batch_size,
+            "model": config.model if config.model in self.served() else None,
+            "user_id": identify(
+                explicit=request.user,
+                header=_text(metadata.get("x-easel-user")),
+                authorization=_text(metadata.get("authorization")),
+                host=_peer_host(context.peer()),
+            ),
+            "metadata": {"api": "drawthings"},
+        }
+        if request.HasField("image"):
+            tensor = _unwrap(request.image, request.contents)
+            fields["kind"] = JobKind.img2img
+            fields["init_image"] = await asyncio.to_thread(
+                lambda: encode_png_base64(decode_tensor(tensor))
+            )
+            fields["strength"] = config.strength
+        try:
+            return GenerationRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise InvalidRequest(describe_validation(exc.errors())[2]) from None
+
+
+def service_handler(runtime: Runtime) -> grpc.GenericRpcHandler:
+    """The service's methods, by the names Draw Things clients call."""
+    service = ImageGenerationService(runtime)
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "GenerateImage": grpc.unary_stream_rpc_method_handler(
+                service.generate_image,
+                request_deserializer=pb.ImageGenerationRequest.FromString,
+                response_serializer=pb.ImageGenerationResponse.SerializeToString,
+            ),
+            "Echo": grpc.unary_unary_rpc_method_handler(
+                service.echo,
+                request_deserializer=pb.EchoRequest.FromString,
+                response_serializer=pb.EchoReply.SerializeToString,
+            ),
+            "FilesExist": grpc.unary_unary_rpc_method_handler(
+                service.files_exist,
+                request_deserializer=pb.FileListRequest.FromString,
+                response_serializer=pb.FileExistenceResponse.SerializeToString,
+            ),
+        },
+    )
+
+
+async def start_server(runtime: Runtime, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Serve the service on ``host:port`` (0: any free port) in this event loop; returns the
+    server and the port it bound."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    server.add_generic_rpc_handlers((service_handler(runtime),))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise OSError(f"could not serve gRPC on {host}:{port}; is the port in use?")
+    await server.start()
+    log.info("serving Draw Things gRPC (ImageGenerationService) on %s:%d", host, bound)
+    return server, bound
+
+
+# -- translation out ---------------------------------------------------------------------
+
+
+def _expected(generation: GenerationRequest) -> list[pb.ImageGenerationSignpostProto]:
+    signposts = [Signpost(text_encoded=Signpost.TextEncoded())]
+    if generation.kind is JobKind.img2img:
+        signposts.append(Signpost(image_encoded=Signpost.ImageEncoded()))
+    signposts.append(Signpost(sampling=Signpost.Sampling(step=generation.steps)))
+    signposts.append(Signpost(image_decoded=Signpost.ImageDecoded()))
+    return signposts
+
+
+async def _update(event: Event, generation: GenerationRequest) -> pb.ImageGenerationResponse | None:
+    """One easel event -> the Draw Things progress message, if it has one."""
+    if event.type is EventType.started:
+        current = Signpost(text_encoded=Signpost.TextEncoded())
+    elif event.type is EventType.progress:
+        current = Signpost(sampling=Signpost.Sampling(step=event.step or 0))
+    elif event.type is EventType.succeeded:
+        current = Signpost(image_decoded=Signpost.ImageDecoded())
+    else:
+        return None
+    response = pb.ImageGenerationResponse(current_signpost=current, signposts=_expected(generation))
+    if event.preview:
+        preview = event.preview
+        response.preview_image = await asyncio.to_thread(
+            lambda: encode_tensor(decode_base64_image(preview))
+        )
+    return response
+
+
+async def _tensors(pngs: list[bytes]) -> list[bytes]:
+    def convert() -> list[bytes]:
+        tensors = []
+        for png in pngs:
+            with Image.open(io.BytesIO(png)) as image:
+                tensors.append(encode_tensor(image))
+        return tensors
+
+    return await asyncio.to_thread(convert)
+
+
+def _chunks(tensor: bytes, chunked: bool) -> list[pb.ImageGenerationResponse]:
+    """One response per image; in 4 MiB pieces when the client joins chunks."""
+    if not chunked or len(tensor) <= CHUNK_BYTES:
+        return [pb.ImageGenerationResponse(generated_images=[tensor], scale_factor=1)]
+    pieces = range(0, len(tensor), CHUNK_BYTES)
+    return [
+        pb.ImageGenerationResponse(
+            generated_images=[tensor[start : start + CHUNK_BYTES]],
+            scale_factor=1,
+            chunk_state=pb.LAST_CHUNK if start + CHUNK_BYTES >= len(tensor) else pb.MORE_CHUNKS,
+        )
+        for start in pieces
+    ]
+
+
+async def _abort_for(job: Job, context: Context) -> None:
+    if job.state is JobState.cancelled:
+        await context.abort(grpc.StatusCode.CANCELLED, f"job {job.id} was cancelled")
+    error = job.error
+    message = f"{error.code}: {error.message}" if error else f"job {job.id} ended {job.state}"
+    await context.abort(grpc.StatusCode.INTERNAL, message)
+
+
+def _unwrap(data: bytes, contents: list[bytes] | Any) -> bytes:
+    """A 32-byte value names a blob of ``contents`` by its sha256 (content addressing)."""
+    if len(data) != 32:
+        return data
+    for blob in contents:
+        if hashlib.sha256(blob).digest() == data:
+            return bytes(blob)
+    raise InvalidRequest("the image names a content hash that the request does not carry")
+
+
+def _cancel_later(runtime: Runtime, job_id: str) -> None:
+    """Cancel a job from a handler that is itself being cancelled (it cannot await)."""
+
+    async def cancel() -> None:
+        with contextlib.suppress(EaselError):
+            await runtime.cancel(job_id)
+
+    task = asyncio.get_running_loop().create_task(cancel())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+def _peer_host(peer: str) -> str:
+    """``ipv4:127.0.0.1:5000`` / ``ipv6:[::1]:5000`` -> the address."""
+    _, _, rest = peer.partition(":")
+    host, _, _ = rest.rpartition(":")
+    return host.strip("[]") or peer
+
+
+def _text(value: str | bytes | None) -> str | None:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

@@ -1,0 +1,91 @@
+"""Every Redis key easel uses, and the defaults of its Redis parts, in one place.
+
+A key is ``<prefix><name>``: several easel deployments (or test runs) share one Redis
+under different prefixes. The default prefix carries a hash tag (``{easel}``) so that
+every key of one deployment lives in one cluster slot; easel targets a single primary.
+The Lua scripts get these names from here (``store/_redis_lua.py`` builds its prelude
+from them), so the Python and Lua sides can never disagree on a name.
+"""
+
+from __future__ import annotations
+
+DEFAULT_PREFIX = "{easel}:"
+
+# -- the job records ------------------------------------------------------------------
+JOB = "job:"
+"""Hash per job: the request JSON and the fields that change (state, attempts, lease...)."""
+ALL = "all"
+"""Zset: every job by arrival number (listing, newest first)."""
+USER = "user:"
+"""Zset per user: its jobs by arrival number."""
+STATE = "state:"
+"""Zset per state: jobs in that state by arrival number."""
+FINISHED = "finished"
+"""Zset: finished jobs by finish time; the retention sweep reads it."""
+IDEMPOTENCY = "idem:"
+"""String per (user, Idempotency-Key): the job it made; expires."""
+ACTIVE = "active"
+"""Hash: user -> queued + running jobs (the per-user cap)."""
+COUNTS = "counts"
+"""Hash: ``queued`` (fair queue + delayed retries: the global cap)."""
+LEASES = "leases"
+"""Zset: running jobs by lease expiry (Redis server time)."""
+DELAYED = "delayed"
+"""Zset: jobs put back with a backoff, by the time they may run again."""
+
+# -- the fair queue (the state of ``easel.queue.scheduler.FairQueue``) ---------------------------
+TIERS = "tiers"
+"""Zset: tiers that hold queued jobs, scored by priority."""
+TIER = "tier:"
+"""Zset per tier: its queued jobs by start tag; member = 16-digit sequence + job id."""
+ROUTE = "route:"
+"""Zset per tier and route (``route:<tier>:<backend>``): the same members, one route."""
+TIER_STATE = "tierstate:"
+"""Hash per tier: ``clock`` (virtual time) and ``cost`` (summed cost of its jobs)."""
+FINISH = "finish:"
+"""Hash per tier: user -> finish tag of its last job."""
+WAITING = "waiting"
+"""Zset: queued jobs below the top tier by enqueue time (aging); same members as TIER."""
+SCHED = "sched"
+"""Hash: ``seq`` (tag order counter), ``jobs`` (arrival counter), ``starving``, ``since``."""
+QUEUED_USERS = "queued_users"
+"""Hash: user -> jobs in the fair queue (``GET /v1/queue``)."""
+
+# -- events and workers ---------------------------------------------------------------
+EVENTS = "events"
+"""Stream: every event of every job; stream ids are the event ids."""
+EVENT_COUNTER = "events:last"
+"""String: the last event id given (ids keep growing even if Redis lost its data)."""
+TOPIC_EVENTS = "events:type:"
+"""Stream per event type in TOPICS: the same entries, for processes that need only those."""
+TOPICS = ("cancelled", "queued")
+"""What worker processes listen to (cancel a running job, wake when work arrives): they
+read these small streams instead of every event of every job."""
+TOPIC_MAXLEN = 10_000
+JOB_EVENTS = "events:job:"
+"""Stream per job: the same entries with the same ids, so a job's replay is cheap."""
+WORKERS = "workers"
+"""Zset: worker id -> last heartbeat (Redis server time)."""
+WORKER = "worker:"
+"""Hash per worker: what it serves and what it runs; expires when it stops beating."""
+
+# -- defaults -------------------------------------------------------------------------
+SEQ_OFFSET = 10**15
+"""Added to tag sequence numbers (negative for jobs put back first) to sort as text."""
+SEQ_WIDTH = 16
+EVENT_STREAM_MAXLEN = 100_000
+"""About this many recent events are kept for resuming (``XADD MAXLEN ~``)."""
+JOB_EVENTS_TTL_SECONDS = 24 * 3600
+RETENTION_SECONDS = 7 * 24 * 3600.0
+"""Finished job records are deleted this long after they end."""
+RECORD_GRACE_SECONDS = 24 * 3600
+"""A finished record's hash expires this long after the sweep should have removed it."""
+SWEEP_LIMIT = 1000
+"""Expired leases / finished records handled per store call; the rest on the next one."""
+IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+WORKER_TTL_BEATS = 3
+"""A worker missing this many heartbeats is no longer listed."""
+SOCKET_TIMEOUT_SECONDS = 5.0
+CONNECT_TIMEOUT_SECONDS = 2.0
+READ_BLOCK_MS = 1000
+"""How long one ``XREAD BLOCK`` waits before it is sent again."""

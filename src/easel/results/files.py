@@ -1,0 +1,100 @@
+"""Where results go: PNGs under an output dir, each with its parameters twice.
+
+The parameters are in a JSON sidecar (for programs) and in the PNG's ``parameters`` text
+chunk in Automatic1111's format (for people and other tools). Either is enough to
+reproduce the image. Everything here blocks: the worker calls it in a thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL.Image import Image
+from PIL.PngImagePlugin import PngInfo
+
+from easel.backends.base import GenerationResult
+from easel.errors import ImageNotFound
+from easel.jobs import ImageRef, Job
+from easel.results.metadata import infotext
+
+
+class LocalStorage:
+    def __init__(self, output_dir: Path | str) -> None:
+        self.root = Path(output_dir).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def save(self, job: Job, result: GenerationResult) -> list[ImageRef]:
+        """Write every image and its sidecar; return refs in batch order."""
+        day = time.strftime("%Y-%m-%d", time.gmtime(job.created_at))
+        folder = self.root / day
+        folder.mkdir(parents=True, exist_ok=True)
+        refs = []
+        for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+            metadata = sidecar(job, result, index, seed)
+            stem = folder / f"{job.id}-{index}"
+            _write_atomic(stem.with_suffix(".png"), encode_png(image, metadata))
+            _write_atomic(stem.with_suffix(".json"), json.dumps(metadata, indent=2).encode())
+            refs.append(
+                ImageRef(
+                    index=index,
+                    seed=seed,
+                    width=image.width,
+                    height=image.height,
+                    path=str(stem.with_suffix(".png").relative_to(self.root)),
+                    url=f"/v1/jobs/{job.id}/images/{index}",
+                )
+            )
+        return refs
+
+    def path(self, ref: ImageRef) -> Path:
+        """The file behind a ref, confined to the output dir (no traversal, no symlink out)."""
+        candidate = (self.root / ref.path).resolve()
+        if not candidate.is_relative_to(self.root) or not candidate.is_file():
+            raise ImageNotFound(f"image {ref.index} of this job is not on disk")
+        return candidate
+
+
+def sidecar(job: Job, result: GenerationResult, index: int, seed: int) -> dict[str, Any]:
+    """What reproduces image ``index`` alone: the request with its own seed and batch 1."""
+    request = job.request.model_copy(update={"seed": seed, "batch_size": 1})
+    params = request.model_dump(mode="json", exclude={"init_image"})
+    if job.request.init_image:
+        params["init_image_sha256"] = hashlib.sha256(job.request.init_image.encode()).hexdigest()
+    scheduler = result.info.get("scheduler")
+    return {
+        "job_id": job.id,
+        "index": index,
+        "seed": seed,
+        "backend": job.backend,
+        "model": result.model,
+        "scheduler": scheduler,
+        "created_at": job.created_at,
+        "request": params,
+        "infotext": infotext(request, seed=seed, model=result.model, scheduler=scheduler),
+    }
+
+
+def encode_png(image: Image, metadata: dict[str, Any]) -> bytes:
+    """PNG bytes carrying the infotext (``parameters``) and the request as JSON (``easel``)."""
+    info = PngInfo()
+    info.add_text("parameters", metadata["infotext"])
+    info.add_text("easel", json.dumps(metadata["request"], sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file, fsync, rename: a crash never leaves half an image."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,302 @@
+"""The worker: lease jobs, run their backend, store the results, then announce them.
+
+Order matters and is kept for every job: ``started``, ``progress`` 1..N, then exactly one
+of ``succeeded`` / ``failed`` (or ``queued`` again for a retry); results are on disk before
+``succeeded`` is published, and final store writes run under ``asyncio.shield`` so a
+cancel cannot half-write them. A cancelled job (``cancelled`` on the bus, or a lost lease)
+stops at the next step; in a batch, the others go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterable
+from typing import TYPE_CHECKING
+
+from PIL.Image import Image
+
+from easel.backends.base import Backend, GenerationResult, RunContext
+from easel.errors import (
+    Cancelled,
+    EaselError,
+    GenerationError,
+    JobFinished,
+    LeaseLost,
+    StoreUnavailable,
+)
+from easel.events.bus import EventBus
+from easel.jobs import Event, EventType, ImageRef, Job, JobError, JobState
+from easel.queue.scheduler import RunTimes, retry_delay
+from easel.results.files import LocalStorage
+from easel.store.base import JobStore
+
+if TYPE_CHECKING:
+    from easel.results.s3 import Uploads
+
+log = logging.getLogger("easel.runtime.worker")
+
+
+class Doorbell:
+    """Wakes ONE idle worker per ring. An ``asyncio.Event`` shared by the workers of a
+    process would wake them all to race for the same job (one claim wins, the rest are
+    wasted round trips to the store). A ring with nobody waiting is kept for the next."""
+
+    def __init__(self) -> None:
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._pending = False
+
+    def set(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._pending = True
+
+    def clear(self) -> None:
+        self._pending = False
+
+    async def wait(self) -> None:
+        if self._pending:
+            self._pending = False
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.set()  # rung as we left (a timeout): pass the ring on
+            raise
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        bus: EventBus,
+        backend: Backend,
+        storage: LocalStorage,
+        run_times: RunTimes | None = None,
+        worker_id: str | None = None,
+        lease_seconds: float = 30.0,
+        heartbeat_seconds: float = 5.0,
+        poll_seconds: float = 1.0,
+        batch_limit: int = 1,
+        retry_base_seconds: float = 2.0,
+        wakeup: Doorbell | None = None,
+        uploads: Uploads | None = None,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.backend = backend
+        self.storage = storage
+        self.run_times = run_times or RunTimes()
+        self.id = worker_id or f"{backend.name}-{uuid.uuid4().hex[:8]}"
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.poll_seconds = poll_seconds
+        self.batch_limit = batch_limit if backend.batches else 1
+        self.retry_base_seconds = retry_base_seconds
+        self.wakeup = wakeup or Doorbell()
+        self.uploads = uploads
+        self.current: list[Job] = []
+        self._cancels: dict[str, threading.Event] = {}
+        self._stopping = False
+
+    async def run(self, *, burst: bool = False) -> int:
+        """Process jobs until stopped (``burst``: until the queue is empty); returns jobs run."""
+        done = 0
+        async with self.bus.subscribe(types={EventType.cancelled}) as cancellations:
+            watcher = asyncio.create_task(self._watch(cancellations))
+            try:
+                while not self._stopping:
+                    self.wakeup.clear()
+                    jobs = await self.store.claim_batch(
+                        self.id,
+                        [self.backend.name],
+                        lease_seconds=self.lease_seconds,
+                        limit=self.batch_limit,
+                    )
+                    if not jobs:
+                        if burst:
+                            break
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self.wakeup.wait(), self.poll_seconds)
+                        continue
+                    await self.process(jobs)
+                    done += len(jobs)
+            finally:
+                watcher.cancel()
+        return done
+
+    def stop(self) -> None:
+        """Stop claiming; the jobs in hand finish (or are cancelled by the caller)."""
+        self._stopping = True
+        self.wakeup.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def cancel_current(self) -> None:
+        for cancel in self._cancels.values():
+            cancel.set()
+
+    async def _watch(self, cancellations: AsyncIterable[Event]) -> None:
+        async for event in cancellations:
+            if (cancel := self._cancels.get(event.job_id)) is not None:
+                cancel.set()
+
+    async def process(self, jobs: list[Job]) -> None:
+        """Run claimed jobs (one backend call) to their ends; never raises for their failures."""
+        self.current = jobs
+        self._cancels = {job.id: threading.Event() for job in jobs}
+        for job in jobs:
+            await self.bus.publish(Event.of(job, EventType.started))
+        heartbeat = asyncio.create_task(self._heartbeat(jobs))
+        began = time.monotonic()
+        try:
+            results = await self._generate(jobs)
+        except Exception as exc:
+            for job in jobs:
+                await self._failed(job, exc)
+        else:
+            seconds = (time.monotonic() - began) / len(jobs)
+            for job, result in zip(jobs, results, strict=True):
+                await self._finish(job, result, seconds)
+        finally:
+            heartbeat.cancel()
+            self.current = []
+            self._cancels = {}
+
+    async def _generate(self, jobs: list[Job]) -> list[GenerationResult]:
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Queue[Event | None] = asyncio.Queue()
+
+        def progress_of(job: Job) -> RunContext:
+            def on_progress(step: int, total: int, preview: Image | None) -> None:
+                event = Event.of(job, EventType.progress, step=step, total=total)
+                if preview is not None:
+                    event.preview = _jpeg_base64(preview)
+                loop.call_soon_threadsafe(pending.put_nowait, event)
+
+            return RunContext(on_progress=on_progress, cancel_event=self._cancels[job.id])
+
+        async def pump() -> None:
+            while (event := await pending.get()) is not None:
+                await self.bus.publish(event)
+
+        publisher = asyncio.create_task(pump())
+        contexts = [progress_of(job) for job in jobs]
+        try:
+            if len(jobs) == 1:
+                return [await self.backend.generate(jobs[0].request, contexts[0])]
+            return await self.backend.generate_batch([job.request for job in jobs], contexts)
+        finally:
+            # progress scheduled from the thread is queued before the sentinel: order is kept
+            pending.put_nowait(None)
+            await publisher
+
+    async def _finish(self, job: Job, result: GenerationResult, seconds: float) -> None:
+        if self._cancels[job.id].is_set():
+            log.info("job %s was cancelled; its result is discarded", job.id, extra=_ids(job))
+            return
+        upload_error = None
+        try:
+            images = await asyncio.to_thread(self.storage.save, job, result)
+            if self.uploads is not None and job.request.sync_with_s3:
+                images, upload_error = await _upload_now(self.uploads, job, images)
+            done = await asyncio.shield(self.store.complete(job.id, self.id, images))
+        except (LeaseLost, JobFinished):
+            log.info("job %s is no longer ours; its result is discarded", job.id, extra=_ids(job))
+        except Exception as exc:
+            await self._failed(job, exc)
+        else:
+            self.run_times.observe(job.backend, job.request, seconds)
+            if upload_error is not None and self.uploads is not None:
+                self.uploads.notes.update(done.id, upload_error=upload_error)
+            await self.bus.publish(
+                Event.of(done, EventType.succeeded, images=done.images, upload_error=upload_error)
+            )
+            if self.uploads is not None and not job.request.sync_with_s3:
+                self.uploads.schedule(done)
+
+    async def _failed(self, job: Job, exc: Exception) -> None:
+        """Record a failure: retry it later if it was transient, else fail it with its reason."""
+        if isinstance(exc, Cancelled | LeaseLost | JobFinished):
+            return
+        if isinstance(exc, EaselError):
+            error = JobError(code=exc.code, message=exc.message)
+        else:
+            log.exception(
+                "job %s failed in backend %s", job.id, self.backend.name, exc_info=exc,
+                extra=_ids(job),
+            )  # fmt: skip
+            error = JobError(code=GenerationError.code, message=f"{type(exc).__name__}: {exc}")
+        try:
+            if isinstance(exc, EaselError) and exc.retryable:
+                delay = retry_delay(job.attempts, base=self.retry_base_seconds)
+                after = await asyncio.shield(
+                    self.store.requeue(job.id, worker_id=self.id, reason=error, delay=delay)
+                )
+            else:
+                after = await asyncio.shield(self.store.fail(job.id, error, worker_id=self.id))
+        except (LeaseLost, JobFinished):
+            return
+        if after.state is JobState.queued:
+            log.warning(
+                "job %s: %s; retrying (attempt %d)", job.id, error.message, after.attempts,
+                extra=_ids(job),
+            )  # fmt: skip
+            await self.bus.publish(Event.of(after, EventType.queued, error=error))
+            self.wakeup.set()
+        else:
+            await self.bus.publish(Event.of(after, EventType.failed, error=after.error))
+
+    async def _heartbeat(self, jobs: list[Job]) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            for job in jobs:
+                try:
+                    held = await self.store.heartbeat(
+                        job.id, self.id, lease_seconds=self.lease_seconds
+                    )
+                except StoreUnavailable as exc:  # keep beating: the store may be back in time
+                    log.warning("job %s: heartbeat failed: %s", job.id, exc.message)
+                    continue
+                if not held:
+                    self._cancels[job.id].set()
+
+
+async def _upload_now(
+    uploads: Uploads, job: Job, images: list[ImageRef]
+) -> tuple[list[ImageRef], str | None]:
+    """``sync_with_s3``: the refs with their URLs, or the local refs and why not."""
+    try:
+        return await uploads.upload(job, images), None
+    except Exception as exc:
+        log.error("job %s: upload failed for good; its images stay local: %s", job.id, exc)
+        return images, f"{type(exc).__name__}: {exc}"
+
+
+def _ids(job: Job) -> dict[str, str | None]:
+    """Fields for structured logs (``EASEL_LOG_FORMAT=json``)."""
+    return {"job_id": job.id, "user_id": job.user_id, "service": job.service}
+
+
+def _jpeg_base64(image: Image, max_side: int = 256) -> str:
+    preview = image.copy()
+    preview.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    preview.convert("RGB").save(buffer, "JPEG", quality=70)
+    return base64.b64encode(buffer.getvalue()).decode()

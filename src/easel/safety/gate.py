@@ -1,0 +1,80 @@
+"""The gate before the queue: rate limits, per-service caps and moderation.
+
+Everything here runs at admission, before a job costs anything; refusals are 4xx/429 with
+a code. Tokens themselves are checked earlier, by the middleware (``easel.api.auth``).
+"""
+
+from __future__ import annotations
+
+import time
+
+from easel.config import Safety
+from easel.errors import QueueFull
+from easel.events.bus import EventBus
+from easel.jobs import FINAL_EVENTS, GenerationRequest
+from easel.safety.moderation import DenyList, HttpClassifier, Moderator, moderate
+from easel.safety.ratelimit import TokenBuckets
+from easel.safety.services import Permission, Service, ServiceToken
+
+
+def service_tokens(safety: Safety) -> list[ServiceToken]:
+    return [
+        ServiceToken(
+            Service(entry.service, frozenset(Permission(s) for s in entry.scopes)),
+            entry.token.get_secret_value().encode(),
+        )
+        for entry in safety.tokens
+    ]
+
+
+class Gate:
+    def __init__(self, safety: Safety) -> None:
+        self.safety = safety
+        self.user_rates = (
+            TokenBuckets(safety.user_rate, safety.user_burst) if safety.user_rate else None
+        )
+        self.service_rates = (
+            TokenBuckets(safety.service_rate, safety.service_burst) if safety.service_rate else None
+        )
+        self.moderators: list[Moderator] = []
+        if safety.deny_words or safety.deny_patterns:
+            self.moderators.append(DenyList(safety.deny_words, safety.deny_patterns))
+        self._classifier = HttpClassifier(safety.moderation_url) if safety.moderation_url else None
+        if self._classifier is not None:
+            self.moderators.append(self._classifier)
+        self._active: dict[str, set[str]] = {}  # service -> its queued or running job ids
+
+    async def check(self, request: GenerationRequest, service: Service | None) -> None:
+        """Refuse what the caller may not submit now; raises a 4xx/429 EaselError."""
+        now = time.monotonic()
+        if self.service_rates is not None and service is not None:
+            self.service_rates.check(service.name, now, f"service {service.name!r}")
+        if self.user_rates is not None:
+            key = f"{service.name if service else ''}\0{request.user_id}"
+            self.user_rates.check(key, now, f"user {request.user_id!r}")
+        cap = self.safety.service_max_active
+        if cap is not None and service is not None:
+            active = len(self._active.get(service.name, ()))
+            if active >= cap:
+                raise QueueFull(
+                    f"service {service.name!r} has {active} queued or running jobs, its cap",
+                    code="service_queue_full",
+                    count=active,
+                )
+        if self.moderators and (request.moderate or self.safety.moderate_all):
+            await moderate(request, self.moderators)
+
+    def accepted(self, job_id: str, service: Service | None) -> None:
+        if service is not None:
+            self._active.setdefault(service.name, set()).add(job_id)
+
+    async def follow(self, bus: EventBus) -> None:
+        """Free a service's slot when one of its jobs ends (until cancelled)."""
+        async with bus.subscribe(types=FINAL_EVENTS) as events:
+            async for event in events:
+                if event.service is not None:
+                    self._active.get(event.service, set()).discard(event.job_id)
+
+    async def close(self) -> None:
+        if self._classifier is not None:
+            await self._classifier.close()
