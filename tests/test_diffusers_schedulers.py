@@ -165,7 +165,8 @@ def test_kandinsky_schedulers_take_a_generator_in_step() -> None:
 def test_modules_import_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = sys.modules['diffusers'] = None\n"
-        "import easel.backends.diffusers.backend, easel.backends.diffusers.schedulers, easel.tiny, easel.backends.diffusers.models\n"
+        "import easel.backends.diffusers.backend, easel.backends.diffusers.schedulers\n"
+        "import easel.tiny, easel.backends.diffusers.models\n"
         "from easel.backends.diffusers.schedulers import resolve_scheduler\n"
         "print(resolve_scheduler('Euler a')[0])"
     )
