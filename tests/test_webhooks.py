@@ -102,9 +102,7 @@ def test_events_arrive_signed_and_in_order(
         job_id = response.json()["id"]
         got = receiver.wait_for(job_id, "succeeded")
         assert [r["event"]["type"] for r in got] == ["queued", "started", "succeeded"]
-        assert all(
-            r["valid"] for r in got
-        )  # no progress ticks (easel.effects.webhooks)
+        assert all(r["valid"] for r in got)  # no progress ticks (easel.effects.webhooks)
         assert abs(got[0]["timestamp"] - time.time()) < 60
         assert got[-1]["event"]["images"][0]["index"] == 0
         job = _settled(server, job_id, events=3)
