@@ -55,6 +55,14 @@ RemoteServer = Annotated[
 ]
 Backend = Annotated[str | None, typer.Option(help="Backend name, e.g. mock or diffusers.")]
 Model = Annotated[str | None, typer.Option(help="A local diffusers model folder.")]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        envvar="EASEL_CONFIG",
+        help="A TOML settings file, e.g. easel.toml with [[backends]] (the fleet).",
+    ),
+]
 RedisUrl = Annotated[
     str | None,
     typer.Option(
@@ -82,12 +90,44 @@ def _fail(code: str, message: str) -> NoReturn:
 # -- serve --------------------------------------------------------------------------------
 
 
+def _settings(config: Path | None, given: dict[str, Any]) -> Settings:
+    """Defaults < the file < ``EASEL_*`` < options given; a bad file exits with its
+    problems (file, key path, what is wrong), never a traceback."""
+    from easel.backends import available
+    from easel.backends.base import Capability
+    from easel.fleet import FleetFileError, load_settings
+
+    try:
+        settings = load_settings(
+            config,
+            kinds=available(),
+            capabilities=[capability.value for capability in Capability],
+            **{key: value for key, value in given.items() if value is not None},
+        )
+    except FleetFileError as exc:
+        where = escape(str(exc.path or "settings"))
+        console.print(f"[bold red]error[/] config_invalid: {where}", soft_wrap=True)
+        for problem in exc.problems:
+            console.print(f"  {escape(problem)}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    if not settings.backends and settings.resolved_backend not in available():
+        _fail(
+            "invalid_request",
+            f"unknown backend {settings.resolved_backend!r}; "
+            f"available backends are: {', '.join(available())}",
+        )
+    return settings
+
+
 def _configure_logging(settings: Settings) -> None:
     logs.configure(settings.log_format)
 
 
 def serving_line(settings: Settings) -> str:
     """What this process serves; the first thing ``easel serve`` logs."""
+    if settings.backends:
+        fleet = ", ".join(f"{s.name} ({s.kind}, {s.slots} slots)" for s in settings.backends)
+        return f"serving a fleet of {len(settings.backends)} backends: {fleet}"
     backend = settings.resolved_backend
     if settings.model is None:
         return (
@@ -122,6 +162,7 @@ def serve(
         ),
     ] = None,
     redis: RedisUrl = None,
+    config: ConfigFile = None,
 ) -> None:
     """Run the server: HTTP API, queue and workers in one process.
 
@@ -130,8 +171,6 @@ def serve(
     import uvicorn
 
     from easel.api import create_app
-    from easel.backends import available
-    from easel.config import Settings
 
     given: dict[str, Any] = {
         "host": host,
@@ -145,13 +184,7 @@ def serve(
         "concurrency": concurrency,
         "redis_url": redis,
     }
-    settings = Settings(**{key: value for key, value in given.items() if value is not None})
-    if settings.resolved_backend not in available():
-        _fail(
-            "invalid_request",
-            f"unknown backend {settings.resolved_backend!r}; "
-            f"available backends are: {', '.join(available())}",
-        )
+    settings = _settings(config, given)
     _configure_logging(settings)
     log.info(serving_line(settings))
     uvicorn.run(
@@ -190,14 +223,13 @@ def worker(
     grace_seconds: Annotated[
         float | None, typer.Option(min=0, help="On SIGTERM, time for running jobs [default: 30]")
     ] = None,
+    config: ConfigFile = None,
 ) -> None:
     """Run jobs from a shared Redis queue: no HTTP, one process per GPU host (or per GPU).
 
     SIGTERM stops claiming at once; running jobs get the grace period, then go back to the
     queue without spending an attempt.
     """
-    from easel.backends import available
-    from easel.config import Settings
     from easel.runtime.process import run_worker_process
 
     given: dict[str, Any] = {
@@ -212,19 +244,13 @@ def worker(
         "lease_seconds": lease_seconds,
         "shutdown_grace_seconds": grace_seconds,
     }
-    settings = Settings(**{key: value for key, value in given.items() if value is not None})
+    settings = _settings(config, given)
     if settings.redis_url is None:
         _fail("invalid_request", "easel worker needs --redis URL (or EASEL_REDIS_URL)")
     if "lease_seconds" not in settings.model_fields_set:
         # leases of 1.2 heartbeats, reaped every half lease: a hung worker's job is back
         # in the queue within 1.8 heartbeats of its last one
         settings = settings.model_copy(update={"lease_seconds": settings.heartbeat_seconds * 1.2})
-    if settings.resolved_backend not in available():
-        _fail(
-            "invalid_request",
-            f"unknown backend {settings.resolved_backend!r}; "
-            f"available backends are: {', '.join(available())}",
-        )
     _configure_logging(settings)
     log.info(serving_line(settings).replace("serving", "worker for", 1))
     asyncio.run(run_worker_process(settings))

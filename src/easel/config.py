@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,11 @@ from pydantic_settings import (
 )
 
 from easel import constants as redis_keys
+from easel.fleet import BackendSpec, Routing
+
+settings_file: ContextVar[Path | None] = ContextVar("easel_settings_file", default=None)
+"""The TOML file ``--config`` named (set by :func:`easel.fleet.load_settings`); it wins
+over ``EASEL_CONFIG``."""
 
 
 class Limits(BaseModel):
@@ -191,6 +197,12 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=5, ge=1, description="POSTs per event, at most.")
     webhook_retry_base_seconds: float = Field(default=1.0, ge=0, description="First backoff.")
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, description="Per POST.")
+    backends: list[BackendSpec] = Field(
+        default_factory=list,
+        description="The fleet ([[backends]] in the TOML file); empty: one backend from "
+        "backend/model/models_dir.",
+    )
+    routing: Routing = Field(default_factory=Routing)
     shutdown_grace_seconds: float = Field(
         default=30.0, ge=0, description="On SIGTERM, running jobs get this long to finish."
     )
@@ -205,7 +217,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if path := os.environ.get("EASEL_CONFIG"):
+        path = settings_file.get() or os.environ.get("EASEL_CONFIG")
+        if path:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
         return tuple(sources)
 
