@@ -113,6 +113,20 @@ class S3Settings(BaseModel):
     timeout_seconds: float = Field(default=10.0, gt=0, description="Per S3 call.")
 
 
+class OutputSettings(BaseModel):
+    """How result images are encoded when a request does not say (``EASEL_OUTPUT__*``)."""
+
+    format: Literal["png", "webp", "jpeg"] = Field(
+        default="png", description="Like A1111's samples_format."
+    )
+    png_compress_level: int = Field(
+        default=6, ge=0, le=9, description="zlib level: 0 is fastest and largest."
+    )
+    jpeg_quality: int = Field(default=92, ge=1, le=100)
+    webp_quality: int = Field(default=90, ge=1, le=100)
+    webp_lossless: bool = False
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EASEL_", env_nested_delimiter="__")
 
@@ -188,6 +202,7 @@ class Settings(BaseSettings):
         description="Recent events kept for resuming (Redis).",
     )
     s3: S3Settings = Field(default_factory=S3Settings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
     webhook_allowed_hosts: list[str] = Field(
         default_factory=list, description="Hosts webhooks may go to (empty: webhooks refused)."
     )

@@ -43,6 +43,28 @@ class JobKind(StrEnum):
     mix = "mix"
 
 
+class ImageFormat(StrEnum):
+    """How result images are encoded; each format carries the generation parameters."""
+
+    png = "png"
+    webp = "webp"
+    jpeg = "jpeg"
+
+    @property
+    def suffix(self) -> str:
+        return ".jpg" if self is ImageFormat.jpeg else f".{self.value}"
+
+    @property
+    def media_type(self) -> str:
+        return f"image/{self.value}"
+
+    @classmethod
+    def of_path(cls, path: str) -> ImageFormat:
+        """The format of a stored file, by the suffix easel gave it."""
+        suffix = path.rpartition(".")[2].lower()
+        return cls.jpeg if suffix in {"jpg", "jpeg"} else cls(suffix)
+
+
 class JobState(StrEnum):
     queued = "queued"
     running = "running"
@@ -154,6 +176,15 @@ class GenerationRequest(BaseModel):
         default=None, ge=0, description="A preview every this many steps (0: none)."
     )
     batch_size: int = Field(default=1, gt=0)
+    output_format: ImageFormat | None = Field(
+        default=None, description="png, webp or jpeg (default: the server's output format)."
+    )
+    output_quality: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="JPEG/WebP quality (default: the server's); ignored for PNG.",
+    )
     model: str | None = None
     backend: str | None = None
     user_id: str = Field(default="anonymous", min_length=1, max_length=200)

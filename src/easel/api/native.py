@@ -16,7 +16,7 @@ from easel.api.errors import ErrorResponse
 from easel.backends.base import Capability
 from easel.errors import UnsupportedMediaType
 from easel.events.bus import Subscription
-from easel.jobs import GenerationRequest, Job, JobState, JobView
+from easel.jobs import GenerationRequest, ImageFormat, Job, JobState, JobView
 from easel.runtime.facade import Runtime
 from easel.runtime.registry import WorkerInfo
 from easel.safety.services import may_see
@@ -162,12 +162,12 @@ async def cancel_job(job_id: str, request: Request) -> Job:
 @router.get(
     "/v1/jobs/{job_id}/images/{index}",
     response_class=FileResponse,
-    responses={200: {"content": {"image/png": {}}}, **_ERRORS},
+    responses={200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}}}, **_ERRORS},
     tags=["jobs"],
 )
 async def get_image(job_id: str, index: int, request: Request) -> FileResponse:
     path = await runtime_of(request).image_path(job_id, index)
-    return FileResponse(path, media_type="image/png")
+    return FileResponse(path, media_type=ImageFormat.of_path(path.name).media_type)
 
 
 @router.get("/v1/models", response_model=Models, tags=["models"])

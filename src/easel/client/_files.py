@@ -5,37 +5,39 @@ Everything here blocks; the async client calls it in a thread.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from easel.backends.base import GenerationResult
 from easel.jobs import ImageRef, Job
 from easel.results.files import sidecar
-from easel.results.metadata import parse_infotext
+from easel.results.metadata import parse_infotext, read_parameters
 
 
 def image_targets(target: Path, job: Job, prefix: str | None = None) -> list[Path]:
     """An existing directory gets ``<prefix or job id>-<index>.png`` files; any other path
     is the file itself, suffixed ``-1``, ``-2``... when the batch has more than one image."""
+    suffixes = [Path(ref.path).suffix or ".png" for ref in job.images]
     if target.is_dir():
-        return [target / f"{prefix or job.id}-{ref.index}.png" for ref in job.images]
-    png = target.with_suffix(".png")
+        return [
+            target / f"{prefix or job.id}-{ref.index}{suffix}"
+            for ref, suffix in zip(job.images, suffixes, strict=True)
+        ]
     if len(job.images) == 1:
-        return [png]
-    return [png.with_stem(f"{png.stem}-{ref.index + 1}") for ref in job.images]
+        return [target.with_suffix(suffixes[0])]
+    return [
+        target.with_stem(f"{target.stem}-{ref.index + 1}").with_suffix(suffix)
+        for ref, suffix in zip(job.images, suffixes, strict=True)
+    ]
 
 
 def client_sidecar(job: Job, ref: ImageRef, png: bytes) -> dict[str, Any]:
     """The server's own sidecar format, rebuilt from the job and the PNG's text chunk."""
-    with Image.open(io.BytesIO(png)) as image:
-        parameters = image.info.get("parameters")
-    model = parse_infotext(parameters).get("Model") if isinstance(parameters, str) else None
+    parameters = read_parameters(png).infotext
+    model = parse_infotext(parameters).get("Model") if parameters else None
     result = GenerationResult(images=[], seeds=[], model=model)
     return sidecar(job, result, ref.index, ref.seed)
 

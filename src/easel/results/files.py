@@ -1,8 +1,9 @@
-"""Where results go: PNGs under an output dir, each with its parameters twice.
+"""Where results go: images (PNG, WebP or JPEG) under an output dir, each with its
+parameters twice.
 
-The parameters are in a JSON sidecar (for programs) and in the PNG's ``parameters`` text
-chunk in Automatic1111's format (for people and other tools). Either is enough to
-reproduce the image. Everything here blocks: the worker calls it in a thread.
+The parameters are in a JSON sidecar (for programs) and inside the image in Automatic1111's
+format (for people and other tools; see :mod:`easel.results.metadata`). Either is enough
+to reproduce the image. Everything here blocks: the worker calls it in a thread.
 """
 
 from __future__ import annotations
@@ -15,19 +16,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from PIL import Image as PILImage
 from PIL.Image import Image
 from PIL.PngImagePlugin import PngInfo
 
 from easel.backends.base import GenerationResult
+from easel.config import OutputSettings
 from easel.errors import ImageNotFound
-from easel.jobs import ImageRef, Job
-from easel.results.metadata import infotext
+from easel.jobs import ImageFormat, ImageRef, Job
+from easel.results.metadata import EXIF_IFD, USER_COMMENT, infotext, user_comment, xmp_packet
 
 
 class LocalStorage:
-    def __init__(self, output_dir: Path | str) -> None:
+    def __init__(self, output_dir: Path | str, output: OutputSettings | None = None) -> None:
         self.root = Path(output_dir).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.output = output or OutputSettings()
+
+    def format_of(self, job: Job) -> ImageFormat:
+        return job.request.output_format or ImageFormat(self.output.format)
 
     def save(self, job: Job, result: GenerationResult) -> list[ImageRef]:
         """Write every image and its sidecar; return refs in batch order."""
@@ -35,10 +42,12 @@ class LocalStorage:
         folder = self.root / day
         folder.mkdir(parents=True, exist_ok=True)
         refs = []
+        format = self.format_of(job)
         for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
             metadata = sidecar(job, result, index, seed)
             stem = folder / f"{job.id}-{index}"
-            _write_atomic(stem.with_suffix(".png"), encode_png(image, metadata))
+            data = encode_image(image, metadata, format, self.output, job.request.output_quality)
+            _write_atomic(stem.with_suffix(format.suffix), data)
             _write_atomic(stem.with_suffix(".json"), json.dumps(metadata, indent=2).encode())
             refs.append(
                 ImageRef(
@@ -46,7 +55,7 @@ class LocalStorage:
                     seed=seed,
                     width=image.width,
                     height=image.height,
-                    path=str(stem.with_suffix(".png").relative_to(self.root)),
+                    path=str(stem.with_suffix(format.suffix).relative_to(self.root)),
                     url=f"/v1/jobs/{job.id}/images/{index}",
                 )
             )
@@ -80,13 +89,42 @@ def sidecar(job: Job, result: GenerationResult, index: int, seed: int) -> dict[s
     }
 
 
-def encode_png(image: Image, metadata: dict[str, Any]) -> bytes:
+def encode_image(
+    image: Image,
+    metadata: dict[str, Any],
+    format: ImageFormat = ImageFormat.png,
+    output: OutputSettings | None = None,
+    quality: int | None = None,
+) -> bytes:
+    """The image in ``format`` with its parameters inside (blocks; Pillow's encoders let
+    go of the GIL, so other threads, and the event loop, run meanwhile)."""
+    output = output or OutputSettings()
+    if format is ImageFormat.png:
+        return encode_png(image, metadata, output.png_compress_level)
+    exif = PILImage.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = user_comment(metadata["infotext"])
+    options: dict[str, Any] = {
+        "exif": exif.tobytes(),
+        "xmp": xmp_packet(metadata["infotext"], metadata["request"]),
+    }
+    if format is ImageFormat.jpeg:
+        options["quality"] = quality or output.jpeg_quality
+        image = image.convert("RGB") if image.mode not in {"RGB", "L"} else image
+    else:
+        options["quality"] = quality or output.webp_quality
+        options["lossless"] = output.webp_lossless
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG" if format is ImageFormat.jpeg else "WEBP", **options)
+    return buffer.getvalue()
+
+
+def encode_png(image: Image, metadata: dict[str, Any], compress_level: int = 6) -> bytes:
     """PNG bytes carrying the infotext (``parameters``) and the request as JSON (``easel``)."""
     info = PngInfo()
     info.add_text("parameters", metadata["infotext"])
     info.add_text("easel", json.dumps(metadata["request"], sort_keys=True))
     buffer = io.BytesIO()
-    image.save(buffer, "PNG", pnginfo=info)
+    image.save(buffer, "PNG", pnginfo=info, compress_level=compress_level)
     return buffer.getvalue()
 
 

@@ -1,12 +1,22 @@
 """Generation parameters as text: Automatic1111's "infotext", which other tools read.
 
-It is written into every PNG (text chunk ``parameters``) and served as A1111's ``info``.
+It is written into every result file, where each format keeps text: PNG's ``parameters``
+text chunk (and ``easel``: the request as JSON); for JPEG and WebP, EXIF ``UserComment``
+as A1111 writes it (so A1111's PNG-info reads it) and an XMP packet with both. It is also
+served as A1111's ``info``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import re
+from dataclasses import dataclass
+from html import escape, unescape
 from typing import Any
+
+from PIL import Image
 
 from easel import __version__
 from easel.jobs import GenerationRequest, JobKind
@@ -69,3 +79,101 @@ def _unquote(text: str) -> str:
     if len(text) >= 2 and text[0] == text[-1] == '"':
         return text[1:-1].replace('\\"', '"').replace("\\\\", "\\")
     return text
+
+
+# -- the parameters inside image files ----------------------------------------------------
+
+EXIF_IFD = 0x8769
+"""The EXIF sub-IFD pointer tag."""
+USER_COMMENT = 0x9286
+"""EXIF ``UserComment``: where A1111 (via piexif) puts the infotext of JPEG and WebP files."""
+_UNICODE_PREFIX = b"UNICODE\x00"
+_ASCII_PREFIX = b"ASCII\x00\x00\x00"
+_XMP_NS = "https://github.com/easel/ns/1.0/"
+
+
+@dataclass(frozen=True)
+class EmbeddedParameters:
+    """What a result file says about how it was made (either part may be missing)."""
+
+    infotext: str | None
+    request: dict[str, Any] | None
+
+
+def user_comment(text: str) -> bytes:
+    """EXIF ``UserComment`` bytes as piexif's ``UserComment.dump(text, "unicode")`` writes
+    them (A1111 reads this back with ``piexif.helper.UserComment.load``)."""
+    return _UNICODE_PREFIX + text.encode("utf-16-be")
+
+
+def read_user_comment(raw: bytes) -> str:
+    """The inverse of :func:`user_comment`; also the ASCII and unmarked forms."""
+    if raw.startswith(_UNICODE_PREFIX):
+        body = raw[len(_UNICODE_PREFIX) :]
+        # piexif writes big-endian; a few writers use little-endian with a BOM
+        if body.startswith(b"\xff\xfe"):
+            return body[2:].decode("utf-16-le", errors="replace")
+        return body.decode("utf-16-be", errors="replace")
+    if raw.startswith(_ASCII_PREFIX):
+        return raw[len(_ASCII_PREFIX) :].decode("ascii", errors="replace").rstrip("\x00")
+    return raw.decode("utf-8", errors="replace").rstrip("\x00")
+
+
+def xmp_packet(parameters: str, request: dict[str, Any]) -> bytes:
+    """An XMP packet with the infotext and the request JSON (``easel:parameters``/``request``)."""
+    description = (
+        f'<rdf:Description rdf:about="" xmlns:easel="{_XMP_NS}">'
+        f"<easel:parameters>{escape(parameters)}</easel:parameters>"
+        f"<easel:request>{escape(json.dumps(request, sort_keys=True))}</easel:request>"
+        "</rdf:Description>"
+    )
+    return (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/">'
+        '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f"{description}</rdf:RDF></x:xmpmeta>"
+        '<?xpacket end="w"?>'
+    ).encode()
+
+
+def read_xmp(packet: bytes | str) -> dict[str, str]:
+    """``parameters`` and ``request`` from an easel XMP packet (empty for anyone else's)."""
+    text = packet.decode("utf-8", errors="replace") if isinstance(packet, bytes) else packet
+    found = {}
+    for name in ("parameters", "request"):
+        match = re.search(rf"<easel:{name}>(.*?)</easel:{name}>", text, re.DOTALL)
+        if match:
+            found[name] = unescape(match.group(1))
+    return found
+
+
+def read_embedded(image: Image.Image) -> EmbeddedParameters:
+    """The parameters an opened PNG, JPEG or WebP carries: PNG text chunks, else EXIF
+    ``UserComment`` and easel's XMP. Reads metadata only, never pixels."""
+    infotext_: str | None = None
+    request_text: str | None = None
+    if isinstance(text := image.info.get("parameters"), str):
+        infotext_ = text
+    if isinstance(text := image.info.get("easel"), str):
+        request_text = text
+    if infotext_ is None:
+        with contextlib.suppress(Exception):  # a broken EXIF block is no parameters
+            raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+            if isinstance(raw, bytes) and raw:
+                infotext_ = read_user_comment(raw)
+    if (xmp := image.info.get("xmp")) and isinstance(xmp, bytes | str):
+        found = read_xmp(xmp)
+        infotext_ = infotext_ or found.get("parameters")
+        request_text = request_text or found.get("request")
+    request = None
+    if request_text is not None:
+        with contextlib.suppress(ValueError):
+            loaded = json.loads(request_text)
+            request = loaded if isinstance(loaded, dict) else None
+    return EmbeddedParameters(infotext=infotext_ or None, request=request)
+
+
+def read_parameters(data: bytes) -> EmbeddedParameters:
+    """:func:`read_embedded` of encoded file bytes (blocks: call it in a thread)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return read_embedded(image)

@@ -18,7 +18,7 @@ from typing import Any
 from easel.config import S3Settings
 from easel.effects.notes import JobNotes
 from easel.events.bus import EventBus
-from easel.jobs import Event, EventType, ImageRef, Job
+from easel.jobs import Event, EventType, ImageFormat, ImageRef, Job
 from easel.queue.scheduler import retry_delay
 from easel.results.files import LocalStorage
 
@@ -83,7 +83,10 @@ class S3Store:
             local = storage.path(ref)
             key = self.key(ref)
             client.put_object(
-                Bucket=self.bucket, Key=key, Body=local.read_bytes(), ContentType="image/png"
+                Bucket=self.bucket,
+                Key=key,
+                Body=local.read_bytes(),
+                ContentType=ImageFormat.of_path(local.name).media_type,
             )
             sidecar = local.with_suffix(".json")
             if sidecar.is_file():

@@ -77,7 +77,7 @@ class Runtime:
         )
         self.bus = bus or (scale.redis_bus(settings) if settings.redis_url else InProcessEventBus())
         self.registry = scale.registry_for(settings)
-        self.storage = storage or LocalStorage(settings.resolved_output_dir)
+        self.storage = storage or LocalStorage(settings.resolved_output_dir, settings.output)
         self.run_times = RunTimes()
         self.notes = JobNotes()  # upload and webhook state, after a job is stored
         self.uploads = _uploads_for(settings, self.storage, self.bus, self.notes)

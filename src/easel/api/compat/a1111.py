@@ -42,8 +42,9 @@ from easel.api.errors import ErrorResponse
 from easel.api.native import runtime_of
 from easel.backends.diffusers.schedulers import SCHEDULERS
 from easel.errors import EaselError, InvalidRequest, JobFinished, ModelNotFound, Unsupported
+from easel.images import strip_data_url
 from easel.jobs import MAX_SEED, Event, EventType, GenerationRequest, Job, JobKind, JobState
-from easel.results.metadata import infotext, parse_infotext
+from easel.results.metadata import infotext, parse_infotext, read_embedded, read_parameters
 from easel.runtime.facade import Runtime
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
@@ -223,6 +224,53 @@ async def img2img(body: Img2ImgRequest, request: Request) -> A1111Images:
     if body.mask:
         raise Unsupported("mask (inpainting) is not supported yet; send init_images alone")
     return await _generate(request, body)
+
+
+class PngInfoRequest(BaseModel):
+    image: str = Field(description="Base64 PNG, JPEG or WebP (a data: URL is accepted).")
+
+
+class PngInfoResponse(BaseModel):
+    info: str = Field(description="The infotext the image carries ('' when none).")
+    items: dict[str, Any] = Field(default_factory=dict, description="Its other text chunks.")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="The infotext parsed.")
+
+
+@router.post("/png-info", response_model=PngInfoResponse, responses=_ERRORS)
+async def png_info(body: PngInfoRequest, request: Request) -> PngInfoResponse:
+    """The generation parameters inside an image: PNG text chunk, else EXIF UserComment
+    (JPEG, WebP), as A1111 reads them. Decoded in a thread, headers only."""
+    if not body.image.strip():
+        return PngInfoResponse(info="")
+    limit = runtime_of(request).settings.limits.max_init_image_bytes
+    return await asyncio.to_thread(_png_info, body.image.strip(), limit)
+
+
+def _png_info(data: str, max_bytes: int) -> PngInfoResponse:
+    data = strip_data_url(data)
+    if len(data) > max_bytes * 4 // 3 + 4:
+        raise InvalidRequest(f"image is larger than {max_bytes} bytes")
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as image:
+            embedded = read_embedded(image)
+            items = {
+                str(key): value
+                for key, value in image.info.items()
+                if isinstance(value, str) and key not in {"parameters", "easel"}
+            }
+    except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InvalidRequest(f"the image could not be read: {exc}") from None
+    text = embedded.infotext or ""
+    parameters: dict[str, Any] = {}
+    if text:
+        fields = parse_infotext(text)
+        parameters = {
+            "Prompt": fields.pop("prompt"),
+            "Negative prompt": fields.pop("negative_prompt"),
+            **fields,
+        }
+    return PngInfoResponse(info=text, items=items, parameters=parameters)
 
 
 @router.get("/progress", response_model=ProgressResponse)
@@ -426,13 +474,12 @@ async def _generate(request: Request, body: Txt2ImgRequest) -> A1111Images:
     )
 
 
-def _encode(pngs: list[bytes]) -> tuple[list[str], list[str]]:
-    """Base64 of each PNG and the infotext in its ``parameters`` chunk (blocks)."""
+def _encode(files: list[bytes]) -> tuple[list[str], list[str]]:
+    """Base64 of each stored image and the infotext inside it (blocks)."""
     images, texts = [], []
-    for png in pngs:
-        with Image.open(io.BytesIO(png)) as image:
-            texts.append(str(image.info.get("parameters", "")))
-        images.append(base64.b64encode(png).decode())
+    for data in files:
+        texts.append(read_parameters(data).infotext or "")
+        images.append(base64.b64encode(data).decode())
     return images, texts
 
 

@@ -26,7 +26,7 @@ from easel.api.compat._shared import caller
 from easel.api.errors import ErrorResponse
 from easel.api.native import runtime_of
 from easel.errors import InvalidRequest
-from easel.jobs import MAX_SEED, GenerationRequest, Job, JobState
+from easel.jobs import MAX_SEED, GenerationRequest, ImageFormat, Job, JobState
 
 router = APIRouter(prefix="/pipeline", tags=["pipeline"])
 _BUSY: dict[int | str, dict[str, Any]] = {
@@ -140,7 +140,7 @@ async def image(request: Request) -> FileResponse:
     if latest is None or latest.state is not JobState.succeeded:
         raise PipelineNotDone("Pipeline execution is not yet complete.")
     path = await runtime_of(request).image_path(latest.id, 0)
-    return FileResponse(path, media_type="image/png")
+    return FileResponse(path, media_type=ImageFormat.of_path(path.name).media_type)
 
 
 async def _latest(request: Request, who: str) -> Job | None:
