@@ -151,6 +151,12 @@ class Settings(BaseSettings):
         default=1, ge=0, description="Jobs run at once per backend; 0 serves the API only."
     )
     mock_step_delay: float = Field(default=0.02, ge=0, description="Seconds per mock step.")
+    mock_preview_every: int = Field(
+        default=0, ge=0, description="The mock sends a preview every K steps (0: none)."
+    )
+    mock_folder: Path | None = Field(
+        default=None, description="The mock serves the pictures of this folder, by seed."
+    )
 
     max_user_queue_size: int = Field(default=10, ge=1, description="Queued+running per user.")
     max_user_queue_size_limit: int = Field(

@@ -19,7 +19,9 @@ status the API answers with; one handler renders them as
     └── GenerationError         500 generation_failed   (recorded on the job, not an HTTP answer)
         ├── Cancelled           499 cancelled
         ├── LeaseLost           409 lease_lost
-        └── BackendUnavailable  503 backend_unavailable (transient: worth a retry)
+        ├── BackendUnavailable  503 backend_unavailable (transient: worth a retry)
+        └── EngineError         502 engine_error        (a remote engine refused or failed)
+            └── EngineRefused   422 engine_refused      (its safety system or validation)
 """
 
 from __future__ import annotations
@@ -112,3 +114,19 @@ class BackendUnavailable(GenerationError):
     code = "backend_unavailable"
     status = 503
     retryable = True
+
+
+class EngineError(GenerationError):
+    """A remote engine (Automatic1111, ComfyUI, an OpenAI-compatible API...) failed the job
+    for good; the message carries the engine's own text."""
+
+    code = "engine_error"
+    status = 502
+
+
+class EngineRefused(EngineError):
+    """A remote engine refused the request itself (its safety system, its validation):
+    running it again would be refused again."""
+
+    code = "engine_refused"
+    status = 422

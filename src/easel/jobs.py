@@ -13,6 +13,8 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from easel.payloads import Executor, fields_from
+
 PREMIUM_PRIORITY = 10
 """The top priority tier; ``premium: true`` means this tier."""
 
@@ -204,6 +206,32 @@ class GenerationRequest(BaseModel):
         max_length=2000,
         description="Events of this job are POSTed here, signed (host must be allowed).",
     )
+    executor: Executor | None = Field(
+        default=None, description="The engine API that ``payload`` is written for."
+    )
+    payload: dict[str, Any] | None = Field(
+        default=None,
+        description="A raw engine payload (an Automatic1111 txt2img/img2img body, a ComfyUI "
+        "API workflow): a backend of that kind gets it unchanged but for the seed; the easel "
+        "fields are read from it (limits apply to them; other backends run them).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_payload(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("payload") is None:
+            return data
+        if data.get("executor") is None:
+            raise ValueError("a payload needs executor: " + ", ".join(Executor))
+        if not isinstance(data["payload"], dict):
+            raise ValueError("payload must be a JSON object")
+        found = fields_from(Executor(data["executor"]), data["payload"])
+        for key, value in found.items():
+            if data.get(key) is not None and data[key] != value and key != "seed":
+                raise ValueError(
+                    f"{key} is given both in the request and in the payload; give it once"
+                )
+        return {**found, **{k: v for k, v in data.items() if v is not None}}
 
     @field_validator("width", "height")
     @classmethod

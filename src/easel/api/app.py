@@ -74,5 +74,6 @@ def create_app(
     app.include_router(sse.router)
     app.include_router(openai.router)
     app.include_router(a1111.router)
+    app.include_router(a1111.internal)
     app.include_router(pipeline.router)
     return app

@@ -19,6 +19,7 @@ from PIL.Image import Image
 
 from easel.errors import Cancelled, Unsupported
 from easel.jobs import GenerationRequest
+from easel.payloads import Executor
 
 
 class Capability(StrEnum):
@@ -88,6 +89,9 @@ class Backend(ABC):
     capabilities: frozenset[Capability] = frozenset()
     batches: bool = False
     """Whether ``generate_batch`` runs compatible requests as one call (faster than each)."""
+    executors: frozenset[Executor] = frozenset({Executor.automatic1111})
+    """Engine payloads this backend runs: as they are (an engine of that kind) or through the
+    easel fields read from them (an A1111 payload is also a plain txt2img/img2img)."""
 
     async def start(self) -> None:
         """Load what must be loaded before the first job (called once by the runtime)."""
@@ -114,6 +118,11 @@ class Backend(ABC):
             needed.add(Capability.controlnet)
         if request.upscale is not None:
             needed.add(Capability.upscale)
+        if request.executor is not None and request.executor not in self.executors:
+            raise Unsupported(
+                f"backend {self.name!r} cannot run {request.executor} payloads; it runs "
+                f"{', '.join(sorted(self.executors)) or 'none'}"
+            )
         if missing := needed - self.capabilities:
             raise Unsupported(
                 f"backend {self.name!r} cannot do {', '.join(sorted(missing))}; it can do "

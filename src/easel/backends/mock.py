@@ -2,7 +2,10 @@
 
 It draws the prompt, seed and size on a background that the seed decides, one "step" at a
 time with a configurable delay, so progress, cancellation and ETAs behave as with a model.
-Tests and the no-GPU quickstart use it.
+Tests and the no-GPU quickstart use it. With ``folder``, it serves real pictures instead:
+the image of the folder that the seed picks (``seed % count``, in name order), fitted to
+the requested size, for realistic demos and downstream tests. With ``preview_every`` (or
+a request's own), it sends a preview every K steps: the result so far, blurred.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ import asyncio
 import random
 import textwrap
 import time
+from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from easel.backends.base import (
     Backend,
@@ -21,7 +25,7 @@ from easel.backends.base import (
     ModelInfo,
     RunContext,
 )
-from easel.errors import BackendUnavailable, Cancelled, GenerationError
+from easel.errors import BackendUnavailable, Cancelled, GenerationError, InvalidRequest
 from easel.images import decode_base64_image
 from easel.jobs import GenerationRequest, JobKind
 
@@ -47,13 +51,35 @@ class MockBackend(Backend):
             Capability.negative_prompt,
             Capability.seed,
             Capability.scheduler,
+            Capability.preview,
         }
     )
 
     batches = True
+    IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 
-    def __init__(self, *, step_delay: float = 0.0, **_options: object) -> None:
+    def __init__(
+        self,
+        *,
+        step_delay: float = 0.0,
+        name: str | None = None,
+        folder: str | Path | None = None,
+        preview_every: int = 0,
+        **_options: object,
+    ) -> None:
+        if name is not None:
+            self.name = name
         self.step_delay = step_delay
+        self.preview_every = preview_every
+        self.pictures: list[Path] = []
+        if folder is not None:
+            self.pictures = sorted(
+                p for p in Path(folder).iterdir() if p.suffix.lower() in self.IMAGE_SUFFIXES
+            )
+            if not self.pictures:
+                raise InvalidRequest(
+                    f"mock folder {str(folder)!r} holds no PNG, JPEG or WebP images"
+                )
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(name=MOCK_MODEL, backend=self.name, family="mock", loaded=True)]
@@ -77,8 +103,15 @@ class MockBackend(Backend):
                 raise Cancelled("every job of the batch was cancelled")
             if self.step_delay:
                 time.sleep(self.step_delay)
-            for context in contexts:
-                context.progress(step, steps, None)
+            for request, context in zip(requests, contexts, strict=True):
+                every = request.preview_every
+                every = self.preview_every if every is None else every
+                preview = None
+                if every and step % every == 0 and step < steps:
+                    preview = self._picture(request, request.seeds[0]).filter(
+                        ImageFilter.GaussianBlur(2 * (steps - step))
+                    )
+                context.progress(step, steps, preview)
         if len(requests) == 1:
             contexts[0].raise_if_cancelled()
         if any(FAIL_PROMPT in r.prompt or UNAVAILABLE_PROMPT in r.prompt for r in requests):
@@ -89,8 +122,19 @@ class MockBackend(Backend):
         init = None
         if request.kind is JobKind.img2img and request.init_image:
             init = decode_base64_image(request.init_image).resize((request.width, request.height))
-        images = [placeholder(request, seed, init) for seed in request.seeds]
+        images = [self._picture(request, seed, init) for seed in request.seeds]
         return GenerationResult(images=images, seeds=request.seeds, model=MOCK_MODEL)
+
+    def _picture(
+        self, request: GenerationRequest, seed: int, init: Image.Image | None = None
+    ) -> Image.Image:
+        if not self.pictures:
+            return placeholder(request, seed, init)
+        with Image.open(self.pictures[seed % len(self.pictures)]) as picture:
+            fitted = ImageOps.fit(picture.convert("RGB"), (request.width, request.height))
+        if init is not None:
+            fitted = Image.blend(fitted, init.convert("RGB"), 1 - request.strength)
+        return fitted
 
 
 def placeholder(

@@ -20,6 +20,7 @@ BackendFactory = Callable[..., Backend]
 BUILTIN: dict[str, str] = {
     "mock": "easel.backends.mock:MockBackend",
     "diffusers": "easel.backends.diffusers.backend:DiffusersBackend",
+    "automatic1111": "easel.backends.automatic1111:Automatic1111Backend",
 }
 ENTRY_POINT_GROUP = "easel.backends"
 

@@ -331,6 +331,9 @@ def _backends_from(settings: Settings) -> dict[str, Backend]:
     options: dict[str, object] = {"device": settings.device}
     if name == "mock":
         options["step_delay"] = settings.mock_step_delay
+        options["preview_every"] = settings.mock_preview_every
+        if settings.mock_folder is not None:
+            options["folder"] = str(settings.mock_folder)
     if name == "diffusers":
         options.update(settings.diffusers.model_dump())
         if settings.models_dir is not None:

@@ -44,27 +44,20 @@ from easel.backends.diffusers.schedulers import SCHEDULERS
 from easel.errors import EaselError, InvalidRequest, JobFinished, ModelNotFound, Unsupported
 from easel.images import strip_data_url
 from easel.jobs import MAX_SEED, Event, EventType, GenerationRequest, Job, JobKind, JobState
+from easel.payloads import A1111_SCHEDULER_MODIFIERS, a1111_sampler
 from easel.results.metadata import infotext, parse_infotext, read_embedded, read_parameters
 from easel.runtime.facade import Runtime
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
+internal = APIRouter(prefix="/internal", tags=["automatic1111"])
+"""A1111's per-task progress (its web UI's own route), for clients that set force_task_id."""
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Model not served here"},
     429: {"model": ErrorResponse, "description": "The caller's queue is full"},
     500: {"model": ErrorResponse, "description": "The generation failed"},
 }
 
-SCHEDULER_MODIFIERS: dict[str, str | None] = {
-    "automatic": None,
-    "uniform": None,
-    "simple": None,
-    "normal": None,
-    "karras": "Karras",
-    "exponential": "Exponential",
-    "beta": "Beta",
-    "sgm_uniform": "SGM Uniform",
-    "align_your_steps": "Align Your Steps",
-}
+SCHEDULER_MODIFIERS = A1111_SCHEDULER_MODIFIERS
 """A1111 ``scheduler`` -> the modifier easel's scheduler table reads (None: none)."""
 
 MAX_CALLERS = 10_000
@@ -93,6 +86,9 @@ class Txt2ImgRequest(BaseModel):
     height: int = Field(default=512, ge=8)
     denoising_strength: float | None = None
     override_settings: dict[str, Any] | None = None
+    force_task_id: str | None = Field(
+        default=None, max_length=200, description="Names the task for POST /internal/progress."
+    )
     send_images: bool = True
     save_images: bool = False
 
@@ -127,6 +123,24 @@ class ProgressResponse(BaseModel):
     eta_relative: float
     state: ProgressState
     current_image: str | None = Field(default=None, description="Base64 preview, if any.")
+    textinfo: str | None = None
+
+
+class TaskProgressRequest(BaseModel):
+    id_task: str = Field(max_length=200)
+    id_live_preview: int = -1
+
+
+class TaskProgress(BaseModel):
+    """A1111's ``/internal/progress`` answer for one task."""
+
+    active: bool
+    queued: bool
+    completed: bool
+    progress: float | None = None
+    eta: float | None = None
+    live_preview: str | None = Field(default=None, description="A data: URL (JPEG).")
+    id_live_preview: int = -1
     textinfo: str | None = None
 
 
@@ -170,9 +184,11 @@ class Scheduler(BaseModel):
 class _Live:
     job_id: str
     created: float
+    owner: str = ""
     step: int = 0
     total: int = 0
     preview: str | None = None
+    previews: int = 0
     started: float | None = None
     finished: bool = False
     interrupted: bool = False
@@ -182,7 +198,8 @@ class _Live:
             self.started = time.monotonic()
         elif event.type is EventType.progress:
             self.step, self.total = event.step or 0, event.total or 0
-            self.preview = event.preview or self.preview
+            if event.preview:
+                self.preview, self.previews = event.preview, self.previews + 1
         elif event.type in (EventType.succeeded, EventType.failed, EventType.cancelled):
             self.finished = True
 
@@ -193,12 +210,17 @@ class A1111State:
     def __init__(self) -> None:
         self.model: str | None = None
         self.live: OrderedDict[str, _Live] = OrderedDict()
+        self.tasks: OrderedDict[str, _Live] = OrderedDict()
 
-    def track(self, who: str, job_id: str) -> _Live:
-        live = self.live[who] = _Live(job_id, time.time())
-        self.live.move_to_end(who)
-        while len(self.live) > MAX_CALLERS:
-            self.live.popitem(last=False)
+    def track(self, who: str, job_id: str, task_id: str | None = None) -> _Live:
+        live = _Live(job_id, time.time(), owner=who)
+        for key, table in ((who, self.live), (task_id, self.tasks)):
+            if key is None:
+                continue
+            table[key] = live
+            table.move_to_end(key)
+            while len(table) > MAX_CALLERS:
+                table.popitem(last=False)
         return live
 
 
@@ -327,6 +349,32 @@ async def skip(request: Request) -> dict[str, Any]:
     return await interrupt(request)
 
 
+@internal.post("/progress", response_model=TaskProgress)
+async def task_progress(body: TaskProgressRequest, request: Request) -> TaskProgress:
+    """One task's progress, by the ``force_task_id`` its txt2img/img2img call set (a task
+    unknown here, or someone else's, reads as not active)."""
+    live = state_of(request).tasks.get(body.id_task)
+    if live is None or live.owner != caller(request):
+        return TaskProgress(active=False, queued=False, completed=False, textinfo="Unknown task")
+    if live.finished:
+        return TaskProgress(active=False, queued=False, completed=True, progress=1)
+    if live.started is None or not live.total:
+        return TaskProgress(active=False, queued=True, completed=False, textinfo="In queue")
+    done = live.step / live.total
+    elapsed = time.monotonic() - live.started
+    fresh = live.preview is not None and live.previews != body.id_live_preview
+    return TaskProgress(
+        active=True,
+        queued=False,
+        completed=False,
+        progress=done,
+        eta=elapsed / done - elapsed if done else None,
+        live_preview=f"data:image/jpeg;base64,{live.preview}" if fresh else None,
+        id_live_preview=live.previews,
+        textinfo=f"Sampling step {live.step}/{live.total}",
+    )
+
+
 @router.get("/sd-models", response_model=list[SDModel])
 async def sd_models(request: Request) -> list[SDModel]:
     """Every model easel serves, by name."""
@@ -403,18 +451,10 @@ def _scheduler(body: Txt2ImgRequest) -> str | None:
     sampler = body.sampler_name or (
         body.sampler_index if "sampler_index" in body.model_fields_set else None
     )
-    if not sampler:
-        return None
-    key = (body.scheduler or "automatic").strip().lower().replace(" ", "_")
-    if key not in SCHEDULER_MODIFIERS:
-        raise InvalidRequest(
-            f"unknown scheduler {body.scheduler!r}; valid schedulers are: "
-            + ", ".join(SCHEDULER_MODIFIERS)
-        )
-    modifier = SCHEDULER_MODIFIERS[key]
-    if modifier is None or sampler.casefold().endswith(modifier.casefold()):
-        return sampler
-    return f"{sampler} {modifier}"
+    try:
+        return a1111_sampler(sampler, body.scheduler)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 def _translate(
@@ -452,7 +492,7 @@ async def _generate(request: Request, body: Txt2ImgRequest) -> A1111Images:
     who = caller(request)
     generation = _translate(body, who, runtime, state)
     async with submitted(runtime, generation) as run:
-        live = state.track(who, run.view.id)
+        live = state.track(who, run.view.id, body.force_task_id)
         async for event in run.events:
             live.update(event)
     job = await runtime.get(run.view.id)
