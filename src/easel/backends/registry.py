@@ -21,6 +21,8 @@ BUILTIN: dict[str, str] = {
     "mock": "easel.backends.mock:MockBackend",
     "diffusers": "easel.backends.diffusers.backend:DiffusersBackend",
     "automatic1111": "easel.backends.automatic1111:Automatic1111Backend",
+    "openai": "easel.backends.openai:OpenAIBackend",
+    "drawthings": "easel.backends.drawthings:DrawThingsBackend",
 }
 ENTRY_POINT_GROUP = "easel.backends"
 

@@ -188,7 +188,10 @@ class Worker:
                 event = Event.of(job, EventType.progress, step=step, total=total)
                 if preview is not None:
                     event.preview = _jpeg_base64(preview)
-                loop.call_soon_threadsafe(pending.put_nowait, event)
+                if _in_loop(loop):  # an async backend reports from the loop itself
+                    pending.put_nowait(event)
+                else:
+                    loop.call_soon_threadsafe(pending.put_nowait, event)
 
             return RunContext(on_progress=on_progress, cancel_event=self._cancels[job.id])
 
@@ -287,6 +290,13 @@ async def _upload_now(
     except Exception as exc:
         log.error("job %s: upload failed for good; its images stay local: %s", job.id, exc)
         return images, f"{type(exc).__name__}: {exc}"
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _ids(job: Job) -> dict[str, str | None]:

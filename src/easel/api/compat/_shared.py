@@ -11,17 +11,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
 
 from easel.client._common import final_event
+from easel.errors import EaselError
 from easel.events.bus import Subscription
 from easel.jobs import FINAL_EVENTS, FINAL_STATES, Event, GenerationRequest, Job, JobView
 from easel.runtime.facade import Runtime
+
+DISCONNECT_POLL_SECONDS = 0.25
+"""How often a waiting compatibility call checks that its client is still there."""
 
 USER_HEADER = "x-easel-user"
 """A header any compatibility client can set to name its user (A1111 has no user field)."""
@@ -102,12 +107,33 @@ async def _events_of(
         yield final_event(job)
 
 
-async def run_to_end(runtime: Runtime, request: GenerationRequest) -> Job:
-    """Submit and wait: the final job (succeeded, failed or cancelled)."""
+async def run_to_end(
+    runtime: Runtime, request: GenerationRequest, connection: Request | None = None
+) -> Job:
+    """Submit and wait: the final job (succeeded, failed or cancelled).
+
+    With ``connection``, a client that hangs up before the end cancels the job: nobody is
+    left to receive its images (a remote easel backend cancels this way).
+    """
     async with submitted(runtime, request) as run:
-        async for _ in run.events:
-            pass
+        watcher = None
+        if connection is not None:
+            watcher = asyncio.create_task(_cancel_on_disconnect(runtime, run.view.id, connection))
+        try:
+            async for _ in run.events:
+                pass
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
     return await runtime.get(run.view.id)
+
+
+async def _cancel_on_disconnect(runtime: Runtime, job_id: str, connection: Request) -> None:
+    while not await connection.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+    with contextlib.suppress(EaselError):
+        await runtime.cancel(job_id)
 
 
 async def png_bytes(runtime: Runtime, job: Job) -> list[bytes]:

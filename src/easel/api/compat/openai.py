@@ -304,7 +304,7 @@ async def _answer(
     quality: str | None,
 ) -> ImagesResponse:
     runtime = runtime_of(request)
-    job = await run_to_end(runtime, generation)
+    job = await run_to_end(runtime, generation, request)
     response.headers["X-Easel-Job-Id"] = job.id
     if job.state is not JobState.succeeded:
         raise _job_error(job)
