@@ -103,6 +103,12 @@ class Routing(BaseModel):
         description="A backend with the model loaded is preferred while its wait exceeds "
         "the least-loaded one's by less than this plus the model's load time.",
     )
+    balance_ratio: float = Field(
+        default=4.0,
+        ge=1,
+        description="...and while its wait is less than this many times the least-loaded "
+        "one's: a model moves only when both are exceeded.",
+    )
     load_seconds: float = Field(
         default=10.0, ge=0, description="Assumed model load time until one is measured."
     )
