@@ -42,7 +42,7 @@ def events_until_final(url: str, job_ids: set[str], after: int = 0) -> list[dict
 
 def hold_worker(url: str) -> str:
     """Occupy the only worker with a long job; returns its id once it is running."""
-    blocker = submit(url, prompt="blocker", steps=150, user_id="blocker")["id"]
+    blocker: str = submit(url, prompt="blocker", steps=150, user_id="blocker")["id"]
     with connect(f"{url.replace('http', 'ws')}/v1/events?job_id={blocker}") as ws:
         while json.loads(ws.recv(timeout=20))["type"] != "started":
             pass
@@ -229,7 +229,7 @@ def test_events_filtered_by_user_and_resumed_after_an_id(server: str) -> None:
     everything = events_until_final(server, {alice["id"], bob["id"]})
     cut = everything[2]["id"]
     with connect(f"{server.replace('http', 'ws')}/v1/events?user_id=bob&after={cut}") as ws:
-        rest = []
+        rest: list[dict[str, Any]] = []
         while not rest or rest[-1]["type"] not in FINAL:
             rest.append(json.loads(ws.recv(timeout=10)))
     expected = [e["id"] for e in everything if e["user_id"] == "bob" and e["id"] > cut]

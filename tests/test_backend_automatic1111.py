@@ -69,7 +69,9 @@ async def test_a_raw_payload_goes_unchanged_but_for_the_seed(peer: Process, tmp_
         job, _ = await run_job(runtime, request)
         with pytest.raises(InvalidRequest, match="steps is 999"):
             await runtime.submit(
-                GenerationRequest(executor="automatic1111", payload={**payload, "steps": 999})
+                GenerationRequest.model_validate(
+                    {"executor": "automatic1111", "payload": {**payload, "steps": 999}}
+                )
             )
     assert job.state is JobState.succeeded, job.error
     assert job.request.seed is not None and job.request.payload == payload

@@ -9,7 +9,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from PIL import Image, ImageChops
@@ -44,7 +44,8 @@ def pixels(image: Image.Image) -> bytes:
 
 
 def max_difference(a: Image.Image, b: Image.Image) -> int:
-    return max(ImageChops.difference(a, b).getextrema(), key=lambda band: band[1])[1]
+    bands = cast("tuple[tuple[int, int], ...]", ImageChops.difference(a, b).getextrema())
+    return max(high for _low, high in bands)
 
 
 def png(width: int, height: int, colour: tuple[int, int, int] | None = None) -> str:

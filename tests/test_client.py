@@ -14,8 +14,9 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
+from easel import quick_generate
 from easel.api import create_app
-from easel.client import AsyncClient, Client, quick_generate
+from easel.client import AsyncClient, Client
 from easel.config import Settings
 from easel.errors import (
     EaselError,

@@ -22,7 +22,7 @@ from PIL import Image
 
 from easel.api import create_app
 from easel.client.grpc import DrawThingsClient, Progress
-from easel.config import Settings
+from easel.config import Safety, Settings
 from easel.errors import InvalidRequest
 from easel.proto import _generate
 from easel.proto.drawthings import (
@@ -325,7 +325,9 @@ def test_with_tokens_configured_grpc_needs_one_too(tmp_path: Path) -> None:
     settings = Settings(
         data_dir=tmp_path / "data",
         backend="mock",
-        safety={"tokens": [{"service": "viewer", "token": token, "scopes": ["read"]}]},
+        safety=Safety.model_validate(
+            {"tokens": [{"service": "viewer", "token": token, "scopes": ["read"]}]}
+        ),
     )
     app = create_app(settings, grpc_port=0)
     with serve(app), grpc.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel:
@@ -337,7 +339,8 @@ def test_with_tokens_configured_grpc_needs_one_too(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as refused:
             echo(pb.EchoRequest(name="x"), timeout=10)
         assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        reply = echo(pb.EchoRequest(name="x"), metadata=[("authorization", f"Bearer {token}")])
+        auth = (("authorization", f"Bearer {token}"),)
+        reply = echo(pb.EchoRequest(name="x"), metadata=auth)
         assert reply.message == "HELLO x"
         generate = channel.unary_stream(
             "/ImageGenerationService/GenerateImage",
@@ -345,6 +348,5 @@ def test_with_tokens_configured_grpc_needs_one_too(tmp_path: Path) -> None:
             response_deserializer=pb.ImageGenerationResponse.FromString,
         )
         with pytest.raises(grpc.RpcError) as denied:
-            list(generate(pb.ImageGenerationRequest(prompt="x"),
-                          metadata=[("authorization", f"Bearer {token}")], timeout=10))  # fmt: skip
+            list(generate(pb.ImageGenerationRequest(prompt="x"), metadata=auth, timeout=10))
         assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED

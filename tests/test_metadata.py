@@ -35,18 +35,19 @@ def test_every_format_round_trips_infotext_and_request(format: ImageFormat) -> N
     from easel.backends.base import GenerationResult
     from easel.backends.mock import placeholder
     from easel.jobs import Job
-    from easel.results.files import encode_image, sidecar
+    from easel.results.files import encode_image
+    from easel.results.metadata import sidecar
 
     request = GenerationRequest(prompt=TRICKY, negative_prompt="blurry", seed=7, **SMALL)
     job = Job(request=request, backend="mock")
     result = GenerationResult(images=[placeholder(request, 7)], seeds=[7], model="m")
-    metadata = sidecar(job, result, 0, 7)
+    metadata = sidecar(job, 0, 7, model=result.model, scheduler=None)
     data = encode_image(result.images[0], metadata, format)
 
     with Image.open(io.BytesIO(data)) as image:
         assert image.format == {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}[format]
     embedded = read_parameters(data)
-    assert embedded.infotext == metadata["infotext"]
+    assert embedded.infotext is not None and embedded.infotext == metadata["infotext"]
     assert embedded.request == metadata["request"]
     fields = parse_infotext(embedded.infotext)
     assert fields["prompt"] == TRICKY

@@ -45,7 +45,7 @@ def test_generate_b64_json(server: str) -> None:
         extra_body={"seed": 42, "negative_prompt": "blurry"},
     )
     assert result.size == "256x128" and result.output_format == "png"
-    assert len(result.data) == 2
+    assert result.data is not None and len(result.data) == 2
     for index, item in enumerate(result.data):
         assert item.b64_json is not None and item.url is None
         image = _png(base64.b64decode(item.b64_json))
@@ -68,6 +68,7 @@ def test_generate_url_points_at_the_stored_png(server: str) -> None:
     result = _client(server).images.generate(
         prompt="a red fox", size="64x64", response_format="url", user="bob"
     )
+    assert result.data is not None
     [item] = result.data
     assert item.url is not None and item.b64_json is None
     assert item.url.startswith(f"{server}/v1/jobs/")
@@ -94,6 +95,7 @@ def test_edit_runs_img2img_at_the_images_own_size(server: str) -> None:
         extra_body={"strength": 0.3, "seed": 5},
     )
     assert result.size == "96x56"  # rounded down to multiples of 8
+    assert result.data is not None
     [item] = result.data
     assert item.b64_json is not None
     assert _png(base64.b64decode(item.b64_json)).size == (96, 56)

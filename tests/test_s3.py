@@ -57,7 +57,7 @@ def moto() -> Iterator[Moto]:
 
 
 def s3_settings(tmp_path: Path, moto: Moto, **s3: Any) -> Settings:
-    options = {"bucket": BUCKET, "endpoint_url": moto.url, "region": "us-east-1"}
+    options: dict[str, Any] = {"bucket": BUCKET, "endpoint_url": moto.url, "region": "us-east-1"}
     options |= {"retry_base_seconds": 0.1, **CREDENTIALS, **s3}
     return Settings(
         data_dir=tmp_path / "data", mock_step_delay=0.0, backend="mock", s3=S3Settings(**options)

@@ -17,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from easel.api import create_app
-from easel.config import Settings
+from easel.config import Safety, Settings
 from tests.servers import serve
 from tests.test_api import SMALL, events_until_final
 
@@ -43,13 +43,15 @@ def guarded(tmp_path: Path) -> Iterator[str]:
         data_dir=tmp_path / "data",
         mock_step_delay=0.0,
         backend="mock",
-        safety={
-            "tokens": tokens,
-            "user_rate": 1.0,
-            "user_burst": 3,
-            "deny_words": ["gore"],
-            "max_body_bytes": 64 * 1024,
-        },
+        safety=Safety.model_validate(
+            {
+                "tokens": tokens,
+                "user_rate": 1.0,
+                "user_burst": 3,
+                "deny_words": ["gore"],
+                "max_body_bytes": 64 * 1024,
+            }
+        ),
     )
     with serve(create_app(settings)) as url:
         yield url
@@ -72,9 +74,9 @@ def test_every_route_but_health_needs_a_token(guarded: str) -> None:
         headers = bearer(token) if token else {}
         assert httpx.get(f"{guarded}/v1/jobs", headers=headers).status_code == 401
     assert httpx.get(f"{guarded}/metrics").status_code == 401
-    with pytest.raises(InvalidStatus) as refused:  # the handshake itself is refused
+    with pytest.raises(InvalidStatus) as handshake:  # the handshake itself is refused
         connect(guarded.replace("http", "ws") + "/v1/events")
-    assert refused.value.response.status_code == 403
+    assert handshake.value.response.status_code == 403
 
 
 def test_scopes(guarded: str) -> None:

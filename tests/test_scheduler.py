@@ -233,9 +233,8 @@ def test_no_job_lost_or_duplicated_and_tiers_respected(ops: list[tuple[str, str,
             victim = pushed[value % len(pushed)].job_id
             if queue.remove(victim) is not None:
                 removed.append(victim)
-        order = list(queue.order())
-        for index, queued in enumerate(order):
-            place = queue.place(queued.job_id)
+        for index, waiting in enumerate(list(queue.order())):
+            place = queue.place(waiting.job_id)
             assert place is not None and place.position == index
     left = served(queue)
     everything = [e.job_id for e in popped] + removed + left

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from easel.api import create_app
-from easel.config import Settings
+from easel.config import Limits, Settings
 from tests.servers import serve
 
 
@@ -22,7 +22,7 @@ def test_no_request_gets_a_server_error(tmp_path: Path) -> None:
         backend="mock",
         mock_step_delay=0.0,
         max_user_queue_size=1000,
-        limits={"max_pixels": 256 * 256, "max_steps": 8, "max_batch_size": 2},
+        limits=Limits(max_pixels=256 * 256, max_steps=8, max_batch_size=2),
     )
     command = shutil.which("schemathesis") or str(Path(sys.executable).with_name("schemathesis"))
     with serve(create_app(settings)) as url:

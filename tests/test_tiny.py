@@ -21,7 +21,7 @@ def _weights(folder: Path) -> dict[str, bytes]:
 def test_folder_loads_offline_as_stable_diffusion(tiny_model_dir: Path) -> None:
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)  # type: ignore[no-untyped-call]
 
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     assert pipe.vae_scale_factor == 8

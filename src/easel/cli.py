@@ -313,7 +313,7 @@ def generate(
 
     Prints the path of each PNG and of its JSON sidecar (what reproduces it).
     """
-    from easel.client._quick import generate_files
+    from easel.quick import generate_files
 
     given: dict[str, Any] = {
         "prompt": prompt,

@@ -9,6 +9,9 @@ from them), so the Python and Lua sides can never disagree on a name.
 
 from __future__ import annotations
 
+VERSION = "0.1.0"
+"""easel's version: the package, the API's ``/health`` and every PNG's infotext."""
+
 DEFAULT_PREFIX = "{easel}:"
 
 # -- the job records ------------------------------------------------------------------

@@ -67,6 +67,22 @@ class ImageFormat(StrEnum):
         return cls.jpeg if suffix in {"jpg", "jpeg"} else cls(suffix)
 
 
+class Capability(StrEnum):
+    """What a backend can do; admission refuses a request that needs one no backend has."""
+
+    txt2img = "txt2img"
+    img2img = "img2img"
+    inpaint = "inpaint"
+    controlnet = "controlnet"
+    negative_prompt = "negative_prompt"
+    seed = "seed"
+    scheduler = "scheduler"
+    lora = "lora"
+    upscale = "upscale"
+    preview = "preview"
+    mix = "mix"
+
+
 class JobState(StrEnum):
     queued = "queued"
     running = "running"
@@ -363,6 +379,15 @@ class EventType(StrEnum):
 FINAL_EVENTS = frozenset({EventType.succeeded, EventType.failed, EventType.cancelled})
 """The events that end a job: exactly one of them is its last."""
 
+EVENT_FOR_STATE: dict[JobState, EventType] = {
+    JobState.queued: EventType.queued,
+    JobState.running: EventType.started,
+    JobState.succeeded: EventType.succeeded,
+    JobState.failed: EventType.failed,
+    JobState.cancelled: EventType.cancelled,
+}
+"""The event that announces a job entering each state."""
+
 
 class Event(BaseModel):
     """One change of one job. ``id`` orders all events of a bus; resume after it."""
@@ -387,3 +412,10 @@ class Event(BaseModel):
     @classmethod
     def of(cls, job: Job, type: EventType, **fields: Any) -> Event:
         return cls(type=type, job_id=job.id, user_id=job.user_id, service=job.service, **fields)
+
+
+def final_event(job: Job) -> Event:
+    """The terminal event of a finished job, rebuilt from its record (for lost history)."""
+    if job.state not in FINAL_STATES:
+        raise ValueError(f"job {job.id} is {job.state}, not finished")
+    return Event.of(job, EVENT_FOR_STATE[job.state], images=job.images or None, error=job.error)

@@ -12,11 +12,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from easel import __version__
 from easel.api import errors, native, operations, sse
 from easel.api.auth import BodyLimit, TokenAuth
 from easel.api.compat import a1111, openai, pipeline
 from easel.config import Settings
+from easel.constants import VERSION
 from easel.runtime.facade import Runtime
 from easel.safety.gate import service_tokens
 
@@ -53,7 +53,7 @@ def create_app(
 
     app = FastAPI(
         title="easel",
-        version=__version__,
+        version=VERSION,
         description=(
             "A self-hosted generation server: one fair queue, many backends. Besides its own "
             "API it speaks OpenAI's images API (`/v1/images/*`), Automatic1111's "

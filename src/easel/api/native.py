@@ -11,15 +11,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ValidationError
 
-from easel import __version__
 from easel.api.errors import ErrorResponse
-from easel.backends.base import Capability
+from easel.constants import VERSION
 from easel.errors import UnsupportedMediaType
 from easel.events.bus import Subscription
 from easel.jobs import GenerationRequest, ImageFormat, Job, JobState, JobView
 from easel.runtime.facade import Runtime
 from easel.runtime.registry import WorkerInfo
 from easel.safety.services import may_see
+from easel.views import BackendEntry, Health, JobList, ModelEntry, Models
 
 router = APIRouter()
 
@@ -33,37 +33,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 def runtime_of(request: Request | WebSocket) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
-
-
-class JobList(BaseModel):
-    jobs: list[Job]
-
-
-class ModelEntry(BaseModel):
-    name: str
-    backend: str
-    family: str
-    loaded: bool
-    kind: str = "pipeline"
-    size_bytes: int | None = None
-    description: str | None = None
-
-
-class BackendEntry(BaseModel):
-    name: str
-    capabilities: list[Capability]
-    default: bool
-
-
-class Models(BaseModel):
-    models: list[ModelEntry]
-    backends: list[BackendEntry]
-
-
-class Health(BaseModel):
-    status: str
-    version: str
-    backends: list[str]
 
 
 @router.post(
@@ -200,7 +169,7 @@ async def list_models(request: Request) -> Models:
 
 @router.get("/health", response_model=Health, tags=["operations"])
 async def health(request: Request) -> Health:
-    return Health(status="ok", version=__version__, backends=list(runtime_of(request).backends))
+    return Health(status="ok", version=VERSION, backends=list(runtime_of(request).backends))
 
 
 @router.websocket("/v1/events")

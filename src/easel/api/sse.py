@@ -21,9 +21,8 @@ from fastapi.responses import StreamingResponse
 
 from easel.api.errors import ErrorResponse
 from easel.api.native import runtime_of
-from easel.client._common import final_event
 from easel.events.bus import Subscription
-from easel.jobs import FINAL_EVENTS, Event, Job
+from easel.jobs import FINAL_EVENTS, Event, Job, final_event
 from easel.runtime.facade import Runtime
 from easel.safety.services import may_see
 

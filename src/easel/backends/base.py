@@ -12,28 +12,14 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from PIL.Image import Image
 
 from easel.errors import Cancelled, Unsupported
+from easel.jobs import Capability as Capability  # backends declare what they can do
 from easel.jobs import GenerationRequest
 from easel.payloads import Executor
-
-
-class Capability(StrEnum):
-    txt2img = "txt2img"
-    img2img = "img2img"
-    inpaint = "inpaint"
-    controlnet = "controlnet"
-    negative_prompt = "negative_prompt"
-    seed = "seed"
-    scheduler = "scheduler"
-    lora = "lora"
-    upscale = "upscale"
-    preview = "preview"
-    mix = "mix"
 
 
 @dataclass(frozen=True)

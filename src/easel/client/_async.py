@@ -11,14 +11,13 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 from urllib.parse import quote, urlencode
 
 import httpx
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from easel import __version__
 from easel.client import _files
 from easel.client._common import (
     HANDLER_FOR_EVENT,
@@ -28,14 +27,20 @@ from easel.client._common import (
     backoff,
     error_for,
     error_from_response,
-    final_event,
     unreachable,
 )
+from easel.constants import VERSION
 from easel.errors import InvalidRequest
-from easel.jobs import FINAL_EVENTS, Event, GenerationRequest, Job, JobState, JobView
-
-if TYPE_CHECKING:
-    from easel.api.native import Models
+from easel.jobs import (
+    FINAL_EVENTS,
+    Event,
+    GenerationRequest,
+    Job,
+    JobState,
+    JobView,
+    final_event,
+)
+from easel.views import Models
 
 H = TypeVar("H", bound=Handler)
 
@@ -80,7 +85,7 @@ class AsyncClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=timeout,
-            headers={"User-Agent": f"easel-client/{__version__}", **self._auth},
+            headers={"User-Agent": f"easel-client/{VERSION}", **self._auth},
         )
         self._ws_url = "ws" + self.base_url.removeprefix("http")
         self._handlers: dict[HandlerName, list[Handler]] = {name: [] for name in HANDLER_NAMES}
@@ -188,8 +193,6 @@ class AsyncClient:
         return Job.model_validate_json(response.content)
 
     async def models(self) -> Models:
-        from easel.api.native import Models
-
         response = await self._request("GET", "/v1/models")
         return Models.model_validate_json(response.content)
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import httpx
 
 from easel.errors import Cancelled, EaselError, GenerationError
-from easel.jobs import Event, EventType, Job, JobState
+from easel.jobs import EventType, Job, JobState
 
 HandlerName = Literal[
     "queued", "generating", "progress", "done", "error", "cancelled", "connection_error"
@@ -36,12 +36,6 @@ HANDLER_FOR_EVENT: dict[EventType, HandlerName] = {
     EventType.cancelled: "cancelled",
 }
 
-
-_EVENT_FOR_STATE = {
-    JobState.succeeded: EventType.succeeded,
-    JobState.failed: EventType.failed,
-    JobState.cancelled: EventType.cancelled,
-}
 
 UNREACHABLE = "server_unreachable"
 
@@ -98,11 +92,6 @@ def unreachable(base_url: str, exc: BaseException) -> EaselError:
         f"could not talk to easel at {base_url} ({detail}); is `easel serve` running there?",
         code=UNREACHABLE,
     )
-
-
-def final_event(job: Job) -> Event:
-    """The terminal event of a finished job, rebuilt from its record (for lost history)."""
-    return Event.of(job, _EVENT_FOR_STATE[job.state], images=job.images or None, error=job.error)
 
 
 def backoff(attempt: int, *, base: float = 0.1, cap: float = 5.0) -> float:

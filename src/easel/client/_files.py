@@ -11,10 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from easel.backends.base import GenerationResult
 from easel.jobs import ImageRef, Job
-from easel.results.files import sidecar
-from easel.results.metadata import parse_infotext, read_parameters
+from easel.results.metadata import parse_infotext, read_parameters, sidecar
 
 
 def image_targets(target: Path, job: Job, prefix: str | None = None) -> list[Path]:
@@ -37,9 +35,8 @@ def image_targets(target: Path, job: Job, prefix: str | None = None) -> list[Pat
 def client_sidecar(job: Job, ref: ImageRef, png: bytes) -> dict[str, Any]:
     """The server's own sidecar format, rebuilt from the job and the PNG's text chunk."""
     parameters = read_parameters(png).infotext
-    model = parse_infotext(parameters).get("Model") if parameters else None
-    result = GenerationResult(images=[], seeds=[], model=model)
-    return sidecar(job, result, ref.index, ref.seed)
+    fields = parse_infotext(parameters) if parameters else {}
+    return sidecar(job, ref.index, ref.seed, model=fields.get("Model"), scheduler=None)
 
 
 def write_image(path: Path, png: bytes, metadata: dict[str, Any]) -> None:

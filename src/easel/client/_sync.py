@@ -13,16 +13,14 @@ from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from anyio.from_thread import start_blocking_portal
 
 from easel.client._async import AsyncClient
 from easel.client._common import Handler, HandlerName
 from easel.jobs import Event, GenerationRequest, Job, JobState, JobView
-
-if TYPE_CHECKING:
-    from easel.api.native import Models
+from easel.views import Models
 
 H = TypeVar("H", bound=Handler)
 

@@ -8,7 +8,6 @@ to reproduce the image. Everything here blocks: the worker calls it in a thread.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -24,7 +23,7 @@ from easel.backends.base import GenerationResult
 from easel.config import OutputSettings
 from easel.errors import ImageNotFound
 from easel.jobs import ImageFormat, ImageRef, Job
-from easel.results.metadata import EXIF_IFD, USER_COMMENT, infotext, user_comment, xmp_packet
+from easel.results.metadata import EXIF_IFD, USER_COMMENT, sidecar, user_comment, xmp_packet
 
 
 class LocalStorage:
@@ -44,7 +43,8 @@ class LocalStorage:
         refs = []
         format = self.format_of(job)
         for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-            metadata = sidecar(job, result, index, seed)
+            scheduler = result.info.get("scheduler")
+            metadata = sidecar(job, index, seed, model=result.model, scheduler=scheduler)
             stem = folder / f"{job.id}-{index}"
             data = encode_image(image, metadata, format, self.output, job.request.output_quality)
             _write_atomic(stem.with_suffix(format.suffix), data)
@@ -67,26 +67,6 @@ class LocalStorage:
         if not candidate.is_relative_to(self.root) or not candidate.is_file():
             raise ImageNotFound(f"image {ref.index} of this job is not on disk")
         return candidate
-
-
-def sidecar(job: Job, result: GenerationResult, index: int, seed: int) -> dict[str, Any]:
-    """What reproduces image ``index`` alone: the request with its own seed and batch 1."""
-    request = job.request.model_copy(update={"seed": seed, "batch_size": 1})
-    params = request.model_dump(mode="json", exclude={"init_image"})
-    if job.request.init_image:
-        params["init_image_sha256"] = hashlib.sha256(job.request.init_image.encode()).hexdigest()
-    scheduler = result.info.get("scheduler")
-    return {
-        "job_id": job.id,
-        "index": index,
-        "seed": seed,
-        "backend": job.backend,
-        "model": result.model,
-        "scheduler": scheduler,
-        "created_at": job.created_at,
-        "request": params,
-        "infotext": infotext(request, seed=seed, model=result.model, scheduler=scheduler),
-    }
 
 
 def encode_image(

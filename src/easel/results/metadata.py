@@ -9,6 +9,7 @@ served as A1111's ``info``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import re
@@ -18,8 +19,8 @@ from typing import Any
 
 from PIL import Image
 
-from easel import __version__
-from easel.jobs import GenerationRequest, JobKind
+from easel.constants import VERSION
+from easel.jobs import GenerationRequest, Job, JobKind
 
 _PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
@@ -39,12 +40,37 @@ def infotext(
         fields["Model"] = model
     if request.kind is JobKind.img2img:
         fields["Denoising strength"] = _number(request.strength)
-    fields["Version"] = f"easel {__version__}"
+    fields["Version"] = f"easel {VERSION}"
     lines = [request.prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items()))
     return "\n".join(lines)
+
+
+def sidecar(
+    job: Job, index: int, seed: int, *, model: str | None, scheduler: str | None
+) -> dict[str, Any]:
+    """What reproduces image ``index`` alone: the request with its own seed and batch 1.
+
+    The server writes it beside each PNG; the client rebuilds the same one from a PNG's
+    text chunk, so files written by either side look the same.
+    """
+    request = job.request.model_copy(update={"seed": seed, "batch_size": 1})
+    params = request.model_dump(mode="json", exclude={"init_image"})
+    if job.request.init_image:
+        params["init_image_sha256"] = hashlib.sha256(job.request.init_image.encode()).hexdigest()
+    return {
+        "job_id": job.id,
+        "index": index,
+        "seed": seed,
+        "backend": job.backend,
+        "model": model,
+        "scheduler": scheduler,
+        "created_at": job.created_at,
+        "request": params,
+        "infotext": infotext(request, seed=seed, model=model, scheduler=scheduler),
+    }
 
 
 def parse_infotext(text: str) -> dict[str, str]:

@@ -22,6 +22,7 @@ from easel.effects.webhooks import Webhooks, check_webhook_url
 from easel.errors import EaselError, ImageNotFound, JobFinished, JobNotFound
 from easel.events.bus import EventBus, InProcessEventBus
 from easel.jobs import (
+    EVENT_FOR_STATE,
     FINAL_EVENTS,
     FINAL_STATES,
     Event,
@@ -43,11 +44,6 @@ from easel.store.base import JobStore
 from easel.store.sqlite import SqliteStore
 
 log = logging.getLogger("easel")
-
-_EVENT_FOR_STATE = {
-    JobState.queued: EventType.queued,
-    JobState.failed: EventType.failed,
-}
 
 
 class Runtime:
@@ -311,7 +307,7 @@ class Runtime:
             await asyncio.sleep(interval)
             try:
                 for job in await self.store.expire_leases():
-                    type = _EVENT_FOR_STATE[job.state]
+                    type = EVENT_FOR_STATE[job.state]
                     await self.bus.publish(Event.of(job, type, error=job.error))
                     self._wakeup.set()
             except Exception:

@@ -19,10 +19,17 @@ from dataclasses import dataclass
 
 from starlette.requests import HTTPConnection, Request
 
-from easel.client._common import final_event
 from easel.errors import EaselError
 from easel.events.bus import Subscription
-from easel.jobs import FINAL_EVENTS, FINAL_STATES, Event, GenerationRequest, Job, JobView
+from easel.jobs import (
+    FINAL_EVENTS,
+    FINAL_STATES,
+    Event,
+    GenerationRequest,
+    Job,
+    JobView,
+    final_event,
+)
 from easel.runtime.facade import Runtime
 
 DISCONNECT_POLL_SECONDS = 0.25

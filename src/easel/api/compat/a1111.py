@@ -36,11 +36,11 @@ from fastapi import APIRouter, Request
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from easel import __version__
 from easel.api.compat._shared import caller, png_bytes, submitted
 from easel.api.errors import ErrorResponse
 from easel.api.native import runtime_of
 from easel.backends.diffusers.schedulers import SCHEDULERS
+from easel.constants import VERSION
 from easel.errors import EaselError, InvalidRequest, JobFinished, ModelNotFound, Unsupported
 from easel.images import strip_data_url
 from easel.jobs import MAX_SEED, Event, EventType, GenerationRequest, Job, JobKind, JobState
@@ -551,7 +551,7 @@ def _info(job: Job, infotexts: list[str], *, interrupted: bool) -> str:
             "index_of_first_image": 0,
             "infotexts": infotexts,
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created_at)),
-            "version": f"easel {__version__}",
+            "version": f"easel {VERSION}",
             "job_id": job.id,
             "interrupted": interrupted,
         }

@@ -2,7 +2,8 @@
 
 ``quick_generate`` (scripts) and ``easel generate`` (the CLI) both end up in
 :func:`generate_files`; embedded, it runs the same :class:`~easel.runtime.facade.Runtime` as the
-server, so results and sidecars are the server's own.
+server, so results and sidecars are the server's own. It sits above both the client and the
+runtime (like ``cli.py``), so that the client itself never imports a server module.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from typing import Any
 from anyio.from_thread import start_blocking_portal
 from pydantic import ValidationError
 
+from easel.api.errors import describe_validation
 from easel.client import _files
 from easel.client._async import AsyncClient
 from easel.client._common import HANDLER_FOR_EVENT, job_error
+from easel.config import Settings
 from easel.errors import InvalidRequest
 from easel.jobs import FINAL_EVENTS, Event, GenerationRequest, Job, JobState
+from easel.runtime.facade import Runtime
 
 EventCallback = Callable[[Event], object]
 
@@ -114,9 +118,6 @@ async def _embedded(
     overrides: dict[str, str],
     on_event: EventCallback | None,
 ) -> tuple[Job, list[Path]]:
-    from easel.config import Settings
-    from easel.runtime.facade import Runtime
-
     async with Runtime(Settings(data_dir=data_dir, **overrides)) as runtime:  # type: ignore[arg-type]
         view = await runtime.submit(request)
         async with runtime.bus.subscribe(job_id=view.id, after=0) as events:
@@ -140,8 +141,6 @@ def _validated(params: Mapping[str, Any]) -> GenerationRequest:
     try:
         return GenerationRequest.model_validate(params)
     except ValidationError as exc:
-        from easel.api.errors import describe_validation
-
         _, _, message = describe_validation(exc.errors())
         raise InvalidRequest(message) from None
 

@@ -1,0 +1,44 @@
+"""Response bodies that the server writes and the client reads, defined once for both.
+
+The API returns these models and the client parses them, so a field added here reaches
+both sides at once; the client never imports a server module to get them.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from easel.jobs import Capability, Job
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+
+
+class ModelEntry(BaseModel):
+    name: str
+    backend: str
+    family: str
+    loaded: bool
+    kind: str = "pipeline"
+    size_bytes: int | None = None
+    description: str | None = None
+
+
+class BackendEntry(BaseModel):
+    name: str
+    capabilities: list[Capability]
+    default: bool
+
+
+class Models(BaseModel):
+    """``GET /v1/models``: every model each backend serves, and each backend's abilities."""
+
+    models: list[ModelEntry]
+    backends: list[BackendEntry]
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    backends: list[str]
