@@ -53,6 +53,20 @@ async def run_job(
     return await runtime.store.get(view.id), events
 
 
+def cancel_on(
+    runtime: Runtime, type: EventType = EventType.progress
+) -> Callable[[Event], Awaitable[None]]:
+    """An ``on_event`` that cancels the job at its first event of ``type`` (once)."""
+    done: set[str] = set()
+
+    async def cancel(event: Event) -> None:
+        if event.type is type and event.job_id not in done:
+            done.add(event.job_id)
+            await runtime.cancel(event.job_id)
+
+    return cancel
+
+
 def progress_of(events: list[Event]) -> list[Event]:
     return [event for event in events if event.type is EventType.progress]
 

@@ -11,8 +11,8 @@ import pytest
 
 from easel.backends import registry
 from easel.errors import InvalidRequest
-from easel.jobs import Event, EventType, GenerationRequest, JobState
-from tests.engines import eventually, progress_of, run_job, runtime_with
+from easel.jobs import EventType, GenerationRequest, JobState
+from tests.engines import cancel_on, eventually, progress_of, run_job, runtime_with
 from tests.servers import Process, easel_serve, free_port
 
 
@@ -87,13 +87,8 @@ async def test_cancelling_a_running_job_interrupts_the_engine(
 ) -> None:
     backend = registry.create("automatic1111", name="a1111", url=peer.url, poll_seconds=0.05)
     async with runtime_with(tmp_path, backend) as runtime:
-
-        async def cancel_when_running(event: Event) -> None:
-            if event.type is EventType.progress:
-                await runtime.cancel(event.job_id)
-
         request = GenerationRequest(prompt="stop me", width=64, height=64, steps=150, user_id="bob")
-        job, _ = await run_job(runtime, request, on_event=cancel_when_running)
+        job, _ = await run_job(runtime, request, on_event=cancel_on(runtime))
     assert job.state is JobState.cancelled
     assert not job.images
 

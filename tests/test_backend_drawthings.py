@@ -11,8 +11,8 @@ import pytest
 
 from easel.backends import registry
 from easel.errors import Unsupported
-from easel.jobs import Event, EventType, GenerationRequest, JobState
-from tests.engines import eventually, progress_of, run_job, runtime_with
+from easel.jobs import GenerationRequest, JobState
+from tests.engines import cancel_on, eventually, progress_of, run_job, runtime_with
 from tests.servers import Process, easel_serve, free_port
 
 
@@ -60,13 +60,8 @@ async def test_cancelling_cancels_the_call_and_the_engine_s_job(
     process, address = peer
     backend = registry.create("drawthings", name="dt", address=address)
     async with runtime_with(tmp_path, backend) as runtime:
-
-        async def cancel_when_running(event: Event) -> None:
-            if event.type is EventType.progress:
-                await runtime.cancel(event.job_id)
-
         request = GenerationRequest(prompt="stop", width=64, height=64, steps=150, user_id="eve")
-        job, _ = await run_job(runtime, request, on_event=cancel_when_running)
+        job, _ = await run_job(runtime, request, on_event=cancel_on(runtime))
     assert job.state is JobState.cancelled
 
     async def engine_cancelled() -> bool:

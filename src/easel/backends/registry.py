@@ -22,6 +22,7 @@ BUILTIN: dict[str, str] = {
     "diffusers": "easel.backends.diffusers.backend:DiffusersBackend",
     "automatic1111": "easel.backends.automatic1111:Automatic1111Backend",
     "openai": "easel.backends.openai:OpenAIBackend",
+    "comfyui": "easel.backends.comfyui:ComfyUIBackend",
     "drawthings": "easel.backends.drawthings:DrawThingsBackend",
 }
 ENTRY_POINT_GROUP = "easel.backends"
