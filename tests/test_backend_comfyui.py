@@ -93,7 +93,9 @@ async def test_a_raw_workflow_runs_with_the_recorded_seed(
          "sampler": "euler", "scheduler": "normal"},
     )  # fmt: skip
     async with runtime_with(tmp_path, backend(url)) as runtime:
-        request = GenerationRequest(executor="comfyui", payload=workflow, seed=77)
+        request = GenerationRequest.model_validate(
+            {"executor": "comfyui", "payload": workflow, "seed": 77}
+        )
         assert (request.prompt, request.steps, request.width) == ("raw fox", 3, 64)
         job, _ = await run_job(runtime, request)
     assert job.state is JobState.succeeded, job.error
@@ -134,8 +136,8 @@ async def test_the_engine_s_error_reaches_the_job(
             prompt="x", width=64, height=64, steps=2, model="missing.safetensors"
         )
         job, _ = await run_job(runtime, request)
-        bad = GenerationRequest(
-            executor="comfyui", payload={"1": {"class_type": "NoSuchNode", "inputs": {}}}
+        bad = GenerationRequest.model_validate(
+            {"executor": "comfyui", "payload": {"1": {"class_type": "NoSuchNode", "inputs": {}}}}
         )
         refused, _ = await run_job(runtime, bad)
     assert job.state is JobState.failed and job.error is not None
