@@ -322,3 +322,44 @@ async def test_stats_count_tiers_users_and_running(store: JobStore) -> None:
     stats = await store.stats()
     assert (stats.queued, stats.running) == (2, 1)
     assert stats.tiers == {0: 2} and stats.users == {"alice": 1, "bob": 1}
+
+
+async def test_reroute_moves_a_queued_job_keeping_its_place(store_factory: StoreFactory) -> None:
+    store = await store_factory()
+    first = await store.enqueue(job("alice", backend="a"), user_cap=10)
+    second = await store.enqueue(job("bob", backend="a"), user_cap=10)
+    assert await store.backlog() == pytest.approx({"a": 2 * first.request.cost})
+    moved = await store.reroute(second.id, "b")
+    assert moved is not None and moved.backend == "b"
+    assert (await store.get(second.id)).backend == "b"
+    cost = first.request.cost
+    assert await store.backlog() == pytest.approx({"a": cost, "b": cost})
+    place = await store.place(second.id)
+    assert place is not None and place.position == 1  # still behind alice's job
+    assert [claimed.id for claimed in await drain(store, ("a",))] == [first.id]
+    [claimed] = await drain(store, ("b",))
+    assert claimed.id == second.id and claimed.backend == "b"
+    assert await store.reroute(second.id, "a") is None  # running: no longer movable
+    assert await store.backlog() == {}
+    # the route change is durable
+    reopened = await store_factory()
+    assert (await reopened.get(second.id)).backend == "b"
+
+
+async def test_runs_are_recorded_in_order(store_factory: StoreFactory) -> None:
+    from easel.jobs import Attempt
+
+    store = await store_factory()
+    queued = await store.enqueue(job(), user_cap=10)
+    claimed = await store.claim("w1", ["mock"], lease_seconds=LEASE)
+    assert claimed is not None
+    error = JobError(code="backend_unavailable", message="down")
+    await store.add_run(queued.id, Attempt(backend="mock", worker="w1", started_at=1, ended_at=2,
+                                           error=error))  # fmt: skip
+    await store.requeue(queued.id, worker_id="w1", reason=error)
+    await store.claim("w2", ["mock"], lease_seconds=LEASE)
+    await store.add_run(queued.id, Attempt(backend="mock", worker="w2", started_at=3, ended_at=4))
+    done = await store.complete(queued.id, "w2", [])
+    assert [(r.worker, r.error) for r in done.runs] == [("w1", error), ("w2", None)]
+    reopened = await store_factory()
+    assert len((await reopened.get(queued.id)).runs) == 2

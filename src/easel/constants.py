@@ -53,6 +53,8 @@ SCHED = "sched"
 """Hash: ``seq`` (tag order counter), ``jobs`` (arrival counter), ``starving``, ``since``."""
 QUEUED_USERS = "queued_users"
 """Hash: user -> jobs in the fair queue (``GET /v1/queue``)."""
+ROUTE_COST = "route_cost"
+"""Hash: route (backend) -> queued work in cost units (the router's outstanding work)."""
 
 # -- events and workers ---------------------------------------------------------------
 EVENTS = "events"

@@ -204,7 +204,19 @@ class GenerationRequest(BaseModel):
         description="JPEG/WebP quality (default: the server's); ignored for PNG.",
     )
     model: str | None = None
-    backend: str | None = None
+    backend: str | None = Field(
+        default=None, description="Run on this backend of the fleet (GET /v1/backends)."
+    )
+    tags: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Run on a backend carrying all of these tags (the fleet file's tags).",
+    )
+    fallback: bool | list[str] = Field(
+        default=False,
+        description="When the named backend is down or fails transiently, move to another "
+        "eligible backend (true: any; a list: these).",
+    )
     user_id: str = Field(default="anonymous", min_length=1, max_length=200)
     priority: int = Field(default=0, ge=MIN_PRIORITY, le=PREMIUM_PRIORITY)
     premium: bool = Field(default=False, description="Shorthand for the top priority tier.")
@@ -318,6 +330,16 @@ class JobError(BaseModel):
     message: str
 
 
+class Attempt(BaseModel):
+    """One run of a job: where, by whom, when, and how it ended."""
+
+    backend: str
+    worker: str
+    started_at: float | None = None
+    ended_at: float | None = None
+    error: JobError | None = Field(default=None, description="None: the run succeeded.")
+
+
 class WebhookDelivery(BaseModel):
     """Where a job's webhook deliveries stand."""
 
@@ -345,6 +367,10 @@ class Job(BaseModel):
         default=None, description="Why the S3 upload failed; the local images remain."
     )
     webhook: WebhookDelivery | None = None
+    runs: list[Attempt] = Field(
+        default_factory=list,
+        description="Every attempt so far (backend, worker, started_at, ended_at, error).",
+    )
 
     @property
     def user_id(self) -> str:

@@ -27,7 +27,7 @@ import heapq
 import itertools
 import random
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sortedcontainers import SortedKeyList
@@ -131,6 +131,7 @@ class FairQueue:
         self._priorities: list[int] = []  # highest first
         self._tagged: dict[str, _Tagged] = {}
         self._per_user: dict[str, int] = {}
+        self._per_route: dict[str, float] = {}  # queued work per route, for routing
         self._seq = itertools.count()
         self._waiting: list[tuple[float, int, str]] = []  # (enqueued_at, seq, id) below top
         self._starving: int | None = None  # the tier of a job waiting past the bound
@@ -150,6 +151,28 @@ class FairQueue:
 
     def user_counts(self) -> dict[str, int]:
         return dict(self._per_user)
+
+    def route_costs(self) -> dict[str, float]:
+        """Queued work (cost units) per route: what the router counts as outstanding."""
+        return {route: cost for route, cost in self._per_route.items() if cost > 1e-9}
+
+    def reroute(self, job_id: str, route: str, batch_key: str | None) -> bool:
+        """Move a queued job to another route, keeping its place in the fair order."""
+        tagged = self._tagged.get(job_id)
+        if tagged is None:
+            return False
+        old = tagged.entry
+        self._route_cost(old.route, -old.cost)
+        tagged.entry = replace(old, route=route, batch_key=batch_key)
+        self._route_cost(route, old.cost)
+        return True
+
+    def _route_cost(self, route: str, delta: float) -> None:
+        left = self._per_route.get(route, 0.0) + delta
+        if left > 1e-9:
+            self._per_route[route] = left
+        else:
+            self._per_route.pop(route, None)
 
     # -- changes ----------------------------------------------------------------------
 
@@ -182,6 +205,7 @@ class FairQueue:
         tier.cost += entry.cost
         self._tagged[entry.job_id] = tagged
         self._per_user[entry.user_id] = self._per_user.get(entry.user_id, 0) + 1
+        self._route_cost(entry.route, entry.cost)
         if priority < self.policy.top_priority and self.policy.aging_seconds is not None:
             heapq.heappush(self._waiting, (entry.enqueued_at, seq, entry.job_id))
 
@@ -265,6 +289,7 @@ class FairQueue:
         tier.order.remove(tagged)
         tier.cost = tier.cost - tagged.entry.cost if tier.order else 0.0
         del self._tagged[tagged.entry.job_id]
+        self._route_cost(tagged.entry.route, -tagged.entry.cost)
         if not tier.order:  # no backlog left: nobody is owed anything
             del self._tiers[tagged.tier]
             self._priorities.remove(tagged.tier)

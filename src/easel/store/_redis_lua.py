@@ -41,6 +41,7 @@ local K_TIERS = P .. '{k.TIERS}'
 local K_WAITING = P .. '{k.WAITING}'
 local K_SCHED = P .. '{k.SCHED}'
 local K_QUEUED_USERS = P .. '{k.QUEUED_USERS}'
+local K_ROUTE_COST = P .. '{k.ROUTE_COST}'
 local function job_key(id) return P .. '{k.JOB}' .. id end
 local function user_key(user) return P .. '{k.USER}' .. user end
 local function state_key(state) return P .. '{k.STATE}' .. state end
@@ -62,6 +63,12 @@ local function next_seq() return redis.call('HINCRBY', K_SCHED, 'seq', 1) - 1 en
 local function incr(key, field, by)
   local left = redis.call('HINCRBY', key, field, by)
   if left <= 0 then redis.call('HDEL', key, field) end
+end
+
+-- queued work per route; a route with (about) nothing left is dropped
+local function route_cost(route, delta)
+  local left = tonumber(redis.call('HINCRBYFLOAT', K_ROUTE_COST, route, fmt(delta)))
+  if left <= 1e-9 then redis.call('HDEL', K_ROUTE_COST, route) end
 end
 
 -- FairQueue._add: a start tag from the tier clock (and the user's finish tag), or first
@@ -99,6 +106,7 @@ local function push(id, front, weight)
   redis.call('HSET', sk, 'clock', fmt(clock), 'cost', fmt(tcost + cost))
   redis.call('HSET', jk, 'member', m)
   redis.call('HINCRBY', K_QUEUED_USERS, user, 1)
+  route_cost(route, cost)
   if AGING and tonumber(tier) < TOP then
     redis.call('ZADD', K_WAITING, f[5], m)
   end
@@ -120,6 +128,7 @@ local function detach(id, m)
   end
   redis.call('ZREM', K_WAITING, m)
   incr(K_QUEUED_USERS, f[3], -1)
+  route_cost(f[2], -tonumber(f[4]))
   redis.call('HSET', jk, 'member', '')
 end
 
@@ -499,4 +508,28 @@ return {
   tiers,
   redis.call('HGETALL', K_QUEUED_USERS),
 }
+""")
+
+REROUTE = _script("""
+-- 8 id, 9 new route, 10 its batch key: a queued job changes lines, keeping its tag
+local jk = job_key(ARGV[8])
+local f = redis.call('HMGET', jk, 'state', 'member', 'tier', 'backend', 'cost')
+if f[1] ~= 'queued' or not f[2] or f[2] == '' then return 0 end
+local old = route_key(f[3], f[4])
+local score = redis.call('ZSCORE', old, f[2])
+redis.call('ZREM', old, f[2])
+redis.call('ZADD', route_key(f[3], ARGV[9]), score, f[2])
+route_cost(f[4], -tonumber(f[5]))
+route_cost(ARGV[9], tonumber(f[5]))
+redis.call('HSET', jk, 'backend', ARGV[9], 'batch_key', ARGV[10])
+return 1
+""")
+
+ADD_RUN = _script("""
+-- 8 id, 9 one attempt as JSON: appended as a line to the job's runs
+local jk = job_key(ARGV[8])
+if redis.call('EXISTS', jk) == 0 then return 0 end
+local runs = redis.call('HGET', jk, 'runs') or ''
+redis.call('HSET', jk, 'runs', runs .. ARGV[9] .. '\\n')
+return 1
 """)

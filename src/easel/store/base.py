@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 
-from easel.jobs import ImageRef, Job, JobError, JobState
+from easel.jobs import Attempt, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import Place, QueueStats
 
 WORKER_LOST = JobError(
@@ -109,3 +109,17 @@ class JobStore(ABC):
     @abstractmethod
     async def stats(self) -> QueueStats:
         """Counts for ``GET /v1/queue``."""
+
+    @abstractmethod
+    async def reroute(self, job_id: str, backend: str) -> Job | None:
+        """Move a queued job to another backend's line (fallback, a backend down, an idle
+        backend taking work), keeping its place in the fair order; None when it is no
+        longer queued (claimed, finished) or waits for a retry's backoff."""
+
+    @abstractmethod
+    async def add_run(self, job_id: str, run: Attempt) -> None:
+        """Append one attempt to the job's ``runs`` (before its outcome is written)."""
+
+    @abstractmethod
+    async def backlog(self) -> dict[str, float]:
+        """Queued work (``GenerationRequest.cost`` units) per backend, for routing."""

@@ -32,8 +32,8 @@ from easel.errors import (
     StoreUnavailable,
     UserQueueFull,
 )
-from easel.jobs import ImageRef, Job, JobError, JobState
-from easel.queue.scheduler import Place, Policy, QueueStats, entry_for
+from easel.jobs import Attempt, ImageRef, Job, JobError, JobState
+from easel.queue.scheduler import Place, Policy, QueueStats, batch_key, entry_for
 from easel.store import _redis_lua as lua
 from easel.store.base import WORKER_LOST, JobStore
 
@@ -42,7 +42,7 @@ log = logging.getLogger("easel.store.redis")
 Durability = Literal["auto", "waitaof", "off"]
 _IMAGES = TypeAdapter(list[ImageRef])
 _CHANGING = frozenset(
-    {"state", "started_at", "finished_at", "attempts", "worker_id", "images", "error"}
+    {"state", "started_at", "finished_at", "attempts", "worker_id", "images", "error", "runs"}
 )
 """Job fields the scripts change, each a hash field; the rest is stored once as JSON."""
 _UNAVAILABLE_REPLIES = ("MISCONF", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS")
@@ -110,7 +110,7 @@ class RedisStore(JobStore):
     async def open(self) -> None:
         self._redis = connect(self.url, socket_timeout=self.socket_timeout)
         for name in ("ENQUEUE", "CLAIM", "HEARTBEAT", "COMPLETE", "FAIL", "REQUEUE", "CANCEL",
-                     "EXPIRE", "PLACE", "STATS"):  # fmt: skip
+                     "EXPIRE", "PLACE", "STATS", "REROUTE", "ADD_RUN"):  # fmt: skip
             self._scripts[name] = self._redis.register_script(getattr(lua, name))
         try:
             await self._detect_durability(self._redis)
@@ -331,6 +331,22 @@ class RedisStore(JobStore):
             users={users[i]: int(users[i + 1]) for i in range(0, len(users), 2)},
         )
 
+    async def reroute(self, job_id: str, backend: str) -> Job | None:
+        job = await self.get(job_id)
+        if job.state is not JobState.queued:
+            return None
+        moved = job.model_copy(update={"backend": backend})
+        if not await self._run("REROUTE", job_id, backend, batch_key(moved) or ""):
+            return None
+        return moved
+
+    async def add_run(self, job_id: str, run: Attempt) -> None:
+        await self._run("ADD_RUN", job_id, run.model_dump_json())
+
+    async def backlog(self) -> dict[str, float]:
+        costs = await self._read(lambda r: r.hgetall(self._key(keys.ROUTE_COST)))
+        return {route: float(cost) for route, cost in costs.items() if float(cost) > 1e-9}
+
 
 def _outcome(reply: list[Any], job_id: str, worker_id: str | None) -> Job:
     """A script's verdict as the store interface's result or error."""
@@ -353,7 +369,9 @@ def _from_fields(fields: dict[str, str]) -> Job:
     """A job hash as the one vocabulary's :class:`Job`: what it was made with, then what
     changed since (so fields added to Job later round-trip without a script change)."""
     error = fields.get("error")
-    return Job.model_validate_json(fields["base"]).model_copy(
+    runs = fields.get("runs")
+    base = Job.model_validate_json(fields["base"])
+    return base.model_copy(
         update={
             "state": JobState(fields["state"]),
             "started_at": _float(fields.get("started_at")),
@@ -362,6 +380,10 @@ def _from_fields(fields: dict[str, str]) -> Job:
             "worker_id": fields.get("worker_id") or None,
             "images": _IMAGES.validate_json(fields.get("images") or "[]"),
             "error": JobError.model_validate_json(error) if error else None,
+            "backend": fields.get("backend") or base.backend,
+            "runs": [Attempt.model_validate_json(line) for line in runs.splitlines()]
+            if runs
+            else [],
         }
     )
 

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from easel.errors import EaselError, JobFinished, JobNotFound, LeaseLost, StoreUnavailable
-from easel.jobs import ImageRef, Job, JobError, JobState
+from easel.jobs import Attempt, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import (
     FairQueue,
     Place,
     Policy,
     QueueStats,
+    batch_key,
     check_queue_cap,
     check_user_cap,
     entry_for,
@@ -457,6 +458,40 @@ class SqliteStore(JobStore):
             tiers=self._queue.tier_counts(),
             users=self._queue.user_counts(),
         )
+
+    async def reroute(self, job_id: str, backend: str) -> Job | None:
+        if job_id not in self._queue:
+            return None
+        job = await self.get(job_id)
+        moved = job.model_copy(update={"backend": backend})
+        # in memory first, on the loop: a claim either took it before or sees the new route
+        if job.state is not JobState.queued or not self._queue.reroute(
+            job_id, backend, batch_key(moved)
+        ):
+            return None
+
+        def op(conn: sqlite3.Connection) -> None:
+            current = _load(conn, job_id)
+            lease = conn.execute(
+                "SELECT lease_expires_at FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()[0]
+            _save(conn, current.model_copy(update={"backend": backend}), lease)
+
+        await self._writer.run(op)
+        return moved
+
+    async def add_run(self, job_id: str, run: Attempt) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            job = _load(conn, job_id)
+            lease = conn.execute(
+                "SELECT lease_expires_at FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()[0]
+            _save(conn, job.model_copy(update={"runs": [*job.runs, run]}), lease)
+
+        await self._writer.run(op)
+
+    async def backlog(self) -> dict[str, float]:
+        return self._queue.route_costs()
 
     def _put_back(self, conn: sqlite3.Connection, job: Job) -> Job:
         return _requeue(
