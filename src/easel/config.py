@@ -172,6 +172,12 @@ class Settings(BaseSettings):
     batch_limit: int = Field(
         default=1, ge=1, description="Compatible jobs run as one pipeline call, at most."
     )
+    results_depth: int = Field(
+        default=2,
+        ge=0,
+        description="Backend calls whose results are finished (encoded, written, announced) "
+        "while the backend runs the next job; 0 finishes each before claiming the next.",
+    )
     max_attempts: int = Field(default=3, ge=1, description="Runs per job, retries included.")
     retry_base_seconds: float = Field(default=2.0, ge=0, description="First retry backoff.")
     lease_seconds: float = Field(default=30.0, gt=0)

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,8 @@ def encode_png(image: Image, metadata: dict[str, Any], compress_level: int = 6) 
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write to a temp file, fsync, rename: a crash never leaves half an image."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    # unique per write: a job run twice (a lost lease) may write the same file at once
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     with open(tmp, "wb") as file:
         file.write(data)
         file.flush()

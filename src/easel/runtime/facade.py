@@ -126,6 +126,7 @@ class Runtime:
             retry_base_seconds=self.settings.retry_base_seconds,
             wakeup=self._wakeup,
             uploads=self.uploads,
+            results_depth=self.settings.results_depth,
         )
 
     async def stop(self, grace: float = 5.0) -> None:

@@ -5,6 +5,10 @@ of ``succeeded`` / ``failed`` (or ``queued`` again for a retry); results are on 
 ``succeeded`` is published, and final store writes run under ``asyncio.shield`` so a
 cancel cannot half-write them. A cancelled job (``cancelled`` on the bus, or a lost lease)
 stops at the next step; in a batch, the others go on.
+
+Results are finished off the backend's critical path (:mod:`easel.runtime._finisher`):
+once a backend call returns, the worker claims and starts its next job while the previous
+results are encoded, written, committed and announced, ``results_depth`` calls at most.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from easel.events.bus import EventBus
 from easel.jobs import Event, EventType, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import RunTimes, retry_delay
 from easel.results.files import LocalStorage
+from easel.runtime._finisher import Finisher
 from easel.store.base import JobStore
 
 if TYPE_CHECKING:
@@ -95,6 +100,7 @@ class Worker:
         retry_base_seconds: float = 2.0,
         wakeup: Doorbell | None = None,
         uploads: Uploads | None = None,
+        results_depth: int = 2,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -109,9 +115,16 @@ class Worker:
         self.retry_base_seconds = retry_base_seconds
         self.wakeup = wakeup or Doorbell()
         self.uploads = uploads
-        self.current: list[Job] = []
+        self.finisher = Finisher(results_depth)
+        self._running: list[Job] = []  # on the backend
+        self._finishing: dict[str, Job] = {}  # results in flight
         self._cancels: dict[str, threading.Event] = {}
         self._stopping = False
+
+    @property
+    def current(self) -> list[Job]:
+        """Jobs this worker holds: on the backend, or their results being finished."""
+        return [*self._running, *self._finishing.values()]
 
     async def run(self, *, burst: bool = False) -> int:
         """Process jobs until stopped (``burst``: until the queue is empty); returns jobs run."""
@@ -135,6 +148,13 @@ class Worker:
                         continue
                     await self.process(jobs)
                     done += len(jobs)
+                await self.finisher.drain()
+            except asyncio.CancelledError:
+                self.finisher.cancel()  # leases expire: the jobs run again, or stay committed
+                raise
+            except Exception:
+                await self.finisher.drain()  # a store outage: what is in flight ends first
+                raise
             finally:
                 watcher.cancel()
         return done
@@ -158,26 +178,66 @@ class Worker:
                 cancel.set()
 
     async def process(self, jobs: list[Job]) -> None:
-        """Run claimed jobs (one backend call) to their ends; never raises for their failures."""
-        self.current = jobs
-        self._cancels = {job.id: threading.Event() for job in jobs}
+        """Run claimed jobs (one backend call); returns once the call returned and its
+        results are handed to the finisher. Never raises for the jobs' failures."""
+        self._running = jobs
         for job in jobs:
-            await self.bus.publish(Event.of(job, EventType.started))
-        heartbeat = asyncio.create_task(self._heartbeat(jobs))
-        began = time.monotonic()
+            if (stale := self._cancels.get(job.id)) is not None:
+                stale.set()  # our earlier run of it lost its lease: its results are void
+        cancels = {job.id: threading.Event() for job in jobs}
+        self._cancels.update(cancels)
+        heartbeat = asyncio.create_task(self._heartbeat(jobs, cancels))
+        handed_over = False
         try:
-            results = await self._generate(jobs)
-        except Exception as exc:
             for job in jobs:
-                await self._failed(job, exc)
-        else:
+                await self.bus.publish(Event.of(job, EventType.started))
+            began = time.monotonic()
+            try:
+                results = await self._generate(jobs)
+            except Exception as exc:
+                for job in jobs:
+                    await self._failed(job, exc)
+                return
             seconds = (time.monotonic() - began) / len(jobs)
-            for job, result in zip(jobs, results, strict=True):
-                await self._finish(job, result, seconds)
+            await self.finisher.wait_for_room()
+            self._finishing.update({job.id: job for job in jobs})
+            self._running = []
+            handed_over = True
+            finishing = self._finish_all(jobs, results, seconds, heartbeat, cancels)
+            await self.finisher.finish(jobs, finishing)
         finally:
-            heartbeat.cancel()
-            self.current = []
-            self._cancels = {}
+            self._running = []
+            if not handed_over:
+                self._release(jobs, heartbeat, cancels)
+
+    async def _finish_all(
+        self,
+        jobs: list[Job],
+        results: list[GenerationResult],
+        seconds: float,
+        heartbeat: asyncio.Task[None],
+        cancels: dict[str, threading.Event],
+    ) -> None:
+        """The results of one backend call, each job's in parallel; the leases are kept
+        (``heartbeat`` goes on) until every one is committed or given up."""
+        try:
+            await asyncio.gather(
+                *(
+                    self._finish(job, result, seconds, cancels[job.id])
+                    for job, result in zip(jobs, results, strict=True)
+                )
+            )
+        finally:
+            self._release(jobs, heartbeat, cancels)
+
+    def _release(
+        self, jobs: list[Job], heartbeat: asyncio.Task[None], cancels: dict[str, threading.Event]
+    ) -> None:
+        heartbeat.cancel()
+        for job in jobs:
+            if self._cancels.get(job.id) is cancels[job.id]:  # not a newer run's
+                del self._cancels[job.id]
+                self._finishing.pop(job.id, None)
 
     async def _generate(self, jobs: list[Job]) -> list[GenerationResult]:
         loop = asyncio.get_running_loop()
@@ -210,19 +270,26 @@ class Worker:
             pending.put_nowait(None)
             await publisher
 
-    async def _finish(self, job: Job, result: GenerationResult, seconds: float) -> None:
-        if self._cancels[job.id].is_set():
+    async def _finish(
+        self, job: Job, result: GenerationResult, seconds: float, cancel: threading.Event
+    ) -> None:
+        if cancel.is_set():
             log.info("job %s was cancelled; its result is discarded", job.id, extra=_ids(job))
             return
         upload_error = None
         try:
             images = await asyncio.to_thread(self.storage.save, job, result)
+            if cancel.is_set():  # cancelled (or lease lost) while encoding
+                raise JobFinished(f"job {job.id} was cancelled")
             if self.uploads is not None and job.request.sync_with_s3:
                 images, upload_error = await _upload_now(self.uploads, job, images)
             done = await asyncio.shield(self.store.complete(job.id, self.id, images))
         except (LeaseLost, JobFinished):
             log.info("job %s is no longer ours; its result is discarded", job.id, extra=_ids(job))
         except Exception as exc:
+            if cancel.is_set():  # a void run's trouble is not the job's
+                log.info("job %s: a void run failed (%s); discarded", job.id, exc, extra=_ids(job))
+                return
             await self._failed(job, exc)
         else:
             self.run_times.observe(job.backend, job.request, seconds)
@@ -266,7 +333,7 @@ class Worker:
         else:
             await self.bus.publish(Event.of(after, EventType.failed, error=after.error))
 
-    async def _heartbeat(self, jobs: list[Job]) -> None:
+    async def _heartbeat(self, jobs: list[Job], cancels: dict[str, threading.Event]) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
             for job in jobs:
@@ -278,7 +345,7 @@ class Worker:
                     log.warning("job %s: heartbeat failed: %s", job.id, exc.message)
                     continue
                 if not held:
-                    self._cancels[job.id].set()
+                    cancels[job.id].set()
 
 
 async def _upload_now(

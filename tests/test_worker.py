@@ -1,0 +1,274 @@
+"""The pipelined worker keeps every promise while results are finished off the backend's path.
+
+Saves are held at a gate (a storage whose ``save`` waits for the test), so "results in
+flight" lasts exactly as long as a test needs: no sleeps, no timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from easel.backends.base import GenerationResult
+from easel.backends.mock import MockBackend
+from easel.config import Settings
+from easel.events.bus import InProcessEventBus, Subscription
+from easel.jobs import Event, EventType, GenerationRequest, ImageRef, Job, JobState
+from easel.results.files import LocalStorage
+from easel.runtime.facade import Runtime
+
+
+class GatedStorage(LocalStorage):
+    """``save`` announces itself (``saving``), then waits until its job is let through."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.loop = asyncio.get_running_loop()
+        self.saving: asyncio.Queue[str] = asyncio.Queue()
+        self._open: dict[str, threading.Event] = {}
+        self._all = threading.Event()
+        self._lock = threading.Lock()
+
+    def _gate(self, job_id: str) -> threading.Event:
+        with self._lock:
+            return self._open.setdefault(job_id, threading.Event())
+
+    def release(self, job_id: str) -> None:
+        self._gate(job_id).set()
+
+    def release_all(self) -> None:
+        self._all.set()
+        with self._lock:
+            for gate in self._open.values():
+                gate.set()
+
+    def save(self, job: Job, result: GenerationResult) -> list[ImageRef]:
+        self.loop.call_soon_threadsafe(self.saving.put_nowait, job.id)
+        gate = self._gate(job.id)
+        if self._all.is_set():
+            gate.set()
+        if not gate.wait(30):
+            raise TimeoutError("the test never released this save")
+        return super().save(job, result)
+
+
+class HeldBus(InProcessEventBus):
+    """Holds ``succeeded`` announcements until released: a crash can land between the
+    commit and the announcement."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = asyncio.Event()
+        self.holding = asyncio.Event()
+
+    async def publish(self, event: Event) -> Event:
+        if event.type is EventType.succeeded:
+            self.holding.set()
+            await self.held.wait()
+        return await super().publish(event)
+
+
+def _settings(tmp_path: Path, depth: int = 1) -> Settings:
+    return Settings(data_dir=tmp_path / "data", backend="mock", results_depth=depth)
+
+
+def _request(prompt: str) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, width=64, height=64, steps=3, seed=1)
+
+
+def _drain(subscription: Subscription) -> list[Event]:
+    """Events already delivered to a subscription (offer is synchronous)."""
+    events = []
+    while not subscription.queue.empty():
+        if (event := subscription.queue.get_nowait()) is not None:
+            events.append(event)
+    return events
+
+
+async def _until(subscription: AsyncIterator[Event], job_id: str, type: EventType) -> None:
+    async for event in subscription:
+        if event.job_id == job_id and event.type is type:
+            return
+
+
+@pytest.fixture
+async def gated(tmp_path: Path) -> GatedStorage:
+    return GatedStorage(tmp_path / "out")
+
+
+async def test_the_next_job_runs_while_results_are_in_flight(
+    tmp_path: Path, gated: GatedStorage
+) -> None:
+    runtime = Runtime(_settings(tmp_path, depth=1), storage=gated)
+    await runtime.start()
+    try:
+        everything = runtime.bus.subscribe()
+        watch = runtime.bus.subscribe()
+        first, second, third = [
+            (await runtime.submit(_request(name))).id for name in ("one", "two", "three")
+        ]
+        assert await gated.saving.get() == first
+        # the backend is free: the second job runs while the first one's results wait
+        await _until(watch, second, EventType.progress)
+        # depth 1: the second call's results wait for the first's; nothing else is claimed
+        assert (await runtime.store.get(third)).state is JobState.queued
+        gated.release(first)
+        assert await gated.saving.get() == second
+        gated.release_all()
+        for job_id in (first, second, third):
+            assert (await runtime.wait(job_id, timeout=30)).state is JobState.succeeded
+        events = _drain(everything)
+    finally:
+        gated.release_all()
+        await runtime.stop()
+
+    for job_id in (first, second, third):
+        types = [event.type for event in events if event.job_id == job_id]
+        assert types == [
+            EventType.queued, EventType.started, *[EventType.progress] * 3, EventType.succeeded
+        ]  # fmt: skip
+    order = [(event.job_id, event.type) for event in events]
+    assert order.index((second, EventType.started)) < order.index((first, EventType.succeeded))
+
+
+async def test_succeeded_is_announced_only_after_files_and_record_are_durable(
+    tmp_path: Path,
+) -> None:
+    runtime = Runtime(_settings(tmp_path, depth=2))
+    await runtime.start()
+    checked = []
+    try:
+        async with runtime.bus.subscribe(types={EventType.succeeded}) as succeeded:
+            ids = [(await runtime.submit(_request(f"job {i}"))).id for i in range(4)]
+            async for event in succeeded:
+                record = await runtime.store.get(event.job_id)
+                assert record.state is JobState.succeeded
+                assert event.images and record.images == event.images
+                assert all(runtime.storage.path(ref).stat().st_size > 0 for ref in record.images)
+                checked.append(event.job_id)
+                if len(checked) == len(ids):
+                    break
+    finally:
+        await runtime.stop()
+    assert sorted(checked) == sorted(ids)
+
+
+async def test_a_job_cancelled_while_its_results_are_in_flight_is_discarded(
+    tmp_path: Path, gated: GatedStorage
+) -> None:
+    runtime = Runtime(_settings(tmp_path), storage=gated)
+    await runtime.start()
+    try:
+        everything = runtime.bus.subscribe()
+        job_id = (await runtime.submit(_request("cancel me late"))).id
+        assert await gated.saving.get() == job_id
+        await runtime.cancel(job_id)
+        gated.release_all()
+        await runtime.workers[0].finisher.drain()
+        record = await runtime.store.get(job_id)
+        events = _drain(everything)
+    finally:
+        gated.release_all()
+        await runtime.stop()
+    assert record.state is JobState.cancelled and record.images == []
+    assert EventType.succeeded not in {event.type for event in events}
+
+
+async def test_a_lease_lost_while_results_are_in_flight_is_honoured(
+    tmp_path: Path, gated: GatedStorage
+) -> None:
+    """The reaper put the job back while its results were being written: those results
+    are void; the job runs again and succeeds once, from its second run."""
+    runtime = Runtime(_settings(tmp_path, depth=2), storage=gated)
+    await runtime.start()
+    try:
+        everything = runtime.bus.subscribe()
+        job_id = (await runtime.submit(_request("slow disk"))).id
+        assert await gated.saving.get() == job_id
+        worker = runtime.workers[0]
+        await runtime.store.requeue(job_id, worker_id=worker.id)  # as expire_leases would
+        runtime._wakeup.set()
+        assert await gated.saving.get() == job_id  # the second run's results
+        gated.release_all()
+        done = await runtime.wait(job_id, timeout=30)
+        await worker.finisher.drain()
+        events = _drain(everything)
+    finally:
+        gated.release_all()
+        await runtime.stop()
+    assert done.state is JobState.succeeded and done.attempts == 2
+    assert [event.type for event in events].count(EventType.succeeded) == 1
+
+
+async def _crash(runtime: Runtime) -> None:
+    """Stop the process the hard way: workers killed mid-flight, nothing put back."""
+    for task in runtime._tasks:
+        task.cancel()
+    await asyncio.gather(*runtime._tasks, return_exceptions=True)
+    runtime._tasks.clear()
+    runtime.workers.clear()
+    await runtime.stop(grace=0)
+
+
+async def test_a_crash_while_results_are_encoded_runs_the_job_again(
+    tmp_path: Path, gated: GatedStorage
+) -> None:
+    first = Runtime(_settings(tmp_path), storage=gated)
+    await first.start()
+    job_id = (await first.submit(_request("crash in flight"))).id
+    assert await gated.saving.get() == job_id
+    await _crash(first)
+    gated.release_all()  # the orphaned save thread ends; nothing commits it
+
+    second = Runtime(_settings(tmp_path))
+    await second.start()
+    try:
+        assert (await second.store.get(job_id)).state in {JobState.queued, JobState.running}
+        done = await second.wait(job_id, timeout=30)
+    finally:
+        await second.stop()
+    assert done.state is JobState.succeeded and done.attempts == 2
+    assert second.storage.path(done.images[0]).is_file()
+
+
+async def test_a_crash_after_the_commit_keeps_the_durable_result(tmp_path: Path) -> None:
+    bus = HeldBus()
+    first = Runtime(_settings(tmp_path), bus=bus)
+    await first.start()
+    job_id = (await first.submit(_request("committed, not announced"))).id
+    await bus.holding.wait()
+    await _crash(first)
+
+    second = Runtime(_settings(tmp_path))
+    await second.start()
+    try:
+        done = await second.wait(job_id, timeout=30)
+    finally:
+        await second.stop()
+    assert done.state is JobState.succeeded and done.attempts == 1
+    assert second.storage.path(done.images[0]).is_file()
+
+
+async def test_depth_zero_finishes_in_line(tmp_path: Path, gated: GatedStorage) -> None:
+    runtime = Runtime(_settings(tmp_path, depth=0), storage=gated)
+    await runtime.start()
+    try:
+        first, second = [(await runtime.submit(_request(n))).id for n in ("a", "b")]
+        assert await gated.saving.get() == first
+        assert (await runtime.store.get(second)).state is JobState.queued
+        gated.release_all()
+        assert (await runtime.wait(second, timeout=30)).state is JobState.succeeded
+    finally:
+        gated.release_all()
+        await runtime.stop()
+
+
+def test_results_depth_is_a_setting() -> None:
+    assert Settings().results_depth == 2
+    with pytest.raises(ValueError):
+        Settings(results_depth=-1)
+    assert MockBackend().batches
