@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable
 from pathlib import Path
 
 import pytest
@@ -89,7 +89,7 @@ def _drain(subscription: Subscription) -> list[Event]:
     return events
 
 
-async def _until(subscription: AsyncIterator[Event], job_id: str, type: EventType) -> None:
+async def _until(subscription: AsyncIterable[Event], job_id: str, type: EventType) -> None:
     async for event in subscription:
         if event.job_id == job_id and event.type is type:
             return
