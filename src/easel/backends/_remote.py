@@ -18,6 +18,7 @@ messages name the backend and the path called, not the URL's user info or header
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -185,7 +186,13 @@ class RemoteBackend(Backend):
     # -- calls ----------------------------------------------------------------------------
 
     async def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One HTTP call to the engine; failures mapped (see the module doc)."""
+        """One HTTP call to the engine; failures mapped (see the module doc). An absolute
+        URL must be on the engine's host: its credentials go nowhere else."""
+        if not self.same_host(path):
+            raise EngineError(
+                f"backend {self.name!r}: the engine pointed at another host "
+                f"({urlsplit(path).hostname}); easel sends its credentials nowhere else"
+            )
         try:
             response = await self.http.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
@@ -214,22 +221,37 @@ class RemoteBackend(Backend):
         """Whether a 4xx is the engine refusing the request itself (safety, validation)."""
         return response.status_code in (400, 422)
 
-    async def download(
-        self,
-        url: str,
-        *,
-        allowed_hosts: Iterable[str] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> bytes:
-        """Bytes of a result URL; only from the engine's own host or ``allowed_hosts``."""
+    def same_host(self, url: str) -> bool:
+        """Whether ``url`` (absolute or relative) is on the engine's own host and port."""
+        parts, own = urlsplit(url), urlsplit(self.url)
+        return not parts.netloc or (parts.scheme, parts.netloc) == (own.scheme, own.netloc)
+
+    async def download(self, url: str, *, allowed_hosts: Iterable[str] = ()) -> bytes:
+        """Bytes of a result URL: ``data:`` URLs, the engine's own host (with its
+        credentials), or a host of ``allowed_hosts`` (without them); any other is refused."""
+        if url.startswith("data:"):
+            try:
+                return base64.b64decode(url.partition(",")[2], validate=False)
+            except ValueError as exc:
+                raise EngineError(f"backend {self.name!r}: unreadable data URL") from exc
+        if self.same_host(url):
+            return (await self.call("GET", url)).content
         host = urlsplit(url).hostname or ""
-        allowed = {urlsplit(self.url).hostname or "", *(allowed_hosts or ())}
-        if host not in allowed:
+        if host not in set(allowed_hosts):
             raise EngineError(
                 f"backend {self.name!r}: the engine returned a result on {host!r}, which is not "
-                f"an allowed host ({', '.join(sorted(allowed))}); add it to allowed_hosts"
+                "an allowed host; add it to the backend's allowed_hosts"
             )
-        response = await self.call("GET", url, headers=headers)
+        try:
+            async with httpx.AsyncClient(timeout=self.http.timeout, verify=self.verify) as plain:
+                response = await plain.get(url)
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(
+                f"backend {self.name!r}: could not download a result from {host} "
+                f"({type(exc).__name__})"
+            ) from exc
+        if not response.is_success:
+            raise self.error_for(response, f"GET result on {host}")
         return response.content
 
     # -- running one job ------------------------------------------------------------------

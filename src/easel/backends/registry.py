@@ -23,6 +23,7 @@ BUILTIN: dict[str, str] = {
     "automatic1111": "easel.backends.automatic1111:Automatic1111Backend",
     "openai": "easel.backends.openai:OpenAIBackend",
     "comfyui": "easel.backends.comfyui:ComfyUIBackend",
+    "hosted": "easel.backends.hosted:HostedBackend",
     "drawthings": "easel.backends.drawthings:DrawThingsBackend",
 }
 ENTRY_POINT_GROUP = "easel.backends"
