@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 from easel.api import create_app
 from easel.client import AsyncClient
 from easel.config import Settings
-from easel.errors import EaselError
+from easel.errors import ServerUnreachable
 from tests.servers import serve
 
 
@@ -63,7 +63,7 @@ async def test_retries_give_up_with_the_servers_answer(flaky: tuple[str, Flaky])
     url, server = flaky
     async with AsyncClient(url, retries=1) as client:
         server.failures = 5
-        with pytest.raises(EaselError) as info:
+        with pytest.raises(ServerUnreachable) as info:  # a 503 that is not easel's own body
             await client.get("anything")
-    assert (info.value.status, info.value.code) == (503, "http_503")
+    assert (info.value.status, info.value.code) == (503, "server_unreachable")
     assert len(server.seen) == 2

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import pytest
 from fastapi import FastAPI, Request
 
-from easel.errors import StoreUnavailable
+from easel.errors import ModerationUnavailable, PromptRejected
 from easel.jobs import GenerationRequest
-from easel.safety.moderation import DenyList, HttpClassifier, PromptRejected, moderate
+from easel.safety.moderation import DenyList, HttpClassifier, moderate
 from tests.servers import free_port, serve
 
 
@@ -52,7 +52,7 @@ async def test_http_classifier(classifier_url: str) -> None:
 async def test_an_unreachable_classifier_refuses_rather_than_lets_through() -> None:
     classifier = HttpClassifier(f"http://127.0.0.1:{free_port()}/classify", timeout=1.0)
     try:
-        with pytest.raises(StoreUnavailable) as failed:
+        with pytest.raises(ModerationUnavailable) as failed:
             await classifier.review(GenerationRequest(prompt="a cat"))
         assert failed.value.code == "moderation_unavailable" and failed.value.status == 503
     finally:

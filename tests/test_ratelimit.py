@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from easel.safety.ratelimit import RateLimited, TokenBuckets
+from easel.errors import RateLimited
+from easel.safety.ratelimit import TokenBuckets
 
 
 def test_a_burst_passes_then_the_rate_holds() -> None:

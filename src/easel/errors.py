@@ -1,24 +1,46 @@
-"""easel's one error hierarchy.
+"""easel's one error catalogue: every error class, its code and its HTTP status.
 
 Every error a client can cause or see carries a machine-readable ``code`` and the HTTP
-status the API answers with; one handler renders them as
-``{"error": {"code": ..., "message": ...}}``. The same codes are recorded on failed jobs.
+status the API answers with; the native API renders them as
+``{"error": {"code": ..., "message": ...}}`` and each compatibility surface translates
+them in one place (``api/errors.py``, ``api/compat/_errors.py``). The same codes are
+recorded on failed jobs. A code belongs to exactly one class: to say something new, add a
+class here (and to :data:`ERRORS`), never a ``code=`` on a generic one.
 
-    EaselError
+    EaselError                  500 error
     ├── InvalidRequest          422 invalid_request
-    │   └── Unsupported         422 unsupported
-    ├── UnsupportedMediaType    415 unsupported_media_type
+    │   ├── Unsupported         422 unsupported
+    │   ├── InvalidJson         400 invalid_json
+    │   ├── PromptRejected      422 prompt_rejected     (moderation said no)
+    │   ├── PipelineBusy        400 pipeline_busy       (pipeline API: a run is unfinished)
+    │   └── PipelineNotDone     400 pipeline_not_done   (pipeline API: no finished run)
+    ├── BadRequest              400 bad_request
+    ├── Unauthorized            401 unauthorized
+    ├── Forbidden               403 forbidden
     ├── NotFound                404 not_found
     │   ├── JobNotFound         404 job_not_found
     │   ├── ImageNotFound       404 image_not_found
     │   └── ModelNotFound       404 model_not_found
+    ├── MethodNotAllowed        405 method_not_allowed
     ├── JobFinished             409 job_finished
+    ├── RequestTooLarge         413 request_too_large
+    ├── UnsupportedMediaType    415 unsupported_media_type
     ├── QueueFull               429 queue_full
-    │   └── UserQueueFull       429 user_queue_full
-    ├── StoreUnavailable        503 store_unavailable
+    │   ├── UserQueueFull       429 user_queue_full
+    │   └── ServiceQueueFull    429 service_queue_full
+    ├── RateLimited             429 rate_limited        (``retry_after`` in its details)
+    ├── InternalError           500 internal_error      (a bug: the server's log says more)
+    ├── StoreError              500 store_error         (the store answered an error)
+    ├── StoreUnavailable        503 store_unavailable   (transient)
+    ├── ModerationUnavailable   503 moderation_unavailable
+    ├── ServerUnreachable       503 server_unreachable  (client side: no answer at all)
+    ├── UnexpectedResponse      502 unexpected_response (client side: not easel's answer)
+    ├── TimedOut                504 timed_out           (client side: no answer in time)
     └── GenerationError         500 generation_failed   (recorded on the job, not an HTTP answer)
         ├── Cancelled           499 cancelled
         ├── LeaseLost           409 lease_lost
+        ├── WorkerLost          500 worker_lost         (its worker stopped too many times)
+        ├── MockFailure         500 mock_failure        (the mock backend, asked to fail)
         ├── BackendUnavailable  503 backend_unavailable (transient: worth a retry)
         └── EngineError         502 engine_error        (a remote engine refused or failed)
             └── EngineRefused   422 engine_refused      (its safety system or validation)
@@ -33,12 +55,10 @@ class EaselError(Exception):
     retryable: bool = False
     """Transient: the same job may succeed if run again later."""
 
-    def __init__(self, message: str, *, code: str | None = None, **details: object) -> None:
+    def __init__(self, message: str, **details: object) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
-        if code is not None:
-            self.code = code
 
     def to_dict(self) -> dict[str, object]:
         """The API's error body: code, message and any details (such as a count)."""
@@ -54,9 +74,40 @@ class Unsupported(InvalidRequest):
     code = "unsupported"
 
 
-class UnsupportedMediaType(EaselError):
-    code = "unsupported_media_type"
-    status = 415
+class InvalidJson(InvalidRequest):
+    code = "invalid_json"
+    status = 400
+
+
+class PromptRejected(InvalidRequest):
+    code = "prompt_rejected"
+
+
+class PipelineBusy(InvalidRequest):
+    """The pipeline API's reference answers 400 where easel would say 422."""
+
+    code = "pipeline_busy"
+    status = 400
+
+
+class PipelineNotDone(InvalidRequest):
+    code = "pipeline_not_done"
+    status = 400
+
+
+class BadRequest(EaselError):
+    code = "bad_request"
+    status = 400
+
+
+class Unauthorized(EaselError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(EaselError):
+    code = "forbidden"
+    status = 403
 
 
 class NotFound(EaselError):
@@ -76,9 +127,24 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class MethodNotAllowed(EaselError):
+    code = "method_not_allowed"
+    status = 405
+
+
 class JobFinished(EaselError):
     code = "job_finished"
     status = 409
+
+
+class RequestTooLarge(EaselError):
+    code = "request_too_large"
+    status = 413
+
+
+class UnsupportedMediaType(EaselError):
+    code = "unsupported_media_type"
+    status = 415
 
 
 class QueueFull(EaselError):
@@ -90,9 +156,52 @@ class UserQueueFull(QueueFull):
     code = "user_queue_full"
 
 
+class ServiceQueueFull(QueueFull):
+    code = "service_queue_full"
+
+
+class RateLimited(EaselError):
+    code = "rate_limited"
+    status = 429
+
+
+class InternalError(EaselError):
+    code = "internal_error"
+    status = 500
+
+
+class StoreError(EaselError):
+    code = "store_error"
+    status = 500
+
+
 class StoreUnavailable(EaselError):
     code = "store_unavailable"
     status = 503
+    retryable = True
+
+
+class ModerationUnavailable(EaselError):
+    code = "moderation_unavailable"
+    status = 503
+    retryable = True
+
+
+class ServerUnreachable(EaselError):
+    code = "server_unreachable"
+    status = 503
+    retryable = True
+
+
+class UnexpectedResponse(EaselError):
+    code = "unexpected_response"
+    status = 502
+
+
+class TimedOut(EaselError):
+    code = "timed_out"
+    status = 504
+    retryable = True
 
 
 class GenerationError(EaselError):
@@ -108,6 +217,14 @@ class Cancelled(GenerationError):
 class LeaseLost(GenerationError):
     code = "lease_lost"
     status = 409
+
+
+class WorkerLost(GenerationError):
+    code = "worker_lost"
+
+
+class MockFailure(GenerationError):
+    code = "mock_failure"
 
 
 class BackendUnavailable(GenerationError):
@@ -130,3 +247,89 @@ class EngineRefused(EngineError):
 
     code = "engine_refused"
     status = 422
+
+
+CATALOGUE: tuple[type[EaselError], ...] = (
+    EaselError,
+    InvalidRequest,
+    Unsupported,
+    InvalidJson,
+    PromptRejected,
+    PipelineBusy,
+    PipelineNotDone,
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    JobNotFound,
+    ImageNotFound,
+    ModelNotFound,
+    MethodNotAllowed,
+    JobFinished,
+    RequestTooLarge,
+    UnsupportedMediaType,
+    QueueFull,
+    UserQueueFull,
+    ServiceQueueFull,
+    RateLimited,
+    InternalError,
+    StoreError,
+    StoreUnavailable,
+    ModerationUnavailable,
+    ServerUnreachable,
+    UnexpectedResponse,
+    TimedOut,
+    GenerationError,
+    Cancelled,
+    LeaseLost,
+    WorkerLost,
+    MockFailure,
+    BackendUnavailable,
+    EngineError,
+    EngineRefused,
+)
+"""Every class, in the order of the tree above."""
+
+ERRORS: dict[str, type[EaselError]] = {cls.code: cls for cls in CATALOGUE}
+"""Code -> class: how a client rebuilds the exception the server raised."""
+
+_FOR_STATUS: dict[int, type[EaselError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: RequestTooLarge,
+    415: UnsupportedMediaType,
+    422: InvalidRequest,
+    429: QueueFull,
+    499: Cancelled,
+    502: UnexpectedResponse,
+    503: ServerUnreachable,
+    504: TimedOut,
+}
+"""For a code this client does not know (a newer server): the general class of its status."""
+
+
+def error_for(
+    code: str, message: str, status: int | None = None, *, unknown: type[EaselError] | None = None
+) -> EaselError:
+    """The exception for an error the server reported by ``code`` (and HTTP ``status``).
+
+    A code missing from :data:`ERRORS` (a newer server's, a third-party backend's) becomes
+    ``unknown`` or the general class of its status, and keeps the reported code, so nothing
+    the server said is lost.
+    """
+    cls = ERRORS.get(code)
+    if cls is not None:
+        return cls(message)
+    exc = unknown(message) if unknown else error_for_status(status or 500, message)
+    exc.code = code
+    return exc
+
+
+def error_for_status(status: int, message: str) -> EaselError:
+    """The general class of an HTTP status, for an answer that carried no easel code."""
+    exc = _FOR_STATUS.get(status, EaselError)(message)
+    exc.status = status
+    return exc

@@ -13,6 +13,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from easel.errors import Cancelled, EaselError, GenerationError, error_for
 from easel.payloads import Executor, fields_from
 
 PREMIUM_PRIORITY = 10
@@ -445,3 +446,12 @@ def final_event(job: Job) -> Event:
     if job.state not in FINAL_STATES:
         raise ValueError(f"job {job.id} is {job.state}, not finished")
     return Event.of(job, EVENT_FOR_STATE[job.state], images=job.images or None, error=job.error)
+
+
+def job_error(job: Job) -> EaselError:
+    """Why a job did not succeed, as the exception a caller that wanted its images gets."""
+    if job.state is JobState.cancelled:
+        return Cancelled(f"job {job.id} was cancelled")
+    if job.error is None:
+        return GenerationError(f"job {job.id} ended {job.state}")
+    return error_for(job.error.code, job.error.message, unknown=GenerationError)

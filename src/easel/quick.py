@@ -19,13 +19,12 @@ from typing import Any
 from anyio.from_thread import start_blocking_portal
 from pydantic import ValidationError
 
-from easel.api.errors import describe_validation
+from easel.api.errors import validation_error
 from easel.client import _files
 from easel.client._async import AsyncClient
-from easel.client._common import HANDLER_FOR_EVENT, job_error
+from easel.client._common import HANDLER_FOR_EVENT
 from easel.config import Settings
-from easel.errors import InvalidRequest
-from easel.jobs import FINAL_EVENTS, Event, GenerationRequest, Job, JobState
+from easel.jobs import FINAL_EVENTS, Event, GenerationRequest, Job, JobState, job_error
 from easel.runtime.facade import Runtime
 
 EventCallback = Callable[[Event], object]
@@ -141,8 +140,7 @@ def _validated(params: Mapping[str, Any]) -> GenerationRequest:
     try:
         return GenerationRequest.model_validate(params)
     except ValidationError as exc:
-        _, _, message = describe_validation(exc.errors())
-        raise InvalidRequest(message) from None
+        raise validation_error(exc.errors()) from None
 
 
 @contextmanager

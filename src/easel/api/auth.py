@@ -16,6 +16,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from easel.errors import EaselError, Forbidden, RequestTooLarge, Unauthorized
 from easel.safety.services import Permission, ServiceToken, current_service, identify
 
 OPEN_PATHS = frozenset({"/health"})
@@ -40,13 +41,12 @@ class TokenAuth:
         service = identify(self.tokens, _presented(scope))
         method = scope.get("method", "GET")
         if service is None:
-            await _refuse(scope, send, 401, "unauthorized", "a valid service token is required")
+            await _refuse(scope, send, Unauthorized("a valid service token is required"))
             return
         if not service.may(required_scope(method)):
-            await _refuse(
-                scope, send, 403, "forbidden",
-                f"service {service.name!r} lacks the {required_scope(method)!r} scope",
-            )  # fmt: skip
+            needed = required_scope(method)
+            message = f"service {service.name!r} lacks the {needed!r} scope"
+            await _refuse(scope, send, Forbidden(message))
             return
         scope.setdefault("state", {})["service"] = service
         reset = current_service.set(service)
@@ -71,11 +71,12 @@ def _presented(scope: Scope) -> str | None:
     return None
 
 
-async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+async def _refuse(scope: Scope, send: Send, error: EaselError) -> None:
     if scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 1008, "reason": message})
+        await send({"type": "websocket.close", "code": 1008, "reason": error.message})
         return
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    status = error.status
+    body = json.dumps({"error": error.to_dict()}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
@@ -125,10 +126,8 @@ class BodyLimit:
                 await self._refuse(scope, send)
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        await _refuse(
-            scope, send, 413, "request_too_large",
-            f"the request body is larger than {self.max_bytes} bytes",
-        )  # fmt: skip
+        message = f"the request body is larger than {self.max_bytes} bytes"
+        await _refuse(scope, send, RequestTooLarge(message))
 
 
 class _TooLarge(Exception):

@@ -25,7 +25,7 @@ from easel.backends.base import (
     ModelInfo,
     RunContext,
 )
-from easel.errors import BackendUnavailable, Cancelled, GenerationError, InvalidRequest
+from easel.errors import BackendUnavailable, Cancelled, GenerationError, InvalidRequest, MockFailure
 from easel.images import decode_base64_image
 from easel.jobs import GenerationRequest, JobKind
 
@@ -39,7 +39,7 @@ UNAVAILABLE_PROMPT = "[mock:unavailable]"
 def _failure(requests: list[GenerationRequest]) -> GenerationError:
     if any(UNAVAILABLE_PROMPT in r.prompt for r in requests):
         return BackendUnavailable("the mock backend is pretending to be unavailable")
-    return GenerationError("the mock backend was asked to fail", code="mock_failure")
+    return MockFailure("the mock backend was asked to fail")
 
 
 class MockBackend(Backend):

@@ -25,12 +25,11 @@ from easel.client._common import (
     Handler,
     HandlerName,
     backoff,
-    error_for,
     error_from_response,
     unreachable,
 )
 from easel.constants import VERSION
-from easel.errors import InvalidRequest
+from easel.errors import InvalidRequest, error_for_status
 from easel.jobs import (
     FINAL_EVENTS,
     Event,
@@ -321,9 +320,7 @@ class AsyncClient:
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if 400 <= status < 500:
-                    raise error_for(
-                        f"http_{status}", f"{url} refused the websocket", status
-                    ) from exc
+                    raise error_for_status(status, f"{url} refused the websocket") from exc
                 reason: Exception = exc
             except (OSError, ConnectionClosed, InvalidHandshake) as exc:
                 # OSError includes refused connections and the open timeout

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 import httpx
 
-from easel.errors import Cancelled, EaselError, GenerationError
-from easel.jobs import EventType, Job, JobState
+from easel.errors import EaselError, ServerUnreachable, error_for, error_for_status
+from easel.jobs import EventType
 
 HandlerName = Literal[
     "queued", "generating", "progress", "done", "error", "cancelled", "connection_error"
@@ -37,60 +37,22 @@ HANDLER_FOR_EVENT: dict[EventType, HandlerName] = {
 }
 
 
-UNREACHABLE = "server_unreachable"
-
-
-def _hierarchy() -> tuple[dict[str, type[EaselError]], dict[int, type[EaselError]]]:
-    """Every EaselError class by code, and the most general one by status (breadth first)."""
-    by_code: dict[str, type[EaselError]] = {}
-    by_status: dict[int, type[EaselError]] = {}
-    pending: list[type[EaselError]] = [EaselError]
-    while pending:
-        cls = pending.pop(0)
-        by_code.setdefault(cls.code, cls)
-        by_status.setdefault(cls.status, cls)
-        pending.extend(cls.__subclasses__())
-    return by_code, by_status
-
-
-_BY_CODE, _BY_STATUS = _hierarchy()
-
-
-def error_for(code: str, message: str, status: int | None = None) -> EaselError:
-    """The EaselError subclass the server raised, rebuilt from its code (else its status)."""
-    cls = _BY_CODE.get(code) or _BY_STATUS.get(status or 500, EaselError)
-    exc = cls(message, code=code)
-    if status is not None:
-        exc.status = status
-    return exc
-
-
 def error_from_response(response: httpx.Response) -> EaselError:
     """``{"error": {"code", "message"}}`` -> exception; anything else keeps its HTTP status."""
     try:
         body = response.json()["error"]
         code, message = str(body["code"]), str(body["message"])
     except (ValueError, KeyError, TypeError):
-        code = f"http_{response.status_code}"
         message = f"{response.request.method} {response.request.url} answered "
         message += f"{response.status_code} {response.reason_phrase}: {response.text[:200]}"
+        return error_for_status(response.status_code, message)
     return error_for(code, message, response.status_code)
-
-
-def job_error(job: Job) -> EaselError:
-    """Why a job did not succeed, as the exception a caller that wanted images gets."""
-    if job.state is JobState.cancelled:
-        return Cancelled(f"job {job.id} was cancelled")
-    code = job.error.code if job.error else GenerationError.code
-    message = job.error.message if job.error else f"job {job.id} ended {job.state}"
-    return (_BY_CODE.get(code) or GenerationError)(message, code=code)
 
 
 def unreachable(base_url: str, exc: BaseException) -> EaselError:
     detail = str(exc) or type(exc).__name__
-    return EaselError(
-        f"could not talk to easel at {base_url} ({detail}); is `easel serve` running there?",
-        code=UNREACHABLE,
+    return ServerUnreachable(
+        f"could not talk to easel at {base_url} ({detail}); is `easel serve` running there?"
     )
 
 

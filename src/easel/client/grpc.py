@@ -29,7 +29,19 @@ import grpc
 from anyio.from_thread import start_blocking_portal
 from PIL.Image import Image
 
-from easel.errors import EaselError
+from easel.errors import (
+    ERRORS,
+    Cancelled,
+    EaselError,
+    Forbidden,
+    GenerationError,
+    InvalidRequest,
+    NotFound,
+    QueueFull,
+    ServerUnreachable,
+    TimedOut,
+    Unauthorized,
+)
 from easel.proto import imageservice_pb2 as pb
 from easel.proto.drawthings import (
     Configuration,
@@ -254,21 +266,25 @@ async def _progress(response: pb.ImageGenerationResponse, total: int | None) -> 
     return Progress(stage=stage, step=step, total=total, preview=preview)
 
 
-_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT: ("invalid_request", 422),
-    grpc.StatusCode.NOT_FOUND: ("not_found", 404),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ("queue_full", 429),
-    grpc.StatusCode.CANCELLED: ("cancelled", 499),
-    grpc.StatusCode.UNAVAILABLE: ("server_unreachable", 503),
-    grpc.StatusCode.DEADLINE_EXCEEDED: ("timeout", 504),
+_CLASSES: dict[grpc.StatusCode, type[EaselError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthorized,
+    grpc.StatusCode.PERMISSION_DENIED: Forbidden,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: QueueFull,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAVAILABLE: ServerUnreachable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: TimedOut,
 }
 
 
 def _error(address: str, exc: grpc.RpcError) -> EaselError:
-    """A gRPC status -> an EaselError with a code (the details are the server's message)."""
+    """A gRPC status -> the catalogue's exception. easel's server starts its details with
+    the error's code (``queue_full: ...``); any other server gets the class of its status."""
     status = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
-    code, http = _CODES.get(status, ("generation_failed", 500)) if status else ("error", 500)
-    details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-    error = EaselError(f"{address}: {details or status}", code=code)
-    error.status = http
-    return error
+    details = (exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)) or ""
+    code, _, message = details.partition(": ")
+    if code in ERRORS:
+        return ERRORS[code](f"{address}: {message}")
+    cls = _CLASSES.get(status, GenerationError) if status else EaselError
+    return cls(f"{address}: {details or status}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from easel.config import Safety
-from easel.errors import QueueFull
+from easel.errors import ServiceQueueFull
 from easel.events.bus import EventBus
 from easel.jobs import FINAL_EVENTS, GenerationRequest
 from easel.safety.moderation import DenyList, HttpClassifier, Moderator, moderate
@@ -56,9 +56,8 @@ class Gate:
         if cap is not None and service is not None:
             active = len(self._active.get(service.name, ()))
             if active >= cap:
-                raise QueueFull(
+                raise ServiceQueueFull(
                     f"service {service.name!r} has {active} queued or running jobs, its cap",
-                    code="service_queue_full",
                     count=active,
                 )
         if self.moderators and (request.moderate or self.safety.moderate_all):

@@ -15,13 +15,8 @@ from typing import Protocol
 
 import httpx
 
-from easel.errors import EaselError, StoreUnavailable
+from easel.errors import ModerationUnavailable, PromptRejected
 from easel.jobs import GenerationRequest
-
-
-class PromptRejected(EaselError):
-    code = "prompt_rejected"
-    status = 422
 
 
 @dataclass(frozen=True)
@@ -86,9 +81,8 @@ class HttpClassifier:
             response.raise_for_status()
             body = response.json()
         except (httpx.HTTPError, ValueError) as exc:
-            raise StoreUnavailable(
-                f"the moderation service at {self.url} did not answer: {exc}",
-                code="moderation_unavailable",
+            raise ModerationUnavailable(
+                f"the moderation service at {self.url} did not answer: {exc}"
             ) from exc
         if body.get("flagged"):
             return Verdict(False, str(body.get("reason") or "flagged by the moderation service"))

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from easel.errors import EaselError
-
-
-class RateLimited(EaselError):
-    code = "rate_limited"
-    status = 429
+from easel.errors import RateLimited
 
 
 @dataclass

@@ -18,11 +18,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 
+from easel.errors import WorkerLost
 from easel.jobs import Attempt, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import Place, QueueStats
 
 WORKER_LOST = JobError(
-    code="worker_lost", message="the worker running this job stopped answering too many times"
+    code=WorkerLost.code, message="the worker running this job stopped answering too many times"
 )
 
 

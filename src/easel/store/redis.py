@@ -29,6 +29,7 @@ from easel.errors import (
     JobNotFound,
     LeaseLost,
     QueueFull,
+    StoreError,
     StoreUnavailable,
     UserQueueFull,
 )
@@ -73,7 +74,7 @@ def unavailable(exc: Exception, url: str) -> EaselError:
         return StoreUnavailable(f"Redis at {url} is unavailable ({exc}); try again shortly")
     if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES):
         return StoreUnavailable(f"Redis at {url} cannot take writes now ({exc})")
-    return EaselError(f"Redis answered an error: {exc}", code="store_error")
+    return StoreError(f"Redis answered an error: {exc}")
 
 
 class RedisStore(JobStore):

@@ -41,9 +41,18 @@ from easel.api.errors import ErrorResponse
 from easel.api.native import runtime_of
 from easel.backends.diffusers.schedulers import SCHEDULERS
 from easel.constants import VERSION
-from easel.errors import EaselError, InvalidRequest, JobFinished, ModelNotFound, Unsupported
+from easel.errors import InvalidRequest, JobFinished, ModelNotFound, Unsupported
 from easel.images import strip_data_url
-from easel.jobs import MAX_SEED, Event, EventType, GenerationRequest, Job, JobKind, JobState
+from easel.jobs import (
+    MAX_SEED,
+    Event,
+    EventType,
+    GenerationRequest,
+    Job,
+    JobKind,
+    JobState,
+    job_error,
+)
 from easel.payloads import A1111_SCHEDULER_MODIFIERS, a1111_sampler
 from easel.results.metadata import infotext, parse_infotext, read_embedded, read_parameters
 from easel.runtime.facade import Runtime
@@ -504,10 +513,7 @@ async def _generate(request: Request, body: Txt2ImgRequest) -> A1111Images:
     elif job.state is JobState.cancelled:
         images, infotexts = [], []
     else:
-        error = job.error
-        raise EaselError(
-            error.message if error else "the job failed", code=error.code if error else None
-        )
+        raise job_error(job)
     info = _info(job, infotexts, interrupted=job.state is JobState.cancelled)
     return A1111Images(
         images=images if body.send_images else None, parameters=parameters, info=info

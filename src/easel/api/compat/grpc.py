@@ -34,11 +34,12 @@ import grpc
 from PIL import Image
 from pydantic import ValidationError
 
+from easel.api.compat._errors import to_grpc
 from easel.api.compat._shared import identify, png_bytes, submitted
-from easel.api.errors import describe_validation
+from easel.api.errors import validation_error
 from easel.errors import EaselError, InvalidRequest, Unsupported
 from easel.images import decode_base64_image, encode_png_base64
-from easel.jobs import Event, EventType, GenerationRequest, Job, JobKind, JobState
+from easel.jobs import Event, EventType, GenerationRequest, JobKind, JobState, job_error
 from easel.proto import imageservice_pb2 as pb
 from easel.proto.drawthings import decode_configuration, decode_tensor, encode_tensor
 from easel.runtime.facade import Runtime
@@ -56,15 +57,6 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 Context = grpc.aio.ServicerContext[Any, Any]
 Signpost = pb.ImageGenerationSignpostProto
 
-_STATUS = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    404: grpc.StatusCode.NOT_FOUND,
-    409: grpc.StatusCode.FAILED_PRECONDITION,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    499: grpc.StatusCode.CANCELLED,
-    503: grpc.StatusCode.UNAVAILABLE,
-}
 _background: set[asyncio.Task[None]] = set()
 
 
@@ -134,9 +126,9 @@ class ImageGenerationService:
                     raise
             job = await self.runtime.get(job_id)
         except EaselError as exc:
-            await context.abort(_STATUS.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+            await context.abort(*to_grpc(exc))
         if job.state is not JobState.succeeded:
-            await _abort_for(job, context)
+            await context.abort(*to_grpc(job_error(job)))
         tensors = await _tensors(await png_bytes(self.runtime, job))
         yield pb.ImageGenerationResponse(download_size=sum(len(t) for t in tensors))
         for tensor in tensors:
@@ -180,7 +172,7 @@ class ImageGenerationService:
         try:
             return GenerationRequest.model_validate(fields)
         except ValidationError as exc:
-            raise InvalidRequest(describe_validation(exc.errors())[2]) from None
+            raise validation_error(exc.errors()) from None
 
 
 def service_handler(runtime: Runtime) -> grpc.GenericRpcHandler:
@@ -281,14 +273,6 @@ def _chunks(tensor: bytes, chunked: bool) -> list[pb.ImageGenerationResponse]:
         )
         for start in pieces
     ]
-
-
-async def _abort_for(job: Job, context: Context) -> None:
-    if job.state is JobState.cancelled:
-        await context.abort(grpc.StatusCode.CANCELLED, f"job {job.id} was cancelled")
-    error = job.error
-    message = f"{error.code}: {error.message}" if error else f"job {job.id} ended {job.state}"
-    await context.abort(grpc.StatusCode.INTERNAL, message)
 
 
 def _unwrap(data: bytes, contents: list[bytes] | Any) -> bytes:

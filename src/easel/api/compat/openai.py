@@ -37,10 +37,11 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from easel.api.compat._errors import OpenAIError, openai_response, to_openai
 from easel.api.compat._shared import caller, pngs_base64, run_to_end
 from easel.api.native import runtime_of
-from easel.errors import EaselError, InvalidRequest, Unsupported
-from easel.jobs import MAX_SEED, GenerationRequest, Job, JobKind, JobState
+from easel.errors import EaselError, InvalidRequest, Unsupported, error_for_status
+from easel.jobs import MAX_SEED, GenerationRequest, JobKind, JobState, job_error
 
 DEFAULT_SIZE = (1024, 1024)
 OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image")
@@ -62,36 +63,13 @@ _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 # -- errors in OpenAI's shape ------------------------------------------------------------
 
 
-class OpenAIErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class OpenAIError(BaseModel):
-    error: OpenAIErrorBody
-
-
-def _error(status: int, message: str, code: str | None, param: str | None = None) -> JSONResponse:
-    if status == 429:
-        kind = "rate_limit_exceeded"
-    elif status >= 500:
-        kind = "server_error"
-    elif status == 401:
-        kind = "authentication_error"
-    else:
-        kind = "invalid_request_error"
-    body = OpenAIError(error=OpenAIErrorBody(message=message, type=kind, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
-
-
 def _from_validation(errors: list[Any]) -> JSONResponse:
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "form")]
     message = str(first.get("msg", "is invalid")).removeprefix("Value error, ")
     param = ".".join(loc) or None
-    return _error(400, f"{param}: {message}" if param else message, "invalid_request", param)
+    message = f"{param}: {message}" if param else message
+    return openai_response(400, message, InvalidRequest.code, param)
 
 
 class OpenAIRoute(APIRoute):
@@ -108,10 +86,9 @@ class OpenAIRoute(APIRoute):
             except ValidationError as exc:
                 return _from_validation(list(exc.errors()))
             except EaselError as exc:
-                status = 400 if exc.status == 422 else exc.status
-                return _error(status, exc.message, exc.code)
+                return to_openai(exc)
             except HTTPException as exc:
-                return _error(exc.status_code, str(exc.detail), f"http_{exc.status_code}")
+                return to_openai(error_for_status(exc.status_code, str(exc.detail)))
 
         return route
 
@@ -307,7 +284,7 @@ async def _answer(
     job = await run_to_end(runtime, generation, request)
     response.headers["X-Easel-Job-Id"] = job.id
     if job.state is not JobState.succeeded:
-        raise _job_error(job)
+        raise job_error(job)
     if response_format == "url":
         base = str(request.base_url).rstrip("/")
         data = [ImageData(url=base + ref.url) for ref in job.images]
@@ -318,14 +295,4 @@ async def _answer(
         data=data,
         size=f"{generation.width}x{generation.height}",
         quality=quality,
-    )
-
-
-def _job_error(job: Job) -> EaselError:
-    if job.state is JobState.cancelled:
-        return EaselError(f"job {job.id} was cancelled", code="cancelled")
-    error = job.error
-    return EaselError(
-        error.message if error else f"job {job.id} ended {job.state}",
-        code=error.code if error else "generation_failed",
     )

@@ -25,25 +25,13 @@ from pydantic import BaseModel, Field
 from easel.api.compat._shared import caller
 from easel.api.errors import ErrorResponse
 from easel.api.native import runtime_of
-from easel.errors import InvalidRequest
+from easel.errors import PipelineBusy, PipelineNotDone
 from easel.jobs import MAX_SEED, GenerationRequest, ImageFormat, Job, JobState
 
 router = APIRouter(prefix="/pipeline", tags=["pipeline"])
 _BUSY: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "A run is unfinished or absent"}
 }
-
-
-class PipelineBusy(InvalidRequest):
-    """The reference answers 400 where easel would say 422."""
-
-    code = "pipeline_busy"
-    status = 400
-
-
-class PipelineNotDone(InvalidRequest):
-    code = "pipeline_not_done"
-    status = 400
 
 
 class DeviceRequest(BaseModel):
