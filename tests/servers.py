@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -45,6 +46,21 @@ def serve(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def run_job(server: str, body: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+    """POST a job, follow its events (SSE) to the end, and return the final record."""
+    with httpx.Client(base_url=server, timeout=timeout) as http:
+        response = http.post("/v1/jobs", json=body)
+        if response.status_code != 202:
+            raise AssertionError(response.text)
+        job_id = response.json()["id"]
+        with http.stream("GET", f"/v1/jobs/{job_id}/events") as events:
+            for line in events.iter_lines():
+                if line.startswith("event: ") and line[7:] in {"succeeded", "failed", "cancelled"}:
+                    break
+        job: dict[str, Any] = http.get(f"/v1/jobs/{job_id}").json()
+        return job
 
 
 def easel_command() -> str:

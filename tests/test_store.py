@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from easel.errors import JobFinished, JobNotFound, LeaseLost, QueueFull, UserQueueFull
-from easel.jobs import GenerationRequest, ImageRef, Job, JobError, JobState
+from easel.jobs import (
+    AudioFormat,
+    AudioRef,
+    GenerationRequest,
+    ImageRef,
+    Job,
+    JobError,
+    JobKind,
+    JobState,
+)
 from easel.store.base import JobStore
 from easel.store.sqlite import SqliteStore
 
@@ -141,6 +150,21 @@ async def test_complete_records_images_once(store: JobStore) -> None:
     assert done.state is JobState.succeeded and done.images == [image] and done.finished_at
     with pytest.raises((LeaseLost, JobFinished)):
         await store.complete(queued.id, "w1", [image])
+
+
+async def test_complete_records_audio(store_factory: StoreFactory) -> None:
+    store = await store_factory()
+    request = GenerationRequest(kind=JobKind.txt2speech, prompt="hello", seed=1)
+    queued = await store.enqueue(Job(request=request, backend="hibari"), user_cap=10)
+    await store.claim("w1", ["hibari"], lease_seconds=LEASE)
+    clip = AudioRef(
+        index=0, seed=1, duration_seconds=1.5, sample_rate=24_000, channels=1,
+        format=AudioFormat.flac, media_type="audio/flac", path="x.flac", url="/x",
+    )  # fmt: skip
+    done = await store.complete(queued.id, "w1", [], audio=[clip])
+    assert done.state is JobState.succeeded and done.audio == [clip] and done.images == []
+    again = await (await store_factory()).get(queued.id)  # after a restart too
+    assert again.audio == [clip] and again.request.kind == "txt2speech"
 
 
 async def test_fail_records_the_reason(store: JobStore) -> None:

@@ -20,6 +20,7 @@ class here (and to :data:`ERRORS`), never a ``code=`` on a generic one.
     ├── NotFound                404 not_found
     │   ├── JobNotFound         404 job_not_found
     │   ├── ImageNotFound       404 image_not_found
+    │   ├── AudioNotFound       404 audio_not_found
     │   └── ModelNotFound       404 model_not_found
     ├── MethodNotAllowed        405 method_not_allowed
     ├── JobFinished             409 job_finished
@@ -121,6 +122,10 @@ class JobNotFound(NotFound):
 
 class ImageNotFound(NotFound):
     code = "image_not_found"
+
+
+class AudioNotFound(NotFound):
+    code = "audio_not_found"
 
 
 class ModelNotFound(NotFound):
@@ -263,6 +268,7 @@ CATALOGUE: tuple[type[EaselError], ...] = (
     NotFound,
     JobNotFound,
     ImageNotFound,
+    AudioNotFound,
     ModelNotFound,
     MethodNotAllowed,
     JobFinished,

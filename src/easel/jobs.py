@@ -44,6 +44,58 @@ class JobKind(StrEnum):
     img2img = "img2img"
     inpaint = "inpaint"
     mix = "mix"
+    txt2audio = "txt2audio"
+    txt2speech = "txt2speech"
+
+    @property
+    def is_audio(self) -> bool:
+        return self in AUDIO_KINDS
+
+
+AUDIO_KINDS = frozenset({JobKind.txt2audio, JobKind.txt2speech})
+
+DEFAULT_AUDIO_SECONDS = 10.0
+"""A txt2audio request without ``duration_seconds`` asks for this long a clip."""
+AUDIO_STEP_SECOND_COST = 0.0262
+"""Work units of one diffusion step over one second of audio. A 10 s clip's latent is about
+the size of a 512x512 image's (AudioLDM: 256x16 vs 64x64), so a step costs about the same."""
+SPEECH_SECOND_COST = 0.2
+"""Work units of one second of speech (a speech model runs many times faster than real time)."""
+SPEECH_WORDS_PER_SECOND = 3.0
+"""Speaking rate at speed 1.0, for estimating a text's duration before it is spoken."""
+
+
+class AudioFormat(StrEnum):
+    """Containers audio results are written in; the parameters travel in each one's tags."""
+
+    wav = "wav"
+    flac = "flac"
+    ogg = "ogg"
+    """Ogg Vorbis."""
+    opus = "opus"
+    """Ogg Opus (8, 12, 16, 24 or 48 kHz: other rates are resampled to 48 kHz)."""
+    mp3 = "mp3"
+
+    @property
+    def media_type(self) -> str:
+        return AUDIO_MEDIA_TYPES[self]
+
+
+AUDIO_MEDIA_TYPES = {
+    AudioFormat.wav: "audio/wav",
+    AudioFormat.flac: "audio/flac",
+    AudioFormat.ogg: "audio/ogg",
+    AudioFormat.opus: "audio/ogg; codecs=opus",
+    AudioFormat.mp3: "audio/mpeg",
+}
+
+OPUS_SAMPLE_RATES = frozenset({8000, 12_000, 16_000, 24_000, 48_000})
+
+_AUDIO_ONLY = ("duration_seconds", "sample_rate", "channels", "audio_format")
+_IMAGE_ONLY = (
+    "init_image", "mask_image", "controlnet", "upscale", "clip_skip", "output_format",
+    "output_quality",
+)  # fmt: skip
 
 
 class ImageFormat(StrEnum):
@@ -82,6 +134,8 @@ class Capability(StrEnum):
     upscale = "upscale"
     preview = "preview"
     mix = "mix"
+    txt2audio = "txt2audio"
+    txt2speech = "txt2speech"
 
 
 class JobState(StrEnum):
@@ -191,6 +245,27 @@ class GenerationRequest(BaseModel):
     )
     upscale: UpscaleSpec | None = None
     mix: list[MixItem] = Field(default_factory=list, max_length=8)
+    duration_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description=f"Seconds of audio (txt2audio; default {DEFAULT_AUDIO_SECONDS:g}).",
+    )
+    sample_rate: int | None = Field(
+        default=None,
+        ge=8000,
+        le=192_000,
+        description="Audio samples per second (default: the model's).",
+    )
+    channels: int | None = Field(
+        default=None, ge=1, le=2, description="1 (mono) or 2 (stereo); default: the model's."
+    )
+    voice: str | None = Field(
+        default=None, max_length=200, description="txt2speech: a voice the backend lists."
+    )
+    speed: float = Field(default=1.0, ge=0.25, le=4.0, description="txt2speech: 1.0 is normal.")
+    audio_format: AudioFormat | None = Field(
+        default=None, description="Audio results' container (default wav)."
+    )
     preview_every: int | None = Field(
         default=None, ge=0, description="A preview every this many steps (0: none)."
     )
@@ -262,6 +337,17 @@ class GenerationRequest(BaseModel):
                 )
         return {**found, **{k: v for k, v in data.items() if v is not None}}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_the_prompt(cls, data: Any) -> Any:
+        """txt2speech reads ``text``: it is the request's prompt under its speech name."""
+        if isinstance(data, dict) and "text" in data and data.get("kind") == "txt2speech":
+            if "prompt" in data:
+                raise ValueError("give the words to speak as text or as prompt, not both")
+            data = {**data, "prompt": data["text"]}
+            del data["text"]
+        return data
+
     @field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
@@ -288,7 +374,37 @@ class GenerationRequest(BaseModel):
             raise ValueError("inpaint needs mask_image (white = repaint)")
         if self.kind is JobKind.mix and not self.mix:
             raise ValueError("a mix needs mix items (images or prompts, with weights)")
+        self._fields_fit_kind()
         return self
+
+    def _fields_fit_kind(self) -> None:
+        """Refuse fields the kind has no use for, rather than ignore them silently."""
+        if self.kind.is_audio:
+            wrong = [f for f in _IMAGE_ONLY if getattr(self, f) is not None]
+            wrong += ["loras"] if self.loras else []
+            wrong += ["mix"] if self.mix else []
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} cannot be used by {self.kind}")
+        else:
+            wrong = [f for f in _AUDIO_ONLY if getattr(self, f) is not None]
+            if wrong:
+                raise ValueError(
+                    f"{', '.join(wrong)} are for audio; set kind to txt2audio or txt2speech"
+                )
+        if self.kind is not JobKind.txt2speech:
+            wrong = ["voice"] if self.voice is not None else []
+            wrong += ["speed"] if self.speed != 1.0 else []
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} are for txt2speech only")
+        elif self.duration_seconds is not None:
+            raise ValueError("speech lasts as long as its text takes; leave duration_seconds out")
+        if (
+            self.audio_format is AudioFormat.opus
+            and self.sample_rate is not None
+            and self.sample_rate not in OPUS_SAMPLE_RATES
+        ):
+            rates = ", ".join(map(str, sorted(OPUS_SAMPLE_RATES)))
+            raise ValueError(f"opus holds only these sample rates: {rates}; or ask for flac")
 
     @property
     def seeds(self) -> list[int]:
@@ -297,8 +413,23 @@ class GenerationRequest(BaseModel):
         return [(base + i) % (MAX_SEED + 1) for i in range(self.batch_size)]
 
     @property
+    def audio_seconds(self) -> float:
+        """Seconds of audio per result: asked for (txt2audio) or estimated from the words."""
+        if self.kind is JobKind.txt2speech:
+            words = max(len(self.prompt.split()), 1)
+            return words / (SPEECH_WORDS_PER_SECOND * self.speed)
+        if self.kind is JobKind.txt2audio:
+            return self.duration_seconds or DEFAULT_AUDIO_SECONDS
+        return 0.0
+
+    @property
     def cost(self) -> float:
-        """Work units, proportional to the time a diffusion run takes (upscale pass too)."""
+        """Work units, proportional to the time a run takes: pixel-steps for images (upscale
+        pass too), audio-second-steps for sound, seconds of speech for speech."""
+        if self.kind is JobKind.txt2audio:
+            return self.steps * self.audio_seconds * AUDIO_STEP_SECOND_COST * self.batch_size
+        if self.kind is JobKind.txt2speech:
+            return self.audio_seconds * SPEECH_SECOND_COST * self.batch_size
         pixel_steps = float(self.steps * self.width * self.height)
         if self.upscale is not None:
             steps = (self.upscale.steps or self.steps) * self.upscale.strength
@@ -319,6 +450,23 @@ class ImageRef(BaseModel):
     seed: int
     width: int
     height: int
+    path: str
+    url: str
+    remote_url: str | None = Field(
+        default=None, description="The object on S3 (presigned when so configured)."
+    )
+
+
+class AudioRef(BaseModel):
+    """One stored audio result; ``path`` is relative to the server's output dir."""
+
+    index: int
+    seed: int
+    duration_seconds: float
+    sample_rate: int
+    channels: int
+    format: AudioFormat
+    media_type: str
     path: str
     url: str
     remote_url: str | None = Field(
@@ -363,6 +511,7 @@ class Job(BaseModel):
     service: str | None = Field(default=None, description="The service that submitted it.")
     worker_id: str | None = None
     images: list[ImageRef] = Field(default_factory=list)
+    audio: list[AudioRef] = Field(default_factory=list)
     error: JobError | None = None
     upload_error: str | None = Field(
         default=None, description="Why the S3 upload failed; the local images remain."
@@ -430,6 +579,7 @@ class Event(BaseModel):
     eta_seconds: float | None = None
     average_seconds: float | None = None
     images: list[ImageRef] | None = None
+    audio: list[AudioRef] | None = None
     error: JobError | None = None
     upload_error: str | None = None
     preview: str | None = Field(default=None, description="Base64 JPEG of the work so far.")

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from easel.api import errors, native, operations, sse
 from easel.api.auth import BodyLimit, TokenAuth
-from easel.api.compat import a1111, openai, pipeline
+from easel.api.compat import a1111, openai, openai_audio, pipeline
 from easel.config import Settings
 from easel.constants import VERSION
 from easel.runtime.facade import Runtime
@@ -56,7 +56,8 @@ def create_app(
         version=VERSION,
         description=(
             "A self-hosted generation server: one fair queue, many backends. Besides its own "
-            "API it speaks OpenAI's images API (`/v1/images/*`), Automatic1111's "
+            "API it speaks OpenAI's images and speech APIs (`/v1/images/*`, `/v1/audio/speech`), "
+            "Automatic1111's "
             "(`/sdapi/v1/*`), a text-to-image microservice's (`/pipeline/*`) and, on its "
             "gRPC port, Draw Things' `ImageGenerationService`."
         ),
@@ -73,6 +74,7 @@ def create_app(
     app.include_router(operations.router)
     app.include_router(sse.router)
     app.include_router(openai.router)
+    app.include_router(openai_audio.router)
     app.include_router(a1111.router)
     app.include_router(a1111.internal)
     app.include_router(pipeline.router)

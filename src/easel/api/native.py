@@ -1,4 +1,4 @@
-"""easel's own API: jobs, their images and events, models, health."""
+"""easel's own API: jobs, their images, audio and events, models, health."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from easel.api.errors import ErrorResponse
 from easel.constants import VERSION
 from easel.errors import UnsupportedMediaType
 from easel.events.bus import Subscription
-from easel.jobs import GenerationRequest, ImageFormat, Job, JobState, JobView
+from easel.jobs import AUDIO_MEDIA_TYPES, GenerationRequest, ImageFormat, Job, JobState, JobView
 from easel.runtime.facade import Runtime
 from easel.runtime.registry import WorkerInfo
 from easel.safety.services import may_see
@@ -24,7 +24,7 @@ from easel.views import BackendEntry, Health, JobList, ModelEntry, Models
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "No such job or image"},
+    404: {"model": ErrorResponse, "description": "No such job, image or audio"},
     409: {"model": ErrorResponse, "description": "The job already ended"},
     429: {"model": ErrorResponse, "description": "The user's queue is full"},
 }
@@ -137,6 +137,23 @@ async def cancel_job(job_id: str, request: Request) -> Job:
 async def get_image(job_id: str, index: int, request: Request) -> FileResponse:
     path = await runtime_of(request).image_path(job_id, index)
     return FileResponse(path, media_type=ImageFormat.of_path(path.name).media_type)
+
+
+@router.get(
+    "/v1/jobs/{job_id}/audio/{index}",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {media: {} for media in AUDIO_MEDIA_TYPES.values()}},
+        **_ERRORS,
+    },
+    tags=["jobs"],
+)
+async def get_audio(job_id: str, index: int, request: Request) -> FileResponse:
+    """Clip ``index`` of an audio job, in the format it asked for (WAV by default)."""
+    path, ref = await runtime_of(request).audio_path(job_id, index)
+    return FileResponse(
+        path, media_type=ref.media_type, filename=path.name, content_disposition_type="inline"
+    )
 
 
 @router.get("/v1/models", response_model=Models, tags=["models"])

@@ -1,7 +1,8 @@
 """What a backend is, what it can do, and how easel finds one by name.
 
-A backend turns one :class:`~easel.jobs.GenerationRequest` into images. It declares its
-capabilities so that admission refuses what it cannot do before any GPU time is spent.
+A backend turns one :class:`~easel.jobs.GenerationRequest` into images (or audio clips). It
+declares its capabilities so that admission refuses what it cannot do before any GPU time
+is spent.
 ``generate`` is async; a backend that computes locally runs its work in a thread
 (``asyncio.to_thread``) so the event loop only moves bytes and events.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from PIL.Image import Image
 
+from easel.audio import AudioClip
 from easel.errors import Cancelled, Unsupported
 from easel.jobs import Capability as Capability  # backends declare what they can do
 from easel.jobs import GenerationRequest
@@ -60,12 +62,13 @@ class RunContext:
 
 @dataclass
 class GenerationResult:
-    """Images in batch order; ``seeds[i]`` reproduces ``images[i]`` alone."""
+    """Images (or audio clips) in batch order; ``seeds[i]`` reproduces result ``i`` alone."""
 
     images: list[Image]
     seeds: list[int]
     model: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    audio: list[AudioClip] = field(default_factory=list)
 
 
 class Backend(ABC):
@@ -86,6 +89,10 @@ class Backend(ABC):
         """Free what ``start`` took."""
 
     def models(self) -> list[ModelInfo]:
+        return []
+
+    def voices(self) -> list[str]:
+        """Voices a txt2speech request may name (the first is the default)."""
         return []
 
     @property

@@ -16,8 +16,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
+from easel.audio import AudioClip
 from easel.backends.base import (
     Backend,
     Capability,
@@ -25,7 +27,14 @@ from easel.backends.base import (
     ModelInfo,
     RunContext,
 )
-from easel.errors import BackendUnavailable, Cancelled, GenerationError, InvalidRequest, MockFailure
+from easel.errors import (
+    BackendUnavailable,
+    Cancelled,
+    GenerationError,
+    InvalidRequest,
+    MockFailure,
+    Unsupported,
+)
 from easel.images import decode_base64_image
 from easel.jobs import GenerationRequest, JobKind
 
@@ -157,3 +166,62 @@ def placeholder(
     )
     draw.multiline_text((6, 6), text, fill=(255, 255, 255), font=font, spacing=2)
     return image
+
+
+MOCK_AUDIO_MODEL = "mock-audio"
+MOCK_SAMPLE_RATE = 16_000
+MOCK_VOICES = ("plain", "high")
+
+
+class MockAudioBackend(Backend):
+    """Sound without a model: a tone the seed picks, as long as asked (speech: as long as
+    its words take), one "step" at a time. Tests and demos of audio jobs use it."""
+
+    name = "mock-audio"
+    capabilities = frozenset(
+        {Capability.txt2audio, Capability.txt2speech, Capability.negative_prompt, Capability.seed}
+    )
+
+    def __init__(self, *, step_delay: float = 0.0, **_options: object) -> None:
+        self.step_delay = step_delay
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(name=MOCK_AUDIO_MODEL, backend=self.name, family="mock", loaded=True)]
+
+    def voices(self) -> list[str]:
+        return list(MOCK_VOICES)
+
+    def check(self, request: GenerationRequest) -> None:
+        super().check(request)
+        if request.voice is not None and request.voice not in MOCK_VOICES:
+            raise Unsupported(
+                f"voice {request.voice!r} is not served here; voices are: {', '.join(MOCK_VOICES)}"
+            )
+
+    async def generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:
+        return await asyncio.to_thread(self._generate, request, context)
+
+    def _generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:
+        steps = request.steps if request.kind is JobKind.txt2audio else 1
+        for step in range(1, steps + 1):
+            context.raise_if_cancelled()
+            if self.step_delay:
+                time.sleep(self.step_delay)
+            context.progress(step, steps, None)
+        context.raise_if_cancelled()
+        if FAIL_PROMPT in request.prompt or UNAVAILABLE_PROMPT in request.prompt:
+            raise _failure([request])
+        clips = [tone(request, seed) for seed in request.seeds]
+        return GenerationResult(images=[], seeds=request.seeds, model=MOCK_AUDIO_MODEL, audio=clips)
+
+
+def tone(request: GenerationRequest, seed: int) -> AudioClip:
+    """The same request and seed always give the same samples."""
+    rng = np.random.default_rng(seed)
+    rate = request.sample_rate or MOCK_SAMPLE_RATE
+    frames = round(request.audio_seconds * rate)
+    pitch = float(rng.uniform(220, 880)) * (2 if request.voice == "high" else 1)
+    t = np.arange(frames, dtype=np.float32) / rate
+    wave = 0.3 * np.sin(2 * np.pi * pitch * t) + 0.02 * rng.standard_normal(frames)
+    channels = request.channels or 1
+    return AudioClip(np.repeat(wave.astype(np.float32)[:, None], channels, axis=1), rate)

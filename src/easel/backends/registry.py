@@ -19,12 +19,14 @@ BackendFactory = Callable[..., Backend]
 
 BUILTIN: dict[str, str] = {
     "mock": "easel.backends.mock:MockBackend",
+    "mock-audio": "easel.backends.mock:MockAudioBackend",
     "diffusers": "easel.backends.diffusers.backend:DiffusersBackend",
     "automatic1111": "easel.backends.automatic1111:Automatic1111Backend",
     "openai": "easel.backends.openai:OpenAIBackend",
     "comfyui": "easel.backends.comfyui:ComfyUIBackend",
     "hosted": "easel.backends.hosted:HostedBackend",
     "drawthings": "easel.backends.drawthings:DrawThingsBackend",
+    "hibari": "easel.backends.audio.speech:HibariBackend",
 }
 ENTRY_POINT_GROUP = "easel.backends"
 

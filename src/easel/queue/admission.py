@@ -11,11 +11,14 @@ from easel.backends.base import Backend
 from easel.config import Limits
 from easel.errors import EaselError, InvalidRequest, ModelNotFound, Unsupported
 from easel.images import decode_base64_image
-from easel.jobs import GenerationRequest, random_seed
+from easel.jobs import GenerationRequest, JobKind, random_seed
 
 
 def check_limits(request: GenerationRequest, limits: Limits) -> None:
     """Refuse sizes, step counts, batches and prompts over the server's limits."""
+    if request.kind.is_audio:
+        _check_audio_limits(request, limits)
+        return
     width, height = request.output_size
     pixels = width * height
     if pixels > limits.max_pixels:
@@ -46,6 +49,39 @@ def check_limits(request: GenerationRequest, limits: Limits) -> None:
     for image in images:
         if image is not None:
             decode_base64_image(image, max_bytes=limits.max_init_image_bytes)
+
+
+def _check_audio_limits(request: GenerationRequest, limits: Limits) -> None:
+    """Durations, text lengths, steps and batches of audio requests."""
+    if request.kind is JobKind.txt2speech:
+        if len(request.prompt) > limits.max_speech_characters:
+            raise InvalidRequest(
+                f"text has {len(request.prompt)} characters; this server speaks at most "
+                f"{limits.max_speech_characters} per request: split it"
+            )
+    else:
+        seconds = request.audio_seconds
+        if seconds > limits.max_audio_seconds:
+            raise InvalidRequest(
+                f"duration_seconds is {seconds:g}; this server makes at most "
+                f"{limits.max_audio_seconds:g} seconds per clip"
+            )
+        for name in ("prompt", "negative_prompt"):
+            length = len(getattr(request, name))
+            if length > limits.max_prompt_length:
+                raise InvalidRequest(
+                    f"{name} has {length} characters; this server allows at most "
+                    f"{limits.max_prompt_length}"
+                )
+    if request.steps > limits.max_steps:
+        raise InvalidRequest(
+            f"steps is {request.steps}; this server allows at most {limits.max_steps}"
+        )
+    if request.batch_size > limits.max_batch_size:
+        raise InvalidRequest(
+            f"batch_size is {request.batch_size}; this server allows at most "
+            f"{limits.max_batch_size}"
+        )
 
 
 def choose_backend(

@@ -65,6 +65,8 @@ def batch_key(job: Job) -> str | None:
     r = job.request
     if r.init_image or r.mask_image or r.loras or r.controlnet or r.upscale or r.mix:
         return None
+    if r.kind.is_audio:  # clips differ in length: one call cannot make them together
+        return None
     parts = (
         job.backend, r.model, r.kind, r.width, r.height, r.steps, r.scheduler, r.cfg_scale,
         r.clip_skip,
@@ -429,7 +431,8 @@ class RunTimes:
     """Measured generation times, for ETAs.
 
     An EWMA of seconds per image for each (backend, model, width, height, steps), and per
-    backend seconds per work unit (``GenerationRequest.cost``) for shapes not seen yet.
+    backend seconds per work unit (``GenerationRequest.cost``) for shapes not seen yet and
+    for audio, whose cost is per second of audio.
     """
 
     def __init__(self, alpha: float = 0.2) -> None:
@@ -444,7 +447,9 @@ class RunTimes:
     def observe(self, backend: str, request: GenerationRequest, seconds: float) -> None:
         if seconds <= 0:
             return
-        self._update(self._per_image, self.shape(backend, request), seconds / request.batch_size)
+        if not request.kind.is_audio:  # audio: per second of audio (its cost) only
+            per_image = seconds / request.batch_size
+            self._update(self._per_image, self.shape(backend, request), per_image)
         self._update(self._per_unit, backend, seconds / request.cost)
 
     def _update(self, table: dict[Any, float], key: Any, sample: float) -> None:
@@ -453,7 +458,9 @@ class RunTimes:
 
     def estimate(self, backend: str, request: GenerationRequest) -> float | None:
         """Seconds one run of this request takes, when anything like it was measured."""
-        per_image = self._per_image.get(self.shape(backend, request))
+        per_image = None
+        if not request.kind.is_audio:
+            per_image = self._per_image.get(self.shape(backend, request))
         if per_image is not None:
             return per_image * request.batch_size
         per_unit = self._per_unit.get(backend)

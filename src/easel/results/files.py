@@ -1,5 +1,5 @@
-"""Where results go: images (PNG, WebP or JPEG) under an output dir, each with its
-parameters twice.
+"""Where results go: images (PNG, WebP or JPEG) and audio files under an output dir,
+each with its parameters twice.
 
 The parameters are in a JSON sidecar (for programs) and inside the image in Automatic1111's
 format (for people and other tools; see :mod:`easel.results.metadata`). Either is enough
@@ -22,8 +22,9 @@ from PIL.PngImagePlugin import PngInfo
 
 from easel.backends.base import GenerationResult
 from easel.config import OutputSettings
-from easel.errors import ImageNotFound
-from easel.jobs import ImageFormat, ImageRef, Job
+from easel.errors import AudioNotFound, ImageNotFound
+from easel.jobs import AudioFormat, AudioRef, ImageFormat, ImageRef, Job
+from easel.results import audio as audio_files
 from easel.results.metadata import EXIF_IFD, USER_COMMENT, sidecar, user_comment, xmp_packet
 
 
@@ -62,10 +63,44 @@ class LocalStorage:
             )
         return refs
 
-    def path(self, ref: ImageRef) -> Path:
+    def save_audio(self, job: Job, result: GenerationResult) -> list[AudioRef]:
+        """Write every clip (in the request's format) and its sidecar; refs in batch order."""
+        audio_format = job.request.audio_format or AudioFormat.wav
+        folder = self._folder(job)
+        refs = []
+        for index, (clip, seed) in enumerate(zip(result.audio, result.seeds, strict=True)):
+            clip = audio_files.writable(clip, audio_format)
+            metadata = audio_files.audio_sidecar(job, result, index, seed, clip)
+            stem = folder / f"{job.id}-{index}"
+            target = stem.with_suffix(audio_files.suffix(audio_format))
+            _write_atomic(target, audio_files.encode_audio(clip, audio_format, metadata))
+            _write_atomic(stem.with_suffix(".json"), json.dumps(metadata, indent=2).encode())
+            refs.append(
+                AudioRef(
+                    index=index,
+                    seed=seed,
+                    duration_seconds=round(clip.duration_seconds, 4),
+                    sample_rate=clip.sample_rate,
+                    channels=clip.channels,
+                    format=audio_format,
+                    media_type=audio_format.media_type,
+                    path=str(target.relative_to(self.root)),
+                    url=f"/v1/jobs/{job.id}/audio/{index}",
+                )
+            )
+        return refs
+
+    def _folder(self, job: Job) -> Path:
+        folder = self.root / time.strftime("%Y-%m-%d", time.gmtime(job.created_at))
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def path(self, ref: ImageRef | AudioRef) -> Path:
         """The file behind a ref, confined to the output dir (no traversal, no symlink out)."""
         candidate = (self.root / ref.path).resolve()
         if not candidate.is_relative_to(self.root) or not candidate.is_file():
+            if isinstance(ref, AudioRef):
+                raise AudioNotFound(f"audio {ref.index} of this job is not on disk")
             raise ImageNotFound(f"image {ref.index} of this job is not on disk")
         return candidate
 

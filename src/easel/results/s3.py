@@ -1,4 +1,4 @@
-"""Results on S3: every PNG (and its sidecar) also goes to an S3-compatible bucket.
+"""Results on S3: every PNG or audio file (and its sidecar) also goes to an S3-compatible bucket.
 
 boto3 blocks, so every call runs in a thread, never on the event loop. An upload is tried
 ``max_attempts`` times with :func:`easel.queue.scheduler.retry_delay` backoff; the local copy is
@@ -13,16 +13,18 @@ import asyncio
 import logging
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from easel.config import S3Settings
 from easel.effects.notes import JobNotes
 from easel.events.bus import EventBus
-from easel.jobs import Event, EventType, ImageFormat, ImageRef, Job
+from easel.jobs import AudioRef, Event, EventType, ImageFormat, ImageRef, Job
 from easel.queue.scheduler import retry_delay
 from easel.results.files import LocalStorage
 
 log = logging.getLogger("easel.results.s3")
+
+Ref = TypeVar("Ref", ImageRef, AudioRef)
 
 
 class S3Store:
@@ -60,7 +62,7 @@ class S3Store:
                 )
             return self._client
 
-    def key(self, ref: ImageRef) -> str:
+    def key(self, ref: ImageRef | AudioRef) -> str:
         return f"{self.settings.prefix}{ref.path}"
 
     def url(self, key: str) -> str:
@@ -75,18 +77,22 @@ class S3Store:
             return url
         return f"{client.meta.endpoint_url}/{self.bucket}/{key}"
 
-    def upload(self, refs: list[ImageRef], storage: LocalStorage) -> list[ImageRef]:
-        """Put every image and its sidecar; return the refs with their ``remote_url``. Blocks."""
+    def upload(self, refs: list[Ref], storage: LocalStorage) -> list[Ref]:
+        """Put every result and its sidecar; return the refs with their ``remote_url``. Blocks."""
         client = self.client()
         done = []
         for ref in refs:
             local = storage.path(ref)
             key = self.key(ref)
+            if isinstance(ref, AudioRef):
+                media_type = ref.media_type
+            else:
+                media_type = ImageFormat.of_path(local.name).media_type
             client.put_object(
                 Bucket=self.bucket,
                 Key=key,
                 Body=local.read_bytes(),
-                ContentType=ImageFormat.of_path(local.name).media_type,
+                ContentType=media_type,
             )
             sidecar = local.with_suffix(".json")
             if sidecar.is_file():
@@ -110,7 +116,7 @@ class Uploads:
         self.notes = notes
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def upload(self, job: Job, refs: list[ImageRef]) -> list[ImageRef]:
+    async def upload(self, job: Job, refs: list[Ref]) -> list[Ref]:
         """Upload with backoff; raises the last error once ``max_attempts`` are spent."""
         attempts = self.s3.settings.max_attempts
         for attempt in range(1, attempts + 1):
@@ -136,14 +142,17 @@ class Uploads:
     async def _background(self, job: Job) -> None:
         try:
             images = await self.upload(job, job.images)
+            audio = await self.upload(job, job.audio)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.error("job %s: upload failed for good; its images stay local: %s", job.id, error)
             self.notes.update(job.id, upload_error=error)
             await self.bus.publish(Event.of(job, EventType.upload_failed, upload_error=error))
             return
-        self.notes.update(job.id, images=images)
-        await self.bus.publish(Event.of(job, EventType.uploaded, images=images))
+        self.notes.update(job.id, images=images, audio=audio)
+        await self.bus.publish(
+            Event.of(job, EventType.uploaded, images=images, audio=audio or None)
+        )
 
     async def close(self, grace: float = 5.0) -> None:
         """Give uploads in flight ``grace`` seconds, then cancel them (the files stay local)."""

@@ -19,12 +19,13 @@ from easel.config import Settings
 from easel.effects.metrics import Metrics
 from easel.effects.notes import JobNotes
 from easel.effects.webhooks import Webhooks, check_webhook_url
-from easel.errors import EaselError, ImageNotFound, JobFinished, JobNotFound
+from easel.errors import AudioNotFound, EaselError, ImageNotFound, JobFinished, JobNotFound
 from easel.events.bus import EventBus, InProcessEventBus
 from easel.jobs import (
     EVENT_FOR_STATE,
     FINAL_EVENTS,
     FINAL_STATES,
+    AudioRef,
     Event,
     EventType,
     GenerationRequest,
@@ -300,6 +301,14 @@ class Runtime:
         if not 0 <= index < len(job.images):
             raise ImageNotFound(f"job {job_id} has no image {index} (it has {len(job.images)})")
         return self.storage.path(job.images[index])
+
+    async def audio_path(self, job_id: str, index: int) -> tuple[Path, AudioRef]:
+        """The stored file of clip ``index`` and its ref (format, media type)."""
+        job = self.notes.apply(await self._visible(job_id))
+        if not 0 <= index < len(job.audio):
+            raise AudioNotFound(f"job {job_id} has no audio {index} (it has {len(job.audio)})")
+        ref = job.audio[index]
+        return self.storage.path(ref), ref
 
     async def _reap_leases(self) -> None:
         """Put back jobs whose worker stopped renewing its lease (a hung backend)."""

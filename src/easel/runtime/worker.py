@@ -37,14 +37,14 @@ from easel.errors import (
     StoreUnavailable,
 )
 from easel.events.bus import EventBus
-from easel.jobs import Event, EventType, ImageRef, Job, JobError, JobState
+from easel.jobs import AudioRef, Event, EventType, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import RunTimes, retry_delay
 from easel.results.files import LocalStorage
 from easel.runtime._finisher import Finisher
 from easel.store.base import JobStore
 
 if TYPE_CHECKING:
-    from easel.results.s3 import Uploads
+    from easel.results.s3 import Ref, Uploads
 
 log = logging.getLogger("easel.runtime.worker")
 
@@ -278,12 +278,14 @@ class Worker:
             return
         upload_error = None
         try:
-            images = await asyncio.to_thread(self.storage.save, job, result)
+            images, audio = await asyncio.to_thread(self._save, job, result)
             if cancel.is_set():  # cancelled (or lease lost) while encoding
                 raise JobFinished(f"job {job.id} was cancelled")
             if self.uploads is not None and job.request.sync_with_s3:
                 images, upload_error = await _upload_now(self.uploads, job, images)
-            done = await asyncio.shield(self.store.complete(job.id, self.id, images))
+                if audio and upload_error is None:
+                    audio, upload_error = await _upload_now(self.uploads, job, audio)
+            done = await asyncio.shield(self.store.complete(job.id, self.id, images, audio=audio))
         except (LeaseLost, JobFinished):
             log.info("job %s is no longer ours; its result is discarded", job.id, extra=_ids(job))
         except Exception as exc:
@@ -296,10 +298,22 @@ class Worker:
             if upload_error is not None and self.uploads is not None:
                 self.uploads.notes.update(done.id, upload_error=upload_error)
             await self.bus.publish(
-                Event.of(done, EventType.succeeded, images=done.images, upload_error=upload_error)
+                Event.of(
+                    done,
+                    EventType.succeeded,
+                    images=done.images,
+                    audio=done.audio or None,
+                    upload_error=upload_error,
+                )
             )
             if self.uploads is not None and not job.request.sync_with_s3:
                 self.uploads.schedule(done)
+
+    def _save(self, job: Job, result: GenerationResult) -> tuple[list[ImageRef], list[AudioRef]]:
+        """Write a result's files (its images, or its audio clips); blocks."""
+        if result.audio:
+            return [], self.storage.save_audio(job, result)
+        return self.storage.save(job, result), []
 
     async def _failed(self, job: Job, exc: Exception) -> None:
         """Record a failure: retry it later if it was transient, else fail it with its reason."""
@@ -348,15 +362,13 @@ class Worker:
                     cancels[job.id].set()
 
 
-async def _upload_now(
-    uploads: Uploads, job: Job, images: list[ImageRef]
-) -> tuple[list[ImageRef], str | None]:
+async def _upload_now(uploads: Uploads, job: Job, refs: list[Ref]) -> tuple[list[Ref], str | None]:
     """``sync_with_s3``: the refs with their URLs, or the local refs and why not."""
     try:
-        return await uploads.upload(job, images), None
+        return await uploads.upload(job, refs), None
     except Exception as exc:
         log.error("job %s: upload failed for good; its images stay local: %s", job.id, exc)
-        return images, f"{type(exc).__name__}: {exc}"
+        return refs, f"{type(exc).__name__}: {exc}"
 
 
 def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -344,14 +344,14 @@ return 1
 """)
 
 COMPLETE = _script("""
--- 8 id, 9 worker, 10 images JSON
+-- 8 id, 9 worker, 10 images JSON, 11 audio JSON
 local id = ARGV[8]
 local jk = job_key(id)
 local f = redis.call('HMGET', jk, 'state', 'worker_id')
 if not f[1] then return {'missing'} end
 if f[1] ~= 'running' or f[2] ~= ARGV[9] then return {'lost', f[1]} end
-redis.call('HSET', jk, 'state', 'succeeded', 'images', ARGV[10], 'finished_at', fmt(NOW),
-  'lease', '')
+redis.call('HSET', jk, 'state', 'succeeded', 'images', ARGV[10], 'audio', ARGV[11],
+  'finished_at', fmt(NOW), 'lease', '')
 finalise(id, 'running', 'succeeded')
 return {'ok', redis.call('HGETALL', jk)}
 """)

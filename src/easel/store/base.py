@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection
 
 from easel.errors import WorkerLost
-from easel.jobs import Attempt, ImageRef, Job, JobError, JobState
+from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import Place, QueueStats
 
 WORKER_LOST = JobError(
@@ -61,8 +61,16 @@ class JobStore(ABC):
         """Extend a lease; False when the worker no longer holds it (cancelled, expired)."""
 
     @abstractmethod
-    async def complete(self, job_id: str, worker_id: str, images: list[ImageRef]) -> Job:
-        """Running -> succeeded; ``LeaseLost`` if the worker no longer holds the job."""
+    async def complete(
+        self,
+        job_id: str,
+        worker_id: str,
+        images: list[ImageRef],
+        *,
+        audio: list[AudioRef] | None = None,
+    ) -> Job:
+        """Running -> succeeded with its results; ``LeaseLost`` if the worker no longer
+        holds the job."""
 
     @abstractmethod
     async def fail(self, job_id: str, error: JobError, *, worker_id: str | None = None) -> Job:

@@ -33,7 +33,7 @@ from easel.errors import (
     StoreUnavailable,
     UserQueueFull,
 )
-from easel.jobs import Attempt, ImageRef, Job, JobError, JobState
+from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import Place, Policy, QueueStats, batch_key, entry_for
 from easel.store import _redis_lua as lua
 from easel.store.base import WORKER_LOST, JobStore
@@ -42,8 +42,19 @@ log = logging.getLogger("easel.store.redis")
 
 Durability = Literal["auto", "waitaof", "off"]
 _IMAGES = TypeAdapter(list[ImageRef])
+_AUDIO = TypeAdapter(list[AudioRef])
 _CHANGING = frozenset(
-    {"state", "started_at", "finished_at", "attempts", "worker_id", "images", "error", "runs"}
+    {
+        "state",
+        "started_at",
+        "finished_at",
+        "attempts",
+        "worker_id",
+        "images",
+        "audio",
+        "error",
+        "runs",
+    }
 )
 """Job fields the scripts change, each a hash field; the rest is stored once as JSON."""
 _UNAVAILABLE_REPLIES = ("MISCONF", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS")
@@ -248,9 +259,18 @@ class RedisStore(JobStore):
     async def heartbeat(self, job_id: str, worker_id: str, *, lease_seconds: float) -> bool:
         return bool(await self._run("HEARTBEAT", job_id, worker_id, repr(float(lease_seconds))))
 
-    async def complete(self, job_id: str, worker_id: str, images: list[ImageRef]) -> Job:
+    async def complete(
+        self,
+        job_id: str,
+        worker_id: str,
+        images: list[ImageRef],
+        *,
+        audio: list[AudioRef] | None = None,
+    ) -> Job:
         payload = _IMAGES.dump_json(images).decode()
-        return _outcome(await self._run("COMPLETE", job_id, worker_id, payload), job_id, worker_id)
+        clips = _AUDIO.dump_json(audio or []).decode()
+        reply = await self._run("COMPLETE", job_id, worker_id, payload, clips)
+        return _outcome(reply, job_id, worker_id)
 
     async def fail(self, job_id: str, error: JobError, *, worker_id: str | None = None) -> Job:
         reply = await self._run("FAIL", job_id, error.model_dump_json(), worker_id or "")
@@ -380,6 +400,7 @@ def _from_fields(fields: dict[str, str]) -> Job:
             "attempts": int(fields.get("attempts") or 0),
             "worker_id": fields.get("worker_id") or None,
             "images": _IMAGES.validate_json(fields.get("images") or "[]"),
+            "audio": _AUDIO.validate_json(fields.get("audio") or "[]"),
             "error": JobError.model_validate_json(error) if error else None,
             "backend": fields.get("backend") or base.backend,
             "runs": [Attempt.model_validate_json(line) for line in runs.splitlines()]

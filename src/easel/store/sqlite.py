@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from easel.errors import EaselError, JobFinished, JobNotFound, LeaseLost, StoreUnavailable
-from easel.jobs import Attempt, ImageRef, Job, JobError, JobState
+from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import (
     FairQueue,
     Place,
@@ -348,10 +348,22 @@ class SqliteStore(JobStore):
 
         return await self._writer.run(op)
 
-    async def complete(self, job_id: str, worker_id: str, images: list[ImageRef]) -> Job:
+    async def complete(
+        self,
+        job_id: str,
+        worker_id: str,
+        images: list[ImageRef],
+        *,
+        audio: list[AudioRef] | None = None,
+    ) -> Job:
         def op(conn: sqlite3.Connection) -> Job:
             job = self._held(conn, job_id, worker_id)
-            update = {"state": JobState.succeeded, "images": images, "finished_at": time.time()}
+            update = {
+                "state": JobState.succeeded,
+                "images": images,
+                "audio": audio or [],
+                "finished_at": time.time(),
+            }
             return _save(conn, job.model_copy(update=update))
 
         return self._settled(await self._writer.run(op))
