@@ -14,9 +14,9 @@ from typing import Any
 
 import soundfile
 
-from easel import __version__
 from easel.audio import AudioClip, conform
 from easel.backends.base import GenerationResult
+from easel.constants import VERSION
 from easel.jobs import OPUS_SAMPLE_RATES, AudioFormat, Job
 
 _CONTAINERS: dict[AudioFormat, tuple[str, str, str]] = {
@@ -56,7 +56,7 @@ def encode_audio(clip: AudioClip, audio_format: AudioFormat, metadata: dict[str,
     ) as sound:
         sound.title = metadata["request"]["prompt"][:1000]
         sound.comment = json.dumps(metadata["request"], sort_keys=True)
-        sound.software = f"easel {__version__}"
+        sound.software = f"easel {VERSION}"
         if metadata.get("model"):
             sound.artist = str(metadata["model"])
         sound.write(clip.samples)
