@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -220,3 +221,58 @@ async def test_audio_progress_and_cancel(tmp_path: Path) -> None:
                         break
         job = await runtime.wait(view.id, 20)
         assert job.state is JobState.cancelled and job.audio == []
+
+
+# -- clients -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mixed_server(tmp_path: Path) -> Iterator[str]:
+    from easel.api import create_app
+
+    with serve(create_app(runtime=_mixed(tmp_path))) as url:
+        yield url
+
+
+async def test_async_client_generates_audio_and_speech(mixed_server: str, tmp_path: Path) -> None:
+    from easel.client import AsyncClient
+
+    steps: list[int] = []
+    async with AsyncClient(mixed_server, user_id="ann") as client:
+        client.on("progress", lambda event: steps.append(event.step))
+        job = await client.generate_audio(
+            "rain on a tin roof", duration_seconds=2, steps=3, channels=2, seed=4, timeout=30
+        )
+        assert job.state is JobState.succeeded and job.request.kind is JobKind.txt2audio
+        assert steps == [1, 2, 3]
+        (path,) = await client.save_audio(job, tmp_path / "out")
+        samples, rate = soundfile.read(path)
+        assert samples.shape == (32_000, 2) and rate == 16_000
+        sidecar = json.loads(path.with_suffix(".json").read_text())
+        assert GenerationRequest.model_validate(sidecar["request"]).seed == 4
+        speech = await client.generate_speech("Hi there.", voice="high", audio_format="ogg")
+        assert speech.request.voice == "high" and speech.audio[0].media_type == "audio/ogg"
+        assert (await client.audio(speech))[:4] == b"OggS"
+
+
+def test_sync_client_and_cli_make_audio(mixed_server: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from easel.cli import app
+    from easel.client import Client
+
+    with Client(mixed_server) as client:
+        job = client.generate_audio("wind", duration_seconds=1, steps=2, audio_format="flac")
+        assert client.audio(job)[:4] == b"fLaC"
+    result = CliRunner().invoke(
+        app,
+        ["generate", "Say hello.", "--speech", "--voice", "plain", "--server", mixed_server,
+         "--output-dir", str(tmp_path), "--audio-format", "mp3"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (clip,) = tmp_path.glob("*.mp3")
+    assert json.loads(clip.with_suffix(".json").read_text())["request"]["kind"] == "txt2speech"
+    refused = CliRunner().invoke(
+        app, ["generate", "x", "--audio", "--speech", "--server", mixed_server]
+    )
+    assert refused.exit_code == 1 and "not both" in refused.output

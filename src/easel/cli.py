@@ -303,17 +303,37 @@ def generate(
     init_image: Annotated[
         Path | None, typer.Option(exists=True, dir_okay=False, help="img2img: the start image.")
     ] = None,
-    output_dir: Annotated[Path, typer.Option(help="Where PNGs and sidecars go.")] = Path("."),
+    output_dir: Annotated[Path, typer.Option(help="Where results and sidecars go.")] = Path("."),
     user_id: str | None = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="Embedded runs only [default: a temporary directory]")
     ] = None,
+    audio: Annotated[
+        bool, typer.Option("--audio", help="Make sound from the prompt (txt2audio).")
+    ] = False,
+    speech: Annotated[
+        bool, typer.Option("--speech", help="Speak the prompt (txt2speech).")
+    ] = False,
+    duration: Annotated[
+        float | None, typer.Option(help="--audio: seconds of sound [default: 10]")
+    ] = None,
+    voice: Annotated[str | None, typer.Option(help="--speech: a voice the backend has.")] = None,
+    speed: Annotated[float | None, typer.Option(help="--speech: 1.0 is normal.")] = None,
+    sample_rate: Annotated[int | None, typer.Option(help="Audio samples per second.")] = None,
+    channels: Annotated[int | None, typer.Option(help="Audio: 1 (mono) or 2 (stereo).")] = None,
+    audio_format: Annotated[
+        str | None, typer.Option(help="Audio: wav, flac, ogg, opus or mp3 [default: wav]")
+    ] = None,
 ) -> None:
-    """Generate images: on a server with --server, else right here (no server needed).
+    """Generate images (or, with --audio or --speech, sound): on a server with --server,
+    else right here (no server needed).
 
-    Prints the path of each PNG and of its JSON sidecar (what reproduces it).
+    Prints the path of each result and of its JSON sidecar (what reproduces it).
     """
     from easel.quick import generate_files
+
+    if audio and speech:
+        _fail("invalid_request", "choose --audio or --speech, not both")
 
     given: dict[str, Any] = {
         "prompt": prompt,
@@ -328,6 +348,20 @@ def generate(
         "strength": strength,
         "user_id": user_id,
     }
+    if audio or speech:
+        for name in ("width", "height"):
+            del given[name]
+        given |= {
+            "kind": "txt2speech" if speech else "txt2audio",
+            "duration_seconds": duration,
+            "voice": voice,
+            "speed": speed,
+            "sample_rate": sample_rate,
+            "channels": channels,
+            "audio_format": audio_format,
+        }
+        if speech:
+            given["steps"] = None
     params = {key: value for key, value in given.items() if value is not None}
     if init_image is not None:
         params["init_image"] = base64.b64encode(init_image.read_bytes()).decode()

@@ -1,4 +1,4 @@
-"""One prompt to PNG files, through a server or with easel embedded in this process.
+"""One prompt to files (images or audio), through a server or with easel embedded in this process.
 
 ``quick_generate`` (scripts) and ``easel generate`` (the CLI) both end up in
 :func:`generate_files`; embedded, it runs the same :class:`~easel.runtime.facade.Runtime` as the
@@ -106,7 +106,10 @@ async def _via_server(
         job = await client.wait(view.id)
         if job.state is not JobState.succeeded:
             return job, []
-        paths = await client.write_images(job, _files.image_targets(target, job))
+        if job.audio:
+            paths = await client.write_audio(job, _files.audio_targets(target, job))
+        else:
+            paths = await client.write_images(job, _files.image_targets(target, job))
     return job, paths
 
 
@@ -128,8 +131,9 @@ async def _embedded(
         job = await runtime.get(view.id)
         if job.state is not JobState.succeeded:
             return job, []
-        sources = [runtime.storage.path(ref) for ref in job.images]
-    paths = _files.image_targets(target, job)
+        refs = job.audio or job.images
+        sources = [runtime.storage.path(ref) for ref in refs]
+    paths = _files.result_targets(target, job)
     for source, path in zip(sources, paths, strict=True):
         await asyncio.to_thread(_files.copy_image, source, path)
     return job, paths

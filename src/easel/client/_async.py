@@ -235,6 +235,46 @@ class AsyncClient:
         view = await self.submit(prompt, request=request, **params)
         return await self.wait(view.id, timeout)
 
+    async def generate_audio(
+        self, prompt: str, *, timeout: float | None = None, **params: Any
+    ) -> Job:
+        """Sound from a prompt (``txt2audio``): submit and :meth:`wait`. ``params`` are request
+        fields: ``duration_seconds``, ``steps``, ``cfg_scale``, ``seed``, ``sample_rate``,
+        ``channels``, ``audio_format``, ``negative_prompt``..."""
+        return await self.generate(prompt, timeout=timeout, kind="txt2audio", **params)
+
+    async def generate_speech(
+        self, text: str, *, timeout: float | None = None, **params: Any
+    ) -> Job:
+        """Speech (``txt2speech``): ``text`` spoken with ``voice`` at ``speed``; submit and
+        :meth:`wait`."""
+        return await self.generate(text, timeout=timeout, kind="txt2speech", **params)
+
+    async def audio(self, job_or_id: Job | str, index: int = 0) -> bytes:
+        """Clip ``index`` as stored (WAV unless the request asked for another format), its
+        request in its tags."""
+        job_id = job_or_id if isinstance(job_or_id, str) else job_or_id.id
+        response = await self._request("GET", f"/v1/jobs/{quote(job_id, safe='')}/audio/{index}")
+        return response.content
+
+    async def save_audio(
+        self, job: Job, directory: Path | str, prefix: str | None = None
+    ) -> builtins.list[Path]:
+        """Write ``<prefix or job id>-<index>.<wav|flac|ogg|opus|mp3>`` and a ``.json``
+        sidecar (the request with that clip's seed) beside each; returns the audio paths."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        return await self.write_audio(job, _files.audio_targets(directory, job, prefix))
+
+    async def write_audio(self, job: Job, paths: builtins.list[Path]) -> builtins.list[Path]:
+        """Write clip ``i`` of a finished job (and its sidecar) to ``paths[i]``."""
+        if job.state is not JobState.succeeded:
+            raise InvalidRequest(f"job {job.id} is {job.state}, so it has no audio to save")
+        for ref, path in zip(job.audio, paths, strict=True):
+            data = await self.audio(job, ref.index)
+            await asyncio.to_thread(_files.write_audio, path, data, _files.audio_sidecar(job, ref))
+        return paths
+
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Follow the job's events (dispatching handlers) until it ends; its final record.
 

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from easel.jobs import ImageRef, Job
+from easel.jobs import AudioRef, ImageRef, Job
 from easel.results.metadata import parse_infotext, read_parameters, sidecar
 
 
@@ -30,6 +30,47 @@ def image_targets(target: Path, job: Job, prefix: str | None = None) -> list[Pat
         target.with_stem(f"{target.stem}-{ref.index + 1}").with_suffix(suffix)
         for ref, suffix in zip(job.images, suffixes, strict=True)
     ]
+
+
+def audio_targets(target: Path, job: Job, prefix: str | None = None) -> list[Path]:
+    """Like :func:`image_targets` for audio clips, each with the suffix the server gave it."""
+    suffixes = [Path(ref.path).suffix for ref in job.audio]
+    if target.is_dir():
+        return [
+            target / f"{prefix or job.id}-{ref.index}{suffix}"
+            for ref, suffix in zip(job.audio, suffixes, strict=True)
+        ]
+    if len(job.audio) == 1:
+        return [target.with_suffix(suffixes[0])]
+    return [
+        target.with_stem(f"{target.stem}-{ref.index + 1}").with_suffix(suffix)
+        for ref, suffix in zip(job.audio, suffixes, strict=True)
+    ]
+
+
+def result_targets(target: Path, job: Job) -> list[Path]:
+    """Where a job's results go: its audio clips if it made sound, else its images."""
+    return audio_targets(target, job) if job.audio else image_targets(target, job)
+
+
+def audio_sidecar(job: Job, ref: AudioRef) -> dict[str, Any]:
+    """What reproduces clip ``index`` alone: the request with its seed and batch size 1."""
+    request = job.request.model_copy(update={"seed": ref.seed, "batch_size": 1})
+    return {
+        "job_id": job.id,
+        "index": ref.index,
+        "seed": ref.seed,
+        "backend": job.backend,
+        "sample_rate": ref.sample_rate,
+        "channels": ref.channels,
+        "duration_seconds": ref.duration_seconds,
+        "request": request.model_dump(mode="json"),
+    }
+
+
+def write_audio(path: Path, data: bytes, metadata: dict[str, Any]) -> None:
+    """The clip and its ``.json`` sidecar next to it."""
+    write_image(path, data, metadata)
 
 
 def client_sidecar(job: Job, ref: ImageRef, png: bytes) -> dict[str, Any]:

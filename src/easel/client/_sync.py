@@ -144,6 +144,22 @@ class Client:
         call = partial(self._async.generate, prompt, request=request, timeout=timeout, **params)
         return self._portal.call(call)
 
+    def generate_audio(self, prompt: str, *, timeout: float | None = None, **params: Any) -> Job:
+        call = partial(self._async.generate_audio, prompt, timeout=timeout, **params)
+        return self._portal.call(call)
+
+    def generate_speech(self, text: str, *, timeout: float | None = None, **params: Any) -> Job:
+        call = partial(self._async.generate_speech, text, timeout=timeout, **params)
+        return self._portal.call(call)
+
+    def audio(self, job_or_id: Job | str, index: int = 0) -> bytes:
+        return self._portal.call(self._async.audio, job_or_id, index)
+
+    def save_audio(
+        self, job: Job, directory: Path | str, prefix: str | None = None
+    ) -> builtins.list[Path]:
+        return self._portal.call(self._async.save_audio, job, directory, prefix)
+
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         return self._portal.call(self._async.wait, job_id, timeout)
 
