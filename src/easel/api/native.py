@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from easel.api.errors import ErrorResponse
 from easel.constants import VERSION
 from easel.errors import UnsupportedMediaType
-from easel.events.bus import Subscription
+from easel.events.bus import Subscription, event_json
 from easel.jobs import AUDIO_MEDIA_TYPES, GenerationRequest, ImageFormat, Job, JobState, JobView
 from easel.runtime.facade import Runtime
 from easel.runtime.registry import WorkerInfo
@@ -223,7 +223,7 @@ async def events(
 async def _forward(subscription: Subscription, websocket: WebSocket) -> None:
     async for event in subscription:
         if may_see(event.service):  # a service sees only its own jobs' events
-            await websocket.send_text(event.model_dump_json(exclude_none=True))
+            await websocket.send_text(event_json(event))
 
 
 async def _until_disconnect(websocket: WebSocket) -> None:

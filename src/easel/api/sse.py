@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from easel.api.errors import ErrorResponse
 from easel.api.native import runtime_of
-from easel.events.bus import Subscription
+from easel.events.bus import Subscription, event_json
 from easel.jobs import FINAL_EVENTS, Event, Job, final_event
 from easel.runtime.facade import Runtime
 from easel.safety.services import may_see
@@ -144,5 +144,5 @@ async def _next(
 
 def _frame(event: Event, *, with_id: bool = True) -> str:
     lines = [f"id: {event.id}"] if with_id else []
-    lines += [f"event: {event.type}", f"data: {event.model_dump_json(exclude_none=True)}"]
+    lines += [f"event: {event.type}", f"data: {event_json(event)}"]
     return "\n".join(lines) + "\n\n"

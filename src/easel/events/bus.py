@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 
@@ -19,6 +19,24 @@ from easel.jobs import Event, EventType
 
 HISTORY_SIZE = 10_000
 SUBSCRIBER_BUFFER = 10_000
+COALESCE_BACKLOG = 256
+"""A subscriber this many events behind gets only the last progress event of each run
+(``step == total``) until it catches up: the newest state, not a replay of every step."""
+_ENCODED_SIZE = 4096
+
+
+_encoded: OrderedDict[tuple[int, str, str], str] = OrderedDict()
+
+
+def event_json(event: Event) -> str:
+    """The event as JSON (no nulls), encoded once however many subscribers send it: with
+    100 websockets following a job, encoding per subscriber was most of the loop's work."""
+    key = (event.id, event.job_id, event.type)
+    if (text := _encoded.get(key)) is None:
+        text = _encoded[key] = event.model_dump_json(exclude_none=True)
+        if len(_encoded) > _ENCODED_SIZE:
+            _encoded.popitem(last=False)
+    return text
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,12 @@ class Subscription:
     def offer(self, event: Event) -> None:
         if self.overflowed or not self.filter.matches(event):
             return
+        if (
+            event.type is EventType.progress
+            and event.step != event.total
+            and self.queue.qsize() >= COALESCE_BACKLOG
+        ):
+            return  # behind: a newer progress event (or the end) supersedes this one
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:

@@ -190,9 +190,11 @@ class Runtime:
                     self.settings.webhook_allowed_hosts,
                     self.settings.webhook_secret is not None,
                 )
-            request, backend = admit(
-                request, self.backends, self.default_backend, self.settings.limits
-            )
+            admission = (request, self.backends, self.default_backend, self.settings.limits)
+            if _carries_images(request):  # decoding them to check them is not loop work
+                request, backend = await asyncio.to_thread(admit, *admission)
+            else:
+                request, backend = admit(*admission)
             service = current_service.get()
             await self.gate.check(request, service)
         except EaselError as refusal:
@@ -322,6 +324,10 @@ class Runtime:
                     self._wakeup.set()
             except Exception:
                 log.exception("could not expire leases; trying again in %.0fs", interval)
+
+
+def _carries_images(request: GenerationRequest) -> bool:
+    return bool(request.init_image or request.mask_image or request.controlnet or request.mix)
 
 
 def _uploads_for(
