@@ -32,9 +32,6 @@ from easel.jobs import (
 )
 from easel.runtime.facade import Runtime
 
-DISCONNECT_POLL_SECONDS = 0.25
-"""How often a waiting compatibility call checks that its client is still there."""
-
 USER_HEADER = "x-easel-user"
 """A header any compatibility client can set to name its user (A1111 has no user field)."""
 
@@ -137,8 +134,11 @@ async def run_to_end(
 
 
 async def _cancel_on_disconnect(runtime: Runtime, job_id: str, connection: Request) -> None:
-    while not await connection.is_disconnected():
-        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+    """Wait for ``http.disconnect`` (the body is read already: it is the next message).
+    Starlette's ``is_disconnected`` polls through a cancelled scope, whose cancellation
+    can leak into the caller; a plain ``receive`` cannot."""
+    while (await connection.receive())["type"] != "http.disconnect":
+        pass
     with contextlib.suppress(EaselError):
         await runtime.cancel(job_id)
 
