@@ -206,10 +206,11 @@ async def test_a_lease_lost_while_results_are_in_flight_is_honoured(
 
 async def _crash(runtime: Runtime) -> None:
     """Stop the process the hard way: workers killed mid-flight, nothing put back."""
-    for task in runtime._tasks:
+    tasks = runtime.supervisor._tasks
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(*runtime._tasks, return_exceptions=True)
-    runtime._tasks.clear()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    tasks.clear()
     runtime.workers.clear()
     await runtime.stop(grace=0)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from easel.events.bus import EventBus
 from easel.jobs import FINAL_EVENTS, Event, EventType
 from easel.store.base import JobStore
 
@@ -61,12 +60,6 @@ class Metrics:
             if event.type is EventType.succeeded and started is not None:
                 self.run.labels(backend, model).observe(event.at - started)
             self.finished.labels(backend, event.type.value).inc()
-
-    async def follow(self, bus: EventBus) -> None:
-        """Observe every event of ``bus`` until cancelled."""
-        async with bus.subscribe() as events:
-            async for event in events:
-                self.observe(event)
 
     async def render(self, store: JobStore, workers: int) -> bytes:
         stats = await store.stats()

@@ -54,6 +54,9 @@ class EventFilter:
 
 
 class EventBus(ABC):
+    topics: frozenset[EventType] | None = None
+    """The only event types this bus carries in this process (None: all of them)."""
+
     @abstractmethod
     async def publish(self, event: Event) -> Event:
         """Give the event its id and deliver it; returns the event as delivered."""

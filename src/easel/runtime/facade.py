@@ -1,7 +1,9 @@
-"""The embedded server without HTTP: store, bus, backends, workers and storage, assembled.
+"""The runtime's facade: the job methods every surface calls.
 
 The API is one view of a :class:`Runtime`; ``easel generate`` (no server) is another. Both
-submit, cancel and watch jobs through the same methods, so nothing is computed twice.
+submit, cancel and watch jobs through the same methods, so nothing is computed twice. Its
+parts come from the composition root (``compose.py``); its workers and side effects run
+under the supervisor (``supervisor.py``, ``extensions.py``).
 """
 
 from __future__ import annotations
@@ -13,16 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from easel.backends import registry as backends_registry
 from easel.backends.base import Backend
 from easel.config import Settings
-from easel.effects.metrics import Metrics
-from easel.effects.notes import JobNotes
-from easel.effects.webhooks import Webhooks, check_webhook_url
+from easel.effects.webhooks import check_webhook_url
 from easel.errors import AudioNotFound, EaselError, ImageNotFound, JobFinished, JobNotFound
-from easel.events.bus import EventBus, InProcessEventBus
+from easel.events.bus import EventBus
 from easel.jobs import (
-    EVENT_FOR_STATE,
     FINAL_EVENTS,
     FINAL_STATES,
     AudioRef,
@@ -34,20 +32,21 @@ from easel.jobs import (
     JobView,
 )
 from easel.queue.admission import admit
-from easel.queue.scheduler import Policy, RunTimes, user_cap
+from easel.queue.scheduler import user_cap
 from easel.results.files import LocalStorage
-from easel.results.s3 import S3Store, Uploads
-from easel.runtime import scale
-from easel.runtime.worker import Doorbell, Worker
-from easel.safety.gate import Gate
+from easel.runtime.compose import assemble, extensions_for, open_parts, worker_for
+from easel.runtime.supervisor import Supervisor
+from easel.runtime.worker import Worker
 from easel.safety.services import current_service, may_see
 from easel.store.base import JobStore
-from easel.store.sqlite import SqliteStore
 
 log = logging.getLogger("easel")
 
 
 class Runtime:
+    """The job facade: submit, cancel, watch and list jobs over parts assembled from
+    settings (``runtime/compose.py``); background work runs under a supervisor."""
+
     def __init__(
         self,
         settings: Settings,
@@ -57,105 +56,52 @@ class Runtime:
         bus: EventBus | None = None,
         storage: LocalStorage | None = None,
     ) -> None:
+        parts = assemble(settings, backends=backends, store=store, bus=bus, storage=storage)
+        self.parts = parts
         self.settings = settings
-        self.backends = dict(backends) if backends is not None else _backends_from(settings)
-        self.default_backend = (
-            settings.resolved_backend
-            if settings.resolved_backend in self.backends
-            else next(iter(self.backends))
-        )
-        if store is None and settings.redis_url:
-            store = scale.redis_store(settings)
-        self.store = store or SqliteStore(
-            settings.resolved_db_path,
-            max_attempts=settings.max_attempts,
-            policy=Policy(aging_seconds=settings.aging_seconds, weights=settings.user_weights),
-            max_queue_size=settings.max_queue_size,
-        )
-        self.bus = bus or (scale.redis_bus(settings) if settings.redis_url else InProcessEventBus())
-        self.registry = scale.registry_for(settings)
-        self.storage = storage or LocalStorage(settings.resolved_output_dir, settings.output)
-        self.run_times = RunTimes()
-        self.notes = JobNotes()  # upload and webhook state, after a job is stored
-        self.uploads = _uploads_for(settings, self.storage, self.bus, self.notes)
-        self.webhooks = Webhooks(settings, self.bus, self.store, self.notes)
-        self.workers: list[Worker] = []
-        self._tasks: list[asyncio.Task[object]] = []  # one per worker
-        self._reaper: asyncio.Task[None] | None = None
-        self._gatekeeper: asyncio.Task[None] | None = None
-        self._metering: asyncio.Task[None] | None = None
-        self.gate = Gate(settings.safety)
-        self.metrics = Metrics()
-        self._wakeup = Doorbell()
-        self._background: scale.Background | None = None
+        self.backends = parts.backends
+        self.default_backend = parts.default_backend
+        self.store = parts.store
+        self.bus = parts.bus
+        self.registry = parts.registry
+        self.storage = parts.storage
+        self.run_times = parts.run_times
+        self.notes = parts.notes
+        self.uploads = parts.uploads
+        self.webhooks = parts.webhooks
+        self.gate = parts.gate
+        self.metrics = parts.metrics
+        self._wakeup = parts.doorbell
+        self.supervisor = Supervisor(parts.store, parts.bus)
+
+    @property
+    def workers(self) -> list[Worker]:
+        return self.supervisor.workers
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self, *, workers: bool = True) -> None:
         await self.store.open()
-        await scale.open_parts(self.bus, self.registry)
+        await open_parts(self.bus, self.registry)
         for backend in self.backends.values():
             await backend.start()
         if workers:
             self.start_workers()
-        self._reaper = asyncio.create_task(self._reap_leases(), name="easel-reaper")
-        if self.settings.webhook_allowed_hosts:
-            self.webhooks.start()
-        self._gatekeeper = asyncio.create_task(self.gate.follow(self.bus), name="easel-gate")
-        self._metering = asyncio.create_task(self.metrics.follow(self.bus), name="easel-metrics")
-        self._background = scale.start_background(self)
+        await self.supervisor.start_extensions(extensions_for(self.parts, lambda: self.workers))
 
     def start_workers(self) -> None:
-        for backend in self.backends.values():
-            for _ in range(self.settings.concurrency):
-                worker = self.worker_for(backend)
-                self.workers.append(worker)
-                self._tasks.append(
-                    asyncio.create_task(scale.keep_running(worker), name=f"easel-{worker.id}")
-                )
+        self.supervisor.run_workers(
+            worker_for(self.parts, backend)
+            for backend in self.backends.values()
+            for _ in range(self.settings.concurrency)
+        )
 
     def worker_for(self, backend: Backend) -> Worker:
-        return Worker(
-            store=self.store,
-            bus=self.bus,
-            backend=backend,
-            storage=self.storage,
-            run_times=self.run_times,
-            lease_seconds=self.settings.lease_seconds,
-            heartbeat_seconds=self.settings.heartbeat_seconds,
-            batch_limit=self.settings.batch_limit,
-            retry_base_seconds=self.settings.retry_base_seconds,
-            wakeup=self._wakeup,
-            uploads=self.uploads,
-            results_depth=self.settings.results_depth,
-        )
+        return worker_for(self.parts, backend)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop claiming, give running jobs ``grace`` seconds, put the rest back unspent."""
-        for helper in (self._reaper, self._gatekeeper, self._metering):
-            if helper is not None:
-                helper.cancel()
-                await asyncio.gather(helper, return_exceptions=True)
-        await self.gate.close()
-        for worker in self.workers:
-            worker.stop()
-        tasks = list(self._tasks)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace)
-            for worker in self.workers:
-                for job in worker.current:
-                    with contextlib.suppress(Exception):
-                        await self.store.requeue(job.id, worker_id=worker.id, spend_attempt=False)
-                worker.cancel_current()
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        self._tasks.clear()
-        await scale.stop_background(self, self._background)
-        self.workers.clear()
-        if self.uploads is not None:
-            await self.uploads.close(grace)
-        await self.webhooks.close()
+        await self.supervisor.stop(grace)
         for backend in self.backends.values():
             await backend.close()
         await self.bus.close()
@@ -312,44 +258,6 @@ class Runtime:
         ref = job.audio[index]
         return self.storage.path(ref), ref
 
-    async def _reap_leases(self) -> None:
-        """Put back jobs whose worker stopped renewing its lease (a hung backend)."""
-        interval = max(self.settings.lease_seconds / 2, 0.5)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                for job in await self.store.expire_leases():
-                    type = EVENT_FOR_STATE[job.state]
-                    await self.bus.publish(Event.of(job, type, error=job.error))
-                    self._wakeup.set()
-            except Exception:
-                log.exception("could not expire leases; trying again in %.0fs", interval)
-
 
 def _carries_images(request: GenerationRequest) -> bool:
     return bool(request.init_image or request.mask_image or request.controlnet or request.mix)
-
-
-def _uploads_for(
-    settings: Settings, storage: LocalStorage, bus: EventBus, notes: JobNotes
-) -> Uploads | None:
-    if not settings.s3.bucket:
-        return None
-    return Uploads(S3Store(settings.s3), storage, bus, notes)
-
-
-def _backends_from(settings: Settings) -> dict[str, Backend]:
-    name = settings.resolved_backend
-    options: dict[str, object] = {"device": settings.device}
-    if name == "mock":
-        options["step_delay"] = settings.mock_step_delay
-        options["preview_every"] = settings.mock_preview_every
-        if settings.mock_folder is not None:
-            options["folder"] = str(settings.mock_folder)
-    if name == "diffusers":
-        options.update(settings.diffusers.model_dump())
-        if settings.models_dir is not None:
-            options["models_dir"] = str(settings.models_dir)
-    if settings.model:
-        options["model"] = settings.model
-    return {name: backends_registry.create(name, **options)}

@@ -18,8 +18,8 @@ import signal
 from easel.config import Settings
 from easel.errors import EaselError
 from easel.queue.scheduler import retry_delay
+from easel.runtime.compose import redis_bus
 from easel.runtime.facade import Runtime
-from easel.runtime.scale import redis_bus
 
 log = logging.getLogger("easel")
 

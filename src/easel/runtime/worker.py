@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from PIL.Image import Image
 
@@ -40,11 +40,9 @@ from easel.events.bus import EventBus
 from easel.jobs import AudioRef, Event, EventType, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import RunTimes, retry_delay
 from easel.results.files import LocalStorage
+from easel.results.s3 import Ref, Uploads
 from easel.runtime._finisher import Finisher
 from easel.store.base import JobStore
-
-if TYPE_CHECKING:
-    from easel.results.s3 import Ref, Uploads
 
 log = logging.getLogger("easel.runtime.worker")
 
@@ -83,39 +81,57 @@ class Doorbell:
             raise
 
 
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker claims and runs jobs (``runtime/compose.py`` fills it from settings)."""
+
+    lease_seconds: float = 30.0
+    heartbeat_seconds: float = 5.0
+    poll_seconds: float = 1.0
+    """Longest idle wait before looking at the queue again (a ring wakes it sooner)."""
+    batch_limit: int = 1
+    retry_base_seconds: float = 2.0
+    results_depth: int = 2
+    """Backend calls whose results may be in flight (encoding, writing) at once."""
+
+
+@dataclass
+class WorkerParts:
+    """What a worker works with, handed to it by the composition root."""
+
+    store: JobStore
+    bus: EventBus
+    storage: LocalStorage
+    run_times: RunTimes = field(default_factory=RunTimes)
+    wakeup: Doorbell = field(default_factory=Doorbell)
+    uploads: Uploads | None = None
+
+
 class Worker:
     def __init__(
         self,
-        *,
-        store: JobStore,
-        bus: EventBus,
         backend: Backend,
-        storage: LocalStorage,
-        run_times: RunTimes | None = None,
+        parts: WorkerParts,
+        options: WorkerOptions | None = None,
+        *,
         worker_id: str | None = None,
-        lease_seconds: float = 30.0,
-        heartbeat_seconds: float = 5.0,
-        poll_seconds: float = 1.0,
-        batch_limit: int = 1,
-        retry_base_seconds: float = 2.0,
-        wakeup: Doorbell | None = None,
-        uploads: Uploads | None = None,
-        results_depth: int = 2,
     ) -> None:
-        self.store = store
-        self.bus = bus
+        options = options or WorkerOptions()
+        self.options = options
+        self.store = parts.store
+        self.bus = parts.bus
         self.backend = backend
-        self.storage = storage
-        self.run_times = run_times or RunTimes()
+        self.storage = parts.storage
+        self.run_times = parts.run_times
         self.id = worker_id or f"{backend.name}-{uuid.uuid4().hex[:8]}"
-        self.lease_seconds = lease_seconds
-        self.heartbeat_seconds = heartbeat_seconds
-        self.poll_seconds = poll_seconds
-        self.batch_limit = batch_limit if backend.batches else 1
-        self.retry_base_seconds = retry_base_seconds
-        self.wakeup = wakeup or Doorbell()
-        self.uploads = uploads
-        self.finisher = Finisher(results_depth)
+        self.lease_seconds = options.lease_seconds
+        self.heartbeat_seconds = options.heartbeat_seconds
+        self.poll_seconds = options.poll_seconds
+        self.batch_limit = options.batch_limit if backend.batches else 1
+        self.retry_base_seconds = options.retry_base_seconds
+        self.wakeup = parts.wakeup
+        self.uploads = parts.uploads
+        self.finisher = Finisher(options.results_depth)
         self._running: list[Job] = []  # on the backend
         self._finishing: dict[str, Job] = {}  # results in flight
         self._cancels: dict[str, threading.Event] = {}

@@ -10,8 +10,7 @@ import time
 
 from easel.config import Safety
 from easel.errors import ServiceQueueFull
-from easel.events.bus import EventBus
-from easel.jobs import FINAL_EVENTS, GenerationRequest
+from easel.jobs import Event, GenerationRequest
 from easel.safety.moderation import DenyList, HttpClassifier, Moderator, moderate
 from easel.safety.ratelimit import TokenBuckets
 from easel.safety.services import Permission, Service, ServiceToken
@@ -67,12 +66,11 @@ class Gate:
         if service is not None:
             self._active.setdefault(service.name, set()).add(job_id)
 
-    async def follow(self, bus: EventBus) -> None:
-        """Free a service's slot when one of its jobs ends (until cancelled)."""
-        async with bus.subscribe(types=FINAL_EVENTS) as events:
-            async for event in events:
-                if event.service is not None:
-                    self._active.get(event.service, set()).discard(event.job_id)
+    def ended(self, event: Event) -> None:
+        """Free a service's slot: one of its jobs ended (the runtime's ``gate`` extension
+        hands it every final event)."""
+        if event.service is not None:
+            self._active.get(event.service, set()).discard(event.job_id)
 
     async def close(self) -> None:
         if self._classifier is not None:

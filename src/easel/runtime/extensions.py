@@ -1,0 +1,245 @@
+"""Side effects with one lifecycle: start, stop, and the event types each one follows.
+
+Metrics, the gate's per-service slots, webhooks, uploads, the lease reaper, registry
+heartbeats and cross-process wake-ups all hang off the same small interface, so the
+composition root (``runtime/compose.py``) lists them in one place and the supervisor
+(``runtime/supervisor.py``) starts and stops them alike. An extension that follows events
+says which: in a process whose bus carries only some topics (``easel worker`` reads only
+``queued`` and ``cancelled``), one that needs others is not started, and the log says so,
+instead of waiting forever for events that never come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from easel.constants import WORKER_TTL_BEATS
+from easel.effects.metrics import Metrics
+from easel.effects.webhooks import DELIVERED_TYPES, Webhooks
+from easel.errors import EaselError
+from easel.events.bus import EventBus
+from easel.jobs import EVENT_FOR_STATE, FINAL_EVENTS, Event, EventType
+from easel.results.s3 import Uploads
+from easel.runtime.registry import WorkerInfo, WorkerRegistry
+from easel.safety.gate import Gate
+from easel.store.base import JobStore
+
+if TYPE_CHECKING:
+    from easel.runtime.worker import Doorbell, Worker
+
+log = logging.getLogger("easel")
+_HOST = socket.gethostname()
+
+ALL_EVENTS: frozenset[EventType] = frozenset(EventType)
+
+
+class Extension:
+    """One side effect of the runtime. ``follows``: the event types it reads from the bus
+    (empty: none). ``start`` may spawn tasks; ``stop`` ends them within ``grace`` seconds."""
+
+    name: str = "extension"
+    follows: frozenset[EventType] = frozenset()
+
+    async def start(self) -> None:
+        """Begin (after the store, bus and backends are open, and the workers started)."""
+
+    async def stop(self, grace: float) -> None:
+        """End (after the workers stopped, before the store and bus close)."""
+
+
+class _Loop(Extension, ABC):
+    """An extension that is one background task. It stops on a flag as well as on cancel:
+    on CPython < 3.12 a cancel landing as a Redis reply arrives can be swallowed (gh-86296)."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.stopping = False
+        self._task = asyncio.create_task(self.run(), name=f"easel-{self.name}")
+
+    async def stop(self, grace: float) -> None:
+        self.stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=max(grace, 0.1))
+            self._task = None
+
+    @abstractmethod
+    async def run(self) -> None: ...
+
+
+class Follower(_Loop):
+    """Reads the bus (``follows`` only) and hands each event to ``on_event``."""
+
+    def __init__(self, bus: EventBus) -> None:
+        super().__init__()
+        self.bus = bus
+
+    async def run(self) -> None:
+        while not self.stopping:
+            try:
+                async with self.bus.subscribe(types=self.follows) as events:
+                    async for event in events:
+                        await self.on_event(event)
+            except EaselError as exc:
+                log.warning("%s: not following events for now: %s", self.name, exc.message)
+            await asyncio.sleep(1.0)  # the subscription ended (fell behind, bus closing)
+
+    @abstractmethod
+    async def on_event(self, event: Event) -> None: ...
+
+
+class MetricsFollower(Follower):
+    """Prometheus counters and histograms from every event."""
+
+    name = "metrics"
+    follows = ALL_EVENTS
+
+    def __init__(self, metrics: Metrics, bus: EventBus) -> None:
+        super().__init__(bus)
+        self.metrics = metrics
+
+    async def on_event(self, event: Event) -> None:
+        self.metrics.observe(event)
+
+
+class GateFollower(Follower):
+    """Frees a service's slot (``service_max_active``) when one of its jobs ends."""
+
+    name = "gate"
+    follows = FINAL_EVENTS
+
+    def __init__(self, gate: Gate, bus: EventBus) -> None:
+        super().__init__(bus)
+        self.gate = gate
+
+    async def on_event(self, event: Event) -> None:
+        self.gate.ended(event)
+
+    async def stop(self, grace: float) -> None:
+        await super().stop(grace)
+        await self.gate.close()
+
+
+class WakeOnQueued(Follower):
+    """A job queued by another process wakes this one's idle workers at once."""
+
+    name = "wake"
+    follows = frozenset({EventType.queued})
+
+    def __init__(self, bus: EventBus, doorbell: Doorbell) -> None:
+        super().__init__(bus)
+        self.doorbell = doorbell
+
+    async def on_event(self, event: Event) -> None:
+        self.doorbell.set()  # the same ring a local submit() gives
+
+
+class WebhookDelivery(Extension):
+    """Signed POSTs of each job's events to the URL it named."""
+
+    name = "webhooks"
+    follows = DELIVERED_TYPES
+
+    def __init__(self, webhooks: Webhooks) -> None:
+        self.webhooks = webhooks
+
+    async def start(self) -> None:
+        self.webhooks.start()
+
+    async def stop(self, grace: float) -> None:
+        await self.webhooks.close()
+
+
+class UploadFlush(Extension):
+    """Uploads to S3 run in the background; stopping gives those in flight ``grace``."""
+
+    name = "uploads"
+
+    def __init__(self, uploads: Uploads) -> None:
+        self.uploads = uploads
+
+    async def stop(self, grace: float) -> None:
+        await self.uploads.close(grace)
+
+
+class LeaseReaper(_Loop):
+    """Puts back jobs whose worker stopped renewing its lease (a hung or killed worker)."""
+
+    name = "reaper"
+
+    def __init__(
+        self, store: JobStore, bus: EventBus, doorbell: Doorbell, lease_seconds: float
+    ) -> None:
+        super().__init__()
+        self.store, self.bus, self.doorbell = store, bus, doorbell
+        self.interval = max(lease_seconds / 2, 0.5)
+
+    async def run(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(self.interval)
+            try:
+                for job in await self.store.expire_leases():
+                    type = EVENT_FOR_STATE[job.state]
+                    await self.bus.publish(Event.of(job, type, error=job.error))
+                    self.doorbell.set()
+            except Exception:
+                log.exception("could not expire leases; trying again in %.0fs", self.interval)
+
+
+class RegistryBeats(_Loop):
+    """Heartbeats of this process's workers in the registry (``GET /v1/workers``); job
+    leases have their own, in the worker. Stopping removes the workers from the registry."""
+
+    name = "worker-beats"
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        workers: Callable[[], Sequence[Worker]],
+        interval: float,
+    ) -> None:
+        super().__init__()
+        self.registry, self.workers, self.interval = registry, workers, interval
+        self.started = time.time()
+
+    async def run(self) -> None:
+        while not self.stopping:
+            for worker in list(self.workers()):
+                try:
+                    info = info_of(worker, self.started)
+                    await self.registry.beat(info, self.interval * WORKER_TTL_BEATS)
+                except EaselError as exc:
+                    log.warning("worker heartbeat not recorded: %s", exc.message)
+            await asyncio.sleep(self.interval)
+
+    async def stop(self, grace: float) -> None:
+        await super().stop(grace)
+        for worker in self.workers():
+            try:
+                await self.registry.remove(worker.id)
+            except EaselError as exc:
+                log.warning("could not unregister worker %s: %s", worker.id, exc.message)
+
+
+def info_of(worker: Worker, started_at: float) -> WorkerInfo:
+    backend = worker.backend
+    return WorkerInfo(
+        id=worker.id,
+        backend=backend.name,
+        models=[model.name for model in backend.models()],
+        capabilities=sorted(backend.capabilities),
+        current_jobs=[job.id for job in worker.current],
+        host=_HOST,
+        pid=os.getpid(),
+        started_at=started_at,
+    )
