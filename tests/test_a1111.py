@@ -178,3 +178,22 @@ def test_bad_requests_are_4xx(server: str) -> None:
         "txt2img": [],
         "img2img": [],
     }
+
+
+def test_an_unknown_sampler_is_refused_as_a1111_does(server: str) -> None:
+    """The mock would run any name; A1111 answers 404 "Sampler not found" in its own shape."""
+    for route, extra in (("txt2img", {}), ("img2img", {"init_images": ["aGVsbG8="]})):
+        answer = httpx.post(
+            f"{server}/sdapi/v1/{route}",
+            json={"prompt": "x", "sampler_name": "Wobbly 3M", "steps": 1, **extra},
+        )
+        assert answer.status_code == 404
+        assert answer.json() == {
+            "error": "HTTPException", "detail": "Sampler not found", "body": "",
+            "errors": "404: Sampler not found",
+        }  # fmt: skip
+    api = _api(server)
+    with pytest.raises(RuntimeError, match="Sampler not found"):
+        api.txt2img(prompt="x", sampler_name="Wobbly 3M", steps=1)
+    known = api.txt2img(prompt="x", sampler_name="UniPC", scheduler="karras", steps=1)
+    assert len(known.images) == 1

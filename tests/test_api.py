@@ -249,7 +249,7 @@ def test_list_jobs_filters(server: str) -> None:
 
 
 def test_health_models_and_docs(server: str) -> None:
-    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+    assert httpx.get(f"{server}/health").json()["status"] == "healthy"
     models = httpx.get(f"{server}/v1/models").json()
     assert models["models"][0]["backend"] == "mock"
     assert "txt2img" in models["backends"][0]["capabilities"]

@@ -6,7 +6,7 @@ both sides at once; the client never imports a server module to get them.
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from easel.jobs import Capability, Job
 
@@ -39,6 +39,6 @@ class Models(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description='"healthy" while the server answers.')
     version: str
     backends: list[str]

@@ -186,7 +186,8 @@ async def list_models(request: Request) -> Models:
 
 @router.get("/health", response_model=Health, tags=["operations"])
 async def health(request: Request) -> Health:
-    return Health(status="ok", version=VERSION, backends=list(runtime_of(request).backends))
+    """Liveness: ``{"status": "healthy"}`` (what text-to-image microservice clients check)."""
+    return Health(status="healthy", version=VERSION, backends=list(runtime_of(request).backends))
 
 
 @router.websocket("/v1/events")

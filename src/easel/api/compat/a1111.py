@@ -33,13 +33,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from easel.api.compat._shared import caller, png_bytes, submitted
 from easel.api.errors import ErrorResponse
 from easel.api.native import runtime_of
-from easel.backends.diffusers.schedulers import SCHEDULERS
+from easel.backends.diffusers.schedulers import SCHEDULERS, lookup_scheduler
 from easel.constants import VERSION
 from easel.errors import InvalidRequest, JobFinished, ModelNotFound, Unsupported
 from easel.images import strip_data_url
@@ -244,14 +245,16 @@ def state_of(request: Request) -> A1111State:
 
 
 @router.post("/txt2img", response_model=A1111Images, responses=_ERRORS)
-async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Images:
+async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Images | JSONResponse:
     """Generate from a prompt; waits for the images."""
-    return await _generate(request, body)
+    return _sampler_not_found(body) or await _generate(request, body)
 
 
 @router.post("/img2img", response_model=A1111Images, responses=_ERRORS)
-async def img2img(body: Img2ImgRequest, request: Request) -> A1111Images:
+async def img2img(body: Img2ImgRequest, request: Request) -> A1111Images | JSONResponse:
     """Generate from an image and a prompt; waits for the images."""
+    if (refusal := _sampler_not_found(body)) is not None:
+        return refusal
     if body.mask:
         raise Unsupported("mask (inpainting) is not supported yet; send init_images alone")
     return await _generate(request, body)
@@ -454,6 +457,38 @@ def _served_model(runtime: Runtime, title: str) -> str:
     raise ModelNotFound(
         f"model {title!r} is not served here; served models are: {', '.join(names)}"
     )
+
+
+def _sampler_not_found(body: Txt2ImgRequest) -> JSONResponse | None:
+    """A1111's own answer to a sampler it does not know (404, its error shape), whatever
+    backend would have run the job: the same name fails the same way everywhere."""
+    sampler = body.sampler_name or (
+        body.sampler_index if "sampler_index" in body.model_fields_set else None
+    )
+    if not sampler or _known_sampler(sampler):
+        return None
+    detail = "Sampler not found"
+    return JSONResponse(
+        status_code=404,
+        content={
+            "error": "HTTPException",
+            "detail": detail,
+            "body": "",
+            "errors": f"404: {detail}",
+        },
+    )
+
+
+def _known_sampler(name: str) -> bool:
+    for flow in (False, True):
+        try:
+            lookup_scheduler(name, flow=flow)
+        except Unsupported:  # known, but not runnable here (a missing package...)
+            return True
+        except InvalidRequest:
+            continue
+        return True
+    return False
 
 
 def _scheduler(body: Txt2ImgRequest) -> str | None:
