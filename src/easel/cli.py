@@ -393,7 +393,10 @@ def generate(
 def make_tiny(
     directory: Annotated[Path, typer.Argument(help="Where to write the diffusers folder.")],
     family: Annotated[
-        str, typer.Option(help="sd, sdxl, sd3, flux, flux-dev, kandinsky22 or kandinsky3.")
+        str,
+        typer.Option(
+            help="sd, sdxl, sd3, flux, flux-dev, kandinsky22, kandinsky3 or stable-audio."
+        ),
     ] = "sd",
 ) -> None:
     """Build a tiny random pipeline of a model family: real code paths, noise for images."""

@@ -27,6 +27,7 @@ BUILTIN: dict[str, str] = {
     "hosted": "easel.backends.hosted:HostedBackend",
     "drawthings": "easel.backends.drawthings:DrawThingsBackend",
     "hibari": "easel.backends.audio.speech:HibariBackend",
+    "diffusers-audio": "easel.backends.audio.sound:DiffusersAudioBackend",
 }
 ENTRY_POINT_GROUP = "easel.backends"
 

@@ -213,8 +213,8 @@ def backends_from(settings: Settings) -> dict[str, Backend]:
             options["folder"] = str(settings.mock_folder)
     if name == "diffusers":
         options.update(settings.diffusers.model_dump())
-        if settings.models_dir is not None:
-            options["models_dir"] = str(settings.models_dir)
+    if name in {"diffusers", "diffusers-audio"} and settings.models_dir is not None:
+        options["models_dir"] = str(settings.models_dir)
     if settings.model:
         options["model"] = settings.model
     return {name: backends_registry.create(name, **options)}

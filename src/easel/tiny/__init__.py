@@ -12,8 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-TINY_FAMILIES = ("sd", "sdxl", "sd3", "flux", "flux-dev", "kandinsky22", "kandinsky3")
-"""What :func:`make_tiny_pipeline` builds: SD 1.x, SDXL, SD3, FLUX.1 (schnell, dev), Kandinsky."""
+TINY_FAMILIES = (
+    "sd", "sdxl", "sd3", "flux", "flux-dev", "kandinsky22", "kandinsky3", "stable-audio",
+)  # fmt: skip
+"""What :func:`make_tiny_pipeline` builds: SD 1.x, SDXL, SD3, FLUX.1 (schnell, dev), Kandinsky,
+and Stable Audio Open (text to sound)."""
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

@@ -379,6 +379,13 @@ def build_kandinsky3() -> Any:
     )
 
 
+def build_stable_audio() -> Any:
+    """Stable Audio Open in miniature (:mod:`easel.tiny._audio` imports this module's T5)."""
+    from easel.tiny._audio import build_stable_audio as build
+
+    return build()
+
+
 BUILDERS = {
     "sd": build_sd,
     "sdxl": build_sdxl,
@@ -387,6 +394,7 @@ BUILDERS = {
     "flux-dev": lambda: build_flux(guidance=True),
     "kandinsky22": build_kandinsky22,
     "kandinsky3": build_kandinsky3,
+    "stable-audio": build_stable_audio,
 }
 
 

@@ -21,6 +21,10 @@ _CALLBACK_STEPS = r"`callback_steps` is deprecated"
 # A LoRA trained on the UNet only is the common case; several adapters at once is the point.
 _NO_TEXT_LORA = r"No LoRA keys associated to"
 _MORE_ADAPTERS = r"Already found a `peft_config` attribute"
+# Audio pipelines: Stable Audio's autoencoder uses torch's old weight_norm; its SDE scheduler's
+# Brownian tree (torchsde) warns about float rounding at the ends of its interval.
+_WEIGHT_NORM = r".*weight_norm` is deprecated"
+_BROWNIAN_ENDS = r"Should have t[ab]"
 
 _lock = threading.Lock()
 _users = 0
@@ -41,6 +45,8 @@ def quiet_warnings() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=_CALLBACK_STEPS, category=FutureWarning)
             warnings.filterwarnings("ignore", message=_NO_TEXT_LORA)
             warnings.filterwarnings("ignore", message=_MORE_ADAPTERS)
+            warnings.filterwarnings("ignore", message=_WEIGHT_NORM, category=FutureWarning)
+            warnings.filterwarnings("ignore", message=_BROWNIAN_ENDS, category=UserWarning)
         _users += 1
     try:
         yield
