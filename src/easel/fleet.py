@@ -234,8 +234,8 @@ def fleet_of(settings: Settings) -> list[BackendSpec]:
         options["step_delay"] = settings.mock_step_delay
     if kind == "diffusers":
         options.update(settings.diffusers.model_dump())
-        if settings.models_dir is not None:
-            options["models_dir"] = str(settings.models_dir)
+    if kind in {"diffusers", "diffusers-audio"} and settings.models_dir is not None:
+        options["models_dir"] = str(settings.models_dir)
     if settings.model:
         options["model"] = settings.model
     return [BackendSpec(name=kind, kind=kind, options=options, slots=max(settings.concurrency, 1))]
