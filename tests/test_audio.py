@@ -19,7 +19,7 @@ from easel.audio import AudioClip, conform
 from easel.backends.base import GenerationResult
 from easel.backends.mock import MockAudioBackend, MockBackend
 from easel.config import Limits, Settings
-from easel.errors import InvalidRequest, Unsupported
+from easel.errors import BackendUnavailable, InvalidRequest, Unsupported
 from easel.jobs import (
     AudioFormat,
     EventType,
@@ -276,3 +276,27 @@ def test_sync_client_and_cli_make_audio(mixed_server: str, tmp_path: Path) -> No
         app, ["generate", "x", "--audio", "--speech", "--server", mixed_server]
     )
     assert refused.exit_code == 1 and "not both" in refused.output
+
+
+def test_tangoflux_is_declared_unavailable_with_its_reason(tmp_path: Path) -> None:
+    """Here the tangoflux package is not installed: the backend says so, lists no model,
+    and its jobs are refused at admission; another sound backend still takes them."""
+    from easel.backends.audio.tangoflux import TangoFluxBackend
+
+    tango = TangoFluxBackend()
+    assert tango.reason is not None and "pip install tangoflux" in tango.reason
+    assert tango.models() == []
+    backends = {"tangoflux": tango, "mock-audio": MockAudioBackend()}
+    limits = Limits()
+    with pytest.raises(BackendUnavailable, match=r"tangoflux.*unavailable.*not installed"):
+        admit(audio(backend="tangoflux"), backends, "tangoflux", limits)
+    _, backend = admit(audio(), backends, "tangoflux", limits)
+    assert backend.name == "mock-audio"
+    from easel.api import create_app
+
+    settings = Settings(data_dir=tmp_path / "data")
+    with serve(create_app(runtime=Runtime(settings, backends=backends))) as url:
+        refused = httpx.post(f"{url}/v1/jobs", json={"kind": "txt2audio", "prompt": "rain",
+                                                      "backend": "tangoflux"})  # fmt: skip
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "backend_unavailable"

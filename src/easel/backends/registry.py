@@ -28,6 +28,7 @@ BUILTIN: dict[str, str] = {
     "drawthings": "easel.backends.drawthings:DrawThingsBackend",
     "hibari": "easel.backends.audio.speech:HibariBackend",
     "diffusers-audio": "easel.backends.audio.sound:DiffusersAudioBackend",
+    "tangoflux": "easel.backends.audio.tangoflux:TangoFluxBackend",
 }
 ENTRY_POINT_GROUP = "easel.backends"
 
