@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 
 from easel.backends.diffusers._families import FAMILIES
+from easel.backends.diffusers._quiet import quiet_warnings
 from easel.backends.diffusers.schedulers import (
     FLOW_SCHEDULERS,
     SCHEDULERS,
+    ays_sigmas,
     ays_timesteps,
     lookup_scheduler,
     make_scheduler,
@@ -151,8 +153,11 @@ def test_every_name_builds_with_the_installed_diffusers(name: str) -> None:
     assert set(spec.overrides) <= set(init), f"{cls.__name__} does not take {spec.overrides}"
     for key, value in spec.overrides.items():
         assert scheduler.config[key] == value
-    if spec.ays:
-        assert "timesteps" in inspect.signature(cls.set_timesteps).parameters
+    if spec.ays:  # the published AYS sigmas drive it, whatever the class
+        with quiet_warnings():
+            scheduler.set_timesteps(7)
+        assert float(scheduler.sigmas[0]) == pytest.approx(14.615, abs=0.01)
+        assert type(scheduler).__name__ == cls.__name__
 
 
 def test_kandinsky_schedulers_take_a_generator_in_step() -> None:
@@ -175,3 +180,11 @@ def test_modules_import_without_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "EulerAncestralDiscreteScheduler"
+
+
+def test_ays_sigmas_are_the_ones_diffusers_publishes() -> None:
+    pytest.importorskip("diffusers")
+    from diffusers.schedulers import AysSchedules
+
+    assert [*ays_sigmas("sd"), 0.0] == AysSchedules["StableDiffusionSigmas"]
+    assert [*ays_sigmas("sdxl"), 0.0] == AysSchedules["StableDiffusionXLSigmas"]

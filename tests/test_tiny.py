@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
+from easel.errors import InvalidRequest
 from easel.tiny import make_tiny_pipeline
 
 
@@ -66,5 +67,5 @@ def test_builder_leaves_global_rng_alone(tmp_path: Path) -> None:
 
 
 def test_unknown_family_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="use one of: sd, sdxl, sd3, flux"):
+    with pytest.raises(InvalidRequest, match="use one of: sd, sd2, sdxl, sd3, flux"):
         make_tiny_pipeline(tmp_path / "x", family="sd4")

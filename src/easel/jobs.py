@@ -13,7 +13,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from easel.errors import Cancelled, EaselError, GenerationError, error_for
+from easel.errors import Cancelled, EaselError, GenerationError, InvalidRequest, error_for
 from easel.payloads import Executor, fields_from
 
 PREMIUM_PRIORITY = 10
@@ -217,6 +217,9 @@ class MixItem(BaseModel):
         return self
 
 
+_STYLE_KEYS = frozenset({"scheduler_type", "karras_sigmas", "use_karras_sigmas", "timestep_spacing"})
+
+
 class GenerationRequest(BaseModel):
     """Everything needed to run, queue and reproduce one generation."""
 
@@ -346,6 +349,32 @@ class GenerationRequest(BaseModel):
                 raise ValueError("give the words to speak as text or as prompt, not both")
             data = {**data, "prompt": data["text"]}
             del data["text"]
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _diffusers_server_style(cls, data: Any) -> Any:
+        """``scheduler_type: "dpmsolver++"`` + ``karras_sigmas: true`` (the style of diffusers
+        servers' configs) is the scheduler "DPM++ 2M Karras"."""
+        if not isinstance(data, dict) or not _STYLE_KEYS & data.keys():
+            return data
+        from easel.samplers import from_diffusers_style
+
+        data = dict(data)
+        style = {key: data.pop(key) for key in _STYLE_KEYS if key in data}
+        kind = style.pop("scheduler_type", None) or data.get("scheduler")
+        if kind is None:
+            raise ValueError(f"{', '.join(sorted(style))} needs scheduler_type (or scheduler)")
+        if data.get("scheduler") not in (None, kind):
+            raise ValueError("give scheduler or scheduler_type, not both")
+        flags = {
+            "karras_sigmas": bool(style.get("karras_sigmas") or style.get("use_karras_sigmas")),
+            "timestep_spacing": style.get("timestep_spacing"),
+        }
+        try:
+            data["scheduler"] = from_diffusers_style(str(kind), **flags)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
         return data
 
     @field_validator("width", "height")

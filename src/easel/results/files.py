@@ -46,7 +46,9 @@ class LocalStorage:
         format = self.format_of(job)
         for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
             scheduler = result.info.get("scheduler")
-            metadata = sidecar(job, index, seed, model=result.model, scheduler=scheduler)
+            metadata = sidecar(
+                job, index, seed, model=result.model, scheduler=scheduler, info=result.info
+            )
             stem = folder / f"{job.id}-{index}"
             data = encode_image(image, metadata, format, self.output, job.request.output_quality)
             _write_atomic(stem.with_suffix(format.suffix), data)

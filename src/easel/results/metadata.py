@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from html import escape, unescape
 from typing import Any
@@ -26,12 +27,26 @@ _PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
 def infotext(
-    request: GenerationRequest, *, seed: int, model: str | None, scheduler: str | None
+    request: GenerationRequest,
+    *,
+    seed: int,
+    model: str | None,
+    scheduler: str | None,
+    info: Mapping[str, Any] | None = None,
 ) -> str:
-    """``prompt`` / ``Negative prompt: ...`` / ``Steps: 20, Sampler: ..., Seed: ...``."""
+    """``prompt`` / ``Negative prompt: ...`` / ``Steps: 20, Sampler: ..., Seed: ...``.
+
+    ``info`` is what the backend reported: A1111's sampler and schedule type ("DPM++ 2M",
+    "Karras") go where A1111 writes them, the diffusers class and any substitution after.
+    """
+    info = info or {}
     fields: dict[str, Any] = {
         "Steps": request.steps,
-        "Sampler": scheduler or request.scheduler or "default",
+        "Sampler": info.get("sampler") or scheduler or request.scheduler or "default",
+    }
+    if (schedule := info.get("schedule_type")) and schedule != "Automatic":
+        fields["Schedule type"] = schedule
+    fields |= {
         "CFG scale": _number(request.cfg_scale),
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",
@@ -40,6 +55,12 @@ def infotext(
         fields["Model"] = model
     if request.kind is JobKind.img2img:
         fields["Denoising strength"] = _number(request.strength)
+    if request.clip_skip and request.clip_skip > 1:
+        fields["Clip skip"] = request.clip_skip
+    if scheduler and info.get("sampler"):
+        fields["Diffusers scheduler"] = scheduler
+    if info.get("substitution"):
+        fields["Substitution"] = info["substitution"]
     fields["Version"] = f"easel {VERSION}"
     lines = [request.prompt]
     if request.negative_prompt:
@@ -49,7 +70,13 @@ def infotext(
 
 
 def sidecar(
-    job: Job, index: int, seed: int, *, model: str | None, scheduler: str | None
+    job: Job,
+    index: int,
+    seed: int,
+    *,
+    model: str | None,
+    scheduler: str | None,
+    info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What reproduces image ``index`` alone: the request with its own seed and batch 1.
 
@@ -60,6 +87,7 @@ def sidecar(
     params = request.model_dump(mode="json", exclude={"init_image"})
     if job.request.init_image:
         params["init_image_sha256"] = hashlib.sha256(job.request.init_image.encode()).hexdigest()
+    recorded = {key: info[key] for key in RECORDED if info and key in info}
     return {
         "job_id": job.id,
         "index": index,
@@ -67,10 +95,16 @@ def sidecar(
         "backend": job.backend,
         "model": model,
         "scheduler": scheduler,
+        **recorded,
         "created_at": job.created_at,
         "request": params,
-        "infotext": infotext(request, seed=seed, model=model, scheduler=scheduler),
+        "infotext": infotext(request, seed=seed, model=model, scheduler=scheduler, info=info),
     }
+
+
+RECORDED = ("sampler", "schedule_type", "scheduler_config", "sigmas", "substitution", "family")
+"""What a backend reports about how an image was made that the sidecar keeps: the sampler
+as A1111 names it, the diffusers class's config, AYS, substitutions."""
 
 
 def parse_infotext(text: str) -> dict[str, str]:

@@ -12,11 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from easel.errors import InvalidRequest
+
 TINY_FAMILIES = (
-    "sd", "sdxl", "sd3", "flux", "flux-dev", "kandinsky22", "kandinsky3", "stable-audio",
+    "sd", "sd2", "sdxl", "sd3", "flux", "flux-dev", "kandinsky22", "kandinsky3", "stable-audio",
 )  # fmt: skip
-"""What :func:`make_tiny_pipeline` builds: SD 1.x, SDXL, SD3, FLUX.1 (schnell, dev), Kandinsky,
-and Stable Audio Open (text to sound)."""
+"""What :func:`make_tiny_pipeline` builds: SD 1.x, SD 2.x, SDXL, SD3, FLUX.1 (schnell, dev),
+Kandinsky 2.2 and 3, and Stable Audio Open (text to sound); ``sd1`` is accepted for ``sd``."""
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -68,8 +70,11 @@ def make_tiny_pipeline(path: Path | str, *, family: str = "sd", seed: int = 0) -
 
     The same ``seed`` gives the same weights; the caller's global torch RNG is left untouched.
     """
+    family = {"sd1": "sd"}.get(family.casefold(), family.casefold())
     if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny family {family!r}; use one of: {', '.join(TINY_FAMILIES)}")
+        raise InvalidRequest(
+            f"unknown tiny family {family!r}; use one of: {', '.join(TINY_FAMILIES)}"
+        )
     from easel.tiny._families import build
 
     path = Path(path)

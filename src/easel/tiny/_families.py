@@ -49,6 +49,9 @@ from easel.tiny import BOS_TOKEN, EOS_TOKEN, MAX_TOKENS, SCHEDULER_CONFIG, byte_
 HIDDEN = 32
 """Hidden size of every tiny text encoder."""
 
+SD2_HIDDEN = 1024
+"""SD 2.x's text width: the registry tells SD 2.x from 1.x by it, as for real checkpoints."""
+
 T5_TOKENS = 64
 """The tiny T5's sequence length (FLUX/SD3 pad prompts to it); real models use 256-512."""
 
@@ -72,18 +75,21 @@ def clip_tokenizer() -> CLIPTokenizer:
 
 def clip_config(**extra: Any) -> CLIPTextConfig:
     vocab = byte_level_vocab()
+    options: dict[str, Any] = {
+        "hidden_size": HIDDEN,
+        "projection_dim": HIDDEN,
+        "num_hidden_layers": 3,  # 3, so that clip_skip has layers to skip
+        **extra,
+    }
     return CLIPTextConfig(
         vocab_size=len(vocab),
-        hidden_size=HIDDEN,
         intermediate_size=37,
-        projection_dim=HIDDEN,
-        num_hidden_layers=3,  # 3, so that clip_skip has layers to skip
         num_attention_heads=4,
         max_position_embeddings=MAX_TOKENS,
         bos_token_id=vocab[BOS_TOKEN],
         eos_token_id=vocab[EOS_TOKEN],
         pad_token_id=vocab[EOS_TOKEN],
-        **extra,
+        **options,
     )
 
 
@@ -149,6 +155,23 @@ def build_sd() -> Any:
         tokenizer=clip_tokenizer(),
         unet=sd_unet(),
         scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),  # type: ignore[no-untyped-call]
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_sd2() -> Any:
+    """Stable Diffusion 2.x: SD 1.x's layout with a 1024-wide text encoder (OpenCLIP ViT-H in
+    the real model, which is how its family is told apart) and v-prediction."""
+    return StableDiffusionPipeline(  # type: ignore[no-untyped-call]
+        vae=vae(),
+        text_encoder=CLIPTextModel(clip_config(hidden_size=SD2_HIDDEN, num_hidden_layers=2)),
+        tokenizer=clip_tokenizer(),
+        unet=sd_unet(cross_attention_dim=SD2_HIDDEN, use_linear_projection=True),
+        scheduler=EulerDiscreteScheduler.from_config(  # type: ignore[no-untyped-call]
+            {**SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+        ),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -388,6 +411,7 @@ def build_stable_audio() -> Any:
 
 BUILDERS = {
     "sd": build_sd,
+    "sd2": build_sd2,
     "sdxl": build_sdxl,
     "sd3": build_sd3,
     "flux": build_flux,

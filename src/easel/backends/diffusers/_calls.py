@@ -16,7 +16,7 @@ from PIL import Image
 from easel.backends.diffusers._families import Family, Mode
 from easel.backends.diffusers._options import Extras
 from easel.backends.diffusers._previews import StepCallback
-from easel.backends.diffusers.schedulers import SchedulerSpec, ays_timesteps
+from easel.backends.diffusers.schedulers import SchedulerSpec
 from easel.errors import InvalidRequest, Unsupported
 from easel.images import decode_base64_image
 
@@ -93,8 +93,6 @@ def call_kwargs(
         wanted["clip_skip"] = extras.clip_skip - 1
         if _flat_clip(pipe):
             wanted.update(_skipped_embeddings(pipe, request, extras.clip_skip - 1))
-    if spec is not None and spec.ays:
-        wanted.update(_ays(pipe, request.steps, family))
     if extras.controlnet is not None:
         control = image_arg(extras.controlnet.image, width, height)
         accepted = _parameters(pipe)
@@ -147,18 +145,6 @@ def _skipped_embeddings(pipe: Any, request: Any, skip: int) -> dict[str, Any]:
         "negative_prompt_embeds": encode(request.negative_prompt or ""),
         "clip_skip": None,
     }
-
-
-def _ays(pipe: Any, steps: int, family: Family) -> dict[str, Any]:
-    """AYS timesteps, for the schedulers whose ``set_timesteps`` takes custom ones."""
-    if family.ays is None:
-        raise Unsupported(f"AYS schedules exist for SD 1.x/2.x and SDXL, not {family.label}")
-    scheduler = pipe.scheduler
-    timesteps = ays_timesteps(family.ays, steps, scheduler.config)
-    takes = inspect.signature(scheduler.set_timesteps).parameters
-    if "timesteps" in takes:
-        return {"timesteps": timesteps}
-    raise Unsupported(f"{type(scheduler).__name__} cannot run AYS timesteps")
 
 
 def _parameters(pipe: Any) -> Any:

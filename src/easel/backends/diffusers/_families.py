@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from types import MappingProxyType
 
+from easel.samplers import Schedule
+
 
 class Mode(StrEnum):
     txt2img = "txt2img"
@@ -47,6 +49,8 @@ class Family:
     latent_rgb_bias: RGB = (0.0, 0.0, 0.0)
     schedulers: frozenset[str] | None = None
     """The scheduler classes its pipelines can drive, where not all of them."""
+    refused_schedules: frozenset[Schedule] = frozenset()
+    """Schedule modifiers its noise schedule cannot take (found by the names x families test)."""
 
 
 _ALL_BUT_MIX = frozenset({Mode.txt2img, Mode.img2img, Mode.inpaint})
@@ -169,6 +173,8 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
             latent_channels=16,
             packed=True,
             latent_rgb=_FLUX_RGB,
+            # FluxPipeline passes its own sigmas to set_timesteps; FlowMatchHeun takes none.
+            schedulers=frozenset({"FlowMatchEulerDiscreteScheduler", "FlowMatchLCMScheduler"}),
             latent_rgb_bias=(-0.0329, -0.0718, -0.0851),
         ),
         "kandinsky22": Family(

@@ -7,7 +7,7 @@ The result, a :class:`Plan`, is what the run then follows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from easel.backends.diffusers._families import Family, Mode, family_of
@@ -15,7 +15,7 @@ from easel.backends.diffusers._lora import require_peft
 from easel.backends.diffusers._options import Extras, read_extras
 from easel.backends.diffusers._pipelines import DeviceOptions
 from easel.backends.diffusers.models import ModelEntry, ModelKind, ModelRegistry
-from easel.backends.diffusers.schedulers import SchedulerSpec, lookup_scheduler
+from easel.backends.diffusers.schedulers import SchedulerSpec, resolve_sampler
 from easel.errors import InvalidRequest, ModelNotFound, Unsupported
 
 MAX_MIX_ITEMS = 8
@@ -37,7 +37,7 @@ def family_for(entry: ModelEntry) -> Family:
     """The model's family; an inpainting checkpoint (9-channel UNet) can only inpaint."""
     family = family_of(entry.family)
     if entry.variant == "inpaint":
-        return Family(family.name, family.label, frozenset({Mode.inpaint}))
+        return replace(family, modes=frozenset({Mode.inpaint}))
     return family
 
 
@@ -100,15 +100,7 @@ def _check_mode_and_size(request: Any, extras: Extras, family: Family, what: str
 def _scheduler(request: Any, family: Family, what: str) -> SchedulerSpec | None:
     if request.scheduler is None:
         return None
-    spec = lookup_scheduler(request.scheduler, flow=family.flow)
-    if spec.ays and family.ays is None:
-        raise Unsupported(f"AYS schedules exist for SD 1.x/2.x and SDXL, not {what}")
-    if family.schedulers is not None and spec.class_name not in family.schedulers:
-        raise Unsupported(
-            f"{what} cannot run {request.scheduler!r}: its pipeline drives only "
-            f"{', '.join(sorted(family.schedulers))} (and their variants)"
-        )
-    return spec
+    return resolve_sampler(request.scheduler, family)
 
 
 def _part(

@@ -52,9 +52,7 @@ from easel.backends.diffusers._plans import Plan, family_for, plan_request
 from easel.backends.diffusers._previews import Previewer, step_callback
 from easel.backends.diffusers._quiet import quiet_warnings
 from easel.backends.diffusers.models import ModelEntry, ModelKind, ModelRegistry, inspect_path
-from easel.backends.diffusers.schedulers import (
-    build_scheduler,
-)
+from easel.backends.diffusers.schedulers import build_scheduler, sampler_record
 from easel.errors import (
     Cancelled,
     EaselError,
@@ -454,14 +452,14 @@ class DiffusersBackend(Backend):
 
 
 def _info(plan: Plan, pipe: Any) -> dict[str, Any]:
-    """What the result records about how it was made (beyond the request)."""
+    """What the result records about how it was made (beyond the request): the sampler as
+    A1111 names it, the diffusers class and config that ran, and any substitution."""
+    scheduler = pipe.scheduler
     info: dict[str, Any] = {
-        "scheduler": type(pipe.scheduler).__name__,
+        **sampler_record(plan.scheduler, scheduler),
         "family": plan.family.name,
         "mode": str(plan.extras.mode),
     }
     if plan.loras:
         info["loras"] = [{"name": e.name, "weight": w} for e, w in plan.loras]
-    if plan.scheduler is not None and plan.scheduler.note:
-        info["scheduler_note"] = plan.scheduler.note
     return info

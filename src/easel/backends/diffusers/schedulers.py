@@ -1,13 +1,16 @@
-"""Scheduler names people use -> diffusers scheduler classes and configs.
+"""Sampler names -> diffusers scheduler classes and configs, per model family.
 
-One table for the names of Automatic1111 ("DPM++ 2M Karras"), ComfyUI ("dpmpp_2m" with
-scheduler "karras", written ``dpmpp_2m_karras``), Draw Things ("Euler A Trailing", "UniPC AYS")
-and diffusers' own class names. A name is a sampler plus at most one modifier: Karras,
-Exponential or Beta sigmas, Trailing spacing, AYS (Align Your Steps) timesteps, or Substep.
+The names themselves (every tool's spelling) are read by :mod:`easel.samplers`; this module
+says which diffusers class runs each sampler, which schedule modifiers that class can apply
+(Karras, Exponential or Beta sigmas, Trailing spacing, AYS, Substep), and which families'
+pipelines can drive it. :func:`resolve_sampler` answers at admission, from data alone (no
+torch): a name either resolves to a :class:`SchedulerSpec` that runs, or is refused with a 4xx.
 
-Pure data plus one lazy constructor, so that admission can refuse an unknown scheduler with a
-4xx before any model is touched, and without importing torch. Flow-matching models (SD3, FLUX)
-have their own, shorter table: a noise-prediction sampler cannot drive them.
+Align Your Steps runs on every class that takes Karras sigmas, through the same seam: the
+class's Karras conversion is replaced by NVIDIA's published AYS sigmas, log-linearly
+interpolated to the step count, so the scheduler's own code maps them to timesteps (and
+interleaves them for second-order samplers). Euler a, which has no Karras option, gets the
+AYS timesteps and their sigmas after its own ``set_timesteps``.
 """
 
 from __future__ import annotations
@@ -16,11 +19,22 @@ import importlib.util
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from easel.backends.diffusers._quiet import quiet_warnings
 from easel.errors import InvalidRequest, Unsupported
+from easel.samplers import (
+    A1111_SCHEDULE_TYPES,
+    DIFFUSERS_CLASSES,
+    SamplerName,
+    Schedule,
+    parse_sampler,
+)
+
+if TYPE_CHECKING:
+    from easel.backends.diffusers._families import Family
 
 quiet_scheduler_warnings = quiet_warnings
 """Kept for callers of the first version of this module."""
@@ -34,28 +48,45 @@ class SchedulerSpec:
     overrides: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     requires: str | None = None
     ays: bool = False
-    """Run Align-Your-Steps timesteps (passed to the pipeline call, not the config)."""
+    """Run Align-Your-Steps sigmas (see :func:`build_scheduler`)."""
     note: str | None = None
     """Set where the name has no exact diffusers equivalent: what runs instead."""
+    sampler: SamplerName | None = None
+    """What the user asked for, canonically (recorded with the result)."""
+    ays_schedule: str | None = None
+    """Which AYS schedule ("sd", "sdxl"): set by :func:`resolve_sampler` from the family."""
+
+    @property
+    def a1111(self) -> tuple[str, str]:
+        """(sampler, schedule type) as A1111 writes them in infotext."""
+        if self.sampler is None:
+            return self.class_name, "Automatic"
+        return self.sampler.a1111
 
 
 @dataclass(frozen=True)
 class _Sampler:
     class_name: str
     overrides: Mapping[str, Any]
-    modifiers: frozenset[str]
+    modifiers: frozenset[Schedule]
     requires: str | None = None
 
 
-_SIGMAS = frozenset({"Karras", "Exponential", "Beta"})
-_SPACING = frozenset({"Trailing"})
-_AYS = frozenset({"AYS"})
-_ALL = _SIGMAS | _SPACING | _AYS
+_K, _E, _B, _T, _A, _S = (
+    Schedule.karras,
+    Schedule.exponential,
+    Schedule.beta,
+    Schedule.trailing,
+    Schedule.ays,
+    Schedule.substep,
+)
+_SIGMAS = frozenset({_K, _E, _B})
+_KARRAS_LIKE = _SIGMAS | {_T, _A}  # classes with use_karras_sigmas: AYS through that seam
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
 
 
 def _s(
-    class_name: str, modifiers: frozenset[str], requires: str | None = None, **overrides: Any
+    class_name: str, modifiers: frozenset[Schedule], requires: str | None = None, **overrides: Any
 ) -> _Sampler:
     return _Sampler(class_name, MappingProxyType(overrides), modifiers, requires)
 
@@ -64,28 +95,29 @@ def _s(
 # (a test checks this table against the installed diffusers).
 _SAMPLERS: Mapping[str, _Sampler] = MappingProxyType(
     {
-        "Euler": _s("EulerDiscreteScheduler", _ALL),
-        "Euler a": _s("EulerAncestralDiscreteScheduler", _SPACING),
-        "Heun": _s("HeunDiscreteScheduler", _ALL),
-        "DPM2": _s("KDPM2DiscreteScheduler", _SIGMAS | _SPACING),
-        "DPM2 a": _s("KDPM2AncestralDiscreteScheduler", _SIGMAS | _SPACING),
-        "DPM++ 2M": _s("DPMSolverMultistepScheduler", _ALL),
-        "DPM++ 2M SDE": _s("DPMSolverMultistepScheduler", _ALL, **_SDE),
-        "DPM++ 2M SDE Heun": _s("DPMSolverMultistepScheduler", _ALL, **_SDE, solver_type="heun"),
-        "DPM++ 3M SDE": _s("DPMSolverMultistepScheduler", _ALL, **_SDE, solver_order=3),
-        "DPM++ SDE": _s("DPMSolverSDEScheduler", _SIGMAS | _SPACING, "torchsde"),
-        "DPM++ 2S": _s("DPMSolverSinglestepScheduler", _SIGMAS | _AYS),
-        "LMS": _s("LMSDiscreteScheduler", _SIGMAS | _SPACING, "scipy"),
-        "DDIM": _s("DDIMScheduler", _SPACING),
-        "DDPM": _s("DDPMScheduler", _SPACING | _AYS),
+        "Euler": _s("EulerDiscreteScheduler", _KARRAS_LIKE),
+        "Euler a": _s("EulerAncestralDiscreteScheduler", frozenset({_T, _A, _S})),
+        "Heun": _s("HeunDiscreteScheduler", _KARRAS_LIKE),
+        "DPM2": _s("KDPM2DiscreteScheduler", _KARRAS_LIKE),
+        "DPM2 a": _s("KDPM2AncestralDiscreteScheduler", _KARRAS_LIKE),
+        "DPM++ 2M": _s("DPMSolverMultistepScheduler", _KARRAS_LIKE),
+        "DPM++ 2M SDE": _s("DPMSolverMultistepScheduler", _KARRAS_LIKE, **_SDE),
+        "DPM++ 2M SDE Heun": _s(
+            "DPMSolverMultistepScheduler", _KARRAS_LIKE, **_SDE, solver_type="heun"
+        ),
+        "DPM++ 3M SDE": _s("DPMSolverMultistepScheduler", _KARRAS_LIKE, **_SDE, solver_order=3),
+        "DPM++ SDE": _s("DPMSolverSDEScheduler", _KARRAS_LIKE | {_S}, "torchsde"),
+        "DPM++ 2S": _s("DPMSolverSinglestepScheduler", _SIGMAS | {_A}),
+        "LMS": _s("LMSDiscreteScheduler", _KARRAS_LIKE, "scipy"),
+        "DDIM": _s("DDIMScheduler", frozenset({_T})),
+        "DDPM": _s("DDPMScheduler", frozenset({_T})),
         # PLMS is PNDM without its Runge-Kutta warm-up steps (which break below ~4 steps).
-        "PLMS": _s("PNDMScheduler", _SPACING, skip_prk_steps=True),
-        "PNDM": _s("PNDMScheduler", _SPACING, skip_prk_steps=True),
-        "DEIS": _s("DEISMultistepScheduler", _SIGMAS | _SPACING),
-        # diffusers' UniPC takes custom sigmas only for flow models: no AYS
-        "UniPC": _s("UniPCMultistepScheduler", _SIGMAS | _SPACING),
-        "LCM": _s("LCMScheduler", _SPACING | _AYS),
-        "TCD": _s("TCDScheduler", _SPACING | _AYS),
+        "PLMS": _s("PNDMScheduler", frozenset({_T}), skip_prk_steps=True),
+        "PNDM": _s("PNDMScheduler", frozenset({_T}), skip_prk_steps=True),
+        "DEIS": _s("DEISMultistepScheduler", _KARRAS_LIKE),
+        "UniPC": _s("UniPCMultistepScheduler", _KARRAS_LIKE),
+        "LCM": _s("LCMScheduler", frozenset({_T})),
+        "TCD": _s("TCDScheduler", frozenset({_T})),
     }
 )
 
@@ -98,169 +130,225 @@ _FLOW_SAMPLERS: Mapping[str, _Sampler] = MappingProxyType(
     }
 )
 
-_MODIFIER_OVERRIDES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+_MODIFIER_OVERRIDES: Mapping[Schedule, Mapping[str, Any]] = MappingProxyType(
     {
-        "Karras": {"use_karras_sigmas": True},
-        "Exponential": {"use_exponential_sigmas": True},
-        "Beta": {"use_beta_sigmas": True},
-        "Trailing": {"timestep_spacing": "trailing"},
-        "AYS": {},
+        _K: {"use_karras_sigmas": True},
+        _E: {"use_exponential_sigmas": True},
+        _B: {"use_beta_sigmas": True},
+        _T: {"timestep_spacing": "trailing"},
+        _A: {},
+        _S: {"timestep_spacing": "trailing"},
     }
 )
-
-# Other spellings -> the names above. Keys are normalised (see _key).
-_SAMPLER_ALIASES = {
-    "euler ancestral": "Euler a",
-    "k euler": "Euler",
-    "k euler a": "Euler a",
-    "dpm 2": "DPM2",
-    "dpm 2 a": "DPM2 a",
-    "dpm 2 ancestral": "DPM2 a",
-    "dpmpp 2m": "DPM++ 2M",
-    "dpmpp 2m sde": "DPM++ 2M SDE",
-    "dpmpp 2m sde heun": "DPM++ 2M SDE Heun",
-    "dpmpp 3m sde": "DPM++ 3M SDE",
-    "dpmpp sde": "DPM++ SDE",
-    "dpmpp 2s": "DPM++ 2S",
-    "k lms": "LMS",
-    "uni pc": "UniPC",
-    "unipc bh2": "UniPC",
-    "uni pc bh2": "UniPC",
-}
-# ComfyUI's scheduler names and Draw Things' suffixes -> modifiers ("" = the default spacing).
-_MODIFIER_ALIASES = {
-    "karras": "Karras",
-    "exponential": "Exponential",
-    "beta": "Beta",
-    "trailing": "Trailing",
-    "sgm uniform": "Trailing",
-    "ays": "AYS",
-    "align your steps": "AYS",
-    "substep": "Substep",
-    "normal": "",
-    "simple": "",
-}
-# Draw Things' "Substep" samplers split each step in sub-steps; diffusers has no such sampler.
-_SUBSTEP = {"Euler a", "DPM++ SDE"}
+_REQUIRES = {_B: "scipy"}  # diffusers' beta sigmas use scipy.stats
 _SUBSTEP_NOTE = (
     "Draw Things' substep sampling has no diffusers equivalent; this ran {name} with "
     "trailing spacing instead"
 )
 
 
-def _key(name: str) -> str:
-    return " ".join(name.replace("_", " ").replace("-", " ").split()).casefold()
-
-
 def _friendly_names(samplers: Mapping[str, _Sampler]) -> list[str]:
     names = list(samplers)
-    for modifier in ("Karras", "Exponential", "Beta", "Trailing", "AYS"):
-        names += [f"{n} {modifier}" for n, s in samplers.items() if modifier in s.modifiers]
+    for modifier in Schedule:
+        names += [f"{n} {modifier.value}" for n, s in samplers.items() if modifier in s.modifiers]
     return names
 
 
 SCHEDULERS: tuple[str, ...] = tuple(_friendly_names(_SAMPLERS))
-"""Every friendly name of noise-prediction models (SD 1.x/2.x, SDXL, Kandinsky), listed to
-users in this order; ``Substep`` and ComfyUI spellings are accepted besides."""
+"""Every canonical name for noise-prediction models (SD 1.x/2.x, SDXL, Kandinsky), listed to
+users in this order; every other tool's spelling of them is accepted besides."""
 FLOW_SCHEDULERS: tuple[str, ...] = tuple(_friendly_names(_FLOW_SAMPLERS))
-"""Every friendly name of flow-matching models (SD3, FLUX)."""
+"""Every canonical name for flow-matching models (SD3, FLUX)."""
 
 _CLASS_NAMES = tuple(dict.fromkeys(s.class_name for s in _SAMPLERS.values()))
 _FLOW_CLASS_NAMES = tuple(dict.fromkeys(s.class_name for s in _FLOW_SAMPLERS.values()))
 
 
-def scheduler_names(*, flow: bool = False) -> list[str]:
-    """Every accepted name: friendly names first, then diffusers class names."""
-    if flow:
-        return [*FLOW_SCHEDULERS, *_FLOW_CLASS_NAMES]
-    return [*SCHEDULERS, *_CLASS_NAMES]
+def scheduler_names(*, flow: bool = False, family: Family | None = None) -> list[str]:
+    """Every accepted canonical name (for ``family`` if given): names, then class names."""
+    if family is not None:
+        flow = family.flow
+    friendly, classes = (FLOW_SCHEDULERS, _FLOW_CLASS_NAMES) if flow else (SCHEDULERS, _CLASS_NAMES)
+    if family is None:
+        return [*friendly, *classes]
+    return [n for n in (*friendly, *classes) if _refusal(n, family) is None]
 
 
-def _parse(name: str, samplers: Mapping[str, _Sampler]) -> tuple[str, str] | None:
-    """``name`` -> (sampler, modifier) or None; the modifier is "" for none."""
-    by_key = {_key(n): n for n in samplers} | {
-        k: v for k, v in _SAMPLER_ALIASES.items() if v in samplers
-    }
-    key = _key(name)
-    if key in by_key:
-        return by_key[key], ""
-    for suffix, modifier in _MODIFIER_ALIASES.items():
-        if key.endswith(" " + suffix) and (base := by_key.get(key[: -len(suffix) - 1])):
-            return base, modifier
+def _refusal(name: str, family: Family) -> str | None:
+    try:
+        resolve_sampler(name, family)
+    except InvalidRequest as exc:
+        return exc.message
     return None
 
 
-def lookup_scheduler(name: str, *, flow: bool = False) -> SchedulerSpec:
-    """The spec for ``name`` (case-insensitive); an unknown name is a 4xx listing valid names.
+def resolve_sampler(
+    name: str, family: Family | None = None, *, flow: bool = False
+) -> SchedulerSpec:
+    """``name`` (any tool's spelling) -> the scheduler that runs it on ``family``, or a 4xx.
 
-    ``flow`` selects the table of flow-matching models. A known scheduler whose extra package
-    is not installed is :class:`Unsupported`, with the command that fixes it.
+    Called at admission: everything it accepts runs on that family's pipelines (a test runs
+    every name on every family). Without ``family``, only the sampler table is consulted
+    (``flow`` picks the flow-matching one).
     """
-    samplers = _FLOW_SAMPLERS if flow else _SAMPLERS
-    spec = _class_spec(name, flow) or _named_spec(name, samplers)
-    if spec is None:
-        parsed = _parse(name, samplers)
-        if parsed is not None:  # a sampler we have, with a modifier diffusers cannot apply
-            sampler, modifier = parsed
-            takes = ", ".join(sorted(samplers[sampler].modifiers)) or "no modifier"
-            raise Unsupported(
-                f"{sampler} cannot run with {modifier} in diffusers (it takes: {takes})"
-            )
-        raise _unknown(name, flow)
-    if spec.requires is not None and importlib.util.find_spec(spec.requires) is None:
+    if family is not None:
+        flow = family.flow
+    try:
+        parsed = parse_sampler(name)
+    except InvalidRequest:
+        raise InvalidRequest(
+            f"unknown scheduler {name!r}; valid schedulers for "
+            f"{family.label + ' models' if family else 'this model'} are: "
+            f"{', '.join(scheduler_names(flow=flow, family=family))} (any tool's spelling: "
+            "DPMPP2M Karras, dpmpp_2m_karras, UniPC ays)"
+        ) from None
+    spec = _spec(name, parsed, flow)
+    if family is not None:
+        spec = _for_family(name, spec, family)
+    needed = spec.requires
+    if needed is not None and importlib.util.find_spec(needed) is None:
         raise Unsupported(
-            f"scheduler {name!r} needs the {spec.requires!r} package, which is not installed "
-            f"on this server (pip install {spec.requires})"
+            f"scheduler {name!r} needs the {needed!r} package, which is not installed on this "
+            f"server (pip install 'easel[diffusers]', or pip install {needed})"
         )
     return spec
 
 
-def _unknown(name: str, flow: bool) -> InvalidRequest:
-    friendly, classes = (FLOW_SCHEDULERS, _FLOW_CLASS_NAMES) if flow else (SCHEDULERS, _CLASS_NAMES)
-    valid = (
-        f"valid schedulers for {'flow-matching models (SD3, FLUX)' if flow else 'this model'} "
-        f"are: {', '.join(friendly)} (or a diffusers class name: {', '.join(classes)})"
-    )
-    other = _named_spec(name, _SAMPLERS if flow else _FLOW_SAMPLERS) or _class_spec(name, not flow)
-    if other is not None:
-        kind = "noise-prediction models (SD, SDXL)" if flow else "flow-matching models"
-        return Unsupported(f"scheduler {name!r} is for {kind} only; {valid}")
-    return InvalidRequest(f"unknown scheduler {name!r}; {valid}")
-
-
-def _class_spec(name: str, flow: bool) -> SchedulerSpec | None:
-    """A class name means the class as the model's config says, with none of our overrides."""
+def _spec(name: str, parsed: SamplerName, flow: bool) -> SchedulerSpec:
     samplers = _FLOW_SAMPLERS if flow else _SAMPLERS
-    for sampler in samplers.values():
-        if _key(sampler.class_name) == _key(name):
-            return SchedulerSpec(sampler.class_name, requires=sampler.requires)
-    return None
-
-
-def _named_spec(name: str, samplers: Mapping[str, _Sampler]) -> SchedulerSpec | None:
-    parsed = _parse(name, samplers)
-    if parsed is None:
-        return None
-    base, modifier = parsed
-    sampler = samplers[base]
+    if parsed.diffusers_class is not None:  # the class as the model's config says
+        owner = next((s for s in samplers.values() if s.class_name == parsed.diffusers_class), None)
+        if owner is None:
+            raise _wrong_table(name, flow)
+        return SchedulerSpec(owner.class_name, requires=owner.requires, sampler=parsed)
+    sampler = samplers.get(parsed.sampler)
+    if sampler is None:
+        raise _wrong_table(name, flow)
+    modifier = parsed.schedule
     overrides = dict(sampler.overrides)
     note = None
-    if modifier == "Substep":
-        if base not in _SUBSTEP or samplers is _FLOW_SAMPLERS:
-            return None
-        overrides.update(_MODIFIER_OVERRIDES["Trailing"])
-        note = _SUBSTEP_NOTE.format(name=base)
-    elif modifier:
+    if modifier is not None:
         if modifier not in sampler.modifiers:
-            return None
+            takes = ", ".join(sorted(m.value for m in sampler.modifiers)) or "no schedule modifier"
+            raise Unsupported(
+                f"{parsed.sampler} cannot run with {modifier.value} in diffusers (it takes: "
+                f"{takes}); valid names: {', '.join(_valid(flow))}"
+            )
         overrides.update(_MODIFIER_OVERRIDES[modifier])
+        if modifier is _S:
+            note = _SUBSTEP_NOTE.format(name=parsed.sampler)
     return SchedulerSpec(
         sampler.class_name,
         MappingProxyType(overrides),
-        "scipy" if modifier == "Beta" else sampler.requires,
-        ays=modifier == "AYS",
+        _REQUIRES.get(modifier, sampler.requires) if modifier else sampler.requires,
+        ays=modifier is _A,
         note=note,
+        sampler=parsed,
     )
+
+
+def _valid(flow: bool) -> tuple[str, ...]:
+    return FLOW_SCHEDULERS if flow else SCHEDULERS
+
+
+def _wrong_table(name: str, flow: bool) -> InvalidRequest:
+    valid = (
+        f"valid schedulers for {'flow-matching models (SD3, FLUX)' if flow else 'this model'} "
+        f"are: {', '.join(_valid(flow))} (or a diffusers class name: "
+        f"{', '.join(_FLOW_CLASS_NAMES if flow else _CLASS_NAMES)})"
+    )
+    kind = "noise-prediction models (SD, SDXL)" if flow else "flow-matching models"
+    return Unsupported(f"scheduler {name!r} is for {kind} only; {valid}")
+
+
+def _for_family(name: str, spec: SchedulerSpec, family: Family) -> SchedulerSpec:
+    what = f"{family.label} models"
+    modifier = spec.sampler.schedule if spec.sampler else None
+    if family.schedulers is not None and spec.class_name not in family.schedulers:
+        raise Unsupported(
+            f"{what} cannot run {name!r}: their pipeline drives only "
+            f"{', '.join(sorted(family.schedulers))} (and their variants)"
+        )
+    if modifier is not None and modifier in family.refused_schedules:
+        raise Unsupported(
+            f"{what} cannot run {name!r}: their noise schedule does not take "
+            f"{modifier.value} sigmas in diffusers"
+        )
+    if spec.ays:
+        if family.ays is None:
+            raise Unsupported(
+                f"Align Your Steps schedules exist for SD 1.x/2.x and SDXL, not {what}"
+            )
+        return SchedulerSpec(
+            spec.class_name,
+            spec.overrides,
+            spec.requires,
+            ays=True,
+            note=spec.note,
+            sampler=spec.sampler,
+            ays_schedule=family.ays,
+        )
+    return spec
+
+
+def sampler_record(spec: SchedulerSpec | None, scheduler: Any) -> dict[str, Any]:
+    """What ran, for the sidecar and the infotext: A1111's sampler and schedule type
+    ("UniPC", "Align Your Steps"), the diffusers class and its config, any substitution.
+
+    Without a spec (the model's own scheduler), the names are read from the class and config.
+    """
+    cls = type(scheduler).__name__
+    config = {k: _plain(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    if spec is not None and spec.sampler is not None and spec.sampler.diffusers_class is None:
+        sampler, schedule = spec.sampler.a1111
+    else:
+        sampler = DIFFUSERS_CLASSES.get(cls, cls)
+        schedule = _schedule_of(config)
+    record: dict[str, Any] = {
+        "sampler": sampler,
+        "schedule_type": schedule,
+        "scheduler": cls,
+        "scheduler_config": config,
+    }
+    if spec is not None and spec.ays:
+        record["sigmas"] = f"Align Your Steps ({spec.ays_schedule or 'sd'})"
+    if spec is not None and spec.note:
+        record["scheduler_note"] = spec.note
+        record["substitution"] = spec.note
+    return record
+
+
+def _schedule_of(config: Mapping[str, Any]) -> str:
+    for key, schedule in (
+        ("use_karras_sigmas", _K),
+        ("use_exponential_sigmas", _E),
+        ("use_beta_sigmas", _B),
+    ):
+        if config.get(key):
+            return A1111_SCHEDULE_TYPES[schedule]
+    if config.get("timestep_spacing") == "trailing":
+        return A1111_SCHEDULE_TYPES[_T]
+    return "Automatic"
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON can hold it (tuples, numpy scalars, None)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    try:
+        return value.item()  # numpy / torch scalars
+    except AttributeError:
+        return str(value)
+
+
+# -- the first version's API, kept for its callers ------------------------------------------
+
+
+def lookup_scheduler(name: str, *, flow: bool = False) -> SchedulerSpec:
+    """The spec for ``name`` in the noise-prediction (or ``flow``) table, no family checks."""
+    return resolve_sampler(name, flow=flow)
 
 
 def resolve_scheduler(name: str, *, flow: bool = False) -> tuple[str, dict[str, Any]]:
@@ -270,31 +358,90 @@ def resolve_scheduler(name: str, *, flow: bool = False) -> tuple[str, dict[str, 
 
 
 def make_scheduler(name: str, base_config: Mapping[str, Any], *, flow: bool = False) -> Any:
-    """A new scheduler of the named kind, keeping the model's own noise schedule.
-
-    ``base_config`` is the model's scheduler config (``pipe.scheduler.config``): betas, shift
-    and offsets come from it, the named kind only adds its overrides.
-    """
+    """A new scheduler of the named kind, keeping the model's own noise schedule."""
     return build_scheduler(lookup_scheduler(name, flow=flow), base_config)
 
 
+# -- building ------------------------------------------------------------------------------------
+
+
 def build_scheduler(spec: SchedulerSpec, base_config: Mapping[str, Any]) -> Any:
-    """The scheduler ``spec`` describes, on the model's noise schedule (``base_config``)."""
+    """The scheduler ``spec`` describes, on the model's noise schedule (``base_config``).
+
+    Betas, shift and offsets come from ``base_config``; the spec only adds its overrides.
+    """
     import diffusers
 
     cls = getattr(diffusers, spec.class_name)
+    overrides = dict(spec.overrides)
+    if spec.ays:
+        cls = _ays_class(cls, spec.ays_schedule or "sd")
+        if "use_karras_sigmas" in _init_parameters(cls):
+            overrides["use_karras_sigmas"] = True  # the seam AYS sigmas come through
     try:
         with quiet_warnings():
-            return cls.from_config(base_config, **spec.overrides)
+            scheduler = cls.from_config(base_config, **overrides)
     except ImportError as exc:  # diffusers' placeholder for a missing optional dependency
         raise Unsupported(
             f"scheduler {spec.class_name} cannot be used on this server: {exc}"
         ) from exc
+    return scheduler
+
+
+def _init_parameters(cls: type) -> Mapping[str, Any]:
+    import inspect
+
+    return inspect.signature(cls.__init__).parameters
+
+
+@cache
+def _ays_class(cls: type, schedule: str) -> type:
+    """``cls`` running the ``schedule`` AYS sigmas: a subclass, named after it for the record."""
+    mixin = _KarrasSeam if "use_karras_sigmas" in _init_parameters(cls) else _AfterSetTimesteps
+    attributes = {"__module__": __name__, "ays_sigmas": tuple(ays_sigmas(schedule))}
+    return type(cls.__name__, (mixin, cls), attributes)
+
+
+class _KarrasSeam:
+    """Where the class would build Karras sigmas, it gets the AYS sigmas instead."""
+
+    ays_sigmas: Sequence[float] = ()
+    num_inference_steps: int
+
+    def _convert_to_karras(self, in_sigmas: Any, num_inference_steps: int | None = None) -> Any:
+        import numpy as np
+
+        steps = num_inference_steps or self.num_inference_steps
+        return np.array(log_linear(self.ays_sigmas, steps), dtype=np.float64)
+
+
+class _AfterSetTimesteps:
+    """For samplers without a sigma seam (Euler a): AYS timesteps and their sigmas, set
+    after the class's own ``set_timesteps``."""
+
+    ays_sigmas: Sequence[float] = ()
+
+    def set_timesteps(self, num_inference_steps: int, device: Any = None, **kwargs: Any) -> None:
+        import numpy as np
+        import torch
+
+        super().set_timesteps(num_inference_steps, device, **kwargs)  # type: ignore[misc]
+        alphas = self.alphas_cumprod.numpy()  # type: ignore[attr-defined]
+        table = ((1 - alphas) / alphas) ** 0.5
+        sigmas = np.array(log_linear(self.ays_sigmas, num_inference_steps))
+        timesteps = np.interp(np.log(sigmas), np.log(table), np.arange(len(table)))
+        full = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        self.sigmas = torch.from_numpy(full)
+        self.timesteps = torch.from_numpy(timesteps.astype(np.float32)).to(device=device)
+        self._step_index = None
+        self._begin_index = None
 
 
 # -- Align Your Steps ----------------------------------------------------------------------------
 
-# The 10-step schedules of the AYS paper (NVIDIA, 2024), as diffusers ships them.
+
+# The 10-step schedules of the AYS paper (NVIDIA, 2024), as diffusers ships them in
+# ``diffusers.schedulers.AysSchedules`` (a test checks they agree), without the final 0.
 _AYS_SIGMAS: Mapping[str, tuple[float, ...]] = MappingProxyType(
     {
         "sd": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152),
@@ -303,15 +450,17 @@ _AYS_SIGMAS: Mapping[str, tuple[float, ...]] = MappingProxyType(
 )
 
 
-def ays_timesteps(schedule: str, steps: int, config: Mapping[str, Any]) -> list[int]:
-    """AYS timesteps for ``steps`` steps: the paper's 10 sigmas, log-linearly interpolated
-    (as ComfyUI does) and mapped back to the model's own timesteps.
-
-    ``schedule`` is "sd" (SD 1.x/2.x) or "sdxl"; ``config`` the model's scheduler config.
-    """
+def ays_sigmas(schedule: str) -> list[float]:
+    """The published 10-step AYS sigmas; ``schedule`` is "sd" (SD 1.x/2.x) or "sdxl"."""
     if schedule not in _AYS_SIGMAS:
         raise Unsupported(f"AYS schedules exist for SD 1.x/2.x and SDXL only, not {schedule}")
-    sigmas = _log_linear(_AYS_SIGMAS[schedule], steps)
+    return list(_AYS_SIGMAS[schedule])
+
+
+def ays_timesteps(schedule: str, steps: int, config: Mapping[str, Any]) -> list[int]:
+    """AYS timesteps for ``steps`` steps: the paper's 10 sigmas, log-linearly interpolated
+    (as ComfyUI does) and mapped back to the model's own timesteps."""
+    sigmas = log_linear(ays_sigmas(schedule), steps)
     table = _model_sigmas(config)
     timesteps: list[int] = []
     for sigma in sigmas:
@@ -325,7 +474,8 @@ def ays_timesteps(schedule: str, steps: int, config: Mapping[str, Any]) -> list[
     return timesteps
 
 
-def _log_linear(points: Sequence[float], n: int) -> list[float]:
+def log_linear(points: Sequence[float], n: int) -> list[float]:
+    """``n`` values along ``points``, interpolated linearly in log space."""
     if n == len(points):
         return list(points)
     logs = [math.log(p) for p in points]
