@@ -159,7 +159,7 @@ async def test_latent_upscale(backend: DiffusersBackend, builder: str) -> None:
         ("sdxl", "DPM++ 2M AYS", "DPMSolverMultistepScheduler"),
         ("sdxl", "Euler a Trailing", "EulerAncestralDiscreteScheduler"),
         ("kandinsky22", "DDPM", "DDPMScheduler"),
-        ("kandinsky3", "DPM++ 2M Karras", "DPMSolverMultistepScheduler"),
+        ("kandinsky3", "DPM++ 2M", "DPMSolverMultistepScheduler"),
     ],
 )
 async def test_schedulers_per_family(

@@ -9,7 +9,6 @@ is checked to be that same scheduler.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest

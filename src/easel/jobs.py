@@ -217,7 +217,9 @@ class MixItem(BaseModel):
         return self
 
 
-_STYLE_KEYS = frozenset({"scheduler_type", "karras_sigmas", "use_karras_sigmas", "timestep_spacing"})
+_STYLE_KEYS = frozenset(
+    {"scheduler_type", "karras_sigmas", "use_karras_sigmas", "timestep_spacing"}
+)
 
 
 class GenerationRequest(BaseModel):
@@ -367,12 +369,14 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"{', '.join(sorted(style))} needs scheduler_type (or scheduler)")
         if data.get("scheduler") not in (None, kind):
             raise ValueError("give scheduler or scheduler_type, not both")
-        flags = {
-            "karras_sigmas": bool(style.get("karras_sigmas") or style.get("use_karras_sigmas")),
-            "timestep_spacing": style.get("timestep_spacing"),
-        }
+        karras = bool(style.get("karras_sigmas") or style.get("use_karras_sigmas"))
+        spacing = style.get("timestep_spacing")
         try:
-            data["scheduler"] = from_diffusers_style(str(kind), **flags)
+            data["scheduler"] = from_diffusers_style(
+                str(kind),
+                karras_sigmas=karras,
+                timestep_spacing=None if spacing is None else str(spacing),
+            )
         except InvalidRequest as exc:
             raise ValueError(exc.message) from None
         return data

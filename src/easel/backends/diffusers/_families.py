@@ -191,6 +191,8 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
             frozenset({Mode.txt2img, Mode.img2img}),
             size_multiple=64,
             schedulers=_KANDINSKY_SCHEDULERS,
+            # its squared-cosine betas: these sigmas round to repeated timesteps (IndexError)
+            refused_schedules=frozenset({Schedule.karras, Schedule.exponential, Schedule.beta}),
         ),
     }
 )

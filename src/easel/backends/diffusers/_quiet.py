@@ -22,7 +22,7 @@ _CALLBACK_STEPS = r"`callback_steps` is deprecated"
 _NO_TEXT_LORA = r"No LoRA keys associated to"
 _MORE_ADAPTERS = r"Already found a `peft_config` attribute"
 # Audio pipelines: Stable Audio's autoencoder uses torch's old weight_norm; its SDE scheduler's
-# Brownian tree (torchsde) warns about float rounding at the ends of its interval.
+# Brownian tree (torchsde, also DPM++ SDE's) warns about float rounding at the ends of its interval.
 _WEIGHT_NORM = r".*weight_norm` is deprecated"
 _BROWNIAN_ENDS = r"Should have t[ab]"
 

@@ -391,7 +391,7 @@ def build_scheduler(spec: SchedulerSpec, base_config: Mapping[str, Any]) -> Any:
 def _init_parameters(cls: type) -> Mapping[str, Any]:
     import inspect
 
-    return inspect.signature(cls.__init__).parameters
+    return inspect.signature(cls).parameters
 
 
 @cache
