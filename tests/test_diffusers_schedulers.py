@@ -184,7 +184,7 @@ def test_modules_import_without_torch() -> None:
 
 def test_ays_sigmas_are_the_ones_diffusers_publishes() -> None:
     pytest.importorskip("diffusers")
-    from diffusers.schedulers import AysSchedules
+    from diffusers.schedulers import AysSchedules  # type: ignore[attr-defined]
 
     assert [*ays_sigmas("sd"), 0.0] == AysSchedules["StableDiffusionSigmas"]
     assert [*ays_sigmas("sdxl"), 0.0] == AysSchedules["StableDiffusionXLSigmas"]
