@@ -15,9 +15,10 @@ import pytest
 from PIL import Image, ImageChops
 from pydantic import ValidationError
 
-from easel.backends import RunContext
+from easel.backends import RunContext, registry
 from easel.backends.diffusers._options import read_extras
 from easel.backends.diffusers.backend import DiffusersBackend
+from easel.backends.diffusers.backend import create as diffusers_backend
 from easel.errors import (
     Cancelled,
     GenerationError,
@@ -107,7 +108,7 @@ def importlib_spec(name: str) -> bool:
 
 @pytest.fixture(scope="module")
 async def backend(tiny_model_dir: Path, models_dir: Path) -> AsyncIterator[DiffusersBackend]:
-    backend = DiffusersBackend(
+    backend = diffusers_backend(
         str(tiny_model_dir), models_dir=str(models_dir), hf_cache=False, device="cpu"
     )
     await backend.start()
@@ -137,16 +138,16 @@ async def test_serves_the_folder_as_the_default_model(
 
 async def test_missing_model_folder_is_model_not_found(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match="does not exist"):
-        await DiffusersBackend(str(tmp_path / "nope")).start()
+        await diffusers_backend(str(tmp_path / "nope")).start()
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFound, match=r"no model_index\.json"):
-        await DiffusersBackend(str(tmp_path / "empty"), hf_cache=False).start()
+        await diffusers_backend(str(tmp_path / "empty"), hf_cache=False).start()
 
 
 async def test_hub_id_is_not_downloaded() -> None:
     with pytest.raises(ModelNotFound, match="never downloads"):
-        await DiffusersBackend("runwayml/stable-diffusion-v1-5", hf_cache=False).start()
+        await diffusers_backend("runwayml/stable-diffusion-v1-5", hf_cache=False).start()
 
 
 async def test_other_model_is_not_found_at_check(backend: DiffusersBackend) -> None:
@@ -380,7 +381,7 @@ async def test_previews_arrive_every_k_steps_at_latent_size(backend: DiffusersBa
 async def test_previews_through_a_tiny_autoencoder_are_full_size(
     tiny_model_dir: Path, models_dir: Path
 ) -> None:
-    backend = DiffusersBackend(
+    backend = diffusers_backend(
         str(tiny_model_dir), models_dir=str(models_dir), hf_cache=False, device="cpu",
         preview_every=1, preview_vae="taesd",
     )  # fmt: skip
@@ -493,7 +494,7 @@ async def test_lru_cache_evicts_the_least_recently_used_model_under_a_budget(
     for name in ("a", "b", "c"):
         os.symlink(tiny_model_dir, root / name)
     one_model = 6_000_000  # the tiny model's weights are ~4.4 MB: room for one
-    small = DiffusersBackend(str(root), hf_cache=False, device="cpu", memory_budget=one_model)
+    small = diffusers_backend(str(root), hf_cache=False, device="cpu", memory_budget=one_model)
     await small.start()
 
     await run(small, request(model="a"))
@@ -502,7 +503,7 @@ async def test_lru_cache_evicts_the_least_recently_used_model_under_a_budget(
     loaded = {m.name: m.loaded for m in small.models() if m.kind == "pipeline"}
     assert loaded == {"a": False, "b": True, "c": False}
 
-    big = DiffusersBackend(str(root), hf_cache=False, device="cpu", memory_budget="1GB")
+    big = diffusers_backend(str(root), hf_cache=False, device="cpu", memory_budget="1GB")
     await big.start()
     for name in ("a", "b", "c", "a"):
         await run(big, request(model=name))
@@ -564,7 +565,7 @@ async def test_incompatible_requests_of_a_batch_run_alone(backend: DiffusersBack
 async def test_memory_and_speed_knobs_keep_the_image(
     backend: DiffusersBackend, tiny_model_dir: Path
 ) -> None:
-    knobs = DiffusersBackend(
+    knobs = diffusers_backend(
         str(tiny_model_dir), hf_cache=False, device="cpu", attention_slicing=True,
         vae_slicing=True, vae_tiling=True, channels_last=True, fuse_qkv=True, warmup=["64x48"],
     )  # fmt: skip
@@ -580,7 +581,7 @@ async def test_memory_and_speed_knobs_keep_the_image(
 
 
 async def test_bfloat16_runs_on_the_cpu(tiny_model_dir: Path) -> None:
-    half = DiffusersBackend(str(tiny_model_dir), hf_cache=False, device="cpu", dtype="bf16")
+    half = diffusers_backend(str(tiny_model_dir), hf_cache=False, device="cpu", dtype="bf16")
     result = await run(half, request(seed=13))
 
     assert result.images[0].size == (64, 64)
@@ -593,11 +594,13 @@ async def test_bfloat16_runs_on_the_cpu(tiny_model_dir: Path) -> None:
 )  # fmt: skip
 def test_bad_worker_options_are_refused(option: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
-        DiffusersBackend("tiny-sd", hf_cache=False, **option)
+        diffusers_backend("tiny-sd", hf_cache=False, **option)
 
 
 async def test_offload_needs_an_accelerator(tiny_model_dir: Path) -> None:
-    offloaded = DiffusersBackend(str(tiny_model_dir), hf_cache=False, device="cpu", offload="model")
+    offloaded = diffusers_backend(
+        str(tiny_model_dir), hf_cache=False, device="cpu", offload="model"
+    )
 
     with pytest.raises(InvalidRequest, match="nothing to offload"):
         await offloaded.start()
@@ -611,3 +614,8 @@ def test_memory_budget_sizes() -> None:
     assert parse_bytes("1.5g") == int(1.5 * 1024**3)
     assert parse_bytes(1000) == 1000
     assert parse_bytes("auto") is None
+
+
+def test_an_unknown_option_is_refused_not_ignored() -> None:
+    with pytest.raises(InvalidRequest, match="flux_capacitor: Extra inputs are not permitted"):
+        registry.create("diffusers", model="tiny-sd", flux_capacitor=True)

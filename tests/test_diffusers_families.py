@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from easel.backends.diffusers.backend import DiffusersBackend
+from easel.backends.diffusers.backend import create as diffusers_backend
 from easel.errors import InvalidRequest, Unsupported
 from tests.test_backend_diffusers import (
     Recorder,
@@ -46,7 +47,7 @@ def family_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 async def backend(family_models: Path) -> AsyncIterator[DiffusersBackend]:
-    backend = DiffusersBackend(str(family_models), hf_cache=False, device="cpu")
+    backend = diffusers_backend(str(family_models), hf_cache=False, device="cpu")
     await backend.start()
     yield backend
     await backend.close()

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from easel.backends.diffusers.backend import DiffusersBackend
+from easel.backends.diffusers.backend import create as diffusers_backend
 from easel.config import Settings
 from easel.jobs import EventType, GenerationRequest, JobState
 from easel.runtime.facade import Runtime
@@ -18,7 +19,7 @@ from easel.runtime.facade import Runtime
 
 @pytest.fixture(scope="module")
 async def backend(tiny_model_dir: Path) -> AsyncIterator[DiffusersBackend]:
-    loaded = DiffusersBackend(model=str(tiny_model_dir), device="cpu")
+    loaded = diffusers_backend(model=str(tiny_model_dir), device="cpu")
     await loaded.start()
     yield loaded
     await loaded.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from easel.backends import RunContext
-from easel.backends.diffusers.backend import DiffusersBackend
+from easel.backends.diffusers.backend import create as diffusers_backend
 from easel.backends.diffusers.models import ModelFormat
 from easel.errors import ModelNotFound
 from tests.test_backend_diffusers import pixels, request, run
@@ -40,7 +40,7 @@ async def test_single_file_gives_the_folders_pixels(
     checkpoint: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     root = models_with(tmp_path, checkpoint, tiny_model_dir)
-    backend = DiffusersBackend(str(root), hf_cache=False, device="cpu")
+    backend = diffusers_backend(str(root), hf_cache=False, device="cpu")
     await backend.start()
     entry = backend.registry.get("dreamy")
 
@@ -59,7 +59,7 @@ async def test_single_file_named_directly_with_its_config_in_name_json(
     path = tmp_path / "ckpt" / "dreamy.safetensors"
     os.symlink(checkpoint, path)
     path.with_suffix(".json").write_text(json.dumps({"config": str(tiny_model_dir)}))
-    backend = DiffusersBackend(str(path), hf_cache=False, device="cpu")
+    backend = diffusers_backend(str(path), hf_cache=False, device="cpu")
     await backend.start()
 
     result = await run(backend, request(seed=5))
@@ -72,7 +72,7 @@ async def test_single_file_without_a_config_folder_says_what_to_add(
     checkpoint: Path, tmp_path: Path
 ) -> None:
     root = models_with(tmp_path, checkpoint, None)
-    backend = DiffusersBackend(str(root), hf_cache=False, device="cpu")
+    backend = diffusers_backend(str(root), hf_cache=False, device="cpu")
 
     with pytest.raises(ModelNotFound, match="needs the configs of a diffusers folder"):
         await backend.generate(request(model="dreamy"), RunContext())

@@ -49,6 +49,9 @@ class here (and to :data:`ERRORS`), never a ``code=`` on a generic one.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 
 class EaselError(Exception):
     code: str = "error"
@@ -339,3 +342,14 @@ def error_for_status(status: int, message: str) -> EaselError:
     exc = _FOR_STATUS.get(status, EaselError)(message)
     exc.status = status
     return exc
+
+
+def describe_validation(errors: Iterable[Mapping[str, Any]]) -> str:
+    """Pydantic's error list -> one readable sentence (the first five problems)."""
+    errors = list(errors)
+    parts = []
+    for error in errors[:5]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query"))
+        message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts) or "the request is invalid"

@@ -22,6 +22,7 @@ from easel.errors import (
     InternalError,
     InvalidJson,
     InvalidRequest,
+    describe_validation,
     error_for_status,
 )
 
@@ -53,17 +54,6 @@ def validation_error(errors: Any) -> InvalidRequest:
     if any(error.get("type") == "json_invalid" for error in errors):
         return InvalidJson("the request body is not valid JSON")
     return InvalidRequest(describe_validation(errors))
-
-
-def describe_validation(errors: Any) -> str:
-    """Pydantic's error list -> one readable sentence (the first five problems)."""
-    errors = list(errors)
-    parts = []
-    for error in errors[:5]:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query"))
-        message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
-        parts.append(f"{where}: {message}" if where else message)
-    return "; ".join(parts) or "the request is invalid"
 
 
 def install(app: FastAPI) -> None:

@@ -20,7 +20,7 @@ BackendFactory = Callable[..., Backend]
 BUILTIN: dict[str, str] = {
     "mock": "easel.backends.mock:MockBackend",
     "mock-audio": "easel.backends.mock:MockAudioBackend",
-    "diffusers": "easel.backends.diffusers.backend:DiffusersBackend",
+    "diffusers": "easel.backends.diffusers.backend:create",
     "automatic1111": "easel.backends.automatic1111:Automatic1111Backend",
     "openai": "easel.backends.openai:OpenAIBackend",
     "comfyui": "easel.backends.comfyui:ComfyUIBackend",

@@ -11,11 +11,37 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from easel.backends.diffusers._families import Mode
-from easel.errors import InvalidRequest
+from easel.config import DiffusersOptions
+from easel.errors import InvalidRequest, describe_validation
 from easel.jobs import ControlNetSpec, LoraSpec, MixItem, UpscaleSpec
+
+
+class BackendOptions(DiffusersOptions):
+    """Everything a diffusers backend is built with, typed and validated at once: the
+    settings' options (``EASEL_DIFFUSERS__*``, a fleet entry) plus the model, its folder and
+    the device. An option it does not know is refused, never ignored. A few values are
+    checked by the device layer instead (``unknown dtype``...), whose messages list what is
+    allowed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    models_dir: str | None = None
+    device: str = "auto"
+    offload: str = "none"  # type: ignore[assignment]
+    compile: str = "off"  # type: ignore[assignment]
+    memory_budget: str | int | None = None  # type: ignore[assignment]
+
+    @classmethod
+    def of(cls, fields: Mapping[str, Any]) -> BackendOptions:
+        """``fields`` validated, or ``invalid_request`` naming what is wrong."""
+        try:
+            return cls.model_validate(dict(fields))
+        except ValidationError as exc:
+            raise InvalidRequest(describe_validation(exc.errors())) from None
 
 
 @dataclass(frozen=True)
@@ -40,7 +66,7 @@ def read_extras(request: Any) -> Extras:
         upscale = _optional(UpscaleSpec, getattr(request, "upscale", None))
         mix = tuple(_model(MixItem, x) for x in _seq(getattr(request, "mix", None)))
     except ValidationError as exc:
-        raise InvalidRequest(f"invalid diffusers options: {exc}") from None
+        raise InvalidRequest(describe_validation(exc.errors())) from None
     mask = getattr(request, "mask_image", None)
     clip_skip = getattr(request, "clip_skip", None)
     if clip_skip is not None and (not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12):

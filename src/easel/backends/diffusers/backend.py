@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -36,7 +36,7 @@ from easel.backends.diffusers._calls import (
 )
 from easel.backends.diffusers._families import Family, Mode
 from easel.backends.diffusers._lora import LoraGate
-from easel.backends.diffusers._options import Extras
+from easel.backends.diffusers._options import BackendOptions, Extras
 from easel.backends.diffusers._pipelines import (
     DeviceOptions,
     PipelineCache,
@@ -105,31 +105,15 @@ class DiffusersBackend(Backend):
         }
     )
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        models_dir: str | None = None,
-        hf_cache: bool | str = True,
-        device: str = "auto",
-        dtype: str | None = None,
-        offload: str = "none",
-        attention_slicing: bool = False,
-        vae_slicing: bool = False,
-        vae_tiling: bool = False,
-        channels_last: bool = False,
-        fuse_qkv: bool = False,
-        compile: str = "off",
-        memory_budget: str | int | None = None,
-        preview_every: int = 0,
-        preview_vae: str | None = None,
-        warmup: Sequence[str] = (),
-        **_ignored: Any,
-    ) -> None:
+    def __init__(self, settings: BackendOptions | None = None) -> None:
+        settings = settings or BackendOptions()
+        self.settings = settings
         self.options = DeviceOptions(
-            device, dtype, offload, attention_slicing, vae_slicing, vae_tiling,
-            channels_last, fuse_qkv, compile,
+            settings.device, settings.dtype, settings.offload, settings.attention_slicing,
+            settings.vae_slicing, settings.vae_tiling, settings.channels_last,
+            settings.fuse_qkv, settings.compile,
         )  # fmt: skip
+        model, models_dir = settings.model, settings.models_dir
         extra: list[Path] = []
         self._default: str | None = model
         self._problem: EaselError | None = None
@@ -147,17 +131,17 @@ class DiffusersBackend(Backend):
                     f"downloads (fetch one first, e.g. `hf download <repo> --local-dir {model}`)"
                 )
             # else: a name, looked up in the models directory and the Hugging Face cache
-        self.registry = ModelRegistry(models_dir, hf_cache=hf_cache, extra=extra)
+        self.registry = ModelRegistry(models_dir, hf_cache=settings.hf_cache, extra=extra)
         if as_dir and not self.registry.entries(ModelKind.pipeline):
             self._problem = ModelNotFound(
                 f"{model!r} is neither a model (no model_index.json, not a .safetensors "
                 "checkpoint) nor a directory with models in it"
             )
-        self.cache = PipelineCache(parse_bytes(memory_budget))
-        self._budget_given = memory_budget not in (None, "auto")
-        self.preview_every = preview_every
-        self.preview_vae = preview_vae
-        self.warmup = tuple(warmup)
+        self.cache = PipelineCache(parse_bytes(settings.memory_budget))
+        self._budget_given = settings.memory_budget not in (None, "auto")
+        self.preview_every = settings.preview_every
+        self.preview_vae = settings.preview_vae
+        self.warmup = tuple(settings.warmup)
         self.device: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -463,3 +447,9 @@ def _info(plan: Plan, pipe: Any) -> dict[str, Any]:
     if plan.loras:
         info["loras"] = [{"name": e.name, "weight": w} for e, w in plan.loras]
     return info
+
+
+def create(model: str | None = None, **options: Any) -> DiffusersBackend:
+    """The ``diffusers`` kind as the registry builds it (``model``, ``device=``, the
+    options of :class:`BackendOptions`): validated first, an unknown option refused."""
+    return DiffusersBackend(BackendOptions.of({"model": model, **options}))
