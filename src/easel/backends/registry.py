@@ -29,6 +29,7 @@ BUILTIN: dict[str, str] = {
     "hibari": "easel.backends.audio.speech:HibariBackend",
     "diffusers-audio": "easel.backends.audio.sound:DiffusersAudioBackend",
     "tangoflux": "easel.backends.audio.tangoflux:TangoFluxBackend",
+    "piper": "easel.backends.audio.piper:PiperBackend",
 }
 ENTRY_POINT_GROUP = "easel.backends"
 
