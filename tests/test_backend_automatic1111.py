@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from easel.backends import registry
-from easel.errors import InvalidRequest
+from easel.errors import BackendUnavailable, InvalidRequest
 from easel.jobs import EventType, GenerationRequest, JobState
 from tests.engines import cancel_on, eventually, progress_of, run_job, runtime_with
 from tests.servers import Process, easel_serve, free_port
@@ -119,3 +119,25 @@ async def test_the_engine_s_own_refusal_reaches_the_job(peer: Process, tmp_path:
     assert job.state is JobState.failed and job.error is not None
     assert job.error.code == "engine_error"
     assert "not served here" in job.error.message and "elsewhere" in job.error.message
+
+
+async def test_basic_auth_comes_from_the_env_and_health_checks_the_engine(
+    peer: Process, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """easel takes the Basic user name as the A1111 caller: the engine saw the credentials."""
+    monkeypatch.setenv("A1111_PASSWORD", "s3cret-s3cret")
+    backend = registry.create(
+        "automatic1111", name="a1111", url=peer.url, username="webui", password_env="A1111_PASSWORD",
+        user_header=False,
+    )  # fmt: skip
+    assert "s3cret" not in repr(backend)
+    async with runtime_with(tmp_path, backend) as runtime:
+        await backend.health()  # type: ignore[attr-defined]
+        job, _ = await run_job(
+            runtime, GenerationRequest(prompt="auth", width=64, height=64, steps=2)
+        )
+    assert job.state is JobState.succeeded, job.error
+    assert len(peer_jobs(peer, "webui")) == 1
+    dead = registry.create("automatic1111", url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(BackendUnavailable):
+        await dead.health()  # type: ignore[attr-defined]

@@ -171,6 +171,11 @@ class RemoteBackend(Backend):
     async def refresh(self) -> None:
         """Update ``engine_models`` and ``loaded_model`` from the engine (kinds override)."""
 
+    async def health(self) -> None:
+        """Ask the engine (what ``refresh`` asks); ``BackendUnavailable`` when it is down or
+        failing, for the fleet's health checks and circuit breaker."""
+        await self.refresh()
+
     async def close(self) -> None:
         if self._http is not None:
             await self._http.aclose()
