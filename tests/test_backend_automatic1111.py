@@ -127,8 +127,8 @@ async def test_basic_auth_comes_from_the_env_and_health_checks_the_engine(
     """easel takes the Basic user name as the A1111 caller: the engine saw the credentials."""
     monkeypatch.setenv("A1111_PASSWORD", "s3cret-s3cret")
     backend = registry.create(
-        "automatic1111", name="a1111", url=peer.url, username="webui", password_env="A1111_PASSWORD",
-        user_header=False,
+        "automatic1111", name="a1111", url=peer.url, username="webui",
+        password_env="A1111_PASSWORD", user_header=False,
     )  # fmt: skip
     assert "s3cret" not in repr(backend)
     async with runtime_with(tmp_path, backend) as runtime:

@@ -94,3 +94,7 @@ SOCKET_TIMEOUT_SECONDS = 5.0
 CONNECT_TIMEOUT_SECONDS = 2.0
 READ_BLOCK_MS = 1000
 """How long one ``XREAD BLOCK`` waits before it is sent again."""
+
+INLINE_CONTENT_MAX_BYTES = 8 * 1024 * 1024
+"""Result files put in a succeeded event (``include_images``), at most, in all; above it
+the event carries their URLs only."""

@@ -306,6 +306,11 @@ class GenerationRequest(BaseModel):
         default=False, description="Check the prompts against the server's moderation first."
     )
     metadata: dict[str, JSONValue] = Field(default_factory=dict)
+    include_images: bool = Field(
+        default=False,
+        description="Put the result files, base64, in the succeeded event (when they are "
+        "small enough; else only their URLs): for clients that want no second request.",
+    )
     sync_with_s3: bool = Field(
         default=False,
         description="Announce succeeded only once the images are on S3, with their URLs.",
@@ -616,6 +621,9 @@ class Event(BaseModel):
     error: JobError | None = None
     upload_error: str | None = None
     preview: str | None = Field(default=None, description="Base64 JPEG of the work so far.")
+    content: list[str] | None = Field(
+        default=None, description="succeeded, with include_images: each result file, base64."
+    )
 
     service: str | None = None
 

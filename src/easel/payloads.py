@@ -1,22 +1,31 @@
 """Engine payloads a request may carry, and the easel fields read from them.
 
 A request-balancer client sends a raw engine payload (``executor`` + ``payload``): an
-Automatic1111 txt2img/img2img body, or a ComfyUI API-format workflow. An engine of that
-kind gets the payload unchanged (except the seed easel records); other backends run the
-easel fields read here. Either way admission checks those fields against the server's
-limits, so a payload cannot ask for more than a native request may.
+Automatic1111 txt2img/img2img body, a Kandinsky one (``prompt``, ``steps``,
+``guidance_scale``, ``width``/``height`` or ``w``/``h``...; ``images_texts`` + ``weights``
+for a mix), or a ComfyUI API-format workflow. An engine of that kind gets the payload
+unchanged (except the seed easel records); other backends run the easel fields read here
+(an A1111 or Kandinsky payload is also a plain txt2img/img2img/mix request). Either way
+admission checks those fields against the server's limits, so a payload cannot ask for
+more than a native request may.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from enum import StrEnum
 from typing import Any
+
+SEED_RANGE = 2**32
+"""easel's seeds are 0..2**32-1 (as ``jobs.MAX_SEED``)."""
 
 
 class Executor(StrEnum):
     """The engine whose API a ``payload`` is written for."""
 
     automatic1111 = "automatic1111"
+    kandinsky = "kandinsky"
     comfyui = "comfyui"
 
 
@@ -54,6 +63,8 @@ def fields_from(executor: Executor, payload: dict[str, Any]) -> dict[str, Any]:
     """The easel request fields a payload asks for (what limits and local backends see)."""
     if executor is Executor.automatic1111:
         return _a1111_fields(payload)
+    if executor is Executor.kandinsky:
+        return _kandinsky_fields(payload)
     return _comfyui_fields(payload)
 
 
@@ -72,6 +83,8 @@ def _a1111_fields(payload: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("payload.prompt must be a non-empty string")
     width, height = int(_number(payload, "width", 512)), int(_number(payload, "height", 512))
     seed = int(_number(payload, "seed", -1))
+    if seed > SEED_RANGE - 1:  # A1111 takes any integer; easel's seeds are 32-bit
+        seed %= SEED_RANGE
     fields: dict[str, Any] = {
         "prompt": prompt,
         "negative_prompt": str(payload.get("negative_prompt") or ""),
@@ -99,6 +112,73 @@ def _a1111_fields(payload: dict[str, Any]) -> dict[str, Any]:
         if isinstance(mask := payload.get("mask"), str) and mask:
             fields["kind"] = "inpaint"
             fields["mask_image"] = mask
+    return fields
+
+
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"GIF8")
+
+
+def looks_like_image(text: str) -> bool:
+    """Whether a Kandinsky ``images_texts`` entry is a base64 image (else it is a prompt)."""
+    if text.startswith("data:image/"):
+        return True
+    if len(text) < 64 or " " in text:
+        return False
+    try:
+        head = base64.b64decode(text[:64], validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return head.startswith(_IMAGE_MAGIC)
+
+
+def _kandinsky_fields(payload: dict[str, Any]) -> dict[str, Any]:
+    """Kandinsky 2.x/3 payloads (the original library's, Runpod's and FusionBrain-like)."""
+    fields: dict[str, Any] = {
+        "negative_prompt": str(
+            payload.get("negative_decoder_prompt") or payload.get("negative_prompt") or ""
+        ),
+        "width": int(_number(payload, "width", _number(payload, "w", 512))),
+        "height": int(_number(payload, "height", _number(payload, "h", 512))),
+        "cfg_scale": float(_number(payload, "guidance_scale", 4.0)),
+        "batch_size": int(_number(payload, "num_images", _number(payload, "batch_size", 1))),
+    }
+    steps = payload.get("steps", payload.get("num_steps", payload.get("decoder_steps")))
+    if steps is not None:
+        fields["steps"] = int(_number({"steps": steps}, "steps", 50))
+    seed = payload.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
+        fields["seed"] = seed
+    for side in ("width", "height"):
+        fields[side] = max(fields[side] - fields[side] % 8, 8)
+    items = payload.get("images_texts")
+    if items is not None:
+        weights = payload.get("weights") or [1.0] * len(items)
+        if (
+            not isinstance(items, list)
+            or not isinstance(weights, list)
+            or len(items) != len(weights)
+        ):
+            raise ValueError("payload.images_texts and payload.weights must be lists of one length")
+        mix = []
+        for item, weight in zip(items, weights, strict=True):
+            if not isinstance(item, str) or not item:
+                raise ValueError("each of payload.images_texts must be a prompt or a base64 image")
+            key = "image" if looks_like_image(item) else "prompt"
+            mix.append({key: item, "weight": weight})
+        fields["kind"] = "mix"
+        fields["mix"] = mix
+        prompts = [m["prompt"] for m in mix if "prompt" in m]
+        fields["prompt"] = str(payload.get("prompt") or " + ".join(prompts) or "image mix")
+        return fields
+    prompt = payload.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("payload.prompt must be a non-empty string")
+    fields["prompt"] = prompt
+    image = payload.get("image") or payload.get("init_image")
+    if isinstance(image, str) and image:
+        fields["kind"] = "img2img"
+        fields["init_image"] = image
+        fields["strength"] = float(_number(payload, "strength", 0.75))
     return fields
 
 

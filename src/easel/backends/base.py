@@ -78,7 +78,7 @@ class Backend(ABC):
     capabilities: frozenset[Capability] = frozenset()
     batches: bool = False
     """Whether ``generate_batch`` runs compatible requests as one call (faster than each)."""
-    executors: frozenset[Executor] = frozenset({Executor.automatic1111})
+    executors: frozenset[Executor] = frozenset({Executor.automatic1111, Executor.kandinsky})
     """Engine payloads this backend runs: as they are (an engine of that kind) or through the
     easel fields read from them (an A1111 payload is also a plain txt2img/img2img)."""
 

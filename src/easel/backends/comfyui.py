@@ -133,7 +133,7 @@ def placeholders_in(template: Any) -> set[str]:
 
 class ComfyUIBackend(RemoteBackend):
     kind = "comfyui"
-    executors = frozenset({Executor.comfyui, Executor.automatic1111})
+    executors = frozenset({Executor.comfyui, Executor.automatic1111, Executor.kandinsky})
 
     def __init__(
         self,

@@ -160,7 +160,7 @@ class AsyncClient:
         body.update(params)
         if prompt is not None:
             body["prompt"] = prompt
-        if "prompt" not in body:
+        if "prompt" not in body and "payload" not in body:  # a payload carries its own
             raise InvalidRequest("a prompt is needed: submit('a red fox') or submit(request=...)")
         if self.user_id is not None:
             body.setdefault("user_id", self.user_id)

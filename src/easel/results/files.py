@@ -8,11 +8,13 @@ to reproduce the image. Everything here blocks: the worker calls it in a thread.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from easel.backends.base import GenerationResult
 from easel.config import OutputSettings
+from easel.constants import INLINE_CONTENT_MAX_BYTES
 from easel.errors import AudioNotFound, ImageNotFound
 from easel.jobs import AudioFormat, AudioRef, ImageFormat, ImageRef, Job
 from easel.results import audio as audio_files
@@ -36,6 +39,15 @@ class LocalStorage:
 
     def format_of(self, job: Job) -> ImageFormat:
         return job.request.output_format or ImageFormat(self.output.format)
+
+    def inline(
+        self, refs: Sequence[ImageRef | AudioRef], max_bytes: int = INLINE_CONTENT_MAX_BYTES
+    ) -> list[str] | None:
+        """The files of ``refs``, base64, when they fit in ``max_bytes`` together; else None."""
+        paths = [self.path(ref) for ref in refs]
+        if sum(path.stat().st_size for path in paths) > max_bytes:
+            return None
+        return [base64.b64encode(path.read_bytes()).decode() for path in paths]
 
     def save(self, job: Job, result: GenerationResult) -> list[ImageRef]:
         """Write every image and its sidecar; return refs in batch order."""

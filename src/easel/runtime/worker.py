@@ -295,6 +295,9 @@ class Worker:
         upload_error = None
         try:
             images, audio = await asyncio.to_thread(self._save, job, result)
+            content = None
+            if job.request.include_images:
+                content = await asyncio.to_thread(self.storage.inline, [*images, *audio])
             if cancel.is_set():  # cancelled (or lease lost) while encoding
                 raise JobFinished(f"job {job.id} was cancelled")
             if self.uploads is not None and job.request.sync_with_s3:
@@ -320,6 +323,7 @@ class Worker:
                     images=done.images,
                     audio=done.audio or None,
                     upload_error=upload_error,
+                    content=content,
                 )
             )
             if self.uploads is not None and not job.request.sync_with_s3:
