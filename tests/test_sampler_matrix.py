@@ -15,6 +15,7 @@ import pytest
 
 from easel.backends.base import RunContext
 from easel.backends.diffusers.backend import DiffusersBackend
+from easel.backends.diffusers.backend import create as diffusers_backend
 from easel.backends.diffusers.schedulers import FLOW_SCHEDULERS, SCHEDULERS
 from easel.errors import EaselError
 from easel.jobs import GenerationRequest
@@ -78,7 +79,7 @@ async def backend(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Dif
     root = tmp_path_factory.mktemp("matrix")
     for family in TINY:
         make_tiny_pipeline(root / f"tiny-{family}", family=family, seed=1)
-    backend = DiffusersBackend(str(root), hf_cache=False, device="cpu")
+    backend = diffusers_backend(str(root), hf_cache=False, device="cpu")
     await backend.start()
     yield backend
     await backend.close()
