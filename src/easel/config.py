@@ -153,6 +153,16 @@ class Settings(BaseSettings):
         default=1, ge=0, description="Jobs run at once per backend; 0 serves the API only."
     )
     mock_step_delay: float = Field(default=0.02, ge=0, description="Seconds per mock step.")
+    mock_seconds_per_megapixel_step: float = Field(
+        default=0.0, ge=0, description="A realistic mock: seconds per step per megapixel."
+    )
+    mock_overhead_seconds: float = Field(default=0.0, ge=0, description="Per mock call.")
+    mock_load_seconds: float = Field(
+        default=0.0, ge=0, description="What switching the mock's model costs."
+    )
+    mock_models: list[str] = Field(
+        default_factory=list, description="More model names the mock serves (with 'mock')."
+    )
     mock_preview_every: int = Field(
         default=0, ge=0, description="The mock sends a preview every K steps (0: none)."
     )
@@ -173,6 +183,12 @@ class Settings(BaseSettings):
     )
     batch_limit: int = Field(
         default=1, ge=1, description="Compatible jobs run as one pipeline call, at most."
+    )
+    eta_update_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often waiting jobs' ETAs are recomputed (an update is announced "
+        "when one moved materially, at most every 3 s per job).",
     )
     results_depth: int = Field(
         default=2,

@@ -572,7 +572,20 @@ class JobView(Job):
         default=None, description="Jobs that run before this one (0: next); queued jobs only."
     )
     eta_seconds: float | None = Field(
-        default=None, description="Expected seconds until done, from measured run times."
+        default=None,
+        description="Expected seconds until done (wait + run), from measured run times.",
+    )
+    wait_eta_seconds: float | None = Field(
+        default=None, description="Expected seconds until it starts (0 once running)."
+    )
+    run_eta_seconds: float | None = Field(
+        default=None, description="Expected seconds of its own run (what is left, if running)."
+    )
+    eta_low_seconds: float | None = Field(
+        default=None, description="Until done, optimistic (p10 of measured run times)."
+    )
+    eta_high_seconds: float | None = Field(
+        default=None, description="Until done, pessimistic (p90 of measured run times)."
     )
     average_seconds: float | None = Field(
         default=None, description="Measured average run time of jobs like this one."
@@ -615,6 +628,10 @@ class Event(BaseModel):
     total: int | None = None
     position: int | None = None
     eta_seconds: float | None = None
+    wait_eta_seconds: float | None = None
+    run_eta_seconds: float | None = None
+    eta_low_seconds: float | None = None
+    eta_high_seconds: float | None = None
     average_seconds: float | None = None
     images: list[ImageRef] | None = None
     audio: list[AudioRef] | None = None

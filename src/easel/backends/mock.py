@@ -14,6 +14,7 @@ import asyncio
 import random
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -74,11 +75,21 @@ class MockBackend(Backend):
         name: str | None = None,
         folder: str | Path | None = None,
         preview_every: int = 0,
+        seconds_per_megapixel_step: float = 0.0,
+        overhead_seconds: float = 0.0,
+        load_seconds: float = 0.0,
+        models: Sequence[str] = (),
         **_options: object,
     ) -> None:
         if name is not None:
             self.name = name
         self.step_delay = step_delay
+        # a realistic cost, for ETAs: per step per megapixel, per call, per model switch
+        self.seconds_per_megapixel_step = seconds_per_megapixel_step
+        self.overhead_seconds = overhead_seconds
+        self.load_seconds = load_seconds
+        self.model_names = [MOCK_MODEL, *(m for m in models if m != MOCK_MODEL)]
+        self.loaded: str | None = None
         self.preview_every = preview_every
         self.pictures: list[Path] = []
         if folder is not None:
@@ -91,7 +102,15 @@ class MockBackend(Backend):
                 )
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(name=MOCK_MODEL, backend=self.name, family="mock", loaded=True)]
+        return [
+            ModelInfo(
+                name=name,
+                backend=self.name,
+                family="mock",
+                loaded=not self.load_seconds or name == (self.loaded or MOCK_MODEL),
+            )
+            for name in self.model_names
+        ]
 
     async def generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:
         results = await asyncio.to_thread(self._generate, [request], [context])
@@ -107,11 +126,19 @@ class MockBackend(Backend):
     ) -> list[GenerationResult]:
         """One "step" loop for the whole batch, as a pipeline would run it."""
         steps = requests[0].steps
+        model = requests[0].model or MOCK_MODEL
+        if self.load_seconds and model != self.loaded:
+            time.sleep(self.load_seconds)
+        self.loaded = model
+        if self.overhead_seconds:
+            time.sleep(self.overhead_seconds)
+        megapixels = sum(r.width * r.height * r.batch_size for r in requests) / 1e6
+        step_seconds = self.step_delay + self.seconds_per_megapixel_step * megapixels
         for step in range(1, steps + 1):
             if all(context.cancelled for context in contexts):
                 raise Cancelled("every job of the batch was cancelled")
-            if self.step_delay:
-                time.sleep(self.step_delay)
+            if step_seconds:
+                time.sleep(step_seconds)
             for request, context in zip(requests, contexts, strict=True):
                 every = request.preview_every
                 every = self.preview_every if every is None else every
@@ -132,7 +159,8 @@ class MockBackend(Backend):
         if request.kind is JobKind.img2img and request.init_image:
             init = decode_base64_image(request.init_image).resize((request.width, request.height))
         images = [self._picture(request, seed, init) for seed in request.seeds]
-        return GenerationResult(images=images, seeds=request.seeds, model=MOCK_MODEL)
+        model = request.model or MOCK_MODEL
+        return GenerationResult(images=images, seeds=request.seeds, model=model)
 
     def _picture(
         self, request: GenerationRequest, seed: int, init: Image.Image | None = None

@@ -34,6 +34,7 @@ from sortedcontainers import SortedKeyList
 
 from easel.errors import QueueFull, UserQueueFull
 from easel.jobs import PREMIUM_PRIORITY, GenerationRequest, Job
+from easel.queue.estimates import CostBook, Estimate, Shape
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # identity: lookups stay cheap
@@ -45,6 +46,8 @@ class Entry:
     cost: float = 1.0
     enqueued_at: float = 0.0
     batch_key: str | None = None
+    shape: Shape | None = None
+    """What prices its run, for ETAs."""
 
 
 def entry_for(job: Job) -> Entry:
@@ -57,6 +60,7 @@ def entry_for(job: Job) -> Entry:
         cost=request.cost,
         enqueued_at=job.created_at,
         batch_key=batch_key(job),
+        shape=Shape.of(job.backend, request),
     )
 
 
@@ -430,13 +434,14 @@ ShapeKey = tuple[str, str | None, int, int, int]
 class RunTimes:
     """Measured generation times, for ETAs.
 
-    An EWMA of seconds per image for each (backend, model, width, height, steps), and per
-    backend seconds per work unit (``GenerationRequest.cost``) for shapes not seen yet and
-    for audio, whose cost is per second of audio.
+    :class:`~easel.queue.estimates.CostBook` keeps the samples of each shape, the curve
+    fitted per backend and the model load times; an EWMA of seconds per work unit
+    (``GenerationRequest.cost``) per backend prices what neither covers yet.
     """
 
     def __init__(self, alpha: float = 0.2) -> None:
         self.alpha = alpha
+        self.book = CostBook()
         self._per_image: dict[ShapeKey, float] = {}
         self._per_unit: dict[str, float] = {}
 
@@ -444,9 +449,16 @@ class RunTimes:
     def shape(backend: str, request: GenerationRequest) -> ShapeKey:
         return (backend, request.model, request.width, request.height, request.steps)
 
-    def observe(self, backend: str, request: GenerationRequest, seconds: float) -> None:
+    def observe(
+        self, backend: str, request: GenerationRequest, seconds: float, *, cold: bool = False
+    ) -> None:
+        """One run took ``seconds``; ``cold``: it loaded its model first."""
         if seconds <= 0:
             return
+        if cold:
+            self.book.observe_cold(Shape.of(backend, request), seconds)
+            return
+        self.book.observe(Shape.of(backend, request), seconds)
         if not request.kind.is_audio:  # audio: per second of audio (its cost) only
             per_image = seconds / request.batch_size
             self._update(self._per_image, self.shape(backend, request), per_image)
@@ -456,8 +468,20 @@ class RunTimes:
         old = table.get(key)
         table[key] = sample if old is None else old + self.alpha * (sample - old)
 
-    def estimate(self, backend: str, request: GenerationRequest) -> float | None:
+    def price(self, backend: str, request: GenerationRequest) -> Estimate | None:
+        """One run of this request: p10, p50, p90 seconds, when anything like it was measured."""
+        if (estimate := self.book.price(Shape.of(backend, request))) is not None:
+            return estimate
+        if (mid := self.estimate(backend, request, measured_only=False)) is not None:
+            return Estimate(mid, mid, mid)
+        return None
+
+    def estimate(
+        self, backend: str, request: GenerationRequest, *, measured_only: bool = True
+    ) -> float | None:
         """Seconds one run of this request takes, when anything like it was measured."""
+        if measured_only and (priced := self.book.price(Shape.of(backend, request))):
+            return priced.mid
         per_image = None
         if not request.kind.is_audio:
             per_image = self._per_image.get(self.shape(backend, request))
@@ -477,6 +501,8 @@ class RunTimes:
         return per_unit * cost_ahead / max(workers, 1) + own
 
     def averages(self) -> list[dict[str, Any]]:
+        if rows := self.book.averages():
+            return rows
         return [
             {"backend": b, "model": m, "width": w, "height": h, "steps": s,
              "seconds_per_image": round(t, 4)}

@@ -209,6 +209,10 @@ def backends_from(settings: Settings) -> dict[str, Backend]:
     if name == "mock":
         options["step_delay"] = settings.mock_step_delay
         options["preview_every"] = settings.mock_preview_every
+        options["seconds_per_megapixel_step"] = settings.mock_seconds_per_megapixel_step
+        options["overhead_seconds"] = settings.mock_overhead_seconds
+        options["load_seconds"] = settings.mock_load_seconds
+        options["models"] = settings.mock_models
         if settings.mock_folder is not None:
             options["folder"] = str(settings.mock_folder)
     if name == "diffusers":

@@ -34,6 +34,7 @@ from easel.jobs import (
 from easel.queue.admission import admit
 from easel.queue.scheduler import user_cap
 from easel.results.files import LocalStorage
+from easel.runtime._etas import Etas
 from easel.runtime.compose import assemble, extensions_for, open_parts, worker_for
 from easel.runtime.supervisor import Supervisor
 from easel.runtime.worker import Worker
@@ -73,6 +74,7 @@ class Runtime:
         self.metrics = parts.metrics
         self._wakeup = parts.doorbell
         self.supervisor = Supervisor(parts.store, parts.bus)
+        self.etas = Etas(self, interval=settings.eta_update_seconds)
 
     @property
     def workers(self) -> list[Worker]:
@@ -87,7 +89,8 @@ class Runtime:
             await backend.start()
         if workers:
             self.start_workers()
-        await self.supervisor.start_extensions(extensions_for(self.parts, lambda: self.workers))
+        extensions = [*extensions_for(self.parts, lambda: self.workers), self.etas]
+        await self.supervisor.start_extensions(extensions)
 
     def start_workers(self) -> None:
         self.supervisor.run_workers(
@@ -159,12 +162,17 @@ class Runtime:
             self.gate.accepted(job.id, service)
             self.metrics.label(job.id, backend.name, request.model)
             self._wakeup.set()
+            self.etas.announced(view)
             await self.bus.publish(
                 Event.of(
                     job,
                     EventType.queued,
                     position=view.position,
                     eta_seconds=view.eta_seconds,
+                    wait_eta_seconds=view.wait_eta_seconds,
+                    run_eta_seconds=view.run_eta_seconds,
+                    eta_low_seconds=view.eta_low_seconds,
+                    eta_high_seconds=view.eta_high_seconds,
                     average_seconds=view.average_seconds,
                 )
             )
@@ -204,7 +212,27 @@ class Runtime:
             "tiers": {str(tier): count for tier, count in stats.tiers.items()},
             "users": stats.users,
             "averages": self.run_times.averages(),
+            "waiting": await self._waiting(),
         }
+
+    async def _waiting(self, limit: int = 50) -> list[dict[str, object]]:
+        """The next ``limit`` queued jobs the caller may see, with their projected ETAs."""
+        projections = await self.etas.projections()
+        if projections is None:
+            return []
+        rows: list[dict[str, object]] = []
+        for job_id, projection in projections.items():
+            with contextlib.suppress(EaselError):
+                job = await self.store.get(job_id)
+                if not may_see(job.service):
+                    continue
+                rows.append(
+                    {"job_id": job_id, "user_id": job.user_id, "position": projection.position,
+                     **self.etas.fields_of(projection)}
+                )  # fmt: skip
+            if len(rows) >= limit:
+                break
+        return rows
 
     async def get(self, job_id: str) -> JobView:
         return await self.view(await self._visible(job_id))
@@ -219,18 +247,13 @@ class Runtime:
         return [job for job in jobs if may_see(job.service)][:limit]
 
     async def view(self, job: Job) -> JobView:
-        """The job with its queue position and ETA (queued jobs only)."""
-        position = eta = None
+        """The job with its queue position and ETA: wait and run apart, with a p10-p90
+        range (queued and running jobs; see :mod:`easel.runtime._etas`)."""
         job = self.notes.apply(job)
         average = self.run_times.estimate(job.backend, job.request)
-        if job.state is JobState.queued and (place := await self.store.place(job.id)) is not None:
-            position = place.position
-            workers = sum(1 for worker in self.workers if worker.backend.name == job.backend)
-            eta = self.run_times.eta(job.backend, job.request, place.cost_ahead, workers)
+        fields = await self.etas.fields(job)
         # construct, not validate: the record was validated when it was made
-        return JobView.model_construct(
-            **dict(job), position=position, eta_seconds=eta, average_seconds=average
-        )
+        return JobView.model_construct(**dict(job), average_seconds=average, **fields)
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Until the job ends; returns its final record."""

@@ -136,6 +136,14 @@ class Worker:
         self._finishing: dict[str, Job] = {}  # results in flight
         self._cancels: dict[str, threading.Event] = {}
         self._stopping = False
+        self.model: str | None = None
+        """The model of the last run here: a run of another one loads it first."""
+        self._ran = False
+
+    @property
+    def running(self) -> list[Job]:
+        """Jobs on the backend now."""
+        return list(self._running)
 
     @property
     def current(self) -> list[Job]:
@@ -207,6 +215,9 @@ class Worker:
         try:
             for job in jobs:
                 await self.bus.publish(Event.of(job, EventType.started))
+            model = jobs[0].request.model
+            cold = not self._ran or model != self.model
+            self.model, self._ran = model, True
             began = time.monotonic()
             try:
                 results = await self._generate(jobs)
@@ -219,6 +230,8 @@ class Worker:
             self._finishing.update({job.id: job for job in jobs})
             self._running = []
             handed_over = True
+            for job in jobs:
+                self.run_times.observe(job.backend, job.request, seconds, cold=cold)
             finishing = self._finish_all(jobs, results, seconds, heartbeat, cancels)
             await self.finisher.finish(jobs, finishing)
         finally:
@@ -313,7 +326,6 @@ class Worker:
                 return
             await self._failed(job, exc)
         else:
-            self.run_times.observe(job.backend, job.request, seconds)
             if upload_error is not None and self.uploads is not None:
                 self.uploads.notes.update(done.id, upload_error=upload_error)
             await self.bus.publish(

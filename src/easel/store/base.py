@@ -20,7 +20,7 @@ from collections.abc import Collection
 
 from easel.errors import WorkerLost
 from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
-from easel.queue.scheduler import Place, QueueStats
+from easel.queue.scheduler import Entry, Place, QueueStats
 
 WORKER_LOST = JobError(
     code=WorkerLost.code, message="the worker running this job stopped answering too many times"
@@ -106,6 +106,11 @@ class JobStore(ABC):
     @abstractmethod
     async def place(self, job_id: str) -> Place | None:
         """Where a queued job stands; None when it is not queued."""
+
+    async def serving_order(self, limit: int) -> list[Entry] | None:
+        """The first ``limit`` queued entries in the order they will be served (for ETA
+        projections); None when the store cannot say (then ETAs use ``place``)."""
+        return None
 
     @abstractmethod
     async def expire_leases(self) -> list[Job]:

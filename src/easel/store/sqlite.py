@@ -10,6 +10,7 @@ rebuilt from the table on ``open``; one process owns the file (use Redis to scal
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import sqlite3
 import threading
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 from easel.errors import EaselError, JobFinished, JobNotFound, LeaseLost, StoreUnavailable
 from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import (
+    Entry,
     FairQueue,
     Place,
     Policy,
@@ -449,6 +451,10 @@ class SqliteStore(JobStore):
 
     async def place(self, job_id: str) -> Place | None:
         return self._queue.place(job_id)
+
+    async def serving_order(self, limit: int) -> list[Entry] | None:
+        self._queue.age(time.time())
+        return list(itertools.islice(self._queue.order(), limit))
 
     async def expire_leases(self) -> list[Job]:
         def op(conn: sqlite3.Connection) -> list[Job]:

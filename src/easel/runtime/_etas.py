@@ -1,0 +1,220 @@
+"""ETAs for views and ``queued`` updates, from a projection of the queue's own policy.
+
+The policy is pure (:mod:`easel.queue.estimates`); this module feeds it the moment's
+facts: the queued jobs in serving order (the store's fair queue), the worker lanes (what
+each runs now, what model it has loaded) and the measured costs. A background loop
+projects the whole queue every ``interval`` seconds and announces a ``queued`` event for
+each job whose position or ETA moved materially, at most once per ``min_gap`` seconds
+per job. Stores that cannot tell their serving order (Redis, for now) fall back to the
+position and the cost ahead (``JobStore.place``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from easel.errors import EaselError
+from easel.jobs import Event, EventType, Job, JobState, JobView
+from easel.queue.estimates import (
+    ZERO,
+    Estimate,
+    Lane,
+    Projection,
+    Waiting,
+    material,
+    project,
+)
+from easel.queue.scheduler import Entry
+from easel.runtime.extensions import Extension
+
+if TYPE_CHECKING:
+    from easel.runtime.facade import Runtime
+
+log = logging.getLogger("easel.runtime.etas")
+
+PROJECT_LIMIT = 5000
+"""Queued jobs simulated at most (those further back get the fallback estimate)."""
+
+
+@dataclass
+class _Said:
+    projection: Projection
+    at: float
+
+
+class Etas(Extension):
+    """ETAs of a runtime's jobs; as an extension, it announces their updates."""
+
+    name = "etas"
+
+    def __init__(self, runtime: Runtime, *, interval: float = 1.0, min_gap: float = 3.0) -> None:
+        self.runtime = runtime
+        self._task: asyncio.Task[None] | None = None
+        self.interval = interval
+        self.min_gap = min_gap
+        self._said: dict[str, _Said] = {}
+        self._unknown: set[str] = set()
+
+    # -- the facts --------------------------------------------------------------------
+
+    def lanes(self, now: float) -> list[Lane]:
+        """One lane per local worker, busy for what its current run has left."""
+        lanes = []
+        run_times = self.runtime.run_times
+        for worker in self.runtime.workers:
+            busy = ZERO
+            for job in worker.running:
+                price = run_times.price(job.backend, job.request)
+                if price is not None:
+                    elapsed = now - (job.started_at or now)
+                    busy = Estimate(*(max(price.at(i) - elapsed, 0.0) for i in range(3)))
+            lanes.append(Lane(route=worker.backend.name, free_in=busy, model=worker.model))
+        if not lanes:  # an API-only process: assume one free lane per backend
+            lanes = [Lane(route=name) for name in self.runtime.backends]
+        return lanes
+
+    def _waiting(self, entries: list[Entry]) -> list[Waiting]:
+        self._unknown = set()
+        waiting = []
+        for entry in entries:
+            run: Estimate | None = None
+            if entry.shape is not None:
+                run = self.runtime.run_times.book.price(replace(entry.shape, backend=entry.route))
+            if run is None:
+                self._unknown.add(entry.job_id)
+                run = ZERO
+            model = entry.shape.model if entry.shape is not None else None
+            waiting.append(Waiting(entry.job_id, entry.route, model, run))
+        return waiting
+
+    async def projections(self, until: str | None = None) -> dict[str, Projection] | None:
+        """Every queued job's projection (up to ``until``); None: the store cannot tell."""
+        entries = await self.runtime.store.serving_order(PROJECT_LIMIT)
+        if entries is None:
+            return None
+        now = time.time()
+        book = self.runtime.run_times.book
+        projected = project(self._waiting(entries), self.lanes(now), book.load, until=until)
+        return {p.job_id: p for p in projected}
+
+    # -- views ------------------------------------------------------------------------
+
+    async def fields(self, job: Job) -> dict[str, Any]:
+        """``position`` and the ETA fields of a job's view (empty when unknown)."""
+        if job.state is JobState.running:
+            price = self.runtime.run_times.price(job.backend, job.request)
+            if price is None:
+                return {}
+            elapsed = time.time() - (job.started_at or time.time())
+            left = Estimate(*(max(price.at(i) - elapsed, 0.0) for i in range(3)))
+            return _eta_fields(Estimate(0, 0, 0), left)
+        if job.state is not JobState.queued:
+            return {}
+        projections = await self.projections(until=job.id)
+        if projections is None or job.id not in projections:
+            return await self._fallback(job)
+        projection = projections[job.id]
+        if self._unknown:  # something ahead (or itself) was never measured
+            return {"position": projection.position}
+        return {"position": projection.position, **_eta_fields(projection.wait, projection.run)}
+
+    def announced(self, view: JobView) -> None:
+        """What the ``queued`` event at submit said: later updates compare with it."""
+        if view.position is None:
+            return
+        wait = view.wait_eta_seconds or 0.0
+        run = view.run_eta_seconds or 0.0
+        said = Projection(view.id, view.position, Estimate(wait, wait, wait),
+                          Estimate(run, run, run))  # fmt: skip
+        self._said[view.id] = _Said(said, time.monotonic())
+
+    def fields_of(self, projection: Projection) -> dict[str, float]:
+        """The ETA fields of a projection from :meth:`projections` (empty: not measured)."""
+        if projection.job_id in self._unknown:
+            return {}
+        return _eta_fields(projection.wait, projection.run)
+
+    async def _fallback(self, job: Job) -> dict[str, Any]:
+        place = await self.runtime.store.place(job.id)
+        if place is None:
+            return {}
+        workers = sum(1 for w in self.runtime.workers if w.backend.name == job.backend)
+        run_times = self.runtime.run_times
+        eta = run_times.eta(job.backend, job.request, place.cost_ahead, workers)
+        own = run_times.estimate(job.backend, job.request)
+        if eta is None or own is None:
+            return {"position": place.position}
+        return {
+            "position": place.position,
+            **_eta_fields(Estimate(eta - own, eta - own, eta - own), Estimate(own, own, own)),
+        }
+
+    # -- updates ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.follow(), name="easel-etas")
+
+    async def stop(self, grace: float) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def follow(self) -> None:
+        """Announce materially changed positions and ETAs of waiting jobs, forever."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.announce()
+            except EaselError as exc:
+                log.warning("could not update ETAs: %s", exc.message)
+            except Exception:
+                log.exception("could not update ETAs")
+
+    async def announce(self) -> int:
+        """One round of updates; returns the events published."""
+        projections = await self.projections()
+        if projections is None:
+            return 0
+        now = time.monotonic()
+        for gone in self._said.keys() - projections.keys():
+            del self._said[gone]
+        published = 0
+        for job_id, projection in projections.items():
+            said = self._said.get(job_id)
+            if job_id in self._unknown:
+                continue
+            if said is None:  # a job queued before this process (or from another one)
+                self._said[job_id] = _Said(projection, now)
+                continue
+            if now - said.at < self.min_gap:
+                continue
+            if not material(said.projection, projection):
+                continue
+            with contextlib.suppress(EaselError):
+                job = await self.runtime.store.get(job_id)
+                if job.state is not JobState.queued:
+                    continue
+                fields = _eta_fields(projection.wait, projection.run)
+                await self.runtime.bus.publish(
+                    Event.of(job, EventType.queued, position=projection.position, **fields)
+                )
+                published += 1
+            self._said[job_id] = _Said(projection, now)
+        return published
+
+
+def _eta_fields(wait: Estimate, run: Estimate) -> dict[str, float]:
+    total = wait + run
+    return {
+        "eta_seconds": round(total.mid, 3),
+        "wait_eta_seconds": round(wait.mid, 3),
+        "run_eta_seconds": round(run.mid, 3),
+        "eta_low_seconds": round(total.low, 3),
+        "eta_high_seconds": round(total.high, 3),
+    }

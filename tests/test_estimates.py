@@ -1,0 +1,208 @@
+"""ETA policy (queue/estimates.py): pricing from samples and curves, and the projection.
+
+Property tests drive the pure policy; the last tests check it against a real runtime: the
+projection agrees with the real order of completion of a burst-mode worker, waiting jobs
+get updated ETAs in ``queued`` events, and a premium arrival pushes standard ETAs out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from easel.backends.mock import MockBackend
+from easel.config import Settings
+from easel.jobs import EventType, GenerationRequest, JobState
+from easel.queue.estimates import (
+    CostBook,
+    Estimate,
+    Lane,
+    Shape,
+    Waiting,
+    material,
+    project,
+    spread,
+)
+from easel.runtime.facade import Runtime
+
+
+def _shape(steps: int = 20, side: int = 512, model: str | None = "m", batch: int = 1) -> Shape:
+    request = GenerationRequest(
+        prompt="x", steps=steps, width=side, height=side, model=model, batch_size=batch
+    )
+    return Shape.of("gpu", request)
+
+
+def _true_cost(shape: Shape) -> float:
+    """A pipeline-like truth: overhead, per step, per step-megapixel."""
+    return 0.4 + 0.01 * shape.steps * shape.batch + 0.05 * shape.cost
+
+
+@given(st.lists(st.floats(0.01, 100), min_size=1, max_size=40))
+def test_spread_is_ordered_and_within_the_samples(samples: list[float]) -> None:
+    est = spread(samples)
+    assert min(samples) <= est.low <= est.mid <= est.high <= max(samples)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([5, 10, 20, 40]), st.sampled_from([64, 256, 512, 1024])),
+        min_size=3,
+        max_size=12,
+        unique=True,
+    ),
+    st.sampled_from([8, 30, 50]),
+    st.sampled_from([128, 768]),
+)
+@settings(max_examples=60, deadline=None)
+def test_the_fitted_curve_prices_unseen_shapes_like_the_truth(
+    seen: list[tuple[int, int]], steps: int, side: int
+) -> None:
+    book = CostBook()
+    for s, w in seen:
+        shape = _shape(s, w)
+        book.observe(shape, _true_cost(shape))
+    shapes = {(s.steps, s.width) for s in (_shape(s, w) for s, w in seen)}
+    if len({s for s, _ in shapes}) < 2 or len({w for _, w in shapes}) < 2:
+        return  # a curve needs the shapes to differ in steps and in size
+    unseen = _shape(steps, side)
+    priced = book.price(unseen)
+    assert priced is not None
+    assert abs(priced.mid - _true_cost(unseen)) <= 0.05 * _true_cost(unseen)
+
+
+def test_a_measured_shape_is_priced_by_its_own_samples_with_their_spread() -> None:
+    book = CostBook()
+    shape = _shape()
+    for seconds in (1.0, 1.1, 0.9, 1.0, 1.2, 0.8, 1.0):
+        book.observe(shape, seconds)
+    priced = book.price(shape)
+    assert priced is not None and priced.mid == 1.0
+    assert priced.low < 1.0 < priced.high
+    assert book.price(_shape(steps=40)) is None  # one shape: no curve yet
+
+
+def test_model_loads_are_measured_apart_and_charged_on_a_switch() -> None:
+    book = CostBook()
+    warm = _shape(model="a")
+    for _ in range(3):
+        book.observe(warm, 1.0)
+    book.observe_cold(warm, 6.0)
+    assert book.load("gpu", "a") == 5.0
+    assert book.price(warm) == Estimate(1.0, 1.0, 1.0)  # the cold run is not a sample
+    one = Estimate(1.0, 1.0, 1.0)
+    lanes = [Lane("gpu", model="a")]
+    jobs = [Waiting("1", "gpu", "a", one), Waiting("2", "gpu", "b", one)]
+    second = project(jobs, lanes, lambda route, model: 5.0)[1]
+    assert second.wait.mid == 1.0 and second.run.mid == 6.0
+
+
+@given(
+    st.lists(st.floats(0.1, 10), min_size=1, max_size=30),
+    st.integers(1, 4),
+    st.lists(st.floats(0, 5), min_size=4, max_size=4),
+)
+def test_projection_serves_in_order_and_never_idles_a_lane(
+    runs: list[float], lanes_count: int, busy: list[float]
+) -> None:
+    lanes = [Lane("gpu", free_in=Estimate(b, b, b)) for b in busy[:lanes_count]]
+    jobs = [Waiting(str(i), "gpu", None, Estimate(r, r, r)) for i, r in enumerate(runs)]
+    projected = project(jobs, lanes, lambda route, model: 0.0)
+    assert [p.job_id for p in projected] == [j.job_id for j in jobs]
+    starts = [p.wait.mid for p in projected]
+    assert starts == sorted(starts)  # list scheduling in serving order
+    total_work = sum(runs) + sum(b for b in busy[:lanes_count])
+    # the last start is no later than the work before it spread over the lanes, plus one job
+    assert starts[-1] <= total_work / lanes_count + max(runs) + max(busy[:lanes_count]) + 1e-6
+    assert all(p.wait.low <= p.wait.mid <= p.wait.high for p in projected)
+
+
+def test_a_job_no_lane_serves_waits_behind_everything() -> None:
+    one = Estimate(1.0, 1.0, 1.0)
+    projected = project(
+        [Waiting("a", "gpu", None, one), Waiting("b", "elsewhere", None, one)],
+        [Lane("gpu")],
+        lambda route, model: 0.0,
+    )
+    assert projected[1].wait.mid == 1.0
+
+
+def test_material_changes_are_position_or_a_real_move() -> None:
+    one = Estimate(10.0, 10.0, 10.0)
+    (base,) = project([Waiting("a", "gpu", None, one)], [Lane("gpu")], lambda r, m: 0.0)
+    (later,) = project(
+        [Waiting("a", "gpu", None, one)], [Lane("gpu", free_in=one)], lambda r, m: 0.0
+    )
+    assert material(None, base) and material(base, later) and not material(base, base)
+
+
+# -- against a real runtime ----------------------------------------------------------------
+
+
+def _runtime(tmp_path: Path, **options: float) -> Runtime:
+    settings = Settings(
+        data_dir=tmp_path / "data", backend="mock", max_user_queue_size=100,
+        eta_update_seconds=0.05,
+    )  # fmt: skip
+    backend = MockBackend(**options)  # type: ignore[arg-type]
+    return Runtime(settings, backends={"mock": backend})
+
+
+async def test_the_projection_agrees_with_the_real_order_of_completion(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path)
+    await runtime.start(workers=False)
+    try:
+        measured = GenerationRequest(prompt="x", steps=1, width=64, height=64)
+        runtime.run_times.observe("mock", measured, 0.01)
+        users = ["ann", "ann", "ann", "bob", "cat", "bob", "ann"]
+        ids = []
+        for i, user in enumerate(users):
+            request = GenerationRequest(
+                prompt=f"p{i}", user_id=user, steps=1, width=64, height=64,
+                premium=(i == 4),
+            )  # fmt: skip
+            ids.append((await runtime.submit(request)).id)
+        projected = await runtime.etas.projections()
+        assert projected is not None
+        by_eta = sorted(ids, key=lambda job_id: projected[job_id].wait.mid)
+        worker = runtime.worker_for(runtime.backends["mock"])
+        async with runtime.bus.subscribe(types={EventType.started}) as started:
+            await worker.run(burst=True)
+            order = [started.queue.get_nowait() for _ in range(len(ids))]
+        assert [event.job_id for event in order if event is not None] == by_eta
+        assert by_eta[0] == ids[4]  # the premium job, then fair share between users
+    finally:
+        await runtime.stop()
+
+
+async def test_a_premium_arrival_pushes_standard_etas_out_and_says_so(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path, step_delay=0.02)
+    await runtime.start(workers=False)
+    try:
+        small: dict[str, Any] = {"steps": 2, "width": 64, "height": 64}
+        for _ in range(3):  # measured: 2 steps of 20 ms
+            runtime.run_times.observe("mock", GenerationRequest(prompt="m", **small), 2.0)
+        standard = [
+            await runtime.submit(GenerationRequest(prompt=f"s{i}", user_id="ann", **small))
+            for i in range(3)
+        ]
+        last = standard[-1]
+        assert last.wait_eta_seconds == 4.0 and last.run_eta_seconds == 2.0
+        assert last.eta_seconds == 6.0 and last.position == 2
+        async with runtime.bus.subscribe(job_id=last.id, types={EventType.queued}) as updates:
+            for _ in range(2):
+                premium = GenerationRequest(prompt="vip", user_id="vip", premium=True, **small)
+                await runtime.submit(premium)
+            async for event in updates:
+                if event.position == 4:
+                    break
+        assert event.eta_seconds == 10.0 and event.wait_eta_seconds == 8.0
+        assert event.run_eta_seconds == 2.0
+        view = await runtime.get(last.id)
+        assert view.position == 4 and view.eta_seconds == 10.0
+        assert view.state is JobState.queued
+    finally:
+        await runtime.stop()
