@@ -163,3 +163,23 @@ def test_the_audio_route_plays_it(tmp_path: Path, audio_backend: object) -> None
     assert response.headers["content-type"] == "audio/ogg"
     with soundfile.SoundFile(io.BytesIO(response.content)) as clip:
         assert (clip.format, clip.subtype, clip.channels) == ("OGG", "VORBIS", 2)
+
+
+async def test_clap_scores_each_clip_against_its_prompt(tmp_path: Path) -> None:
+    """With ``clap_model`` set (here a tiny random CLAP, built offline) every audio result
+    carries a clap_score on its ref and in its sidecar; the same clip scores the same."""
+    from easel.backends.mock import MockAudioBackend
+    from easel.tiny import make_tiny_clap
+
+    clap = make_tiny_clap(tmp_path / "tiny-clap")
+    settings = Settings(data_dir=tmp_path / "data", clap_model=clap)
+    async with Runtime(settings, backends={"mock-audio": MockAudioBackend()}) as runtime:
+        scores = []
+        for _ in range(2):
+            job, _, _ = await run(runtime, sound(duration_seconds=1, seed=3))
+            (ref,) = job.audio  # type: ignore[attr-defined]
+            assert ref.clap_score is not None and -1 <= ref.clap_score <= 1
+            path, _ = await runtime.audio_path(job.id, 0)  # type: ignore[attr-defined]
+            assert json.loads(path.with_suffix(".json").read_text())["clap_score"] == ref.clap_score
+            scores.append(ref.clap_score)
+    assert scores[0] == scores[1]

@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     model: str | None = Field(
         default=None, description="A local diffusers folder or .safetensors checkpoint."
     )
+    clap_model: Path | None = Field(
+        default=None,
+        description="A local CLAP folder (transformers): audio results get a clap_score.",
+    )
     models_dir: Path | None = Field(
         default=None, description="A folder of models, LoRAs and ControlNets to serve."
     )

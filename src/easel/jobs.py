@@ -510,6 +510,9 @@ class AudioRef(BaseModel):
     remote_url: str | None = Field(
         default=None, description="The object on S3 (presigned when so configured)."
     )
+    clap_score: float | None = Field(
+        default=None, description="Text/audio similarity (CLAP), when a CLAP model is set."
+    )
 
 
 class JobError(BaseModel):

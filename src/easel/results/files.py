@@ -28,6 +28,7 @@ from easel.constants import INLINE_CONTENT_MAX_BYTES
 from easel.errors import AudioNotFound, ImageNotFound
 from easel.jobs import AudioFormat, AudioRef, ImageFormat, ImageRef, Job
 from easel.results import audio as audio_files
+from easel.results.clap import ClapScorer
 from easel.results.metadata import EXIF_IFD, USER_COMMENT, sidecar, user_comment, xmp_packet
 
 
@@ -36,6 +37,8 @@ class LocalStorage:
         self.root = Path(output_dir).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.output = output or OutputSettings()
+        self.scorer: ClapScorer | None = None
+        """Scores each audio clip against its prompt (``clap_model``), when set."""
 
     def format_of(self, job: Job) -> ImageFormat:
         return job.request.output_format or ImageFormat(self.output.format)
@@ -83,8 +86,11 @@ class LocalStorage:
         folder = self._folder(job)
         refs = []
         for index, (clip, seed) in enumerate(zip(result.audio, result.seeds, strict=True)):
+            score = self.scorer.score(job.request.prompt, clip) if self.scorer else None
             clip = audio_files.writable(clip, audio_format)
             metadata = audio_files.audio_sidecar(job, result, index, seed, clip)
+            if score is not None:
+                metadata["clap_score"] = score
             stem = folder / f"{job.id}-{index}"
             target = stem.with_suffix(audio_files.suffix(audio_format))
             _write_atomic(target, audio_files.encode_audio(clip, audio_format, metadata))
@@ -100,6 +106,7 @@ class LocalStorage:
                     media_type=audio_format.media_type,
                     path=str(target.relative_to(self.root)),
                     url=f"/v1/jobs/{job.id}/audio/{index}",
+                    clap_score=score,
                 )
             )
         return refs

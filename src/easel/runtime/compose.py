@@ -22,6 +22,7 @@ from easel.events.bus import EventBus, InProcessEventBus
 from easel.events.redis import RedisEventBus
 from easel.jobs import EventType
 from easel.queue.scheduler import Policy, RunTimes
+from easel.results.clap import ClapScorer
 from easel.results.files import LocalStorage
 from easel.results.s3 import S3Store, Uploads
 from easel.runtime.extensions import (
@@ -78,6 +79,8 @@ def assemble(
     store = store or store_from(settings)
     bus = bus or (redis_bus(settings) if settings.redis_url else InProcessEventBus())
     storage = storage or LocalStorage(settings.resolved_output_dir, settings.output)
+    if settings.clap_model is not None and storage.scorer is None:
+        storage.scorer = ClapScorer(settings.clap_model)
     notes = JobNotes()
     return Parts(
         settings=settings,

@@ -114,3 +114,14 @@ def save_tiny_single_file(folder: Path | str, path: Path | str) -> Path:
     from easel.tiny._parts import save_single_file
 
     return save_single_file(Path(folder), Path(path))
+
+
+def make_tiny_clap(path: Path | str, *, seed: int = 0) -> Path:
+    """A tiny random CLAP (a transformers folder) for ``clap_model``: real code, noise scores."""
+    import torch
+
+    from easel.tiny._audio import build_clap
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_clap(Path(path))

@@ -8,6 +8,7 @@ second on a CPU. The configs are the real family's with small widths; the sounds
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 from diffusers import (
@@ -77,3 +78,45 @@ def build_stable_audio() -> Any:
         transformer=transformer,
         scheduler=scheduler,
     )
+
+
+def build_clap(path: Path) -> Path:
+    """A tiny random CLAP (text and audio towers, processor) saved as a transformers folder:
+    scores are meaningless, the code path is the real one."""
+    from transformers import (
+        ClapAudioConfig,
+        ClapConfig,
+        ClapFeatureExtractor,
+        ClapModel,
+        ClapProcessor,
+        ClapTextConfig,
+        RobertaTokenizer,
+    )
+
+    from easel.tiny import byte_level_vocab
+
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    chars = [t for t in byte_level_vocab() if not t.endswith("</w>") and not t.startswith("<|")]
+    tokenizer = RobertaTokenizer(
+        vocab={token: i for i, token in enumerate(special + chars)}, merges=[],
+        model_max_length=77,
+    )  # fmt: skip
+    text = ClapTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=37, num_attention_heads=2,
+        num_hidden_layers=2, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        max_position_embeddings=80,
+    )  # fmt: skip
+    audio = ClapAudioConfig(
+        spec_size=64, window_size=4, num_mel_bins=64, depths=[2, 2],
+        num_attention_heads=[2, 2], num_hidden_layers=2, hidden_size=192, patch_size=2,
+        patch_stride=2, patch_embed_input_channels=4,
+    )  # fmt: skip
+    config = ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=32)
+    # 10 s at 48 kHz in at most 64 frames: the tiny audio tower's input size
+    features = ClapFeatureExtractor(feature_size=64, sampling_rate=48_000, hop_length=7900)
+    processor = ClapProcessor(  # type: ignore[no-untyped-call]
+        feature_extractor=features, tokenizer=tokenizer
+    )
+    processor.save_pretrained(path)
+    ClapModel(config).save_pretrained(path)
+    return path
