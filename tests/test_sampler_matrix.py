@@ -102,6 +102,7 @@ def _key(spec: Any) -> tuple[Any, ...]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~100 runs of 64 px, 3 steps, on the SD families
 @pytest.mark.parametrize("family", TINY)
 async def test_every_name_runs_or_is_refused_at_admission(
     backend: DiffusersBackend, family: str
@@ -130,9 +131,8 @@ async def test_every_name_runs_or_is_refused_at_admission(
 
     assert failed == {}, f"accepted on {family}, then failed"
     assert runs, f"nothing runs on {family}"
-    # Draw Things' default in copied examples, and names every engine knows
-    accepted_everywhere = {"Euler", "EulerDiscreteScheduler"} if family != "kandinsky3" else set()
-    assert not accepted_everywhere & refused.keys(), refused
-    if family in ("sd", "sd2", "sdxl"):
+    if not family.startswith("kandinsky"):  # whose pipelines drive only DDIM-like samplers
+        assert "Euler" not in refused, refused["Euler"]
+    if family in ("sd", "sd2", "sdxl"):  # every Draw Things sampler, in both spellings
         for name in (*DRAWTHINGS_SAMPLERS, *DRAWTHINGS_SPELLINGS):
             assert name not in refused, (name, refused.get(name))

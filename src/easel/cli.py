@@ -116,7 +116,33 @@ def _settings(config: Path | None, given: dict[str, Any]) -> Settings:
             f"unknown backend {settings.resolved_backend!r}; "
             f"available backends are: {', '.join(available())}",
         )
+    _check_devices(settings)
     return settings
+
+
+def _check_devices(settings: Settings) -> None:
+    """Devices of local diffusers backends exist on this machine, or exit 2 saying which do."""
+    wanted = []
+    if not settings.backends and settings.resolved_backend.startswith("diffusers"):
+        wanted.append(("device", settings.device))
+    for index, spec in enumerate(settings.backends):
+        device = spec.options.get("device")
+        if spec.kind.startswith("diffusers") and isinstance(device, str):
+            wanted.append((f"backends[{index}].options.device", device))
+    if all(device in ("auto", "cpu") for _, device in wanted):
+        return  # nothing to ask torch about
+    try:
+        from easel.backends.diffusers.devices import check_device
+    except ImportError:  # the backend says what to install when it starts
+        return
+    for where, device in wanted:
+        try:
+            check_device(device)
+        except ImportError:
+            return
+        except EaselError as exc:
+            console.print(f"[bold red]error[/] invalid_device: {where}: {escape(exc.message)}")
+            raise typer.Exit(2) from None
 
 
 def _configure_logging(settings: Settings) -> None:

@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +30,8 @@ over ``EASEL_CONFIG``."""
 class Limits(BaseModel):
     """What one request may ask for; admission refuses more with ``invalid_request``."""
 
+    model_config = ConfigDict(extra="forbid")
+
     max_pixels: int = Field(default=2048 * 2048, description="width x height")
     max_side: int = 4096
     max_steps: int = 150
@@ -41,6 +44,8 @@ class Limits(BaseModel):
 
 class DiffusersOptions(BaseModel):
     """How the diffusers backend loads and runs models (``EASEL_DIFFUSERS__*``)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     hf_cache: bool | str = Field(
         default=True, description="Also serve models already in the Hugging Face cache."
@@ -58,13 +63,53 @@ class DiffusersOptions(BaseModel):
     )
     preview_every: int = Field(default=0, ge=0, description="Previews every K steps (0: off).")
     preview_vae: str | None = Field(default=None, description="A local tiny autoencoder.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _common_names(cls, data: Any) -> Any:
+        """The memory knobs as diffusers servers name them (``enable_vae_slicing``, ...)."""
+        if not isinstance(data, dict) or not KNOB_ALIASES.keys() & data.keys():
+            return data
+        data = dict(data)
+        for alias, name in KNOB_ALIASES.items():
+            if alias not in data:
+                continue
+            value = data.pop(alias)
+            if name == "offload":
+                on = str(value).casefold() in ("1", "true", "yes", "on")
+                wanted = "model" if alias == "enable_model_cpu_offload" else "sequential"
+                if not on:
+                    continue
+                if data.get("offload") not in (None, "none", wanted):
+                    raise ValueError(
+                        f"{alias} asks for offload {wanted!r}, but offload is "
+                        f"{data['offload']!r}: choose one"
+                    )
+                data["offload"] = wanted
+            else:
+                data[name] = value
+        return data
+
     warmup: list[str] = Field(
         default_factory=list, description="Sizes compiled at start, e.g. 1024x1024."
     )
 
 
+KNOB_ALIASES: dict[str, str] = {
+    "enable_attention_slicing": "attention_slicing",
+    "enable_vae_slicing": "vae_slicing",
+    "enable_vae_tiling": "vae_tiling",
+    "enable_model_cpu_offload": "offload",
+    "enable_sequential_cpu_offload": "offload",
+}
+"""diffusers servers' names of the memory knobs (the pipeline methods they call) -> easel's
+``[diffusers]`` settings; ``enable_*_cpu_offload: true`` sets ``offload``."""
+
+
 class TokenSetting(BaseModel):
     """One service's token (``EASEL_TOKENS='[{"service": "bot", "token": "..."}]'``)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     service: str = Field(min_length=1)
     token: SecretStr = Field(min_length=16)
@@ -73,6 +118,8 @@ class TokenSetting(BaseModel):
 
 class Safety(BaseModel):
     """Who may call, how often, and what they may ask for (``EASEL_SAFETY__*``)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     tokens: list[TokenSetting] = Field(
         default_factory=list, description="When any is set, every route but /health needs one."
@@ -101,6 +148,8 @@ class S3Settings(BaseModel):
     Credentials left unset come from boto3's usual chain (``AWS_*`` env vars, profiles, roles).
     """
 
+    model_config = ConfigDict(extra="forbid")
+
     bucket: str | None = None
     prefix: str = Field(default="easel/", description="Prepended to every object key.")
     endpoint_url: str | None = Field(default=None, description="Default: AWS for the region.")
@@ -117,6 +166,8 @@ class S3Settings(BaseModel):
 
 class OutputSettings(BaseModel):
     """How result images are encoded when a request does not say (``EASEL_OUTPUT__*``)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     format: Literal["png", "webp", "jpeg"] = Field(
         default="png", description="Like A1111's samples_format."
@@ -271,6 +322,16 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
         return tuple(sources)
 
+    @model_validator(mode="after")
+    def _no_unknown_env_vars(self) -> Self:
+        if unknown := unknown_env_vars(os.environ):
+            raise ValueError(
+                f"unknown environment variable(s) {', '.join(unknown)}: no such setting. Valid "
+                f"EASEL_* variables: {', '.join(valid_env_vars())} (nested with __, e.g. "
+                "EASEL_DIFFUSERS__VAE_TILING)"
+            )
+        return self
+
     @property
     def resolved_db_path(self) -> Path:
         return self.db_path or self.data_dir / "easel.db"
@@ -282,3 +343,67 @@ class Settings(BaseSettings):
     @property
     def resolved_backend(self) -> str:
         return self.backend or ("diffusers" if self.model or self.models_dir else "mock")
+
+
+OTHER_ENV_VARS = frozenset(
+    {"EASEL_CONFIG", "EASEL_SERVER", "EASEL_GRPC_PORT", "EASEL_REDIS_URL", "EASEL_MODELS_DIR"}
+)
+"""``EASEL_*`` variables that are not settings: read by the command line."""
+_IGNORED_ENV_PREFIXES = ("EASEL_TEST_",)
+
+
+def valid_env_vars() -> list[str]:
+    """The top-level ``EASEL_*`` names (nested ones add ``__FIELD``)."""
+    return sorted({f"EASEL_{name.upper()}" for name in Settings.model_fields} | OTHER_ENV_VARS)
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """``EASEL_*`` variables that name no setting (a typo would otherwise be ignored)."""
+    unknown = []
+    for key in environ:
+        upper = key.upper()
+        if not upper.startswith("EASEL_") or upper in OTHER_ENV_VARS:
+            continue
+        if upper.startswith(_IGNORED_ENV_PREFIXES):
+            continue
+        if not _known_path(Settings, upper.removeprefix("EASEL_").lower().split("__")):
+            unknown.append(key)
+    return sorted(unknown)
+
+
+def _known_path(model: type[BaseModel], parts: list[str]) -> bool:
+    head, rest = parts[0], parts[1:]
+    if model is DiffusersOptions and head in KNOB_ALIASES and not rest:
+        return True
+    field = model.model_fields.get(head)
+    if field is None:
+        return False
+    if not rest:
+        return True
+    annotation = field.annotation
+    return (
+        isinstance(annotation, type)
+        and issubclass(annotation, BaseModel)
+        and _known_path(annotation, rest)
+    )
+
+
+def valid_keys_at(loc: tuple[int | str, ...]) -> list[str] | None:
+    """The keys valid where a settings error at ``loc`` (pydantic's path) points, so that an
+    unknown key can be answered with the valid ones; None where that is not a settings table."""
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            args = getattr(annotation, "__args__", ())  # list[Model]
+            annotation = next((a for a in args if isinstance(a, type)), None)
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                return None
+        model = annotation
+    keys = list(model.model_fields)
+    if model is DiffusersOptions:
+        keys += list(KNOB_ALIASES)
+    return keys

@@ -168,7 +168,13 @@ def describe(error: ValidationError) -> list[str]:
         path = ""
         for part in item["loc"]:
             path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        problems.append(f"{path or '(top level)'}: {item['msg']}")
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            from easel.config import valid_keys_at
+
+            if valid := valid_keys_at(tuple(item["loc"])):
+                message = f"{message}: unknown key; valid keys here: {', '.join(valid)}"
+        problems.append(f"{path or '(top level)'}: {message}")
     return problems
 
 

@@ -71,17 +71,10 @@ class DeviceOptions:
 
 
 def pick_device(option: str) -> str:
-    """``auto`` is the best accelerator present: cuda, then mps, then cpu."""
-    if option != "auto":
-        return option
-    import torch
+    """``auto`` is the best accelerator present; a device this machine lacks is a 4xx."""
+    from easel.backends.diffusers.devices import check_device
 
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"
+    return check_device(option)
 
 
 def dtype_name(options: DeviceOptions, device: str) -> str:
