@@ -166,3 +166,26 @@ async def test_a_failed_upload_keeps_the_job_and_its_local_image(
     assert record.state == "succeeded" and record.images[0].remote_url is None
     assert runtime.storage.path(record.images[0]).is_file()
     assert failed[-1].upload_error
+
+
+@pytest.mark.parametrize("sync", [True, False])
+async def test_audio_goes_to_s3_like_images(tmp_path: Path, moto: Moto, sync: bool) -> None:
+    from easel.backends.mock import MockAudioBackend
+
+    settings = s3_settings(tmp_path, moto)
+    async with Runtime(settings, backends={"mock-audio": MockAudioBackend()}) as runtime:
+        request = GenerationRequest.model_validate(
+            {"kind": "txt2audio", "prompt": "rain", "duration_seconds": 0.5, "steps": 2,
+             "audio_format": "flac", "sync_with_s3": sync}
+        )  # fmt: skip
+        async with runtime.bus.subscribe() as events:
+            job = await runtime.submit(request)
+            until = EventType.succeeded if sync else EventType.uploaded
+            last = (await events_of(events, job.id, until))[-1]
+        assert last.audio is not None
+        url = last.audio[0].remote_url
+        assert url is not None
+        download = httpx.get(url)
+        assert download.headers["content-type"] == "audio/flac"
+        assert download.content == runtime.storage.path(last.audio[0]).read_bytes()
+        assert (await runtime.get(job.id)).audio[0].remote_url == url

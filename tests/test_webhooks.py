@@ -192,3 +192,17 @@ def _settled(server: str, job_id: str, *, events: int) -> dict[str, Any]:
             return job
         assert time.monotonic() < deadline, job
         time.sleep(0.02)
+
+
+def test_audio_jobs_post_their_clips(tmp_path: Path, receiver: Receiver, hook_url: str) -> None:
+    from easel.backends.mock import MockAudioBackend
+    from easel.runtime.facade import Runtime
+
+    runtime = Runtime(easel(tmp_path), backends={"mock-audio": MockAudioBackend()})
+    with serve(create_app(runtime=runtime)) as server:
+        body = {"kind": "txt2speech", "text": "Hello.", "webhook_url": hook_url}
+        job_id = httpx.post(f"{server}/v1/jobs", json=body).json()["id"]
+        got = receiver.wait_for(job_id, "succeeded")
+    assert all(r["valid"] for r in got)
+    (clip,) = got[-1]["event"]["audio"]
+    assert clip["media_type"] == "audio/wav" and clip["url"] == f"/v1/jobs/{job_id}/audio/0"
