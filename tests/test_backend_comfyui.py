@@ -156,7 +156,7 @@ async def test_a_dead_server_is_backend_unavailable(tmp_path: Path) -> None:
 
 def test_sampler_names_and_placeholders() -> None:
     assert comfy_sampler("Euler a") == ("euler_ancestral", "normal")
-    assert comfy_sampler("dpmpp_2m_sde") == ("dpmpp_2m_sde", "normal")
-    with pytest.raises(Unsupported, match="no sampler"):
+    assert comfy_sampler("dpmpp_2m_sde_karras") == ("dpmpp_2m_sde", "karras")
+    with pytest.raises(Unsupported, match="cannot run sampler"):
         comfy_sampler("Mystery sampler")
     assert fill({"a": "{{seed}}", "b": "seed={{seed}}"}, {"seed": 3}) == {"a": 3, "b": "seed=3"}

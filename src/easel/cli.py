@@ -187,6 +187,13 @@ def serve(
             "[default: no gRPC]",
         ),
     ] = None,
+    grpc_tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="PEM certificate chain: the gRPC port speaks TLS (with --grpc-tls-key)"),
+    ] = None,
+    grpc_tls_key: Annotated[
+        Path | None, typer.Option(help="PEM private key of --grpc-tls-cert")
+    ] = None,
     redis: RedisUrl = None,
     config: ConfigFile = None,
 ) -> None:
@@ -210,11 +217,14 @@ def serve(
         "concurrency": concurrency,
         "redis_url": redis,
     }
+    if (grpc_tls_cert is None) != (grpc_tls_key is None):
+        raise typer.BadParameter("--grpc-tls-cert and --grpc-tls-key go together")
+    tls = (grpc_tls_cert, grpc_tls_key) if grpc_tls_cert and grpc_tls_key else None
     settings = _settings(config, given)
     _configure_logging(settings)
     log.info(serving_line(settings))
     uvicorn.run(
-        create_app(settings, grpc_port=grpc_port),
+        create_app(settings, grpc_port=grpc_port, grpc_tls=tls),
         host=settings.host,
         port=settings.port,
         ws="websockets-sansio",

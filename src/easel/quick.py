@@ -59,7 +59,9 @@ async def generate_files(
 
 def quick_generate(
     prompt: str,
-    output_path: Path | str,
+    path: Path | str | None = None,
+    /,
+    output_path: Path | str | None = None,
     *,
     server: str | None = None,
     backend: str | None = None,
@@ -74,11 +76,25 @@ def quick_generate(
     batch); an existing directory gets ``<job id>-<index>.png`` files. Returns the PNG paths.
     A job that fails raises its error. Runs on a thread of its own, so it works inside a
     running event loop (a notebook) too.
+
+    The Draw Things client's form works too: ``quick_generate(address, prompt,
+    output_path=...)``, where an ``http(s)://`` address is an easel server and a
+    ``host:port`` one a Draw Things gRPC server (easel's ``--grpc-port`` or the app).
     """
+    if path is not None and output_path is not None:  # (address, prompt, output_path=...)
+        address, prompt = prompt, str(path)
+        if not address.startswith(("http://", "https://")):
+            from easel.client.grpc import quick_generate as over_grpc
+
+            return [Path(over_grpc(address, prompt, output_path=output_path, **params))]
+        server = address
+    target = output_path if output_path is not None else path
+    if target is None:
+        raise TypeError("quick_generate needs an output path: quick_generate('a fox', 'fox.png')")
     call = partial(
         generate_files,
         {**params, "prompt": prompt},
-        Path(output_path),
+        Path(target),
         server=server,
         backend=backend,
         model=model,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -26,11 +27,13 @@ def create_app(
     *,
     runtime: Runtime | None = None,
     grpc_port: int | None = None,
+    grpc_tls: tuple[Path, Path] | None = None,
 ) -> FastAPI:
     """The app starts its runtime (store, workers) on startup and stops it on shutdown.
 
     ``grpc_port`` also serves Draw Things' gRPC service on ``settings.host`` (0: a free
-    port, found afterwards in ``app.state.grpc_port``); None serves no gRPC.
+    port, found afterwards in ``app.state.grpc_port``); None serves no gRPC. ``grpc_tls``:
+    (certificate chain, private key) PEM files: the gRPC port then speaks TLS.
     """
     settings = settings or (runtime.settings if runtime else Settings())
 
@@ -44,7 +47,9 @@ def create_app(
             if grpc_port is not None:
                 from easel.api.compat.grpc import start_server
 
-                grpc_server, app.state.grpc_port = await start_server(rt, settings.host, grpc_port)
+                grpc_server, app.state.grpc_port = await start_server(
+                    rt, settings.host, grpc_port, grpc_tls
+                )
             yield
         finally:
             if grpc_server is not None:

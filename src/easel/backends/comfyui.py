@@ -47,6 +47,7 @@ from easel.errors import (
 from easel.images import decode_base64_image
 from easel.jobs import GenerationRequest, JobKind
 from easel.payloads import SAMPLER_NODES, SEED_INPUTS, Executor, comfyui_nodes
+from easel.samplers import parse_sampler
 
 PLACEHOLDERS = (
     "prompt",
@@ -66,47 +67,17 @@ PLACEHOLDERS = (
 PREVIEW_IMAGE = 1
 PREVIEW_IMAGE_WITH_METADATA = 4
 
-COMFY_SAMPLERS = {
-    "euler": "euler",
-    "euler a": "euler_ancestral",
-    "heun": "heun",
-    "dpm2": "dpm_2",
-    "dpm2 a": "dpm_2_ancestral",
-    "lms": "lms",
-    "dpm++ 2m": "dpmpp_2m",
-    "dpm++ sde": "dpmpp_sde",
-    "dpm++ 2m sde": "dpmpp_2m_sde",
-    "dpm++ 3m sde": "dpmpp_3m_sde",
-    "ddim": "ddim",
-    "unipc": "uni_pc",
-    "lcm": "lcm",
-}
-"""A1111-style sampler names (as easel requests carry them) -> ComfyUI's ``sampler_name``."""
-COMFY_SCHEDULERS = {
-    "karras": "karras",
-    "exponential": "exponential",
-    "sgm uniform": "sgm_uniform",
-    "beta": "beta",
-    "simple": "simple",
-}
-
 
 def comfy_sampler(name: str) -> tuple[str, str]:
-    """easel's scheduler name -> ComfyUI's (sampler_name, scheduler); ComfyUI's own
-    spellings (``dpmpp_2m``) pass through."""
-    text = name.strip().casefold()
-    scheduler = "normal"
-    for suffix, comfy in COMFY_SCHEDULERS.items():
-        if text.endswith(" " + suffix):
-            text, scheduler = text[: -len(suffix) - 1].strip(), comfy
-    if text in COMFY_SAMPLERS:
-        return COMFY_SAMPLERS[text], scheduler
-    if text.replace("_", "").isalnum() and " " not in text:
-        return text, scheduler
-    raise Unsupported(
-        f"ComfyUI has no sampler {name!r}; use one of {', '.join(COMFY_SAMPLERS)} "
-        "(with Karras, Exponential, SGM Uniform or Beta) or ComfyUI's own name"
-    )
+    """easel's sampler name -> ComfyUI's (``sampler_name``, ``scheduler``), from the one
+    sampler table (:mod:`easel.samplers`); ComfyUI's own spellings are read too."""
+    try:
+        comfy = parse_sampler(name).comfyui
+    except InvalidRequest as exc:
+        raise Unsupported(f"ComfyUI cannot run sampler {name!r}: {exc.message}") from None
+    if comfy is None:
+        raise Unsupported(f"ComfyUI has no equivalent of sampler {name!r}")
+    return comfy
 
 
 def fill(template: Any, values: dict[str, Any]) -> Any:

@@ -50,6 +50,7 @@ from easel.proto.drawthings import (
     encode_configuration,
     encode_tensor,
 )
+from easel.samplers import parse_sampler
 
 SERVICE = "/ImageGenerationService/"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -64,13 +65,17 @@ _TRANSIENT = frozenset(
 
 
 def sampler_name(name: str) -> str:
-    """easel's scheduler name -> Draw Things' spelling ("UniPC ays" -> "UniPC AYS")."""
-    for known in SAMPLERS:
-        if known.casefold() == name.strip().casefold():
-            return known
-    raise Unsupported(
-        f"Draw Things has no sampler {name!r}; its samplers are: {', '.join(SAMPLERS)}"
-    )
+    """easel's sampler name -> Draw Things' ("UniPC ays" -> "UniPC AYS"), from the one
+    sampler table (:mod:`easel.samplers`)."""
+    try:
+        index = parse_sampler(name).drawthings
+    except InvalidRequest as exc:
+        raise Unsupported(f"Draw Things cannot run sampler {name!r}: {exc.message}") from None
+    if index is None:
+        raise Unsupported(
+            f"Draw Things has no sampler {name!r}; its samplers are: {', '.join(SAMPLERS)}"
+        )
+    return SAMPLERS[index]
 
 
 class DrawThingsBackend(Backend):

@@ -17,11 +17,13 @@ into pixels, so ``Progress.preview`` is None there; easel's previews are images.
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -29,6 +31,15 @@ import grpc
 from anyio.from_thread import start_blocking_portal
 from PIL.Image import Image
 
+from easel.client._drawthings_api import (
+    STAGES,
+    ImageGenerationConfig,
+    PreviewCallback,
+    StreamingProgressHandler,
+    drawthings_sampler,
+    png_bytes,
+    save_images,
+)
 from easel.errors import (
     ERRORS,
     Cancelled,
@@ -50,6 +61,19 @@ from easel.proto.drawthings import (
     encode_configuration,
     encode_tensor,
 )
+
+__all__ = [
+    "AsyncDrawThingsClient",
+    "DrawThingsClient",
+    "Echo",
+    "ImageGenerationConfig",
+    "Progress",
+    "StreamingProgressHandler",
+    "drawthings_sampler",
+    "quick_generate",
+    "save_images",
+    "tls_credentials",
+]
 
 SERVICE = "/ImageGenerationService/"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -112,6 +136,11 @@ class AsyncDrawThingsClient:
             SERVICE + "Echo",
             request_serializer=pb.EchoRequest.SerializeToString,
             response_deserializer=pb.EchoReply.FromString,
+        )
+        self._files_exist = self._channel.unary_unary(
+            SERVICE + "FilesExist",
+            request_serializer=pb.FileListRequest.SerializeToString,
+            response_deserializer=pb.FileExistenceResponse.FromString,
         )
 
     async def __aenter__(self) -> AsyncDrawThingsClient:
@@ -187,6 +216,44 @@ class AsyncDrawThingsClient:
             raise _error(self.address, exc) from exc
         yield await asyncio.to_thread(lambda: [decode_tensor(t) for t in tensors])
 
+    async def files_exist(self, files: list[str]) -> dict[str, bool]:
+        request = pb.FileListRequest(files=files)
+        if self.shared_secret is not None:
+            request.shared_secret = self.shared_secret
+        try:
+            reply = await self._files_exist(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(self.address, exc) from exc
+        return dict(zip(reply.files, reply.existences, strict=False))
+
+    async def generate_image(
+        self,
+        prompt: str,
+        config: ImageGenerationConfig,
+        negative_prompt: str = "",
+        input_image: Image | bytes | str | None = None,
+        progress_callback: Callable[[str, int], object] | None = None,
+        preview_callback: PreviewCallback | None = None,
+    ) -> list[bytes]:
+        """See :meth:`DrawThingsClient.generate_image`."""
+        image = None
+        if input_image is not None:
+            image = (await _image_of(input_image)).resize((config.width, config.height))
+        images: list[Image] = []
+        stream = self.stream(
+            prompt, negative_prompt=negative_prompt, image=image,
+            config=config.to_configuration(),
+        )  # fmt: skip
+        async for item in stream:
+            if isinstance(item, Progress):
+                if progress_callback is not None and item.stage in STAGES:
+                    progress_callback(STAGES[item.stage], item.step or 0)
+                if preview_callback is not None and item.preview is not None:
+                    preview_callback(await asyncio.to_thread(png_bytes, item.preview))
+            else:
+                images = item
+        return await asyncio.to_thread(lambda: [png_bytes(i) for i in images])
+
     async def generate(
         self,
         prompt: str,
@@ -206,10 +273,53 @@ class AsyncDrawThingsClient:
         return images
 
 
-class DrawThingsClient:
-    """The blocking :class:`AsyncDrawThingsClient`, run on a private event loop thread."""
+def tls_credentials(
+    *, insecure: bool = True, verify_ssl: bool = False, ssl_cert_path: str | None = None
+) -> grpc.ChannelCredentials | None:
+    """The Draw Things client's TLS options -> gRPC credentials (None: plain text).
+    ``ssl_cert_path`` names the PEM of a self-signed server (gRPCServerCLI's own)."""
+    if insecure and ssl_cert_path is None:
+        return None
+    roots = Path(ssl_cert_path).read_bytes() if ssl_cert_path else None
+    return grpc.ssl_channel_credentials(root_certificates=roots)
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, **options: Any) -> None:
+
+async def _image_of(image: Image | bytes | str) -> Image:
+    from PIL import Image as PILImage
+
+    def load() -> Image:
+        if isinstance(image, bytes):
+            with PILImage.open(io.BytesIO(image)) as opened:
+                return opened.convert("RGB")
+        if isinstance(image, str):
+            with PILImage.open(image) as opened:
+                return opened.convert("RGB")
+        return image
+
+    return await asyncio.to_thread(load)
+
+
+class DrawThingsClient:
+    """The blocking :class:`AsyncDrawThingsClient`, run on a private event loop thread.
+
+    Also the Draw Things client's script API: ``DrawThingsClient(address, insecure=False,
+    ssl_cert_path=...)`` for TLS, ``generate_image(prompt, config, progress_callback=...)``,
+    ``save_images``, ``files_exist``.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        insecure: bool = True,
+        verify_ssl: bool = False,
+        enable_compression: bool = False,
+        ssl_cert_path: str | None = None,
+        **options: Any,
+    ) -> None:
+        if "credentials" not in options:
+            options["credentials"] = tls_credentials(
+                insecure=insecure, verify_ssl=verify_ssl, ssl_cert_path=ssl_cert_path
+            )
         self._stack = ExitStack()
         self._portal = self._stack.enter_context(start_blocking_portal())
         try:
@@ -247,6 +357,68 @@ class DrawThingsClient:
         event loop thread."""
         call = partial(self._async.generate, prompt, on_progress=on_progress, **params)
         return self._portal.call(call)
+
+    def generate_image(
+        self,
+        prompt: str,
+        config: ImageGenerationConfig,
+        negative_prompt: str = "",
+        input_image: Image | bytes | str | None = None,
+        progress_callback: Callable[[str, int], object] | None = None,
+        preview_callback: PreviewCallback | None = None,
+        **_ignored: Any,
+    ) -> list[bytes]:
+        """The Draw Things client's call: the images as PNG bytes. ``progress_callback``
+        gets ``(stage, step)`` ("Sampling", 3), ``preview_callback`` each preview as PNG."""
+        call = partial(
+            self._async.generate_image, prompt, config, negative_prompt=negative_prompt,
+            input_image=input_image, progress_callback=progress_callback,
+            preview_callback=preview_callback,
+        )  # fmt: skip
+        return self._portal.call(call)
+
+    def files_exist(self, files: list[str]) -> dict[str, bool]:
+        return self._portal.call(self._async.files_exist, files)
+
+    @staticmethod
+    def save_images(
+        images: list[bytes], output_dir: str | Path = ".", prefix: str = "generated"
+    ) -> list[str]:
+        """Write ``{prefix}_{n}.png`` files; returns their paths."""
+        return save_images(images, output_dir, prefix)
+
+
+def quick_generate(
+    server_address: str,
+    prompt: str,
+    model: str = "",
+    steps: int = 16,
+    width: int = 512,
+    height: int = 512,
+    cfg_scale: float = 5.0,
+    scheduler: str = "UniPC ays",
+    output_path: str | Path = "output.png",
+    show_progress: bool = True,
+    **client_options: Any,
+) -> str:
+    """One image from a Draw Things gRPC server (or easel's) to ``output_path``; returns it."""
+    config = ImageGenerationConfig(
+        model=model, steps=steps, width=width, height=height, cfg_scale=cfg_scale,
+        scheduler=scheduler,
+    )  # fmt: skip
+    handler = StreamingProgressHandler(steps) if show_progress else None
+    with DrawThingsClient(server_address, **client_options) as client:
+        images = client.generate_image(
+            prompt, config, progress_callback=handler.on_progress if handler else None
+        )
+    if handler is not None:
+        handler.on_complete()
+    if not images:
+        raise EaselError(f"{server_address} returned no image", code="generation_failed")
+    target = Path(output_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(images[0])
+    return str(target)
 
 
 def _total(signposts: Iterable[pb.ImageGenerationSignpostProto]) -> int | None:

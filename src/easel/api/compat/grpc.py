@@ -13,6 +13,10 @@ code), with the message classes protoc made from that file.
   ``download_size``, and one response per image tensor (split in 4 MiB chunks when the
   client says it can join them). Cancelling the call cancels the job.
 - ``Echo`` answers ``HELLO <name>`` with the served models as ``files``.
+- ``Pubkey``, ``Hours`` and ``UploadFile`` answer UNIMPLEMENTED with the reason (easel has
+  no key, no compute hours, and loads models from its own folder).
+- With ``tls`` (``--grpc-tls-cert``/``--grpc-tls-key``) the port speaks TLS, as Draw Things'
+  gRPCServerCLI does by default.
 - ``FilesExist`` answers true for every file: easel runs a model it does not serve on its
   default model, and a Draw Things client that thinks a model is missing uploads it.
 - The user is the request's ``user``, else ``x-easel-user`` or ``authorization`` metadata,
@@ -28,6 +32,7 @@ import hashlib
 import io
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -121,6 +126,8 @@ class ImageGenerationService:
                     async for event in run.events:
                         if (update := await _update(event, generation)) is not None:
                             yield update
+                        if event.type is EventType.started and generation.kind is JobKind.img2img:
+                            yield _signpost(generation, image_encoded=Signpost.ImageEncoded())
                 except BaseException:
                     _cancel_later(self.runtime, job_id)  # the client went away
                     raise
@@ -175,12 +182,33 @@ class ImageGenerationService:
             raise validation_error(exc.errors()) from None
 
 
+UNIMPLEMENTED = {
+    "Pubkey": "easel publishes no key: Draw Things' signed requests (its compute-unit proxy) "
+    "do not apply; authenticate with a service token (authorization: Bearer <token>)",
+    "Hours": "easel keeps no Draw Things compute hours; its queue has per-user caps and "
+    "priority tiers instead (GET /v1/queue)",
+    "UploadFile": "easel serves the models of its own models folder (easel models); upload "
+    "a model there instead of over gRPC",
+}
+"""Draw Things methods easel does not offer, each refused with the reason."""
+
+
+def _refusal(method: str) -> Any:
+    async def refuse(request: Any, context: Context) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method}: {UNIMPLEMENTED[method]}")
+
+    return refuse
+
+
 def service_handler(runtime: Runtime) -> grpc.GenericRpcHandler:
     """The service's methods, by the names Draw Things clients call."""
     service = ImageGenerationService(runtime)
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
+            "Pubkey": grpc.unary_unary_rpc_method_handler(_refusal("Pubkey")),
+            "Hours": grpc.unary_unary_rpc_method_handler(_refusal("Hours")),
+            "UploadFile": grpc.stream_stream_rpc_method_handler(_refusal("UploadFile")),
             "GenerateImage": grpc.unary_stream_rpc_method_handler(
                 service.generate_image,
                 request_deserializer=pb.ImageGenerationRequest.FromString,
@@ -200,9 +228,14 @@ def service_handler(runtime: Runtime) -> grpc.GenericRpcHandler:
     )
 
 
-async def start_server(runtime: Runtime, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def start_server(
+    runtime: Runtime,
+    host: str,
+    port: int,
+    tls: tuple[Path, Path] | None = None,
+) -> tuple[grpc.aio.Server, int]:
     """Serve the service on ``host:port`` (0: any free port) in this event loop; returns the
-    server and the port it bound."""
+    server and the port it bound. ``tls``: (certificate chain, private key) PEM files."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -210,11 +243,19 @@ async def start_server(runtime: Runtime, host: str, port: int) -> tuple[grpc.aio
         ]
     )
     server.add_generic_rpc_handlers((service_handler(runtime),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        chain, key = (path.read_bytes() for path in tls)
+        credentials = grpc.ssl_server_credentials([(key, chain)])
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if not bound:
         raise OSError(f"could not serve gRPC on {host}:{port}; is the port in use?")
     await server.start()
-    log.info("serving Draw Things gRPC (ImageGenerationService) on %s:%d", host, bound)
+    log.info(
+        "serving Draw Things gRPC (ImageGenerationService) on %s:%d%s",
+        host, bound, " with TLS" if tls else "",
+    )  # fmt: skip
     return server, bound
 
 
@@ -228,6 +269,12 @@ def _expected(generation: GenerationRequest) -> list[pb.ImageGenerationSignpostP
     signposts.append(Signpost(sampling=Signpost.Sampling(step=generation.steps)))
     signposts.append(Signpost(image_decoded=Signpost.ImageDecoded()))
     return signposts
+
+
+def _signpost(generation: GenerationRequest, **current: Any) -> pb.ImageGenerationResponse:
+    return pb.ImageGenerationResponse(
+        current_signpost=Signpost(**current), signposts=_expected(generation)
+    )
 
 
 async def _update(event: Event, generation: GenerationRequest) -> pb.ImageGenerationResponse | None:
