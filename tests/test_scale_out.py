@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,29 @@ class Cluster:
             time.sleep(0.02)
         raise TimeoutError(f"job {job_id} never reached {states}")
 
+    def wait_for_step(self, job_id: str, step: int, timeout: float = 30) -> None:
+        """Until the job's ``progress`` events reach ``step`` (read from the event stream)."""
+        url = f"{self.apis[0].url.replace('http', 'ws')}/v1/events?job_id={job_id}&after=0"
+        with connect(url) as events:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                event = json.loads(events.recv(timeout=timeout))
+                if event["type"] == "progress" and event["step"] >= step:
+                    return
+                assert event["type"] not in FINAL, event
+        raise TimeoutError(f"job {job_id} never reached step {step}")
+
+    def wait_until_idle(self, worker_id: str, *, beat_since: float) -> None:
+        """Until ``worker_id`` has beaten since ``beat_since`` (monotonic) with no job."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for worker in self.get("/v1/workers")["workers"]:
+                fresh = time.monotonic() - worker["heartbeat_age_seconds"] > beat_since
+                if worker["id"] == worker_id and fresh and not worker["current_jobs"]:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"worker {worker_id} never reported back idle")
+
     def succeeded_events(self) -> Counter[str]:
         """``succeeded`` events per job id, read straight from the stream."""
         client = redis.Redis.from_url(self.url, decode_responses=True)
@@ -226,7 +249,7 @@ def test_kill_9_of_a_worker_mid_job_completes_it_on_the_other(cluster: Cluster) 
     job = cluster.submit(prompt=prompt, steps=40)  # 2 s
     running = cluster.wait_until(job["id"], "running")
     victim = running["worker_id"]
-    time.sleep(0.3)  # mid-job
+    cluster.wait_for_step(job["id"], 5)  # mid-job
     os.kill(cluster.pid_of(victim), signal.SIGKILL)
     done = cluster.wait_until(job["id"], "succeeded", "failed", timeout=30)
     assert done["state"] == "succeeded"
@@ -257,10 +280,12 @@ def test_a_stopped_worker_loses_its_job_within_two_heartbeats(cluster: Cluster) 
         requeued_after = time.monotonic() - stopped_at
     finally:
         os.kill(pid, signal.SIGCONT)
+        resumed = time.monotonic()
     assert requeued_after <= 2 * HEARTBEAT, requeued_after
     done = cluster.wait_until(job["id"], "succeeded", "failed")
     assert done["state"] == "succeeded" and done["worker_id"] != hung
-    time.sleep(0.5)  # the woken worker finds its lease gone and drops its result
+    # the woken worker finds its lease gone and drops its result; then it reports idle
+    cluster.wait_until_idle(hung, beat_since=resumed)
     assert cluster.succeeded_events()[job["id"]] == 1
     assert cluster.get(f"/v1/jobs/{job['id']}")["worker_id"] == done["worker_id"]
 
@@ -300,13 +325,23 @@ def test_a_websocket_client_resuming_on_another_replica_misses_nothing(cluster: 
         with connect(f"{first}/v1/events?user_id={user}&after=0") as client:
             while len(part) < 25:  # then the connection drops
                 part.append(json.loads(client.recv(timeout=20)))
-        time.sleep(0.3)  # events go on meanwhile
         ended = {e["job_id"] for e in part if e["type"] in FINAL}
+        # events go on meanwhile: one more job ends while this client is away
+        cluster.wait_until(next(j for j in jobs if j not in ended), "succeeded")
         resume = f"{second}/v1/events?user_id={user}&after={part[-1]['id']}"
         rest = _until_final(resume, [j for j in jobs if j not in ended])
         expected = _until_final(reference, jobs)
     assert [e["id"] for e in part + rest] == [e["id"] for e in expected]
     assert Counter(e["type"] for e in expected)["succeeded"] == 20
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Until ``condition()`` holds (it watches another thread's progress)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f}s for {what}")
+        time.sleep(0.01)
 
 
 def _until_final(source: Any, jobs: list[str]) -> list[dict[str, Any]]:
@@ -360,13 +395,13 @@ def test_redis_killed_and_restarted_with_aof_loses_no_accepted_job(tmp_path: Pat
 
         submitter = threading.Thread(target=submit_forever, daemon=True)
         submitter.start()
-        time.sleep(1.0)
+        _wait_for(lambda: len(accepted) >= 20, "submissions to flow")
         server.kill()
         began = time.monotonic()
         down = httpx.post(f"{api.url}/v1/jobs", json={**SMALL, "prompt": "down"}, timeout=10)
         assert down.status_code == 503 and down.json()["error"]["code"] == "store_unavailable"
         assert time.monotonic() - began < 3
-        time.sleep(1.0)
+        _wait_for(lambda: refused["store_unavailable"] >= 5, "submissions to be refused")
         before_restart = len(accepted)
         server.start()
         deadline = time.monotonic() + 20

@@ -6,6 +6,7 @@ A new store (e.g. Redis) is added to ``store_factory`` below and is done when it
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -29,9 +30,24 @@ StoreFactory = Callable[[], Awaitable[JobStore]]
 LEASE = 30.0
 
 
+class Clock:
+    """Frozen time that a test moves forward: leases expire and backoffs end without a sleep."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 async def store_factory(
-    request: pytest.FixtureRequest, tmp_path: Path
+    request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
 ) -> AsyncIterator[StoreFactory]:
     """Opens a store over the same durable location each call (a restart)."""
     opened: list[JobStore] = []
@@ -43,9 +59,10 @@ async def store_factory(
             from easel.store.redis import RedisStore
 
             url = request.getfixturevalue("redis_url")
-            store = RedisStore(url, prefix=prefix, max_attempts=2, max_queue_size=50)
+            store = RedisStore(url, prefix=prefix, max_attempts=2, max_queue_size=50, clock=clock)
         else:
-            store = SqliteStore(tmp_path / "jobs.db", max_attempts=2, max_queue_size=50)
+            path = tmp_path / "jobs.db"
+            store = SqliteStore(path, max_attempts=2, max_queue_size=50, clock=clock)
         await store.open()
         opened.append(store)
         return store
@@ -216,10 +233,13 @@ async def test_requeue_without_spending_an_attempt(store: JobStore) -> None:
         assert back.state is JobState.queued and back.attempts == 0
 
 
-async def test_expired_lease_puts_the_job_back(store: JobStore) -> None:
+async def test_expired_lease_puts_the_job_back(store: JobStore, clock: Clock) -> None:
     queued = await store.enqueue(job(), user_cap=10)
-    await store.claim("w1", ["mock"], lease_seconds=0.05)
-    await asyncio.sleep(0.1)
+    await store.claim("w1", ["mock"], lease_seconds=5)
+    clock.now += 4
+    await store.expire_leases()
+    assert (await store.get(queued.id)).state is JobState.running  # not yet
+    clock.now += 2
     await store.expire_leases()
     assert (await store.get(queued.id)).state is JobState.queued
     reclaimed = await store.claim("w2", ["mock"], lease_seconds=LEASE)
@@ -306,24 +326,26 @@ async def test_claim_batch_takes_compatible_jobs_next_in_line(store: JobStore) -
     assert [j.id for j in rest] == [other.id]
 
 
-async def test_requeue_with_a_delay_holds_the_job_back(store: JobStore) -> None:
+async def test_requeue_with_a_delay_holds_the_job_back(store: JobStore, clock: Clock) -> None:
     queued = await store.enqueue(job(), user_cap=10)
     await store.claim("w1", ["mock"], lease_seconds=LEASE)
     error = JobError(code="backend_unavailable", message="try later")
-    back = await store.requeue(queued.id, worker_id="w1", reason=error, delay=0.2)
+    back = await store.requeue(queued.id, worker_id="w1", reason=error, delay=20)
     assert back.state is JobState.queued
     assert await store.claim("w2", ["mock"], lease_seconds=LEASE) is None  # not yet
-    await asyncio.sleep(0.3)
+    clock.now += 19
+    assert await store.claim("w2", ["mock"], lease_seconds=LEASE) is None
+    clock.now += 2
     again = await store.claim("w2", ["mock"], lease_seconds=LEASE)
     assert again is not None and again.id == queued.id and again.attempts == 2
 
 
-async def test_a_delayed_job_can_be_cancelled(store: JobStore) -> None:
+async def test_a_delayed_job_can_be_cancelled(store: JobStore, clock: Clock) -> None:
     queued = await store.enqueue(job(), user_cap=10)
     await store.claim("w1", ["mock"], lease_seconds=LEASE)
-    await store.requeue(queued.id, worker_id="w1", delay=0.1)
+    await store.requeue(queued.id, worker_id="w1", delay=10)
     assert (await store.cancel(queued.id)).state is JobState.cancelled
-    await asyncio.sleep(0.2)
+    clock.now += 20
     assert await store.claim("w2", ["mock"], lease_seconds=LEASE) is None
 
 

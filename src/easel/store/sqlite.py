@@ -169,12 +169,18 @@ def _save(conn: sqlite3.Connection, job: Job, lease_expires_at: float | None = N
 
 
 def _requeue(
-    conn: sqlite3.Connection, job: Job, *, spend_attempt: bool, reason: JobError, max_attempts: int
+    conn: sqlite3.Connection,
+    job: Job,
+    *,
+    spend_attempt: bool,
+    reason: JobError,
+    max_attempts: int,
+    now: float,
 ) -> Job:
     """Running -> queued, or failed with ``reason`` when the attempts are spent."""
     attempts = job.attempts if spend_attempt else max(job.attempts - 1, 0)
     if spend_attempt and attempts >= max_attempts:
-        update = {"state": JobState.failed, "error": reason, "finished_at": time.time()}
+        update = {"state": JobState.failed, "error": reason, "finished_at": now}
     else:
         update = {"state": JobState.queued, "started_at": None}
     job = job.model_copy(update={**update, "attempts": attempts, "worker_id": None})
@@ -189,8 +195,12 @@ class SqliteStore(JobStore):
         max_attempts: int = 3,
         policy: Policy | None = None,
         max_queue_size: int | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: the time leases, retries, aging and records are measured by (tests
+        move a frozen one forward instead of sleeping)."""
         self.path = Path(path)
+        self.clock = clock
         self.max_attempts = max_attempts
         self.max_queue_size = max_queue_size
         self._writer = _Writer(self.path)
@@ -198,7 +208,7 @@ class SqliteStore(JobStore):
         self._active: dict[str, str] = {}  # job id -> user id, queued or running
         self._active_per_user: dict[str, int] = {}
         self._running: set[str] = set()
-        self._delayed: dict[str, asyncio.TimerHandle] = {}  # requeued with a backoff
+        self._delayed: dict[str, tuple[float, Job]] = {}  # requeued with a backoff: ready at
 
     async def open(self) -> None:
         self._writer.start()
@@ -221,8 +231,6 @@ class SqliteStore(JobStore):
         return [Job.model_validate_json(data) for (data,) in rows]
 
     async def close(self) -> None:
-        for timer in self._delayed.values():
-            timer.cancel()
         self._delayed.clear()
         await asyncio.to_thread(self._writer.stop)
 
@@ -248,21 +256,21 @@ class SqliteStore(JobStore):
         self._running.discard(job.id)
         if job.state.is_final:
             self._queue.remove(job.id)
-            if (timer := self._delayed.pop(job.id, None)) is not None:
-                timer.cancel()
+            self._delayed.pop(job.id, None)
             self._untrack(job.id)
         elif job.state is JobState.queued and job.id not in self._queue:
             if delay > 0:
-                loop = asyncio.get_running_loop()
-                self._delayed[job.id] = loop.call_later(delay, self._release, job)
+                self._delayed[job.id] = (self.clock() + delay, job)
             else:
                 self._queue.push_front(entry_for(job))
         return job
 
-    def _release(self, job: Job) -> None:
-        """A retry's backoff is over: the job is back in line."""
-        if self._delayed.pop(job.id, None) is not None:
-            self._queue.push_front(entry_for(job))
+    def _release_due(self, now: float) -> None:
+        """Retries whose backoff is over are back in line (checked whenever work is asked)."""
+        for job_id, (ready_at, job) in list(self._delayed.items()):
+            if ready_at <= now:
+                del self._delayed[job_id]
+                self._queue.push_front(entry_for(job))
 
     # -- the interface ----------------------------------------------------------------
 
@@ -271,7 +279,10 @@ class SqliteStore(JobStore):
         check_user_cap(job.user_id, self._active_per_user.get(job.user_id, 0), user_cap)
         self._track(job)  # reserve the slot before awaiting, so concurrent submits count
         try:
-            stored = await self._writer.run(lambda conn: self._insert(conn, job, idempotency_key))
+            now = self.clock()
+            stored = await self._writer.run(
+                lambda conn: self._insert(conn, job, idempotency_key, now)
+            )
         except BaseException:
             self._untrack(job.id)
             raise
@@ -282,19 +293,19 @@ class SqliteStore(JobStore):
         return job
 
     @staticmethod
-    def _insert(conn: sqlite3.Connection, job: Job, idempotency_key: str | None) -> Job:
+    def _insert(conn: sqlite3.Connection, job: Job, idempotency_key: str | None, now: float) -> Job:
         if idempotency_key is not None:
             key = f"{job.user_id}\0{idempotency_key}"
             conn.execute(
                 "DELETE FROM idempotency WHERE created_at < ?",
-                (time.time() - IDEMPOTENCY_RETENTION_SECONDS,),
+                (now - IDEMPOTENCY_RETENTION_SECONDS,),
             )
             row = conn.execute("SELECT job_id FROM idempotency WHERE key = ?", (key,)).fetchone()
             if row is not None:
                 return _load(conn, row[0])
             conn.execute(
                 "INSERT INTO idempotency (key, job_id, created_at) VALUES (?, ?, ?)",
-                (key, job.id, time.time()),
+                (key, job.id, now),
             )
         conn.execute(
             "INSERT INTO jobs (id, user_id, state, data) VALUES (?, ?, ?, ?)",
@@ -305,13 +316,15 @@ class SqliteStore(JobStore):
     async def claim_batch(
         self, worker_id: str, routes: Collection[str], *, lease_seconds: float, limit: int = 1
     ) -> list[Job]:
-        entries = self._queue.pop_batch(routes, limit, now=time.time())
+        now = self.clock()
+        self._release_due(now)
+        entries = self._queue.pop_batch(routes, limit, now=now)
         if not entries:
             return []
         ids = [entry.job_id for entry in entries]
         try:
             jobs = await self._writer.run(
-                lambda conn: [self._claim(conn, i, worker_id, lease_seconds) for i in ids]
+                lambda conn: [self._claim(conn, i, worker_id, lease_seconds, now) for i in ids]
             )
         except BaseException:
             for entry in reversed(entries):
@@ -323,12 +336,11 @@ class SqliteStore(JobStore):
 
     @staticmethod
     def _claim(
-        conn: sqlite3.Connection, job_id: str, worker_id: str, lease_seconds: float
+        conn: sqlite3.Connection, job_id: str, worker_id: str, lease_seconds: float, now: float
     ) -> Job | None:
         job = _load(conn, job_id)
         if job.state is not JobState.queued:
             return None
-        now = time.time()
         job = job.model_copy(
             update={
                 "state": JobState.running,
@@ -344,7 +356,7 @@ class SqliteStore(JobStore):
             cursor = conn.execute(
                 "UPDATE jobs SET lease_expires_at = ? "
                 "WHERE id = ? AND state = 'running' AND worker_id = ?",
-                (time.time() + lease_seconds, job_id, worker_id),
+                (self.clock() + lease_seconds, job_id, worker_id),
             )
             return cursor.rowcount == 1
 
@@ -364,7 +376,7 @@ class SqliteStore(JobStore):
                 "state": JobState.succeeded,
                 "images": images,
                 "audio": audio or [],
-                "finished_at": time.time(),
+                "finished_at": self.clock(),
             }
             return _save(conn, job.model_copy(update=update))
 
@@ -377,7 +389,7 @@ class SqliteStore(JobStore):
             else:
                 job = _load(conn, job_id)
                 _ensure_open(job)
-            update = {"state": JobState.failed, "error": error, "finished_at": time.time()}
+            update = {"state": JobState.failed, "error": error, "finished_at": self.clock()}
             return _save(conn, job.model_copy(update=update))
 
         return self._settled(await self._writer.run(op))
@@ -404,6 +416,7 @@ class SqliteStore(JobStore):
                 spend_attempt=spend_attempt,
                 reason=reason,
                 max_attempts=self.max_attempts,
+                now=self.clock(),
             )
 
         return self._settled(await self._writer.run(op), delay=delay)
@@ -414,7 +427,7 @@ class SqliteStore(JobStore):
         def op(conn: sqlite3.Connection) -> Job:
             job = _load(conn, job_id)
             _ensure_open(job)
-            update = {"state": JobState.cancelled, "finished_at": time.time()}
+            update = {"state": JobState.cancelled, "finished_at": self.clock()}
             return _save(conn, job.model_copy(update=update))
 
         try:
@@ -460,7 +473,7 @@ class SqliteStore(JobStore):
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(
                 "SELECT data FROM jobs WHERE state = 'running' AND lease_expires_at < ?",
-                (time.time(),),
+                (self.clock(),),
             ).fetchall()
             return [self._put_back(conn, Job.model_validate_json(data)) for (data,) in rows]
 
@@ -513,7 +526,12 @@ class SqliteStore(JobStore):
 
     def _put_back(self, conn: sqlite3.Connection, job: Job) -> Job:
         return _requeue(
-            conn, job, spend_attempt=True, reason=WORKER_LOST, max_attempts=self.max_attempts
+            conn,
+            job,
+            spend_attempt=True,
+            reason=WORKER_LOST,
+            max_attempts=self.max_attempts,
+            now=self.clock(),
         )
 
     @staticmethod
