@@ -69,7 +69,9 @@ def easel_command() -> str:
 
 
 @contextmanager
-def easel_serve(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Process]:
+def easel_serve(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None, start_timeout: float = 30
+) -> Iterator[Process]:
     """``easel serve`` as a real process on a free port; killed (not asked) at the end."""
     port = free_port()
     log = open(data_dir.parent / f"serve-{port}.log", "wb")  # noqa: SIM115
@@ -78,7 +80,7 @@ def easel_serve(data_dir: Path, *args: str, env: dict[str, str] | None = None) -
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + start_timeout
     while True:
         try:
             if httpx.get(f"{url}/health").status_code == 200:
@@ -86,6 +88,9 @@ def easel_serve(data_dir: Path, *args: str, env: dict[str, str] | None = None) -
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            log.close()
             raise RuntimeError(Path(log.name).read_text())
         time.sleep(0.05)
     try:

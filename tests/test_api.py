@@ -258,3 +258,29 @@ def test_health_models_and_docs(server: str) -> None:
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/images/{index}", "/health"} <= set(
         paths
     )
+
+
+def test_list_filters_pages_and_moves(tmp_path: Path) -> None:
+    """API only (no workers): jobs stay queued, so they can be moved."""
+    from easel.api import create_app
+    from tests.servers import serve
+
+    settings = Settings(data_dir=tmp_path / "data", backend="mock", concurrency=0)
+    with serve(create_app(settings)) as url:
+        made = [submit(url, prompt=f"{word} fox", user_id="u") for word in ("red", "blue", "red")]
+        page = httpx.get(f"{url}/v1/jobs", params={"q": "Red", "limit": 1}).json()["jobs"]
+        assert [j["id"] for j in page] == [made[2]["id"]]
+        older = httpx.get(f"{url}/v1/jobs", params={"q": "red", "before": page[0]["id"]})
+        assert [j["id"] for j in older.json()["jobs"]] == [made[0]["id"]]
+        none = httpx.get(f"{url}/v1/jobs", params={"model": "other", "since": 0}).json()
+        assert none["jobs"] == []
+        moved = httpx.post(f"{url}/v1/jobs/{made[2]['id']}/move", json={"to": "front"})
+        assert moved.status_code == 200 and moved.json()["position"] == 0
+        line = httpx.get(f"{url}/v1/queue/jobs", params={"user_id": "u"}).json()["jobs"]
+        assert [j["id"] for j in line] == [made[2]["id"], made[0]["id"], made[1]["id"]]
+        assert [j["prompt"] for j in line] == ["red fox", "red fox", "blue fox"]
+        httpx.delete(f"{url}/v1/jobs/{made[1]['id']}")
+        refused = httpx.post(f"{url}/v1/jobs/{made[1]['id']}/move", json={"to": "back"})
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "job_not_queued"
+        bad = httpx.post(f"{url}/v1/jobs/{made[0]['id']}/move", json={"to": "middle"})
+        assert bad.status_code == 422

@@ -212,3 +212,48 @@ def test_metrics_and_readiness(tmp_path: Path) -> None:
     assert samples['easel_job_run_seconds_count{backend="mock",model=""}'] == 3
     assert samples['easel_job_wait_seconds_count{backend="mock",model=""}'] == 4
     assert samples["easel_workers"] == 1
+
+
+def test_the_page_needs_no_token_but_every_call_it_makes_does(guarded: str) -> None:
+    page = httpx.get(f"{guarded}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert httpx.get(f"{guarded}/ui/app.js").status_code == 200
+    assert httpx.get(f"{guarded}/v1/queue/jobs").status_code == 401
+
+
+def test_queue_line_hides_prompts_and_only_admin_moves(tmp_path: Path) -> None:
+    """No workers (API only), so every job stays queued."""
+    tokens = [
+        {"service": "bot", "token": BOT},
+        {"service": "shop", "token": SHOP},
+        {"service": "ops", "token": ADMIN, "scopes": ["admin"]},
+    ]
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        backend="mock",
+        concurrency=0,
+        safety=Safety.model_validate({"tokens": tokens}),
+    )
+    with serve(create_app(settings)) as url:
+        first = post(url, BOT, prompt="bot secret one", user_id="u1").json()
+        second = post(url, BOT, prompt="bot secret two", user_id="u1").json()
+        theirs = post(url, SHOP, prompt="shop secret", user_id="u2").json()
+
+        def line(token: str) -> dict[str, Any]:
+            reply = httpx.get(f"{url}/v1/queue/jobs?user_id=u1", headers=bearer(token))
+            return {job["id"]: job["prompt"] for job in reply.json()["jobs"]}
+
+        assert line(BOT) == {first["id"]: "bot secret one", second["id"]: "bot secret two",
+                             theirs["id"]: None}  # fmt: skip
+        assert line(ADMIN)[theirs["id"]] == "shop secret"
+        moved = httpx.post(
+            f"{url}/v1/jobs/{theirs['id']}/move", json={"to": "front"}, headers=bearer(BOT)
+        )
+        assert moved.status_code == 403 and moved.json()["error"]["code"] == "forbidden"
+        moved = httpx.post(
+            f"{url}/v1/jobs/{theirs['id']}/move", json={"to": "front"}, headers=bearer(ADMIN)
+        )
+        assert moved.status_code == 200 and moved.json()["position"] == 0
+        # the gallery query is scoped to the service inside the store
+        found = httpx.get(f"{url}/v1/jobs", params={"q": "SECRET"}, headers=bearer(BOT)).json()
+        assert [job["id"] for job in found["jobs"]] == [second["id"], first["id"]]

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from easel.errors import JobFinished, JobNotFound, LeaseLost, QueueFull, UserQueueFull
+from easel.errors import (
+    JobFinished,
+    JobNotFound,
+    JobNotQueued,
+    LeaseLost,
+    QueueFull,
+    UserQueueFull,
+)
 from easel.jobs import (
     AudioFormat,
     AudioRef,
@@ -409,3 +416,56 @@ async def test_runs_are_recorded_in_order(store_factory: StoreFactory) -> None:
     assert [(r.worker, r.error) for r in done.runs] == [("w1", error), ("w2", None)]
     reopened = await store_factory()
     assert len((await reopened.get(queued.id)).runs) == 2
+
+
+async def test_list_filters_inside_the_query(store: JobStore) -> None:
+    """Service, prompt text, model and dates filter in the store; pages are never short."""
+    owned = []
+    for i in range(30):
+        made = job("alice", prompt=f"A Red fox {i}" if i % 3 == 0 else f"blue bird {i}")
+        made = made.model_copy(
+            update={
+                "service": "bot" if i % 2 == 0 else "web",
+                "created_at": 1000.0 + i,
+                "request": made.request.model_copy(update={"model": "m1" if i < 15 else "m2"}),
+            }
+        )
+        owned.append(await store.enqueue(made, user_cap=100))
+    newest_first = owned[::-1]
+    bot = [j.id for j in newest_first if j.service == "bot"]
+    assert [j.id for j in await store.list_jobs(service="bot", limit=5)] == bot[:5]
+    page2 = await store.list_jobs(service="bot", limit=5, before=bot[4])
+    assert [j.id for j in page2] == bot[5:10]
+    foxes = await store.list_jobs(text="red FOX", limit=100)
+    assert [j.id for j in foxes] == [j.id for j in newest_first if "Red fox" in j.request.prompt]
+    both = await store.list_jobs(text="fox", service="web", model="m1", user_id="alice")
+    assert [j.request.prompt for j in both] == ["A Red fox 9", "A Red fox 3"]
+    dated = await store.list_jobs(since=1010.0, until=1013.0)
+    assert [j.created_at for j in dated] == [1012.0, 1011.0, 1010.0]
+    assert await store.list_jobs(service="nobody") == []
+
+
+async def test_move_a_queued_job_to_the_front_or_back(store: JobStore) -> None:
+    a = await store.enqueue(job("alice"), user_cap=10)
+    b = await store.enqueue(job("bob"), user_cap=10)
+    c = await store.enqueue(job("carol"), user_cap=10)
+    top = await store.enqueue(job("dave", priority=5), user_cap=10)
+    moved = await store.move(c.id, front=True)
+    assert moved.id == c.id and moved.state is JobState.queued
+    assert [(await store.place(j.id)).position for j in (top, c, a, b)] == [0, 1, 2, 3]  # type: ignore[union-attr]
+    await store.move(c.id, front=False)
+    await store.move(a.id, front=False)
+    assert [j.id for j in await drain(store)] == [top.id, b.id, c.id, a.id]
+
+
+async def test_only_a_job_in_line_moves(store: JobStore) -> None:
+    a = await store.enqueue(job("alice"), user_cap=10)
+    await store.claim("w", ["mock"], lease_seconds=LEASE)
+    with pytest.raises(JobNotQueued):
+        await store.move(a.id, front=True)
+    with pytest.raises(JobNotFound):
+        await store.move("nope", front=False)
+    b = await store.enqueue(job("bob"), user_cap=10)
+    await store.cancel(b.id)
+    with pytest.raises(JobNotQueued):
+        await store.move(b.id, front=True)

@@ -24,6 +24,7 @@ class here (and to :data:`ERRORS`), never a ``code=`` on a generic one.
     │   └── ModelNotFound       404 model_not_found
     ├── MethodNotAllowed        405 method_not_allowed
     ├── JobFinished             409 job_finished
+    ├── JobNotQueued            409 job_not_queued      (only a job waiting in line moves)
     ├── RequestTooLarge         413 request_too_large
     ├── UnsupportedMediaType    415 unsupported_media_type
     ├── QueueFull               429 queue_full
@@ -142,6 +143,13 @@ class MethodNotAllowed(EaselError):
 
 class JobFinished(EaselError):
     code = "job_finished"
+    status = 409
+
+
+class JobNotQueued(EaselError):
+    """Only a job waiting in line can be moved in it."""
+
+    code = "job_not_queued"
     status = 409
 
 
@@ -275,6 +283,7 @@ CATALOGUE: tuple[type[EaselError], ...] = (
     ModelNotFound,
     MethodNotAllowed,
     JobFinished,
+    JobNotQueued,
     RequestTooLarge,
     UnsupportedMediaType,
     QueueFull,

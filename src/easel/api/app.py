@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from easel.api import errors, native, operations, sse
+from easel.api import errors, native, operations, sse, ui
 from easel.api.auth import BodyLimit, TokenAuth
 from easel.api.compat import a1111, openai, openai_audio, pipeline
 from easel.config import Settings
@@ -83,4 +83,5 @@ def create_app(
     app.include_router(a1111.router)
     app.include_router(a1111.internal)
     app.include_router(pipeline.router)
+    ui.install(app)
     return app

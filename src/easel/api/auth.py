@@ -1,6 +1,7 @@
 """Service tokens: who is calling, and what it may do. A pure ASGI middleware.
 
-When any token is configured, every route but ``/health`` needs one, as
+When any token is configured, every route but ``/health`` and the web page's own files
+(``/``, ``/ui/...``: the page asks for a token and sends it itself) needs one, as
 ``Authorization: Bearer <token>`` (or ``?token=`` on a websocket, which browsers cannot
 give headers). Tokens are compared in constant time against every configured token and
 are never logged. The caller's service lands in ``scope["state"]["service"]``; routes use
@@ -19,7 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from easel.errors import EaselError, Forbidden, RequestTooLarge, Unauthorized
 from easel.safety.services import Permission, ServiceToken, current_service, identify
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})
+OPEN_PREFIXES = ("/ui/",)
 
 
 def required_scope(method: str) -> str:
@@ -35,7 +37,7 @@ class TokenAuth:
         if scope["type"] not in {"http", "websocket"} or not self.tokens:
             await self.app(scope, receive, send)
             return
-        if scope["path"] in OPEN_PATHS:
+        if scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         service = identify(self.tokens, _presented(scope))

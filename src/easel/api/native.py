@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from easel.api.errors import ErrorResponse
 from easel.constants import VERSION
@@ -18,7 +18,7 @@ from easel.events.bus import Subscription, event_json
 from easel.jobs import AUDIO_MEDIA_TYPES, GenerationRequest, ImageFormat, Job, JobState, JobView
 from easel.runtime.facade import Runtime
 from easel.runtime.registry import WorkerInfo
-from easel.safety.services import may_see
+from easel.safety.services import current_service, may_see
 from easel.views import BackendEntry, Health, JobList, ModelEntry, Models
 
 router = APIRouter()
@@ -82,9 +82,21 @@ async def list_jobs(
     user_id: str | None = None,
     state: JobState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    q: Annotated[
+        str | None, Query(max_length=200, description="Text the prompt contains (any case).")
+    ] = None,
+    model: Annotated[str | None, Query(max_length=200)] = None,
+    since: Annotated[float | None, Query(description="Created at or after (Unix time).")] = None,
+    until: Annotated[float | None, Query(description="Created before (Unix time).")] = None,
+    before: Annotated[
+        str | None, Query(max_length=64, description="Jobs older than this job id: the next page.")
+    ] = None,
 ) -> JobList:
-    """Newest first."""
-    jobs = await runtime_of(request).list_jobs(user_id=user_id, state=state, limit=limit)
+    """Newest first. A service token sees its own service's jobs only."""
+    jobs = await runtime_of(request).list_jobs(
+        user_id=user_id, state=state, limit=limit, text=q or None, model=model,
+        since=since, until=until, before=before,
+    )  # fmt: skip
     return JobList(jobs=jobs)
 
 
@@ -115,6 +127,84 @@ class QueueState(BaseModel):
 async def queue_state(request: Request) -> QueueState:
     """Queued jobs per priority tier and per user, and measured run times."""
     return QueueState.model_validate(await runtime_of(request).queue())
+
+
+class LineEntry(BaseModel):
+    """A job in the queue as everyone may see it: the prompt only for its owner or admin."""
+
+    id: str
+    user_id: str
+    service: str | None
+    state: JobState
+    tier: int
+    position: int | None
+    eta_seconds: float | None
+    backend: str
+    model: str | None
+    width: int
+    height: int
+    steps: int
+    batch_size: int
+    created_at: float
+    started_at: float | None
+    prompt: str | None = Field(description="Hidden (null) unless yours or you are admin.")
+
+
+class Line(BaseModel):
+    jobs: list[LineEntry]
+
+
+@router.get("/v1/queue/jobs", response_model=Line, tags=["jobs"])
+async def queue_line(
+    request: Request,
+    user_id: Annotated[
+        str | None, Query(description="Whose prompts to show (the viewer's own jobs).")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+) -> Line:
+    """Running jobs, then queued ones in serving order with their tier and position.
+
+    Other users' prompts are hidden unless the token has the admin scope.
+    """
+    caller = current_service.get()
+    admin = caller is not None and caller.is_admin
+    jobs = await runtime_of(request).line(limit)
+    return Line(
+        jobs=[
+            _line_entry(job, admin or (may_see(job.service) and job.user_id == user_id))
+            for job in jobs
+        ]
+    )
+
+
+def _line_entry(job: JobView, show_prompt: bool) -> LineEntry:
+    r = job.request
+    return LineEntry(
+        id=job.id, user_id=job.user_id, service=job.service, state=job.state, tier=r.priority,
+        position=job.position, eta_seconds=job.eta_seconds, backend=job.backend, model=r.model,
+        width=r.width, height=r.height, steps=r.steps, batch_size=r.batch_size,
+        created_at=job.created_at, started_at=job.started_at,
+        prompt=r.prompt if show_prompt else None,
+    )  # fmt: skip
+
+
+class Move(BaseModel):
+    to: Literal["front", "back"] = Field(description="First or last in line of its tier.")
+
+
+@router.post(
+    "/v1/jobs/{job_id}/move",
+    response_model=JobView,
+    responses={
+        403: {"model": ErrorResponse, "description": "Needs the admin scope"},
+        404: _ERRORS[404],
+        409: {"model": ErrorResponse, "description": "The job is not waiting in line"},
+    },
+    tags=["jobs"],
+)
+async def move_job(job_id: str, body: Move, request: Request) -> JobView:
+    """Operators: put a queued job first or last in line of its priority tier."""
+    return await runtime_of(request).move(job_id, front=body.to == "front")
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS, tags=["jobs"])

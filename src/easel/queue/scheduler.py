@@ -255,6 +255,30 @@ class FairQueue:
             batch.append(self._serve(following))
         return batch
 
+    def move(self, job_id: str, *, front: bool) -> bool:
+        """An operator's reorder: first or last in line of the job's own tier.
+
+        Front takes the tag a put-back job gets; back takes the tier's last start tag and a
+        later sequence. Other users' tags are untouched, so fair share resumes from there
+        (a job moved back may still be passed by a later arrival of a lighter user).
+        False when the job is not in line.
+        """
+        tagged = self._tagged.get(job_id)
+        if tagged is None:
+            return False
+        tier = self._tiers[tagged.tier]
+        tier.order.remove(tagged)
+        if front:
+            first = tier.order[0].start if tier.order else tier.clock
+            tagged.start, tagged.seq = min(first, tier.clock), -next(self._seq)
+        else:
+            last = tier.order[-1].start if tier.order else tagged.start
+            tagged.start, tagged.seq = max(last, tagged.start), next(self._seq)
+        tier.order.add(tagged)
+        if tagged.tier < self.policy.top_priority and self.policy.aging_seconds is not None:
+            heapq.heappush(self._waiting, (tagged.entry.enqueued_at, tagged.seq, job_id))
+        return True
+
     def remove(self, job_id: str) -> Entry | None:
         tagged = self._tagged.get(job_id)
         if tagged is None:

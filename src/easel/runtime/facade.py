@@ -18,7 +18,14 @@ from types import TracebackType
 from easel.backends.base import Backend
 from easel.config import Settings
 from easel.effects.webhooks import check_webhook_url
-from easel.errors import AudioNotFound, EaselError, ImageNotFound, JobFinished, JobNotFound
+from easel.errors import (
+    AudioNotFound,
+    EaselError,
+    Forbidden,
+    ImageNotFound,
+    JobFinished,
+    JobNotFound,
+)
 from easel.events.bus import EventBus
 from easel.jobs import (
     FINAL_EVENTS,
@@ -238,13 +245,50 @@ class Runtime:
         return await self.view(await self._visible(job_id))
 
     async def list_jobs(
-        self, *, user_id: str | None = None, state: JobState | None = None, limit: int = 100
+        self,
+        *,
+        user_id: str | None = None,
+        state: JobState | None = None,
+        limit: int = 100,
+        text: str | None = None,
+        model: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before: str | None = None,
     ) -> list[Job]:
-        """Newest first; a service sees only its own jobs (the newest ``limit`` of them)."""
-        if current_service.get() is None:
-            return await self.store.list_jobs(user_id=user_id, state=state, limit=limit)
-        jobs = await self.store.list_jobs(user_id=user_id, state=state, limit=limit * 10)
-        return [job for job in jobs if may_see(job.service)][:limit]
+        """Newest first; a service sees only its own jobs (scoped inside the store query)."""
+        caller = current_service.get()
+        service = None if caller is None or caller.is_admin else caller.name
+        return await self.store.list_jobs(
+            user_id=user_id, state=state, limit=limit, service=service, text=text,
+            model=model, since=since, until=until, before=before,
+        )  # fmt: skip
+
+    async def line(self, limit: int = 500) -> list[JobView]:
+        """The running jobs, then the queued ones in the order they will be served."""
+        running = await self.store.list_jobs(state=JobState.running, limit=limit)
+        queued = await self.store.list_jobs(state=JobState.queued, limit=limit)
+        views = [await self.view(job) for job in queued]
+        views.sort(key=lambda v: (v.position is None, v.position or 0))
+        return [await self.view(job) for job in running] + views
+
+    async def move(self, job_id: str, *, front: bool) -> JobView:
+        """An operator puts a queued job first or last in line of its tier."""
+        caller = current_service.get()
+        if caller is not None and not caller.is_admin:
+            raise Forbidden("moving jobs in the queue needs a token with the admin scope")
+        job = await self.store.move(job_id, front=front)
+        view = await self.view(job)
+        await self.bus.publish(
+            Event.of(
+                job,
+                EventType.queued,
+                position=view.position,
+                eta_seconds=view.eta_seconds,
+                average_seconds=view.average_seconds,
+            )
+        )
+        return view
 
     async def view(self, job: Job) -> JobView:
         """The job with its queue position and ETA: wait and run apart, with a p10-p90

@@ -44,6 +44,7 @@ local K_QUEUED_USERS = P .. '{k.QUEUED_USERS}'
 local K_ROUTE_COST = P .. '{k.ROUTE_COST}'
 local function job_key(id) return P .. '{k.JOB}' .. id end
 local function user_key(user) return P .. '{k.USER}' .. user end
+local function service_key(service) return P .. '{k.SERVICE}' .. service end
 local function state_key(state) return P .. '{k.STATE}' .. state end
 local function tier_key(tier) return P .. '{k.TIER}' .. tier end
 local function route_key(tier, route) return P .. '{k.ROUTE}' .. tier .. ':' .. route end
@@ -266,8 +267,8 @@ ENQUEUE = _script("""
 -- 8 id, 9 user, 10 tier, 11 backend, 12 cost, 13 created_at, 14 batch key, 15 the job's
 -- JSON without the fields scripts change (see redis.py),
 -- 16 user cap, 17 queue cap ('' = none), 18 idempotency key ('' = none), 19 its ttl ms,
--- 20 the user's weight
-local id, user = ARGV[8], ARGV[9]
+-- 20 the user's weight, 21 the service that owns it ('' = none)
+local id, user, service = ARGV[8], ARGV[9], ARGV[21]
 local idem = ARGV[18]
 if idem ~= '' then
   local existing = redis.call('GET', idem)
@@ -284,9 +285,11 @@ local seq = redis.call('HINCRBY', K_SCHED, 'jobs', 1)
 redis.call('HSET', job_key(id), 'id', id, 'user_id', user, 'tier', ARGV[10],
   'backend', ARGV[11], 'cost', ARGV[12], 'created_at', ARGV[13], 'batch_key', ARGV[14],
   'base', ARGV[15], 'state', 'queued', 'attempts', 0, 'started_at', '', 'finished_at', '',
-  'worker_id', '', 'images', '[]', 'error', '', 'lease', '', 'member', '', 'seq', seq)
+  'worker_id', '', 'images', '[]', 'error', '', 'lease', '', 'member', '', 'seq', seq,
+  'service', service)
 redis.call('ZADD', K_ALL, seq, id)
 redis.call('ZADD', user_key(user), seq, id)
+if service ~= '' then redis.call('ZADD', service_key(service), seq, id) end
 redis.call('ZADD', state_key('queued'), seq, id)
 push(id, false, tonumber(ARGV[20]))
 redis.call('HINCRBY', K_ACTIVE, user, 1)
@@ -414,16 +417,56 @@ for _, id in ipairs(lost) do
 end
 local old = redis.call('ZRANGEBYSCORE', K_FINISHED, '-inf', fmt(NOW - RETENTION), 'LIMIT', 0, limit)
 for _, id in ipairs(old) do
-  local f = redis.call('HMGET', job_key(id), 'user_id', 'state')
+  local f = redis.call('HMGET', job_key(id), 'user_id', 'state', 'service')
   if f[1] then
     redis.call('ZREM', user_key(f[1]), id)
     redis.call('ZREM', state_key(f[2]), id)
   end
+  if f[3] and f[3] ~= '' then redis.call('ZREM', service_key(f[3]), id) end
   redis.call('ZREM', K_ALL, id)
   redis.call('ZREM', K_FINISHED, id)
   redis.call('DEL', job_key(id))
 end
 return out
+""")
+
+REORDER = _script("""
+-- 8 id, 9 'front' or 'back'. FairQueue.move: first or last in line of the job's tier.
+release_due()
+local id = ARGV[8]
+local jk = job_key(id)
+local f = redis.call('HMGET', jk, 'state', 'member', 'tier', 'backend')
+if not f[1] then return {'missing'} end
+if f[1] ~= 'queued' then return {'not_queued', f[1]} end
+local m, tier = f[2], f[3]
+if not m or m == '' then return {'not_queued', 'held back for a retry'} end
+local tk, rk = tier_key(tier), route_key(tier, f[4])
+local old = tonumber(redis.call('ZSCORE', tk, m))
+redis.call('ZREM', tk, m)
+redis.call('ZREM', rk, m)
+local waited = redis.call('ZSCORE', K_WAITING, m)
+redis.call('ZREM', K_WAITING, m)
+local start, seq
+if ARGV[9] == 'front' then
+  local clock = tonumber(redis.call('HGET', tier_state_key(tier), 'clock'))
+  local head = redis.call('ZRANGE', tk, 0, 0, 'WITHSCORES')
+  local first = clock
+  if head[1] then first = tonumber(head[2]) end
+  start = math.min(first, clock)
+  seq = -next_seq()
+else
+  local tail = redis.call('ZRANGE', tk, -1, -1, 'WITHSCORES')
+  start = old
+  if tail[1] then start = math.max(tonumber(tail[2]), old) end
+  seq = next_seq()
+end
+local m2 = string.format('%0' .. SEQ_WIDTH .. 'd', seq + SEQ_OFFSET) .. id
+local s = fmt(start)
+redis.call('ZADD', tk, s, m2)
+redis.call('ZADD', rk, s, m2)
+if waited then redis.call('ZADD', K_WAITING, waited, m2) end
+redis.call('HSET', jk, 'member', m2)
+return {'ok', redis.call('HGETALL', jk)}
 """)
 
 PLACE = _script("""

@@ -99,9 +99,27 @@ class JobStore(ABC):
 
     @abstractmethod
     async def list_jobs(
-        self, *, user_id: str | None = None, state: JobState | None = None, limit: int = 100
+        self,
+        *,
+        user_id: str | None = None,
+        state: JobState | None = None,
+        limit: int = 100,
+        service: str | None = None,
+        text: str | None = None,
+        model: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before: str | None = None,
     ) -> list[Job]:
-        """Newest first."""
+        """Newest first, filtered inside the store's query (never by over-fetching):
+        ``service`` owns them, ``text`` is in the prompt (case-insensitive), ``model``
+        is the requested model, created in ``[since, until)``; ``before`` is a job id,
+        the cursor of the next page (jobs that arrived before it)."""
+
+    @abstractmethod
+    async def move(self, job_id: str, *, front: bool) -> Job:
+        """Put a queued job first (or last) in line of its tier; ``JobNotQueued`` when it
+        is not waiting in line (running, ended, or held back for a retry)."""
 
     @abstractmethod
     async def place(self, job_id: str) -> Place | None:

@@ -27,6 +27,7 @@ from easel.errors import (
     EaselError,
     JobFinished,
     JobNotFound,
+    JobNotQueued,
     LeaseLost,
     QueueFull,
     StoreError,
@@ -122,7 +123,8 @@ class RedisStore(JobStore):
     async def open(self) -> None:
         self._redis = connect(self.url, socket_timeout=self.socket_timeout)
         for name in ("ENQUEUE", "CLAIM", "HEARTBEAT", "COMPLETE", "FAIL", "REQUEUE", "CANCEL",
-                     "EXPIRE", "PLACE", "STATS", "REROUTE", "ADD_RUN"):  # fmt: skip
+                     "EXPIRE", "PLACE", "STATS", "REROUTE", "ADD_RUN",
+                     "REORDER"):  # fmt: skip
             self._scripts[name] = self._redis.register_script(getattr(lua, name))
         try:
             await self._detect_durability(self._redis)
@@ -212,6 +214,7 @@ class RedisStore(JobStore):
             job.model_dump_json(exclude=set(_CHANGING)), user_cap,
             "" if self.max_queue_size is None else self.max_queue_size,
             idem, keys.IDEMPOTENCY_TTL_SECONDS * 1000, repr(self.policy.weight(job.user_id)),
+            job.service or "",
         )  # fmt: skip
         if self._waitaof:
             reply = await self._enqueue_waitaof(args)
@@ -301,24 +304,75 @@ class RedisStore(JobStore):
         return _from_fields(fields)
 
     async def list_jobs(
-        self, *, user_id: str | None = None, state: JobState | None = None, limit: int = 100
+        self,
+        *,
+        user_id: str | None = None,
+        state: JobState | None = None,
+        limit: int = 100,
+        service: str | None = None,
+        text: str | None = None,
+        model: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before: str | None = None,
     ) -> list[Job]:
-        if user_id is not None and state is not None:
-            user_key, state_key = self._key(keys.USER + user_id), self._key(keys.STATE + state)
+        """Walks the narrowest index (user, service, state or all) newest first, a page
+        at a time, keeping the jobs that match every filter, until ``limit`` are found:
+        pages are never short while older matches exist."""
+        index = (
+            keys.USER + user_id if user_id is not None
+            else keys.SERVICE + service if service is not None
+            else keys.STATE + state if state is not None
+            else keys.ALL
+        )  # fmt: skip
+        key = self._key(index)
+        top: str = "+inf"
+        if before is not None:
+            seq = await self._read(lambda r: r.zscore(self._key(keys.ALL), before))
+            if seq is None:
+                return []
+            top = f"({int(seq)}"
+        needle = text.casefold() if text else None
 
-            async def both(r: Redis) -> list[str]:
-                ids: list[str] = await r.zinter([user_key, state_key], aggregate="MAX")
-                return ids[::-1][:limit]
+        def wanted(job: Job) -> bool:
+            return (
+                (user_id is None or job.user_id == user_id)
+                and (state is None or job.state is state)
+                and (service is None or job.service == service)
+                and (model is None or job.request.model == model)
+                and (until is None or job.created_at < until)
+                and (since is None or job.created_at >= since)
+                and (needle is None or needle in job.request.prompt.casefold())
+            )
 
-            ids = await self._read(both)
-        else:
-            name = (
-                keys.USER + user_id if user_id is not None
-                else keys.STATE + state if state is not None
-                else keys.ALL
-            )  # fmt: skip
-            ids = await self._read(lambda r: r.zrevrange(self._key(name), 0, limit - 1))
-        return await self._load_many(ids)
+        found: list[Job] = []
+        page = max(limit, 50)
+        while len(found) < limit:
+
+            async def scan(r: Redis, bound: str = top) -> list[tuple[str, float]]:
+                rows: list[tuple[str, float]] = await r.zrevrangebyscore(
+                    key, bound, "-inf", start=0, num=page, withscores=True
+                )
+                return rows
+
+            rows = await self._read(scan)
+            if not rows:
+                break
+            jobs = await self._load_many([job_id for job_id, _ in rows])
+            found.extend(job for job in jobs if wanted(job))
+            # ids arrive in arrival order: past ``since`` nothing older can match
+            if since is not None and jobs and min(j.created_at for j in jobs) < since:
+                break
+            top = f"({int(rows[-1][1])}"
+        return found[:limit]
+
+    async def move(self, job_id: str, *, front: bool) -> Job:
+        reply = await self._run("REORDER", job_id, "front" if front else "back")
+        if reply[0] == "missing":
+            raise JobNotFound(f"no job with id {job_id!r}")
+        if reply[0] == "not_queued":
+            raise JobNotQueued(f"job {job_id} is {reply[1]}, not waiting in line")
+        return _job(reply[1])
 
     async def _load_many(self, ids: list[str]) -> list[Job]:
         async def load(r: Redis) -> list[dict[str, str]]:

@@ -19,7 +19,14 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
-from easel.errors import EaselError, JobFinished, JobNotFound, LeaseLost, StoreUnavailable
+from easel.errors import (
+    EaselError,
+    JobFinished,
+    JobNotFound,
+    JobNotQueued,
+    LeaseLost,
+    StoreUnavailable,
+)
 from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import (
     Entry,
@@ -98,6 +105,7 @@ class _Writer:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
+            conn.create_function("casefold", 1, _casefold, deterministic=True)
         except (sqlite3.Error, OSError) as exc:
             ready.put(exc)
             return
@@ -142,6 +150,11 @@ class _Writer:
             outcomes = [(future, None, failure) for _, future in batch]
         for future, result, error in outcomes:
             future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+
+
+def _casefold(value: str | None) -> str | None:
+    """Prompt search ignores case the way Python does (SQLite's lower() is ASCII only)."""
+    return value.casefold() if value is not None else None
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -444,15 +457,35 @@ class SqliteStore(JobStore):
         return await self._writer.run(lambda conn: _load(conn, job_id))
 
     async def list_jobs(
-        self, *, user_id: str | None = None, state: JobState | None = None, limit: int = 100
+        self,
+        *,
+        user_id: str | None = None,
+        state: JobState | None = None,
+        limit: int = 100,
+        service: str | None = None,
+        text: str | None = None,
+        model: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before: str | None = None,
     ) -> list[Job]:
-        clauses, params = [], []
-        if user_id is not None:
-            clauses.append("user_id = ?")
-            params.append(user_id)
-        if state is not None:
-            clauses.append("state = ?")
-            params.append(str(state))
+        clauses: list[str] = []
+        params: list[object] = []
+        for clause, value in (
+            ("user_id = ?", user_id),
+            ("state = ?", None if state is None else str(state)),
+            ("json_extract(data, '$.service') = ?", service),
+            ("json_extract(data, '$.request.model') = ?", model),
+            ("json_extract(data, '$.created_at') >= ?", since),
+            ("json_extract(data, '$.created_at') < ?", until),
+            ("seq < (SELECT seq FROM jobs WHERE id = ?)", before),
+        ):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        if text:
+            clauses.append("instr(casefold(json_extract(data, '$.request.prompt')), ?) > 0")
+            params.append(text.casefold())
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"SELECT data FROM jobs {where} ORDER BY seq DESC LIMIT ?"
 
@@ -461,6 +494,13 @@ class SqliteStore(JobStore):
             return [Job.model_validate_json(data) for (data,) in rows]
 
         return await self._writer.run(op)
+
+    async def move(self, job_id: str, *, front: bool) -> Job:
+        job = await self.get(job_id)
+        if not self._queue.move(job_id, front=front):
+            where = "held back for a retry" if job_id in self._delayed else str(job.state)
+            raise JobNotQueued(f"job {job_id} is {where}, not waiting in line")
+        return job
 
     async def place(self, job_id: str) -> Place | None:
         return self._queue.place(job_id)
