@@ -139,6 +139,7 @@ def card(job_id: str) -> str:
     return f'#my-jobs .job[data-id="{job_id}"]'
 
 
+@pytest.mark.timeout(300)  # with building the tiny pipeline; ~20 s on an idle 2-core machine
 def test_submit_then_position_previews_and_image(
     browser: Any, tiny_server: str, shots: Path
 ) -> None:
@@ -222,8 +223,8 @@ def test_gallery_shows_parameters_and_reuses_them(
     page.fill("#g-q", "OWL")
     page.click("#gallery-filter button[type=submit]")
     tiles = page.locator("#gallery-grid .tile")
-    tiles.first.wait_for()
-    assert tiles.count() == 1
+    tiles.filter(has_text="an owl in the snow").wait_for()
+    page.wait_for_function("() => document.querySelectorAll('#gallery-grid .tile').length === 1")
     tiles.first.click()
     info = page.locator("#detail-info")
     page.wait_for_function("() => document.querySelector('#detail-info').value.includes('Version')")

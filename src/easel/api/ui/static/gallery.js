@@ -6,6 +6,7 @@ const PAGE = 24;
 let context = null;
 let cursor = null; // the oldest job id shown: the next page starts after it
 let current = null; // { job, image } in the dialog
+let latest = 0; // the newest load: an older answer arriving late is dropped
 
 function day(value, end) {
   if (!value) return undefined;
@@ -35,6 +36,7 @@ async function load(reset) {
     since: day(value("since"), false), until: day(value("until"), true), before: cursor || undefined,
   };
   if (value("mine") === "me") query.user_id = identity.user;
+  const mine = ++latest;
   let page;
   try {
     page = (await api("/v1/jobs", { query })).jobs;
@@ -42,6 +44,7 @@ async function load(reset) {
     context.notify(error.message);
     return;
   }
+  if (mine !== latest) return;
   const grid = $("#gallery-grid");
   grid.replaceChildren();
   for (const job of page) {
