@@ -300,3 +300,32 @@ def test_tangoflux_is_declared_unavailable_with_its_reason(tmp_path: Path) -> No
                                                       "backend": "tangoflux"})  # fmt: skip
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "backend_unavailable"
+
+
+def test_the_cost_book_prices_audio_by_its_length() -> None:
+    """Measured clips of 1, 2 and 3 seconds price an unseen 6 s clip at about 6 s; two
+    lengths of the same steps are two shapes, never one price."""
+    from easel.queue.estimates import CostBook, Shape
+
+    book = CostBook()
+    for seconds in (1, 2, 3):
+        book.observe(Shape.of("sound", audio(duration_seconds=seconds, steps=10)), seconds * 1.0)
+    one = book.price(Shape.of("sound", audio(duration_seconds=1, steps=10)))
+    six = book.price(Shape.of("sound", audio(duration_seconds=6, steps=10)))
+    assert one is not None and one.mid == pytest.approx(1.0)
+    assert six is not None and six.mid == pytest.approx(6.0, rel=0.05)
+
+
+async def test_queued_audio_jobs_get_etas(tmp_path: Path) -> None:
+    runtime = _mixed(tmp_path, step_delay=0.005)
+    async with runtime:
+        for seconds in (0.5, 1.0, 1.5):  # three lengths measured: unseen ones are priced
+            job = await runtime.submit(audio(duration_seconds=seconds, steps=4, user_id="ann"))
+            assert (await runtime.wait(job.id, 20)).state is JobState.succeeded
+        blocker = await runtime.submit(audio(duration_seconds=1, steps=150, user_id="cat"))
+        short = await runtime.submit(audio(duration_seconds=2, steps=4, user_id="ann"))
+        long = await runtime.submit(audio(duration_seconds=4, steps=4, user_id="bob"))
+        for view in (short, long):
+            assert view.position is not None and view.eta_seconds is not None
+            assert view.average_seconds is not None and view.average_seconds > 0
+        await runtime.cancel(blocker.id)

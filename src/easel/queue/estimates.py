@@ -48,6 +48,9 @@ class Shape:
     batch: int
     cost: float
     """``GenerationRequest.cost``: steps x megapixels x batch (audio: its own units)."""
+    audio_ms: int = 0
+    """Audio jobs: milliseconds of sound asked for (or expected from the words), which
+    decides their run time as the size does an image's."""
 
     @classmethod
     def of(cls, backend: str, request: GenerationRequest) -> Shape:
@@ -60,12 +63,14 @@ class Shape:
             steps=request.steps,
             batch=request.batch_size,
             cost=request.cost,
+            audio_ms=round(request.audio_seconds * 1000),
         )
 
     @property
-    def key(self) -> tuple[str, str | None, str, int, int, int, int]:
+    def key(self) -> tuple[str, str | None, str, int, int, int, int, int]:
         return (
-            self.backend, self.model, self.kind, self.width, self.height, self.steps, self.batch
+            self.backend, self.model, self.kind, self.width, self.height, self.steps, self.batch,
+            self.audio_ms,
         )  # fmt: skip
 
     def features(self) -> tuple[float, float, float]:
