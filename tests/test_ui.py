@@ -282,3 +282,26 @@ def test_operator_lists_backends_and_moves_a_job(
         page.context.close()
     finally:
         clear(url, "u1", "u2", "u3", "blocker")
+
+
+def test_audio_results_play_on_the_page(browser: Any, tmp_path: Path) -> None:
+    """A speech job of the user's (sent by another client) shows as a player that loads
+    its clip: the browser decodes the WAV and knows its length."""
+    from easel.api import create_app
+    from easel.backends.mock import MockAudioBackend, MockBackend
+    from easel.config import Settings
+    from easel.runtime.facade import Runtime
+
+    settings = Settings(data_dir=tmp_path / "data", mock_step_delay=0.0)
+    runtime = Runtime(settings, backends={"mock": MockBackend(), "mock-audio": MockAudioBackend()})
+    with serve(create_app(runtime=runtime)) as url:
+        body = {"kind": "txt2speech", "text": "one two three four five six", "user_id": "ann"}
+        job_id = submit(url, **body)["id"]
+        page = open_page(browser, url, "ann")
+        player = page.wait_for_selector(f"{card(job_id)} audio.result-audio[src]")
+        page.wait_for_function("a => a.readyState >= 1 && a.duration > 0", arg=player)
+        seconds = page.evaluate("a => a.duration", player)
+        assert abs(seconds - 2.0) < 0.05  # six words at 3 a second (the mock's estimate)
+        assert "1 clip" in page.inner_text(f"{card(job_id)} .status")
+        assert page.errors == []
+        page.context.close()

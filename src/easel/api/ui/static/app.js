@@ -159,8 +159,11 @@ function describe(entry) {
     }
     case "running":
       return entry.total ? `Running · step ${entry.step} of ${entry.total}` : "Running";
-    case "succeeded":
+    case "succeeded": {
+      const clips = (job.audio || []).length;
+      if (clips) return `Done · ${clips} clip${clips === 1 ? "" : "s"}`;
       return `Done · ${job.images.length} image${job.images.length === 1 ? "" : "s"}`;
+    }
     case "failed":
       return `Failed · ${job.error ? job.error.message : "unknown error"}`;
     default:
@@ -228,7 +231,23 @@ function renderCard(entry) {
   bar.hidden = job.state !== "running";
   if (entry.total) { bar.max = entry.total; bar.value = entry.step; }
   const thumbs = $(".thumbs", li);
-  if (job.state === "succeeded" && job.images.length) {
+  const clips = job.audio || [];
+  if (job.state === "succeeded" && clips.length) {
+    // sound (txt2audio, txt2speech): a player per clip, fetched with the token like images
+    if (thumbs.dataset.kind !== "result") {
+      thumbs.dataset.kind = "result";
+      thumbs.replaceChildren();
+      clips.forEach(async (clip, i) => {
+        const audio = document.createElement("audio");
+        audio.controls = true;
+        audio.preload = "metadata";
+        audio.className = "result-audio";
+        audio.setAttribute("aria-label", `Clip ${i + 1}: ${job.request.prompt}`);
+        thumbs.append(audio);
+        audio.src = await imageSrc(clip.url);
+      });
+    }
+  } else if (job.state === "succeeded" && job.images.length) {
     if (thumbs.dataset.kind !== "result") {
       thumbs.dataset.kind = "result";
       thumbs.replaceChildren();
@@ -260,7 +279,7 @@ function renderCard(entry) {
     thumbs.append(box);
   }
   const actions = $(".actions", li);
-  const key = `${job.state}:${job.images.length}`;
+  const key = `${job.state}:${job.images.length}:${clips.length}`;
   if (actions.dataset.key !== key) {
     actions.dataset.key = key;
     const short = job.request.prompt.slice(0, 40);
@@ -281,6 +300,16 @@ function renderCard(entry) {
       a.setAttribute("aria-label", `Download image ${i + 1} of "${short}"`);
       items.push(a);
       imageSrc(image.url).then((src) => { a.href = src; });
+    });
+    clips.forEach((clip, i) => {
+      const a = document.createElement("a");
+      a.className = "button";
+      a.textContent = clips.length > 1 ? `Download ${i + 1}` : "Download";
+      a.download = `easel-${job.id}-${i}.${clip.path.split(".").pop()}`;
+      a.href = clip.url;
+      a.setAttribute("aria-label", `Download clip ${i + 1} of "${short}"`);
+      items.push(a);
+      imageSrc(clip.url).then((src) => { a.href = src; });
     });
     actions.replaceChildren(...items);
   }
