@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from easel.errors import QueueFull, UserQueueFull
 from easel.jobs import GenerationRequest
+from easel.queue.backoff import retry_delay
 from easel.queue.scheduler import (
     Entry,
     FairQueue,
@@ -17,7 +18,6 @@ from easel.queue.scheduler import (
     RunTimes,
     check_queue_cap,
     check_user_cap,
-    retry_delay,
     user_cap,
 )
 

@@ -95,9 +95,13 @@ class Backend(ABC):
         """Voices a txt2speech request may name (the first is the default)."""
         return []
 
+    def pipelines(self) -> list[ModelInfo]:
+        """The models a request may name as its ``model`` (not LoRAs, ControlNets...)."""
+        return [model for model in self.models() if model.kind == "pipeline"]
+
     @property
     def default_model(self) -> str | None:
-        models = [model for model in self.models() if model.kind == "pipeline"]
+        models = self.pipelines()
         return models[0].name if models else None
 
     def check(self, request: GenerationRequest) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -10,6 +9,7 @@ import httpx
 
 from easel.errors import EaselError, ServerUnreachable, error_for, error_for_status
 from easel.jobs import EventType
+from easel.queue.backoff import retry_delay
 
 HandlerName = Literal[
     "queued", "generating", "progress", "done", "error", "cancelled", "connection_error"
@@ -56,6 +56,7 @@ def unreachable(base_url: str, exc: BaseException) -> EaselError:
     )
 
 
-def backoff(attempt: int, *, base: float = 0.1, cap: float = 5.0) -> float:
-    """Full jitter: after a server restart, its clients come back spread out, not at once."""
-    return random.uniform(0, min(cap, base * 2**attempt))
+def backoff(attempt: int) -> float:
+    """Before reconnect ``attempt`` (0-based), full jitter: after a server restart, its
+    clients come back spread out, not at once."""
+    return retry_delay(attempt + 1, base=0.1, cap=5.0, jitter=1.0)

@@ -9,23 +9,20 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import AsyncGenerator, Callable, Iterator
-from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar, overload
-
-from anyio.from_thread import start_blocking_portal
 
 from easel.client._async import AsyncClient
 from easel.client._common import Handler, HandlerName
+from easel.client._portal import Blocking
 from easel.jobs import Event, GenerationRequest, Job, JobState, JobView
 from easel.views import Models
 
 H = TypeVar("H", bound=Handler)
 
 
-class Client:
+class Client(Blocking[AsyncClient]):
     """The blocking API of :class:`~easel.client.AsyncClient`: same methods, same results."""
 
     def __init__(
@@ -38,23 +35,17 @@ class Client:
         max_reconnects: int | None = 10,
         retries: int = 3,
     ) -> None:
-        self._stack = ExitStack()
-        self._portal = self._stack.enter_context(start_blocking_portal())
-        try:
-            self._async: AsyncClient = self._portal.call(
-                partial(
-                    AsyncClient,
-                    base_url,
-                    user_id=user_id,
-                    timeout=timeout,
-                    token=token,
-                    max_reconnects=max_reconnects,
-                    retries=retries,
-                )
+        super().__init__(
+            partial(
+                AsyncClient,
+                base_url,
+                user_id=user_id,
+                timeout=timeout,
+                token=token,
+                max_reconnects=max_reconnects,
+                retries=retries,
             )
-        except BaseException:
-            self._stack.close()
-            raise
+        )
 
     @property
     def base_url(self) -> str:
@@ -63,25 +54,6 @@ class Client:
     @property
     def user_id(self) -> str | None:
         return self._async.user_id
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        try:
-            self._portal.call(self._async.aclose)
-        finally:
-            # cancel what an interrupted call left running (a listen() stopped by Ctrl-C)
-            self._portal.call(self._portal.stop, True)
-            self._stack.close()
 
     @overload
     def on(self, name: HandlerName) -> Callable[[H], H]: ...

@@ -20,7 +20,6 @@ import asyncio
 import io
 import random
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -28,7 +27,6 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-from anyio.from_thread import start_blocking_portal
 from PIL.Image import Image
 
 from easel.client._drawthings_api import (
@@ -40,6 +38,7 @@ from easel.client._drawthings_api import (
     png_bytes,
     save_images,
 )
+from easel.client._portal import Blocking
 from easel.errors import (
     ERRORS,
     Cancelled,
@@ -299,7 +298,7 @@ async def _image_of(image: Image | bytes | str) -> Image:
     return await asyncio.to_thread(load)
 
 
-class DrawThingsClient:
+class DrawThingsClient(Blocking[AsyncDrawThingsClient]):
     """The blocking :class:`AsyncDrawThingsClient`, run on a private event loop thread.
 
     Also the Draw Things client's script API: ``DrawThingsClient(address, insecure=False,
@@ -320,32 +319,7 @@ class DrawThingsClient:
             options["credentials"] = tls_credentials(
                 insecure=insecure, verify_ssl=verify_ssl, ssl_cert_path=ssl_cert_path
             )
-        self._stack = ExitStack()
-        self._portal = self._stack.enter_context(start_blocking_portal())
-        try:
-            self._async: AsyncDrawThingsClient = self._portal.call(
-                partial(AsyncDrawThingsClient, address, **options)
-            )
-        except BaseException:
-            self._stack.close()
-            raise
-
-    def __enter__(self) -> DrawThingsClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        try:
-            self._portal.call(self._async.aclose)
-        finally:
-            self._stack.close()
+        super().__init__(partial(AsyncDrawThingsClient, address, **options))
 
     def echo(self, name: str | None = None) -> Echo:
         return self._portal.call(self._async.echo, name)

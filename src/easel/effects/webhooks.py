@@ -25,7 +25,7 @@ from easel.effects.notes import JobNotes
 from easel.errors import EaselError, InvalidRequest
 from easel.events.bus import EventBus
 from easel.jobs import Event, EventType, WebhookDelivery
-from easel.queue.scheduler import retry_delay
+from easel.queue.backoff import retry_delay
 from easel.store.base import JobStore
 
 log = logging.getLogger("easel.effects.webhooks")

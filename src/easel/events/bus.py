@@ -61,7 +61,6 @@ class EventBus(ABC):
     async def publish(self, event: Event) -> Event:
         """Give the event its id and deliver it; returns the event as delivered."""
 
-    @abstractmethod
     def subscribe(
         self,
         *,
@@ -71,6 +70,12 @@ class EventBus(ABC):
         after: int | None = None,
     ) -> Subscription:
         """Events matching the filter: those after ``after`` still in history, then live."""
+        wanted = EventFilter(job_id, user_id, frozenset(types) if types is not None else None)
+        return self._open(wanted, after)
+
+    @abstractmethod
+    def _open(self, wanted: EventFilter, after: int | None) -> Subscription:
+        """A subscription to ``wanted``, replaying what follows ``after`` when given."""
 
     async def close(self) -> None:
         """Release connections; open subscriptions end."""
@@ -147,15 +152,7 @@ class InProcessEventBus(EventBus):
             subscription.offer(event)
         return event
 
-    def subscribe(
-        self,
-        *,
-        job_id: str | None = None,
-        user_id: str | None = None,
-        types: Collection[EventType] | None = None,
-        after: int | None = None,
-    ) -> Subscription:
-        wanted = EventFilter(job_id, user_id, frozenset(types) if types is not None else None)
+    def _open(self, wanted: EventFilter, after: int | None) -> Subscription:
         subscription = Subscription(wanted, _bus=self)
         if after is not None:
             for event in self._history:

@@ -26,7 +26,7 @@ from easel import constants as keys
 from easel.errors import StoreUnavailable
 from easel.events.bus import EventBus, EventFilter, Subscription
 from easel.jobs import Event, EventType
-from easel.queue.scheduler import retry_delay
+from easel.queue.backoff import retry_delay
 from easel.store.redis import connect, raise_if_cancelled, unavailable
 
 log = logging.getLogger("easel.events.bus")
@@ -156,15 +156,7 @@ class RedisEventBus(EventBus):
         raise_if_cancelled()
         return event.model_copy(update={"id": int(event_id)})
 
-    def subscribe(
-        self,
-        *,
-        job_id: str | None = None,
-        user_id: str | None = None,
-        types: Collection[EventType] | None = None,
-        after: int | None = None,
-    ) -> Subscription:
-        wanted = EventFilter(job_id, user_id, frozenset(types) if types is not None else None)
+    def _open(self, wanted: EventFilter, after: int | None) -> Subscription:
         if self.topics is not None and (
             wanted.types is None or not wanted.types <= self.topics or after is not None
         ):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import random
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -440,17 +439,6 @@ def check_queue_cap(queued: int, cap: int | None) -> None:
     if cap is not None and queued >= cap:
         raise QueueFull(f"the queue holds {queued} jobs, its limit; try again later", count=queued)
 
-
-def retry_delay(
-    attempt: int, *, base: float = 2.0, cap: float = 60.0, jitter: float = 0.5
-) -> float:
-    """Exponential backoff with jitter before retry ``attempt`` (1-based); pure but for
-    ``jitter``, which takes a fraction of the delay at random so retries do not align."""
-    delay = min(cap, base * 2 ** max(attempt - 1, 0))
-    return float(delay * (1 - jitter * _jitter.random()))
-
-
-_jitter = random.Random()
 
 ShapeKey = tuple[str, str | None, int, int, int]
 

@@ -19,7 +19,7 @@ from easel.config import S3Settings
 from easel.effects.notes import JobNotes
 from easel.events.bus import EventBus
 from easel.jobs import AudioRef, Event, EventType, ImageFormat, ImageRef, Job
-from easel.queue.scheduler import retry_delay
+from easel.queue.backoff import retry_delay
 from easel.results.files import LocalStorage
 
 log = logging.getLogger("easel.results.s3")

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from easel.backends.base import Backend
+from easel.backends.base import Backend, ModelInfo
 from easel.config import Settings
 from easel.effects.webhooks import check_webhook_url
 from easel.errors import (
@@ -129,6 +129,10 @@ class Runtime:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    def served_models(self) -> list[ModelInfo]:
+        """Every model a request may name here, across the backends (compat APIs list these)."""
+        return [model for backend in self.backends.values() for model in backend.pipelines()]
 
     # -- jobs -----------------------------------------------------------------------------
 

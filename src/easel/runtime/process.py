@@ -17,7 +17,7 @@ import signal
 
 from easel.config import Settings
 from easel.errors import EaselError
-from easel.queue.scheduler import retry_delay
+from easel.queue.backoff import retry_delay
 from easel.runtime.compose import redis_bus
 from easel.runtime.facade import Runtime
 

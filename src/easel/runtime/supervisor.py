@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from easel.errors import EaselError
 from easel.events.bus import EventBus
-from easel.queue.scheduler import retry_delay
+from easel.queue.backoff import retry_delay
 from easel.runtime.extensions import Extension
 from easel.runtime.worker import Worker
 from easel.store.base import JobStore

@@ -38,7 +38,8 @@ from easel.errors import (
 )
 from easel.events.bus import EventBus
 from easel.jobs import AudioRef, Event, EventType, ImageRef, Job, JobError, JobState
-from easel.queue.scheduler import RunTimes, retry_delay
+from easel.queue.backoff import retry_delay
+from easel.queue.scheduler import RunTimes
 from easel.results.files import LocalStorage
 from easel.results.s3 import Ref, Uploads
 from easel.runtime._finisher import Finisher

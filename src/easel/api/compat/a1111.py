@@ -392,9 +392,7 @@ async def sd_models(request: Request) -> list[SDModel]:
     """Every model easel serves, by name."""
     return [
         SDModel(title=m.name, model_name=m.name, filename=m.path or m.name)
-        for backend in runtime_of(request).backends.values()
-        for m in backend.models()
-        if m.kind == "pipeline"
+        for m in runtime_of(request).served_models()
     ]
 
 
@@ -445,12 +443,7 @@ def _options(runtime: Runtime, state: A1111State) -> Options:
 def _served_model(runtime: Runtime, title: str) -> str:
     """A model by A1111 title (``name [hash]``) or name, case-insensitive."""
     wanted = title.split(" [")[0].strip().casefold()
-    names = [
-        m.name
-        for backend in runtime.backends.values()
-        for m in backend.models()
-        if m.kind == "pipeline"
-    ]
+    names = [m.name for m in runtime.served_models()]
     for name in names:
         if name.casefold() == wanted:
             return name

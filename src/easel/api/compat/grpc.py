@@ -92,12 +92,7 @@ class ImageGenerationService:
         current_service.set(service)
 
     def served(self) -> list[str]:
-        return [
-            m.name
-            for backend in self.runtime.backends.values()
-            for m in backend.models()
-            if m.kind == "pipeline"
-        ]
+        return [m.name for m in self.runtime.served_models()]
 
     async def echo(self, request: pb.EchoRequest, context: Context) -> pb.EchoReply:
         await self._authorize(context, Permission.read)
