@@ -183,3 +183,26 @@ async def test_clap_scores_each_clip_against_its_prompt(tmp_path: Path) -> None:
             assert json.loads(path.with_suffix(".json").read_text())["clap_score"] == ref.clap_score
             scores.append(ref.clap_score)
     assert scores[0] == scores[1]
+
+
+def test_audioldm2_is_refused_where_it_cannot_run(tmp_path: Path) -> None:
+    """An AudioLDM 2 folder is recognised from its configs; with transformers 5 (whose
+    GPT2Model lost the generation helper the pipeline calls) its jobs are refused at
+    admission with the reason, instead of failing after they were accepted."""
+    from transformers import GPT2Model
+
+    from easel.backends.audio.sound import DiffusersAudioBackend
+    from easel.errors import BackendUnavailable
+
+    folder = tmp_path / "audioldm2-music"
+    (folder / "vocoder").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "AudioLDM2Pipeline"}))
+    (folder / "vocoder" / "config.json").write_text(json.dumps({"sampling_rate": 16000}))
+    backend = DiffusersAudioBackend(model=str(folder))
+    (info,) = backend.models()
+    assert (info.family, info.name) == ("audioldm2", "audioldm2-music")
+    if hasattr(GPT2Model, "_update_model_kwargs_for_generation"):
+        backend.check(sound())  # an older transformers: accepted
+    else:
+        with pytest.raises(BackendUnavailable, match="transformers 5"):
+            backend.check(sound())

@@ -25,7 +25,7 @@ from typing import Any
 from easel.audio import AudioClip, conform
 from easel.backends.base import Backend, Capability, GenerationResult, ModelInfo, RunContext
 from easel.backends.diffusers._quiet import quiet_warnings
-from easel.errors import InvalidRequest, ModelNotFound, Unsupported
+from easel.errors import BackendUnavailable, InvalidRequest, ModelNotFound, Unsupported
 from easel.jobs import GenerationRequest
 
 AUDIO_PIPELINES: dict[str, str] = {
@@ -137,6 +137,8 @@ class DiffusersAudioBackend(Backend):
     def check(self, request: GenerationRequest) -> None:
         super().check(request)
         model = self._model_for(request)
+        if model.family == "audioldm2" and (reason := audioldm2_blocked()) is not None:
+            raise BackendUnavailable(f"model {model.name!r} cannot run here: {reason}")
         seconds = request.audio_seconds
         if model.max_seconds is not None and seconds > model.max_seconds:
             raise Unsupported(
@@ -230,6 +232,19 @@ def _call_arguments(
     elif "callback" in accepted:
         kwargs.update(callback=lambda step, _t, _latents: on_step(step), callback_steps=1)
     return {name: value for name, value in kwargs.items() if name in accepted}
+
+
+def audioldm2_blocked() -> str | None:
+    """Why AudioLDM 2 cannot run with the installed transformers, if it cannot: its pipeline
+    drives GPT-2 with a generation helper that transformers 5 no longer has on GPT2Model."""
+    from transformers import GPT2Model
+
+    if hasattr(GPT2Model, "_update_model_kwargs_for_generation"):
+        return None
+    return (
+        "diffusers' AudioLDM2Pipeline needs GPT2Model._update_model_kwargs_for_generation, "
+        "which transformers 5 removed; serve it from an environment with transformers<5"
+    )
 
 
 def _on_step(context: RunContext, done_before: int, total: int) -> Callable[[int], None]:
