@@ -14,6 +14,7 @@ from tests.servers import serve
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer
+    from tests.servers import Process
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,3 +71,23 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="session")
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def engine_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, str]]:
+    """A second ``easel serve`` that remote-engine tests use as their engine (its A1111,
+    OpenAI and Draw Things gRPC APIs), and its gRPC address. Its mock takes 20 ms a step
+    and previews every 2 steps; it moderates every prompt (deny-word "forbidden"). Tests
+    tell their jobs apart by user id."""
+    from tests.servers import easel_serve, free_port
+
+    env = {
+        "EASEL_MOCK_STEP_DELAY": "0.02",
+        "EASEL_MOCK_PREVIEW_EVERY": "2",
+        "EASEL_SAFETY__DENY_WORDS": '["forbidden"]',
+        "EASEL_SAFETY__MODERATE_ALL": "true",
+    }
+    port = free_port()
+    data = tmp_path_factory.mktemp("engine-peer") / "data"
+    with easel_serve(data, "--backend", "mock", "--grpc-port", str(port), env=env) as process:
+        yield process, f"127.0.0.1:{port}"

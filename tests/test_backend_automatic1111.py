@@ -3,7 +3,6 @@ speaking its Automatic1111 API (``/sdapi/v1``, ``/internal/progress``) on loopba
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,15 +12,13 @@ from easel.backends import registry
 from easel.errors import BackendUnavailable, InvalidRequest
 from easel.jobs import EventType, GenerationRequest, JobState
 from tests.engines import cancel_on, eventually, progress_of, run_job, runtime_with
-from tests.servers import Process, easel_serve, free_port
+from tests.servers import Process, free_port
 
 
-@pytest.fixture(scope="module")
-def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    """The engine: easel with a mock that takes 20 ms a step and previews every 2 steps."""
-    env = {"EASEL_MOCK_STEP_DELAY": "0.02", "EASEL_MOCK_PREVIEW_EVERY": "2"}
-    with easel_serve(tmp_path_factory.mktemp("peer") / "data", "--backend", "mock", env=env) as p:
-        yield p
+@pytest.fixture
+def peer(engine_peer: tuple[Process, str]) -> Process:
+    """The engine: the session's peer easel (tests/conftest.py), by its A1111 API."""
+    return engine_peer[0]
 
 
 def peer_jobs(peer: Process, user: str) -> list[dict[str, object]]:

@@ -3,7 +3,6 @@ Draw Things' gRPC ``ImageGenerationService`` on loopback (``--grpc-port``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,17 +12,13 @@ from easel.backends import registry
 from easel.errors import Unsupported
 from easel.jobs import GenerationRequest, JobState
 from tests.engines import cancel_on, eventually, progress_of, run_job, runtime_with
-from tests.servers import Process, easel_serve, free_port
+from tests.servers import Process, free_port
 
 
-@pytest.fixture(scope="module")
-def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, str]]:
-    """The engine and its gRPC address: a 20 ms-a-step mock, previews every 2 steps."""
-    env = {"EASEL_MOCK_STEP_DELAY": "0.02", "EASEL_MOCK_PREVIEW_EVERY": "2"}
-    port = free_port()
-    data = tmp_path_factory.mktemp("peer") / "data"
-    with easel_serve(data, "--backend", "mock", "--grpc-port", str(port), env=env) as process:
-        yield process, f"127.0.0.1:{port}"
+@pytest.fixture
+def peer(engine_peer: tuple[Process, str]) -> tuple[Process, str]:
+    """The engine: the session's peer easel (tests/conftest.py), by its gRPC port."""
+    return engine_peer
 
 
 def peer_jobs(peer: Process, user: str) -> list[dict[str, object]]:

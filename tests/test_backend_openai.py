@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,21 +15,16 @@ from easel.backends import registry
 from easel.errors import InvalidRequest
 from easel.jobs import Event, EventType, GenerationRequest, JobState
 from tests.engines import eventually, progress_of, run_job, runtime_with
-from tests.servers import Process, easel_serve, free_port
+from tests.servers import Process, free_port
 
 KEY = "sk-test-never-logged-0123456789"
 
 
-@pytest.fixture(scope="module")
-def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    """The engine: easel with a 20 ms-a-step mock that refuses prompts with "forbidden"."""
-    env = {
-        "EASEL_MOCK_STEP_DELAY": "0.02",
-        "EASEL_SAFETY__DENY_WORDS": '["forbidden"]',
-        "EASEL_SAFETY__MODERATE_ALL": "true",
-    }
-    with easel_serve(tmp_path_factory.mktemp("peer") / "data", "--backend", "mock", env=env) as p:
-        yield p
+@pytest.fixture
+def peer(engine_peer: tuple[Process, str]) -> Process:
+    """The engine: the session's peer easel (tests/conftest.py), by its OpenAI API; it
+    refuses prompts with "forbidden"."""
+    return engine_peer[0]
 
 
 @pytest.fixture

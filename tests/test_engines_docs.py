@@ -9,7 +9,6 @@ import io
 import json
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,7 +22,7 @@ from easel.fleet import fleet_of, load_settings
 from easel.runtime.facade import Runtime
 from tests import comfyui_server
 from tests.engines import build_fleet
-from tests.servers import Process, easel_serve, serve
+from tests.servers import Process, serve
 
 ROOT = Path(__file__).parent.parent
 DOC = ROOT / "docs" / "engines.md"
@@ -61,10 +60,9 @@ async def test_each_example_loads_and_builds(workdir: Path, index: int) -> None:
         await backend.close()
 
 
-@pytest.fixture(scope="module")
-def a1111_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    with easel_serve(tmp_path_factory.mktemp("a1111") / "data", "--backend", "mock") as peer:
-        yield peer
+@pytest.fixture
+def a1111_peer(engine_peer: tuple[Process, str]) -> Process:
+    return engine_peer[0]
 
 
 def red() -> str:
