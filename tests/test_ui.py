@@ -305,3 +305,45 @@ def test_audio_results_play_on_the_page(browser: Any, tmp_path: Path) -> None:
         assert "1 clip" in page.inner_text(f"{card(job_id)} .status")
         assert page.errors == []
         page.context.close()
+
+
+def test_with_tokens_the_page_asks_for_one_and_sends_it(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Auth on: the page and its files are open, the API calls carry the typed token,
+    images come through it too, and a service sees only its own jobs."""
+    from easel.api import create_app
+    from easel.config import Safety, Settings
+
+    tokens = [{"service": "web", "token": "web-token-0123456789"},
+              {"service": "bot", "token": "bot-token-0123456789"}]  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("ui-auth") / "data",
+        backend="mock",
+        mock_step_delay=0.0,
+        safety=Safety.model_validate({"tokens": tokens}),
+    )
+    with serve(create_app(settings)) as url:
+        other = httpx.post(
+            f"{url}/v1/jobs",
+            json={"prompt": "the bot's job", "user_id": "kay", "width": 64, "height": 64},
+            headers={"authorization": "Bearer bot-token-0123456789"},
+        )
+        assert other.status_code == 202
+        context = browser.new_context(viewport=DESKTOP)
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(url)
+        page.locator("#notice").filter(has_text="token").wait_for()
+        page.fill("#user", "kay")
+        page.press("#user", "Tab")
+        page.fill("#token", "web-token-0123456789")
+        page.click("#identity button[type=submit]")
+        page.wait_for_selector("body[data-ready=true]")
+        job_id = generate(page, "a token-carrying fox")
+        page.wait_for_function(
+            "sel => { const i = document.querySelector(sel); return i && i.naturalWidth === 64; }",
+            arg=f"{card(job_id)} img.result",
+        )
+        assert page.locator("#my-jobs .job").count() == 1  # the bot's job of kay is not ours
+        context.close()

@@ -386,7 +386,7 @@ async function reattach() {
     // queued jobs: ask where they stand now
     for (const job of mine) if (job.state === "queued") refresh(job.id);
   } catch (error) {
-    notify(error.message);
+    if (error.status !== 401 && error.status !== 403) notify(error.message); // boot says it
   }
   render();
 }
@@ -398,6 +398,7 @@ setInterval(() => {
 }, 2000);
 
 async function boot() {
+  const queue = reattach(); // the queue and the form's choices load side by side
   try {
     await loadChoices();
     document.body.dataset.ready = "true";
@@ -406,11 +407,11 @@ async function boot() {
       $("#token-box").open = true;
       $("#token").focus();
       notify("This server needs a service token: enter it under Token.");
-      return;
+    } else {
+      notify(error.message);
     }
-    notify(error.message);
   }
-  await reattach();
+  await queue;
 }
 
 setupIdentity();
