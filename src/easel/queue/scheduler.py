@@ -456,6 +456,8 @@ class RunTimes:
         self.book = CostBook()
         self._per_image: dict[ShapeKey, float] = {}
         self._per_unit: dict[str, float] = {}
+        self._finish: dict[str, float] = {}
+        self._gap: dict[str, float] = {}
 
     @staticmethod
     def shape(backend: str, request: GenerationRequest) -> ShapeKey:
@@ -479,6 +481,25 @@ class RunTimes:
     def _update(self, table: dict[Any, float], key: Any, sample: float) -> None:
         old = table.get(key)
         table[key] = sample if old is None else old + self.alpha * (sample - old)
+
+    def observe_finish(self, backend: str, seconds: float) -> None:
+        """Finishing one job's results (encode, write, commit) took ``seconds``."""
+        if seconds > 0:
+            self._update(self._finish, backend, seconds)
+
+    def observe_gap(self, backend: str, seconds: float) -> None:
+        """A busy worker took ``seconds`` between one run's end and the next one's start
+        (claim, events): a per-job cost that run times do not show."""
+        if seconds >= 0:
+            self._update(self._gap, backend, seconds)
+
+    def gap(self, backend: str) -> float:
+        return self._gap.get(backend, 0.0)
+
+    def finish(self, backend: str) -> float:
+        """Seconds from a run's end to its results being committed (0 until measured);
+        with pipelined results this delays the job's own end, not the next job's start."""
+        return self._finish.get(backend, 0.0)
 
     def price(self, backend: str, request: GenerationRequest) -> Estimate | None:
         """One run of this request: p10, p50, p90 seconds, when anything like it was measured."""

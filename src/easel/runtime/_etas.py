@@ -59,6 +59,7 @@ class Etas(Extension):
         self.min_gap = min_gap
         self._said: dict[str, _Said] = {}
         self._unknown: set[str] = set()
+        self._routes: dict[str, str] = {}
 
     # -- the facts --------------------------------------------------------------------
 
@@ -80,6 +81,7 @@ class Etas(Extension):
 
     def _waiting(self, entries: list[Entry]) -> list[Waiting]:
         self._unknown = set()
+        self._routes = {entry.job_id: entry.route for entry in entries}
         waiting = []
         for entry in entries:
             run: Estimate | None = None
@@ -89,7 +91,8 @@ class Etas(Extension):
                 self._unknown.add(entry.job_id)
                 run = ZERO
             model = entry.shape.model if entry.shape is not None else None
-            waiting.append(Waiting(entry.job_id, entry.route, model, run))
+            gap = self.runtime.run_times.gap(entry.route)  # claim and events, per job
+            waiting.append(Waiting(entry.job_id, entry.route, model, run + Estimate(gap, gap, gap)))
         return waiting
 
     async def projections(self, until: str | None = None) -> dict[str, Projection] | None:
@@ -112,7 +115,8 @@ class Etas(Extension):
                 return {}
             elapsed = time.time() - (job.started_at or time.time())
             left = Estimate(*(max(price.at(i) - elapsed, 0.0) for i in range(3)))
-            return _eta_fields(Estimate(0, 0, 0), left)
+            finish = self.runtime.run_times.finish(job.backend)
+            return _eta_fields(ZERO, left + Estimate(finish, finish, finish))
         if job.state is not JobState.queued:
             return {}
         projections = await self.projections(until=job.id)
@@ -121,7 +125,7 @@ class Etas(Extension):
         projection = projections[job.id]
         if self._unknown:  # something ahead (or itself) was never measured
             return {"position": projection.position}
-        return {"position": projection.position, **_eta_fields(projection.wait, projection.run)}
+        return {"position": projection.position, **self.fields_of(projection)}
 
     def announced(self, view: JobView) -> None:
         """What the ``queued`` event at submit said: later updates compare with it."""
@@ -137,7 +141,13 @@ class Etas(Extension):
         """The ETA fields of a projection from :meth:`projections` (empty: not measured)."""
         if projection.job_id in self._unknown:
             return {}
-        return _eta_fields(projection.wait, projection.run)
+        return _eta_fields(projection.wait, self._own(projection))
+
+    def _own(self, projection: Projection) -> Estimate:
+        """A job's own run, ending when its results are committed."""
+        route = self._routes.get(projection.job_id)
+        finish = self.runtime.run_times.finish(route) if route is not None else 0.0
+        return projection.run + Estimate(finish, finish, finish)
 
     async def _fallback(self, job: Job) -> dict[str, Any]:
         place = await self.runtime.store.place(job.id)
@@ -200,7 +210,7 @@ class Etas(Extension):
                 job = await self.runtime.store.get(job_id)
                 if job.state is not JobState.queued:
                     continue
-                fields = _eta_fields(projection.wait, projection.run)
+                fields = self.fields_of(projection)
                 await self.runtime.bus.publish(
                     Event.of(job, EventType.queued, position=projection.position, **fields)
                 )

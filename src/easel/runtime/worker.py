@@ -140,6 +140,7 @@ class Worker:
         self.model: str | None = None
         """The model of the last run here: a run of another one loads it first."""
         self._ran = False
+        self._ended: float | None = None  # when the last run ended, if busy ever since
 
     @property
     def running(self) -> list[Job]:
@@ -166,6 +167,7 @@ class Worker:
                         limit=self.batch_limit,
                     )
                     if not jobs:
+                        self._ended = None  # idle: the next gap is not overhead
                         if burst:
                             break
                         with contextlib.suppress(TimeoutError):
@@ -216,6 +218,8 @@ class Worker:
         try:
             for job in jobs:
                 await self.bus.publish(Event.of(job, EventType.started))
+            if self._ended is not None:  # back to back: what a job costs besides its run
+                self.run_times.observe_gap(self.backend.name, time.monotonic() - self._ended)
             model = jobs[0].request.model
             cold = not self._ran or model != self.model
             self.model, self._ran = model, True
@@ -226,7 +230,8 @@ class Worker:
                 for job in jobs:
                     await self._failed(job, exc)
                 return
-            seconds = (time.monotonic() - began) / len(jobs)
+            self._ended = time.monotonic()
+            seconds = (self._ended - began) / len(jobs)
             await self.finisher.wait_for_room()
             self._finishing.update({job.id: job for job in jobs})
             self._running = []
@@ -307,6 +312,7 @@ class Worker:
             log.info("job %s was cancelled; its result is discarded", job.id, extra=_ids(job))
             return
         upload_error = None
+        began = time.monotonic()
         try:
             images, audio = await asyncio.to_thread(self._save, job, result)
             content = None
@@ -319,6 +325,7 @@ class Worker:
                 if audio and upload_error is None:
                     audio, upload_error = await _upload_now(self.uploads, job, audio)
             done = await asyncio.shield(self.store.complete(job.id, self.id, images, audio=audio))
+            self.run_times.observe_finish(job.backend, time.monotonic() - began)
         except (LeaseLost, JobFinished):
             log.info("job %s is no longer ours; its result is discarded", job.id, extra=_ids(job))
         except Exception as exc:
