@@ -174,6 +174,14 @@ def test_reload_mid_run_keeps_following(browser: Any, mock_server: Process) -> N
     status = page.locator(f"{card(job_id)} .status")  # reattached from the API
     status.filter(has_text="step").wait_for()
     page.wait_for_selector(f"{card(job_id)}[data-state=succeeded] img.result")
+    # run it again with the same seed: a new card, the same seed
+    seed = httpx.get(f"{url}/v1/jobs/{job_id}").json()["request"]["seed"]
+    before = page.locator("#my-jobs .job").count()
+    page.get_by_role("button", name='Run "a slow one" again with the same seed').first.click()
+    page.wait_for_function("n => document.querySelectorAll('#my-jobs .job').length > n", arg=before)
+    again = page.eval_on_selector("#my-jobs .job", "e => e.dataset.id")
+    assert again != job_id
+    assert httpx.get(f"{url}/v1/jobs/{again}").json()["request"]["seed"] == seed
     # a second tab of the same person follows the same queue
     other = page.context.new_page()
     other.goto(url)
@@ -347,3 +355,26 @@ def test_with_tokens_the_page_asks_for_one_and_sends_it(
         )
         assert page.locator("#my-jobs .job").count() == 1  # the bot's job of kay is not ours
         context.close()
+
+
+def test_img2img_upload(browser: Any, mock_server: Process) -> None:
+    """A start image picked in the form goes with the job, which runs as img2img."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, "PNG")
+    url = mock_server.url
+    page = open_page(browser, url, "ines")
+    page.click("#img2img-box summary")
+    page.set_input_files(
+        "#init_image", {"name": "red.png", "mimeType": "image/png", "buffer": buffer.getvalue()}
+    )
+    page.fill("#strength", "0.3")
+    job_id = generate(page, "the same, in blue")
+    page.wait_for_selector(f"{card(job_id)}[data-state=succeeded] img.result")
+    request = httpx.get(f"{url}/v1/jobs/{job_id}").json()["request"]
+    assert request["kind"] == "img2img" and request["strength"] == 0.3
+    assert page.errors == []
+    page.context.close()
