@@ -157,7 +157,7 @@ def test_missing_model_lists_what_is_there_and_never_downloads(models_dir: Path)
 def test_a_model_copied_in_later_is_found(models_dir: Path) -> None:
     registry = ModelRegistry(models_dir, hf_cache=False)
     diffusers_folder(models_dir / "late", "StableDiffusionXLPipeline")
-    registry._scanned_at -= 3  # the rescan on a miss is throttled to one per 2 s
+    registry._scanned_at -= 1  # a miss rescans (at most 5 times a second)
 
     assert registry.get("late").family == "sdxl"
 
@@ -227,3 +227,32 @@ def test_registry_imports_without_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_names_match_case_insensitively_and_by_path_inside_the_dir(models_dir: Path) -> None:
+    registry = ModelRegistry(models_dir, hf_cache=False)
+
+    assert registry.get("XL-INPAINT").name == "xl-inpaint"
+    assert registry.get("Loras/PIXEL", ModelKind.lora).name == "loras/pixel"
+    assert registry.get("dreamy.safetensors").name == "dreamy"
+    assert registry.get("Controlnet/Canny/", ModelKind.controlnet).name == "controlnet/canny"
+
+
+def test_pickled_weights_are_refused_unless_allowed(models_dir: Path) -> None:
+    from easel.backends.diffusers.models import refuse_pickles
+    from easel.errors import Unsupported
+
+    folder = diffusers_folder(models_dir / "old", "StableDiffusionPipeline")
+    (folder / "unet").mkdir()
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    (models_dir / "evil.ckpt").write_bytes(b"\0" * 2_000_000)
+    registry = ModelRegistry(models_dir, hf_cache=False)
+    old, evil = registry.get("old"), registry.get("evil.ckpt")
+
+    assert old.pickled == ("unet/diffusion_pytorch_model.bin",)
+    assert registry.get("sd15").pickled == ()  # its weights are .safetensors
+    with pytest.raises(Unsupported, match=r"pickled weights \(unet/diffusion_pytorch_model.bin"):
+        refuse_pickles(old, allowed=False)
+    refuse_pickles(old, allowed=True)
+    with pytest.raises(Unsupported, match=r"evil.ckpt is a pickled checkpoint \(.ckpt\)"):
+        refuse_pickles(evil, allowed=True)

@@ -451,25 +451,55 @@ def list_models(
         Path | None, typer.Option(envvar="EASEL_MODELS_DIR", help="A folder of models.")
     ] = None,
 ) -> None:
-    """What a server serves; without --server, the models found on this machine."""
-    table = Table("backend", "kind", "model", "family", "size", "loaded")
+    """What a server serves; without --server, the models found on this machine.
+
+    Columns: kind, name, family, base model, size, state (loaded / on disk), description and
+    what it was merged from (``NAME.json`` beside the model).
+    """
+    table = Table(
+        "backend", "kind", "model", "family", "base model", "size", "state", "description",
+        "merged from",
+    )  # fmt: skip
+    rows: list[tuple[str, ...]] = []
     if server is None:
         from easel.backends.diffusers.models import ModelRegistry
 
         registry = ModelRegistry(models_dir)
         for entry in sorted(registry.entries(), key=lambda e: (e.kind, e.name)):
-            size = f"{entry.size_bytes / 1e6:,.0f} MB"
-            table.add_row("diffusers", entry.kind, entry.name, entry.family, size, "")
+            rows.append(
+                (
+                    "diffusers", entry.kind, entry.name, entry.family, entry.base_model or "",
+                    _size(entry.size_bytes), "on disk", entry.description or "",
+                    ", ".join(entry.merged_from),
+                )
+            )  # fmt: skip
     else:
         from easel.client import Client
 
         with _errors(), Client(server) as client:
             listing = client.models()
         for model in listing.models:
-            size = f"{model.size_bytes / 1e6:,.0f} MB" if model.size_bytes else ""
-            loaded = "yes" if model.loaded else "no"
-            table.add_row(model.backend, model.kind, model.name, model.family, size, loaded)
+            rows.append(
+                (
+                    model.backend, model.kind, model.name, model.family, model.base_model or "",
+                    _size(model.size_bytes), model.state.replace("_", " "),
+                    model.description or "", ", ".join(model.merged_from),
+                )
+            )  # fmt: skip
+    if not rows:
+        where = f"server {server}" if server else f"models dir {models_dir or '(none given)'}"
+        console.print(
+            f"no models found ({where}); put diffusers folders or .safetensors checkpoints in "
+            "a models dir and pass --models-dir, or build one: easel models make-tiny DIR"
+        )
+        return
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
     Console().print(table)
+
+
+def _size(size_bytes: int | None) -> str:
+    return f"{size_bytes / 1e6:,.0f} MB" if size_bytes else ""
 
 
 # -- jobs ---------------------------------------------------------------------------------

@@ -90,6 +90,10 @@ class DiffusersOptions(BaseModel):
                 data[name] = value
         return data
 
+    allow_pickle: bool = Field(
+        default=False,
+        description="Load pickled .bin weights of diffusers folders (they can run code).",
+    )
     warmup: list[str] = Field(
         default_factory=list, description="Sizes compiled at start, e.g. 1024x1024."
     )

@@ -23,6 +23,10 @@ class ModelEntry(BaseModel):
     kind: str = "pipeline"
     size_bytes: int | None = None
     description: str | None = None
+    base_model: str | None = None
+    merged_from: list[str] = Field(default_factory=list)
+    format: str | None = None
+    state: str = Field(default="on_disk", description="loaded or on_disk")
 
 
 class BackendEntry(BaseModel):

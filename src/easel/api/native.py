@@ -259,6 +259,10 @@ async def list_models(request: Request) -> Models:
                 kind=m.kind,
                 size_bytes=m.size_bytes,
                 description=m.description,
+                base_model=m.base_model,
+                merged_from=list(m.merged_from),
+                format=m.format,
+                state=m.state,
             )
             for backend in runtime.backends.values()
             for m in backend.models()

@@ -35,6 +35,16 @@ class ModelInfo:
     """pipeline, lora, controlnet or preview_vae: what a request may name it as."""
     size_bytes: int | None = None
     description: str | None = None
+    base_model: str | None = None
+    """What it was trained or merged from (``NAME.json`` ``base_model``)."""
+    merged_from: tuple[str, ...] = ()
+    format: str | None = None
+    """``diffusers`` (a folder) or ``single_file`` (one checkpoint)."""
+
+    @property
+    def state(self) -> str:
+        """``loaded`` (in memory, ready) or ``on_disk`` (loads on first use)."""
+        return "loaded" if self.loaded else "on_disk"
 
 
 ProgressCallback = Callable[[int, int, "Image | None"], None]

@@ -60,6 +60,8 @@ class DeviceOptions:
     channels_last: bool = False
     fuse_qkv: bool = False
     compile: str = "off"
+    allow_pickle: bool = False
+    """Load pickled (.bin) weights of diffusers folders; off: .safetensors only."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype.lower() not in DTYPES:
@@ -130,7 +132,10 @@ def load_pipeline(entry: ModelEntry, registry: ModelRegistry, options: DeviceOpt
             import diffusers
 
             pipe = diffusers.DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-                entry.path, local_files_only=True, dtype=dtype
+                entry.path,
+                local_files_only=True,
+                dtype=dtype,
+                use_safetensors=None if options.allow_pickle else True,
             )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelNotFound(

@@ -14,7 +14,7 @@ from easel.backends.diffusers._families import Family, Mode, family_of
 from easel.backends.diffusers._lora import require_peft
 from easel.backends.diffusers._options import Extras, read_extras
 from easel.backends.diffusers._pipelines import DeviceOptions
-from easel.backends.diffusers.models import ModelEntry, ModelKind, ModelRegistry
+from easel.backends.diffusers.models import ModelEntry, ModelKind, ModelRegistry, refuse_pickles
 from easel.backends.diffusers.schedulers import SchedulerSpec, resolve_sampler
 from easel.errors import InvalidRequest, ModelNotFound, Unsupported
 
@@ -49,6 +49,7 @@ def plan_request(
     if name is None:
         raise ModelNotFound("no model is configured and the models directory is empty")
     entry = registry.get(name)
+    refuse_pickles(entry, allowed=options.allow_pickle)
     family = family_for(entry)
     extras = read_extras(request)
     what = f"model {entry.name!r} ({family.label})"

@@ -51,7 +51,13 @@ from easel.backends.diffusers._pipelines import (
 from easel.backends.diffusers._plans import Plan, family_for, plan_request
 from easel.backends.diffusers._previews import Previewer, step_callback
 from easel.backends.diffusers._quiet import quiet_warnings
-from easel.backends.diffusers.models import ModelEntry, ModelKind, ModelRegistry, inspect_path
+from easel.backends.diffusers.models import (
+    ModelEntry,
+    ModelKind,
+    ModelRegistry,
+    inspect_path,
+    refuse_pickles,
+)
 from easel.backends.diffusers.schedulers import build_scheduler, sampler_record
 from easel.errors import (
     Cancelled,
@@ -111,7 +117,7 @@ class DiffusersBackend(Backend):
         self.options = DeviceOptions(
             settings.device, settings.dtype, settings.offload, settings.attention_slicing,
             settings.vae_slicing, settings.vae_tiling, settings.channels_last,
-            settings.fuse_qkv, settings.compile,
+            settings.fuse_qkv, settings.compile, settings.allow_pickle,
         )  # fmt: skip
         model, models_dir = settings.model, settings.models_dir
         extra: list[Path] = []
@@ -170,6 +176,7 @@ class DiffusersBackend(Backend):
             self.cache.budget = default_budget(self.device)
         if self._default is not None:
             entry = self.registry.get(self._default)
+            refuse_pickles(entry, allowed=self.options.allow_pickle)
             with self.cache.use(entry.name, lambda: self._load(entry)):
                 pass
             for size in self.warmup:
@@ -207,6 +214,9 @@ class DiffusersBackend(Backend):
                 kind=e.kind.value,
                 size_bytes=e.size_bytes,
                 description=e.description,
+                base_model=e.base_model,
+                merged_from=e.merged_from,
+                format=e.format.value,
             )
             for e in entries
         ]

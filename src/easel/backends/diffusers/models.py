@@ -19,7 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from easel.errors import ModelNotFound
+from easel.errors import ModelNotFound, Unsupported
 
 
 class ModelKind(StrEnum):
@@ -99,11 +99,14 @@ class ModelEntry:
     base_model: str | None = None
     description: str | None = None
     merged_from: tuple[str, ...] = field(default_factory=tuple)
+    pickled: tuple[str, ...] = field(default_factory=tuple)
+    """Weight files in pickle formats (``.bin``, ``.ckpt``, ``.pt``) it would load from."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["path"] = str(self.path)
         data["merged_from"] = list(self.merged_from)
+        data["pickled"] = list(self.pickled)
         return data
 
 
@@ -160,7 +163,7 @@ class ModelRegistry:
         """The entry called ``name`` (or at that path, or with that unique file stem)."""
         entry = self.find(name, kind)
         if entry is None:
-            self.refresh(max_age=2.0)  # a model copied in since the last scan
+            self.refresh(max_age=0.2)  # a model copied in since the last scan: look again
             entry = self.find(name, kind)
         if entry is None:
             raise ModelNotFound(_not_found(name, kind, self.entries(kind)))
@@ -171,8 +174,47 @@ class ModelRegistry:
         for entry in candidates:
             if name in (entry.name, str(entry.path)):
                 return entry
-        folded = [e for e in candidates if name.casefold() in (e.name.casefold(), e.path.stem)]
+        key = name.casefold().removesuffix("/")
+        folded = [
+            e
+            for e in candidates
+            if key in (e.name.casefold(), e.path.stem.casefold(), e.path.name.casefold())
+            or (self.models_dir is not None and _inside(e.path, self.models_dir) == key)
+        ]
         return folded[0] if len(folded) == 1 else None
+
+
+def _inside(path: Path, root: Path) -> str | None:
+    """``path`` relative to ``root``, casefolded (None when outside it)."""
+    try:
+        return path.relative_to(root).as_posix().casefold()
+    except ValueError:
+        return None
+
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+"""Weight files torch loads by unpickling: loading one can run code it carries."""
+
+
+def refuse_pickles(entry: ModelEntry, *, allowed: bool) -> None:
+    """A model that would load pickled weights is refused, naming the files, unless the
+    server's ``diffusers.allow_pickle`` says its operator trusts them."""
+    if not entry.pickled:
+        return
+    files = ", ".join(entry.pickled[:3]) + (" ..." if len(entry.pickled) > 3 else "")
+    if entry.format is ModelFormat.single_file:
+        raise Unsupported(
+            f"{entry.path} is a pickled checkpoint ({entry.path.suffix}): loading it can run "
+            "code it carries, and easel loads checkpoints only from .safetensors. Convert it "
+            "to .safetensors (with a tool you trust) and serve that file"
+        )
+    if not allowed:
+        raise Unsupported(
+            f"model {entry.name!r} has pickled weights ({files}) and no .safetensors for "
+            "them: loading a pickle can run code it carries, so easel refuses it. Convert "
+            "the model (diffusers' save_pretrained writes .safetensors), or set "
+            "diffusers.allow_pickle = true if you trust these files"
+        )
 
 
 def default_hf_cache() -> Path:
@@ -252,6 +294,17 @@ def inspect_path(path: Path, *, name: str) -> ModelEntry | None:
         return _inspect_folder(path, name)
     if path.suffix == ".safetensors" and path.is_file():
         return _inspect_single_file(path, name)
+    if path.suffix in PICKLE_SUFFIXES and path.is_file() and path.stat().st_size > 1_000_000:
+        return ModelEntry(  # listed (and named when refused), never unpickled to look inside
+            name=name,
+            path=path,
+            kind=ModelKind.pipeline,
+            family="unknown",
+            format=ModelFormat.single_file,
+            source="models_dir",
+            size_bytes=path.stat().st_size,
+            pickled=(path.name,),
+        )
     return None
 
 
@@ -306,8 +359,20 @@ def _inspect_folder(path: Path, name: str) -> ModelEntry | None:
         size_bytes=_folder_size(path),
         pipeline=pipeline,
         variant=variant,
+        pickled=_pickled_components(path) if kind is ModelKind.pipeline else (),
         **_meta_fields(meta, path),
     )
+
+
+def _pickled_components(path: Path) -> tuple[str, ...]:
+    """Component weights stored only as pickles (a .safetensors beside one wins in diffusers)."""
+    found = []
+    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+        files = [f for f in folder.iterdir() if f.is_file()]
+        if any(f.suffix == ".safetensors" for f in files):
+            continue
+        found += [f"{folder.name}/{f.name}" for f in files if f.suffix in PICKLE_SUFFIXES]
+    return tuple(found)
 
 
 def pipeline_family(class_name: str, unet_config: Mapping[str, Any] | None = None) -> str:
