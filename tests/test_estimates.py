@@ -166,8 +166,8 @@ async def test_the_projection_agrees_with_the_real_order_of_completion(tmp_path:
             )  # fmt: skip
             ids.append((await runtime.submit(request)).id)
         projected = await runtime.etas.projections()
-        assert projected is not None
-        by_eta = sorted(ids, key=lambda job_id: projected[job_id].wait.mid)
+        assert projected is not None and not projected.unknown
+        by_eta = sorted(ids, key=lambda job_id: projected.by_id[job_id].wait.mid)
         worker = runtime.worker_for(runtime.backends["mock"])
         async with runtime.bus.subscribe(types={EventType.started}) as started:
             await worker.run(burst=True)

@@ -37,8 +37,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("easel.runtime.etas")
 
-PROJECT_LIMIT = 5000
-"""Queued jobs simulated at most (those further back get the fallback estimate)."""
+PROJECT_LIMIT = 2000
+"""Queued jobs simulated at most by the update loop (those further back get the fallback)."""
+DIRECT_LIMIT = 200
+"""A view projects the queue up to its job when it has at most this many jobs ahead (cheap
+enough for every submit); further back it takes the update loop's latest projection."""
+
+
+@dataclass
+class Projected:
+    """One projection of the queue, self-contained."""
+
+    by_id: dict[str, Projection]
+    unknown: set[str]
+    """Jobs never measured (priced at 0 in the simulation, shown without an ETA)."""
+    routes: dict[str, str]
 
 
 @dataclass
@@ -58,8 +71,7 @@ class Etas(Extension):
         self.interval = interval
         self.min_gap = min_gap
         self._said: dict[str, _Said] = {}
-        self._unknown: set[str] = set()
-        self._routes: dict[str, str] = {}
+        self._latest: Projected | None = None
 
     # -- the facts --------------------------------------------------------------------
 
@@ -79,31 +91,34 @@ class Etas(Extension):
             lanes = [Lane(route=name) for name in self.runtime.backends]
         return lanes
 
-    def _waiting(self, entries: list[Entry]) -> list[Waiting]:
-        self._unknown = set()
-        self._routes = {entry.job_id: entry.route for entry in entries}
+    def _waiting(self, entries: list[Entry], unknown: set[str]) -> list[Waiting]:
         waiting = []
         for entry in entries:
             run: Estimate | None = None
             if entry.shape is not None:
                 run = self.runtime.run_times.book.price(replace(entry.shape, backend=entry.route))
             if run is None:
-                self._unknown.add(entry.job_id)
+                unknown.add(entry.job_id)
                 run = ZERO
             model = entry.shape.model if entry.shape is not None else None
             gap = self.runtime.run_times.gap(entry.route)  # claim and events, per job
             waiting.append(Waiting(entry.job_id, entry.route, model, run + Estimate(gap, gap, gap)))
         return waiting
 
-    async def projections(self, until: str | None = None) -> dict[str, Projection] | None:
-        """Every queued job's projection (up to ``until``); None: the store cannot tell."""
-        entries = await self.runtime.store.serving_order(PROJECT_LIMIT)
+    async def projections(self, limit: int = PROJECT_LIMIT) -> Projected | None:
+        """The first ``limit`` queued jobs' projections; None: the store cannot tell."""
+        entries = await self.runtime.store.serving_order(limit)
         if entries is None:
             return None
-        now = time.time()
-        book = self.runtime.run_times.book
-        projected = project(self._waiting(entries), self.lanes(now), book.load, until=until)
-        return {p.job_id: p for p in projected}
+        unknown: set[str] = set()
+        waiting = self._waiting(entries, unknown)
+        projected = project(waiting, self.lanes(time.time()), self.runtime.run_times.book.load)
+        result = Projected(
+            {p.job_id: p for p in projected}, unknown, {e.job_id: e.route for e in entries}
+        )
+        if limit == PROJECT_LIMIT:
+            self._latest = result
+        return result
 
     # -- views ------------------------------------------------------------------------
 
@@ -119,13 +134,19 @@ class Etas(Extension):
             return _eta_fields(ZERO, left + Estimate(finish, finish, finish))
         if job.state is not JobState.queued:
             return {}
-        projections = await self.projections(until=job.id)
-        if projections is None or job.id not in projections:
+        place = await self.runtime.store.place(job.id)
+        if place is None:
+            return {}
+        if place.position < DIRECT_LIMIT:
+            projected = await self.projections(limit=place.position + 1)
+        else:
+            projected = self._latest
+        if projected is None or job.id not in projected.by_id:
             return await self._fallback(job)
-        projection = projections[job.id]
-        if self._unknown:  # something ahead (or itself) was never measured
-            return {"position": projection.position}
-        return {"position": projection.position, **self.fields_of(projection)}
+        projection = projected.by_id[job.id]
+        if projected.unknown and place.position < DIRECT_LIMIT:
+            return {"position": place.position}  # something ahead was never measured
+        return {"position": place.position, **self.fields_of(projected, projection)}
 
     def announced(self, view: JobView) -> None:
         """What the ``queued`` event at submit said: later updates compare with it."""
@@ -137,15 +158,15 @@ class Etas(Extension):
                           Estimate(run, run, run))  # fmt: skip
         self._said[view.id] = _Said(said, time.monotonic())
 
-    def fields_of(self, projection: Projection) -> dict[str, float]:
-        """The ETA fields of a projection from :meth:`projections` (empty: not measured)."""
-        if projection.job_id in self._unknown:
+    def fields_of(self, projected: Projected, projection: Projection) -> dict[str, float]:
+        """The ETA fields of one job of a projection (empty: it was never measured)."""
+        if projection.job_id in projected.unknown:
             return {}
-        return _eta_fields(projection.wait, self._own(projection))
+        return _eta_fields(projection.wait, self._own(projected, projection))
 
-    def _own(self, projection: Projection) -> Estimate:
+    def _own(self, projected: Projected, projection: Projection) -> Estimate:
         """A job's own run, ending when its results are committed."""
-        route = self._routes.get(projection.job_id)
+        route = projected.routes.get(projection.job_id)
         finish = self.runtime.run_times.finish(route) if route is not None else 0.0
         return projection.run + Estimate(finish, finish, finish)
 
@@ -188,16 +209,16 @@ class Etas(Extension):
 
     async def announce(self) -> int:
         """One round of updates; returns the events published."""
-        projections = await self.projections()
-        if projections is None:
+        projected = await self.projections()
+        if projected is None:
             return 0
         now = time.monotonic()
-        for gone in self._said.keys() - projections.keys():
+        for gone in self._said.keys() - projected.by_id.keys():
             del self._said[gone]
         published = 0
-        for job_id, projection in projections.items():
+        for job_id, projection in projected.by_id.items():
             said = self._said.get(job_id)
-            if job_id in self._unknown:
+            if job_id in projected.unknown:
                 continue
             if said is None:  # a job queued before this process (or from another one)
                 self._said[job_id] = _Said(projection, now)
@@ -210,7 +231,7 @@ class Etas(Extension):
                 job = await self.runtime.store.get(job_id)
                 if job.state is not JobState.queued:
                     continue
-                fields = self.fields_of(projection)
+                fields = self.fields_of(projected, projection)
                 await self.runtime.bus.publish(
                     Event.of(job, EventType.queued, position=projection.position, **fields)
                 )

@@ -228,18 +228,18 @@ class Runtime:
 
     async def _waiting(self, limit: int = 50) -> list[dict[str, object]]:
         """The next ``limit`` queued jobs the caller may see, with their projected ETAs."""
-        projections = await self.etas.projections()
-        if projections is None:
+        projected = await self.etas.projections()
+        if projected is None:
             return []
         rows: list[dict[str, object]] = []
-        for job_id, projection in projections.items():
+        for job_id, projection in projected.by_id.items():
             with contextlib.suppress(EaselError):
                 job = await self.store.get(job_id)
                 if not may_see(job.service):
                     continue
                 rows.append(
                     {"job_id": job_id, "user_id": job.user_id, "position": projection.position,
-                     **self.etas.fields_of(projection)}
+                     **self.etas.fields_of(projected, projection)}
                 )  # fmt: skip
             if len(rows) >= limit:
                 break
