@@ -119,7 +119,7 @@ def _pixels(png: bytes) -> bytes:
             {"prompt": "x", "init_image": base64.b64encode(b"GIF89a").decode()},
             422,
             "invalid_request",
-            "decoded",
+            "not an image",
         ),
         ({"prompt": "x", "backend": "nope"}, 422, "invalid_request", "served backends"),
         ({"prompt": "x", "model": "nope"}, 404, "model_not_found", "served models"),

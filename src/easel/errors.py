@@ -50,6 +50,7 @@ class here (and to :data:`ERRORS`), never a ``code=`` on a generic one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -66,8 +67,9 @@ class EaselError(Exception):
         self.details = details
 
     def to_dict(self) -> dict[str, object]:
-        """The API's error body: code, message and any details (such as a count)."""
-        return {"code": self.code, "message": self.message, **self.details}
+        """The API's error body: code, message and any details (such as a count), with
+        nothing of the server's insides (see :func:`public_text`)."""
+        return {"code": self.code, "message": public_text(self.message), **self.details}
 
 
 class InvalidRequest(EaselError):
@@ -362,3 +364,14 @@ def describe_validation(errors: Iterable[Mapping[str, Any]]) -> str:
         message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts) or "the request is invalid"
+
+
+_ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>|\b0x[0-9a-fA-F]{6,}\b")
+_PATH = re.compile(r"(?<![\w:/.])(?:/[\w.@+-]+){2,}/?")
+
+
+def public_text(text: str) -> str:
+    """``text`` fit for a response body: memory addresses dropped, server paths cut to
+    their last part (``/srv/models/sd15`` -> ``sd15``), so errors say what, never where."""
+    text = _ADDRESS.sub("the data", text)
+    return _PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], text)

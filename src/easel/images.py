@@ -6,7 +6,7 @@ import base64
 import binascii
 import io
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from easel.errors import InvalidRequest
 
@@ -48,8 +48,14 @@ def decode_image_bytes(raw: bytes) -> Image.Image:
             return image.convert("RGB")
     except InvalidRequest:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidRequest(f"the image could not be decoded: {exc}") from None
+    except Image.DecompressionBombError:
+        raise InvalidRequest(
+            f"the image has more than {MAX_DECODED_PIXELS} pixels; send a smaller one"
+        ) from None
+    except UnidentifiedImageError:
+        raise InvalidRequest("the data is not an image; send PNG, JPEG or WebP") from None
+    except (OSError, SyntaxError, ValueError):
+        raise InvalidRequest("the image is truncated or corrupt; send it again") from None
 
 
 def encode_png_base64(image: Image.Image) -> str:

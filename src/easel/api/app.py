@@ -19,6 +19,7 @@ from easel.api.compat import a1111, openai, openai_audio, pipeline
 from easel.config import Settings
 from easel.constants import VERSION
 from easel.runtime.facade import Runtime
+from easel.runtime.logs import protect_server_loggers
 from easel.safety.gate import service_tokens
 
 
@@ -36,6 +37,7 @@ def create_app(
     (certificate chain, private key) PEM files: the gRPC port then speaks TLS.
     """
     settings = settings or (runtime.settings if runtime else Settings())
+    protect_server_loggers()  # tokens in websocket URLs never reach uvicorn's log lines
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

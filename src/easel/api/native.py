@@ -322,9 +322,18 @@ async def _forward(subscription: Subscription, websocket: WebSocket) -> None:
 
 
 async def _until_disconnect(websocket: WebSocket) -> None:
+    """Reads (and ignores) what the client sends until it leaves; a binary frame, which
+    this stream has no use for, is answered with a close frame that says so (1003)."""
     with contextlib.suppress(WebSocketDisconnect):
         while True:
-            await websocket.receive_text()
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("bytes") is not None:
+                await websocket.close(
+                    code=1003, reason="this stream sends events and takes no binary frames"
+                )
+                return
 
 
 class WorkerList(BaseModel):

@@ -205,9 +205,9 @@ class RedisStore(JobStore):
     async def enqueue(self, job: Job, *, user_cap: int, idempotency_key: str | None = None) -> Job:
         entry = entry_for(job)
         idem = ""
-        if idempotency_key is not None:
-            user = job.user_id
-            idem = self._key(f"{keys.IDEMPOTENCY}{len(user)}:{user}:{idempotency_key}")
+        if idempotency_key is not None:  # scoped by (service, user): tenants never meet
+            owner = f"{len(job.service or '')}:{job.service or ''}:{len(job.user_id)}:{job.user_id}"
+            idem = self._key(f"{keys.IDEMPOTENCY}{owner}:{idempotency_key}")
         args = (
             job.id, job.user_id, min(entry.priority, self.policy.top_priority), job.backend,
             repr(entry.cost), repr(job.created_at), entry.batch_key or "",

@@ -308,7 +308,7 @@ class SqliteStore(JobStore):
     @staticmethod
     def _insert(conn: sqlite3.Connection, job: Job, idempotency_key: str | None, now: float) -> Job:
         if idempotency_key is not None:
-            key = f"{job.user_id}\0{idempotency_key}"
+            key = f"{job.service or ''}\0{job.user_id}\0{idempotency_key}"  # (service, user)
             conn.execute(
                 "DELETE FROM idempotency WHERE created_at < ?",
                 (now - IDEMPOTENCY_RETENTION_SECONDS,),

@@ -57,6 +57,7 @@ from easel.jobs import (
 from easel.payloads import A1111_SCHEDULER_MODIFIERS, a1111_sampler
 from easel.results.metadata import infotext, parse_infotext, read_embedded, read_parameters
 from easel.runtime.facade import Runtime
+from easel.safety.services import current_service
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 internal = APIRouter(prefix="/internal", tags=["automatic1111"])
@@ -310,7 +311,7 @@ def _png_info(data: str, max_bytes: int) -> PngInfoResponse:
 @router.get("/progress", response_model=ProgressResponse)
 async def progress(request: Request, skip_current_image: bool = False) -> ProgressResponse:
     """The progress of the caller's own latest job (see the module doc for who a caller is)."""
-    live = state_of(request).live.get(caller(request))
+    live = state_of(request).live.get(_account(request))
     idle = ProgressResponse(
         progress=0, eta_relative=0, state=ProgressState(), textinfo="Waiting..."
     )
@@ -347,7 +348,7 @@ async def progress(request: Request, skip_current_image: bool = False) -> Progre
 @router.post("/interrupt", response_model=dict[str, Any])
 async def interrupt(request: Request) -> dict[str, Any]:
     """Stop the caller's own running (or queued) job; its txt2img call returns no images."""
-    live = state_of(request).live.get(caller(request))
+    live = state_of(request).live.get(_account(request))
     if live is not None and not live.finished:
         live.interrupted = True
         with contextlib.suppress(JobFinished):
@@ -366,7 +367,7 @@ async def task_progress(body: TaskProgressRequest, request: Request) -> TaskProg
     """One task's progress, by the ``force_task_id`` its txt2img/img2img call set (a task
     unknown here, or someone else's, reads as not active)."""
     live = state_of(request).tasks.get(body.id_task)
-    if live is None or live.owner != caller(request):
+    if live is None or live.owner != _account(request):
         return TaskProgress(active=False, queued=False, completed=False, textinfo="Unknown task")
     if live.finished:
         return TaskProgress(active=False, queued=False, completed=True, progress=1)
@@ -524,12 +525,19 @@ def _translate(
     return GenerationRequest.model_validate(fields)
 
 
+def _account(request: Request, user: str | None = None) -> str:
+    """Whose "current job" a call means: the caller within its service, so that two
+    services' users of the same name never see or interrupt each other's jobs."""
+    service = current_service.get()
+    return f"{service.name if service else ''}\0{user or caller(request)}"
+
+
 async def _generate(request: Request, body: Txt2ImgRequest) -> A1111Images:
     runtime, state = runtime_of(request), state_of(request)
     who = caller(request)
     generation = _translate(body, who, runtime, state)
     async with submitted(runtime, generation) as run:
-        live = state.track(who, run.view.id, body.force_task_id)
+        live = state.track(_account(request, who), run.view.id, body.force_task_id)
         async for event in run.events:
             live.update(event)
     job = await runtime.get(run.view.id)

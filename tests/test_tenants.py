@@ -1,0 +1,134 @@
+"""Two services on one deployment: neither reads, counts or stops the other's jobs, and
+their tokens never reach a log line; hostile frames and undecodable input get clean answers.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from easel.api import create_app
+from easel.config import Safety, Settings
+from tests.servers import easel_serve, serve
+
+ALPHA = "alpha-token-0123456789"
+BRAVO = "bravo-token-0123456789"
+TOKENS = [{"service": "alpha", "token": ALPHA}, {"service": "bravo", "token": BRAVO}]
+SMALL = {"width": 64, "height": 64, "steps": 2}
+
+
+def bearer(token: str, **headers: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}", **headers}
+
+
+@pytest.fixture(scope="module")
+def two_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("tenants") / "data",
+        backend="mock",
+        mock_step_delay=0.05,
+        safety=Safety.model_validate({"tokens": TOKENS}),
+    )
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+def test_an_idempotency_key_never_crosses_services(two_services: str) -> None:
+    key = {"Idempotency-Key": "shared-key-1"}
+    body = {**SMALL, "user_id": "bob", "steps": 1}
+    bravo = httpx.post(f"{two_services}/v1/jobs", json={**body, "prompt": "bravo's secret"},
+                       headers=bearer(BRAVO, **key))  # fmt: skip
+    alpha = httpx.post(f"{two_services}/v1/jobs", json={**body, "prompt": "alpha's own"},
+                       headers=bearer(ALPHA, **key))  # fmt: skip
+    assert bravo.status_code == alpha.status_code == 202
+    assert alpha.json()["id"] != bravo.json()["id"]
+    assert alpha.json()["request"]["prompt"] == "alpha's own"
+    assert alpha.json()["service"] == "alpha"
+    again = httpx.post(f"{two_services}/v1/jobs", json={**body, "prompt": "alpha's own"},
+                       headers=bearer(ALPHA, **key))  # fmt: skip
+    assert again.json()["id"] == alpha.json()["id"]  # the key still works within a service
+
+
+def test_a1111_current_job_is_the_callers_within_its_service(two_services: str) -> None:
+    """Bravo's carol runs a job; alpha's carol sees no progress and cannot interrupt it."""
+    bravo = bearer(BRAVO, **{"X-Easel-User": "carol"})
+    alpha = bearer(ALPHA, **{"X-Easel-User": "carol"})
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        body = {"prompt": "bravo's long one", "width": 64, "height": 64, "steps": 40}
+        response = httpx.post(f"{two_services}/sdapi/v1/txt2img", json=body, headers=bravo,
+                              timeout=60)  # fmt: skip
+        result["response"] = response
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until bravo's carol sees her job running
+            seen = httpx.get(f"{two_services}/sdapi/v1/progress", headers=bravo).json()
+            if seen["state"]["sampling_step"] > 0:
+                break
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+        other = httpx.get(f"{two_services}/sdapi/v1/progress", headers=alpha).json()
+        assert other["state"]["job"] == "" and other["progress"] == 0
+        assert httpx.post(f"{two_services}/sdapi/v1/interrupt", headers=alpha).status_code == 200
+        after = httpx.get(f"{two_services}/sdapi/v1/progress", headers=bravo).json()
+        assert after["state"]["interrupted"] is False
+    finally:
+        thread.join(timeout=60)
+    response = result["response"]
+    assert response.status_code == 200 and len(response.json()["images"]) == 1
+
+
+def test_a_binary_frame_gets_a_close_frame_with_a_reason(two_services: str) -> None:
+    url = two_services.replace("http", "ws") + f"/v1/events?token={ALPHA}"
+    with connect(url) as ws:
+        ws.send(b"\x00\x01binary")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1003 and "binary" in closed.value.rcvd.reason
+
+
+def test_undecodable_images_are_refused_without_the_servers_insides(two_services: str) -> None:
+    for data in ("bm90IGFuIGltYWdl", "iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB"):  # text; a cut PNG
+        body = {**SMALL, "prompt": "x", "kind": "img2img", "init_image": data}
+        answer = httpx.post(f"{two_services}/v1/jobs", json=body, headers=bearer(ALPHA))
+        assert answer.status_code == 422, answer.text
+        message = answer.json()["error"]["message"]
+        assert "0x" not in message and "object at" not in message and "Error" not in message
+
+
+def test_tokens_never_reach_the_log(tmp_path: Path) -> None:
+    """``easel serve`` at INFO; every door tried with right and wrong tokens; then the whole
+    log is searched for them."""
+    wrong = "wrong-token-9876543210"
+    env = {"EASEL_SAFETY__TOKENS": json.dumps(TOKENS), "EASEL_MOCK_STEP_DELAY": "0"}
+    with easel_serve(tmp_path / "data", "--backend", "mock", env=env) as server:
+        ws = server.url.replace("http", "ws")
+        with connect(f"{ws}/v1/events?after=0&token={ALPHA}") as events:
+            job = httpx.post(f"{server.url}/v1/jobs", json={**SMALL, "prompt": "x"},
+                             headers=bearer(ALPHA)).json()  # fmt: skip
+            while json.loads(events.recv(timeout=20))["type"] != "succeeded":
+                pass
+        with pytest.raises(Exception):  # noqa: B017 the handshake is refused
+            connect(f"{ws}/v1/events?token={wrong}").close()
+        assert httpx.get(f"{server.url}/v1/jobs", headers=bearer(wrong)).status_code == 401
+        httpx.get(f"{server.url}/v1/jobs/{job['id']}?token={BRAVO}", headers=bearer(BRAVO))
+        httpx.get(f"{server.url}/sdapi/v1/progress", auth=("carol", ALPHA))
+    log = server.log.read_text()
+    assert "WebSocket" in log and "[redacted]" in log  # the lines that carried them are there
+    for token in (ALPHA, BRAVO, wrong):
+        assert token not in log
+    print(f"searched {len(log.splitlines())} log lines for {len(TOKENS) + 1} tokens")
