@@ -619,3 +619,12 @@ def test_memory_budget_sizes() -> None:
 def test_an_unknown_option_is_refused_not_ignored() -> None:
     with pytest.raises(InvalidRequest, match="flux_capacitor: Extra inputs are not permitted"):
         registry.create("diffusers", model="tiny-sd", flux_capacitor=True)
+
+
+async def test_clip_skip_deeper_than_the_text_encoder_is_refused_at_admission(
+    backend: DiffusersBackend,
+) -> None:
+    with pytest.raises(InvalidRequest, match=r"clip_skip 4 is deeper .* \(3 layers\); use 1"):
+        backend.check(request(clip_skip=4))
+    result = await run(backend, request(clip_skip=3, steps=1))  # the deepest it has
+    assert result.images[0].size == (64, 64)

@@ -57,6 +57,12 @@ def plan_request(
     spec = _scheduler(request, family, what)
     if extras.clip_skip is not None and not family.clip_skip:
         raise Unsupported(f"{what} has no CLIP layers to skip")
+    layers = entry.text_layers or 12  # single files: SD's CLIP ViT-L has 12
+    if extras.clip_skip is not None and extras.clip_skip > layers:
+        raise InvalidRequest(
+            f"clip_skip {extras.clip_skip} is deeper than the text encoder of {what} "
+            f"({layers} layers); use 1 (none) to {layers}"
+        )
     if extras.upscale is not None and (not family.upscale or extras.mode is not Mode.txt2img):
         raise Unsupported(f"{what} cannot upscale {extras.mode} (txt2img on SD/SDXL/SD3/FLUX)")
     if extras.loras:

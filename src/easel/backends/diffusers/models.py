@@ -99,6 +99,8 @@ class ModelEntry:
     base_model: str | None = None
     description: str | None = None
     merged_from: tuple[str, ...] = field(default_factory=tuple)
+    text_layers: int | None = None
+    """Layers of its (shallowest) CLIP text encoder: the deepest clip_skip it can take."""
     pickled: tuple[str, ...] = field(default_factory=tuple)
     """Weight files in pickle formats (``.bin``, ``.ckpt``, ``.pt``) it would load from."""
 
@@ -360,8 +362,21 @@ def _inspect_folder(path: Path, name: str) -> ModelEntry | None:
         pipeline=pipeline,
         variant=variant,
         pickled=_pickled_components(path) if kind is ModelKind.pipeline else (),
+        text_layers=_text_layers(path) if kind is ModelKind.pipeline else None,
         **_meta_fields(meta, path),
     )
+
+
+def _text_layers(path: Path) -> int | None:
+    layers = [
+        int(config["num_hidden_layers"])
+        for folder in ("text_encoder", "text_encoder_2")
+        if isinstance(
+            (config := _read_json(path / folder / "config.json")).get("num_hidden_layers"), int
+        )
+        and "CLIP" in str(config.get("architectures", ["CLIP"]))
+    ]
+    return min(layers) if layers else None
 
 
 def _pickled_components(path: Path) -> tuple[str, ...]:
