@@ -48,6 +48,7 @@ def test_fields_must_fit_the_kind() -> None:
         ({"prompt": "a cat", "duration_seconds": 3}, "are for audio"),
         ({"prompt": "a cat", "audio_format": "flac"}, "are for audio"),
         ({"prompt": "a cat", "speed": 2}, "txt2speech only"),
+        ({"kind": "txt2speech", "text": "hi", "negative_prompt": "x"}, "cannot be used"),
         ({"kind": "txt2audio", "prompt": "rain", "voice": "x"}, "txt2speech only"),
         ({"kind": "txt2audio", "prompt": "rain", "init_image": "AAAA"}, "cannot be used"),
         ({"kind": "txt2audio", "prompt": "rain", "channels": 3}, "less than or equal to 2"),
@@ -79,7 +80,6 @@ def test_eta_of_audio_comes_from_seconds_of_audio_measured() -> None:
     times.observe("sound", audio(duration_seconds=5, steps=10), 2.0)
     # twice the audio, same steps: twice the time, from the one per-unit figure
     assert times.estimate("sound", audio(duration_seconds=10, steps=10)) == pytest.approx(4.0)
-    assert times.averages() == []  # no per-image shape for audio
 
 
 def test_limits_refuse_before_any_work() -> None:

@@ -421,6 +421,8 @@ class GenerationRequest(BaseModel):
             wrong = [f for f in _IMAGE_ONLY if getattr(self, f) is not None]
             wrong += ["loras"] if self.loras else []
             wrong += ["mix"] if self.mix else []
+            if self.kind is JobKind.txt2speech and self.negative_prompt:
+                wrong.append("negative_prompt")
             if wrong:
                 raise ValueError(f"{', '.join(wrong)} cannot be used by {self.kind}")
         else:
