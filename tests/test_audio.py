@@ -329,3 +329,27 @@ async def test_queued_audio_jobs_get_etas(tmp_path: Path) -> None:
             assert view.position is not None and view.eta_seconds is not None
             assert view.average_seconds is not None and view.average_seconds > 0
         await runtime.cancel(blocker.id)
+
+
+async def test_audio_through_redis_between_two_processes_parts(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """An API runtime (no workers) and a worker runtime sharing one Redis and one output
+    dir: the clip's ref travels through the Redis store and bus like an image's."""
+    common = {"redis_url": redis_url, "redis_prefix": f"audio:{tmp_path.name}:",
+              "output_dir": tmp_path / "out"}  # fmt: skip
+    api = Runtime(
+        Settings(data_dir=tmp_path / "api", concurrency=0, **common),
+        backends={"mock-audio": MockAudioBackend()},
+    )
+    worker = Runtime(
+        Settings(data_dir=tmp_path / "worker", **common),
+        backends={"mock-audio": MockAudioBackend()},
+    )
+    async with api, worker:
+        view = await api.submit(audio(duration_seconds=1, steps=2, audio_format="flac"))
+        job = await api.wait(view.id, 30)
+        assert job.state is JobState.succeeded and job.audio[0].media_type == "audio/flac"
+        path, ref = await api.audio_path(job.id, 0)
+        samples, rate = soundfile.read(path)
+        assert rate == ref.sample_rate and len(samples) == rate
