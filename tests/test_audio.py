@@ -336,16 +336,16 @@ async def test_audio_through_redis_between_two_processes_parts(
 ) -> None:
     """An API runtime (no workers) and a worker runtime sharing one Redis and one output
     dir: the clip's ref travels through the Redis store and bus like an image's."""
-    common = {"redis_url": redis_url, "redis_prefix": f"audio:{tmp_path.name}:",
-              "output_dir": tmp_path / "out"}  # fmt: skip
-    api = Runtime(
-        Settings(data_dir=tmp_path / "api", concurrency=0, **common),
-        backends={"mock-audio": MockAudioBackend()},
-    )
-    worker = Runtime(
-        Settings(data_dir=tmp_path / "worker", **common),
-        backends={"mock-audio": MockAudioBackend()},
-    )
+    prefix, out = f"audio:{tmp_path.name}:", tmp_path / "out"
+
+    def settings(name: str, concurrency: int) -> Settings:
+        return Settings(
+            data_dir=tmp_path / name, concurrency=concurrency, redis_url=redis_url,
+            redis_prefix=prefix, output_dir=out,
+        )  # fmt: skip
+
+    api = Runtime(settings("api", 0), backends={"mock-audio": MockAudioBackend()})
+    worker = Runtime(settings("worker", 1), backends={"mock-audio": MockAudioBackend()})
     async with api, worker:
         view = await api.submit(audio(duration_seconds=1, steps=2, audio_format="flac"))
         job = await api.wait(view.id, 30)
