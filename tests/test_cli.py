@@ -202,3 +202,13 @@ def test_the_console_script_serves_and_generates(tmp_path: Path) -> None:
     # uvicorn shuts down gracefully, then re-raises the signal it caught: -SIGTERM is clean
     assert returncode in {0, -signal.SIGTERM}, log_file.read_text()
     assert "Application shutdown complete" in log_file.read_text()
+
+
+def test_help_shows_defaults_and_brackets() -> None:
+    serve_help = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
+    generate_help = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "200"}).output
+
+    assert "[default: 127.0.0.1]" in serve_help
+    assert "[default: 8000]" in serve_help
+    assert "[[backends]]" in serve_help  # not eaten as markup
+    assert "[default: outputs]" in generate_help

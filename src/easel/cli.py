@@ -35,6 +35,7 @@ app = typer.Typer(
     help="A self-hosted generation server: one fair queue, many backends, many clients.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 models_app = typer.Typer(
     help="Models: list what is served, build a tiny one.", no_args_is_help=True
@@ -339,7 +340,9 @@ def generate(
     init_image: Annotated[
         Path | None, typer.Option(exists=True, dir_okay=False, help="img2img: the start image.")
     ] = None,
-    output_dir: Annotated[Path, typer.Option(help="Where results and sidecars go.")] = Path("."),
+    output_dir: Annotated[
+        Path, typer.Option(help="Where results and sidecars go (made if missing).")
+    ] = Path("outputs"),
     user_id: str | None = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="Embedded runs only [default: a temporary directory]")
