@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, WebSocket, WebSocketDisconnect
@@ -13,9 +14,18 @@ from pydantic import BaseModel, Field, ValidationError
 
 from easel.api.errors import ErrorResponse
 from easel.constants import VERSION
-from easel.errors import UnsupportedMediaType
+from easel.errors import EaselError, UnsupportedMediaType
 from easel.events.bus import Subscription, event_json
-from easel.jobs import AUDIO_MEDIA_TYPES, GenerationRequest, ImageFormat, Job, JobState, JobView
+from easel.jobs import (
+    AUDIO_MEDIA_TYPES,
+    EventType,
+    GenerationRequest,
+    ImageFormat,
+    ImageRef,
+    Job,
+    JobState,
+    JobView,
+)
 from easel.runtime.facade import Runtime
 from easel.runtime.registry import WorkerInfo
 from easel.safety.services import current_service, may_see
@@ -290,12 +300,15 @@ async def events(
     job_id: str | None = None,
     user_id: str | None = None,
     after: int | None = None,
+    include_images: bool = False,
     last_event_id: Annotated[int | None, Header()] = None,
 ) -> None:
     """Every event (or one job's, or one user's) as JSON text frames, in order.
 
     Resume with ``after`` (or a ``Last-Event-ID`` header) set to the last id seen. A
     subscription to one job replays that job's events from the start by default.
+    ``include_images``: ``succeeded`` events carry the result files, base64, in
+    ``content`` (when small enough), as if every job had asked for them.
     """
     runtime = runtime_of(websocket)
     if after is None:
@@ -303,7 +316,8 @@ async def events(
     await websocket.accept()
     subscription = runtime.bus.subscribe(job_id=job_id, user_id=user_id, after=after)
     async with subscription:
-        sender = asyncio.create_task(_forward(subscription, websocket))
+        inline = runtime.storage.inline if include_images else None
+        sender = asyncio.create_task(_forward(subscription, websocket, inline))
         receiver = asyncio.create_task(_until_disconnect(websocket))
         done, pending = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
@@ -315,10 +329,23 @@ async def events(
                 await websocket.close(code=1013, reason="resume with after=<last id>")
 
 
-async def _forward(subscription: Subscription, websocket: WebSocket) -> None:
+async def _forward(
+    subscription: Subscription,
+    websocket: WebSocket,
+    inline: Callable[[list[ImageRef]], list[str] | None] | None = None,
+) -> None:
     async for event in subscription:
-        if may_see(event.service):  # a service sees only its own jobs' events
-            await websocket.send_text(event_json(event))
+        if not may_see(event.service):  # a service sees only its own jobs' events
+            continue
+        if inline is not None and event.type is EventType.succeeded and event.content is None:
+            refs = event.images or []
+            with contextlib.suppress(EaselError):  # files gone: the URLs remain
+                content = await asyncio.to_thread(inline, refs)
+                if content is not None:  # this subscriber's own copy, encoded for it alone
+                    with_content = event.model_copy(update={"content": content})
+                    await websocket.send_text(with_content.model_dump_json(exclude_none=True))
+                    continue
+        await websocket.send_text(event_json(event))
 
 
 async def _until_disconnect(websocket: WebSocket) -> None:
