@@ -129,7 +129,7 @@ async def test_basic_auth_comes_from_the_env_and_health_checks_the_engine(
     )  # fmt: skip
     assert "s3cret" not in repr(backend)
     async with runtime_with(tmp_path, backend) as runtime:
-        await backend.health()  # type: ignore[attr-defined]
+        await backend.health()
         job, _ = await run_job(
             runtime, GenerationRequest(prompt="auth", width=64, height=64, steps=2)
         )
@@ -137,4 +137,4 @@ async def test_basic_auth_comes_from_the_env_and_health_checks_the_engine(
     assert len(peer_jobs(peer, "webui")) == 1
     dead = registry.create("automatic1111", url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(BackendUnavailable):
-        await dead.health()  # type: ignore[attr-defined]
+        await dead.health()

@@ -124,3 +124,13 @@ def test_easel_serve_refuses_a_bad_file_without_a_traceback(tmp_path: Path) -> N
     assert "backends[0].kind: unknown kind 'comfy'" in run.stderr
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "data").exists()  # refused before anything was touched
+
+
+def test_the_documented_request_is_valid() -> None:
+    import json
+
+    from easel.jobs import GenerationRequest
+
+    block = re.findall(r"```json\n(.*?)```", (DOCS / "fleet.md").read_text(), flags=re.DOTALL)
+    request = GenerationRequest.model_validate(json.loads(block[0]))
+    assert (request.backend, request.tags, request.fallback) == ("gpu0", ["gpu"], True)

@@ -399,7 +399,7 @@ async def test_reroute_moves_a_queued_job_keeping_its_place(store_factory: Store
     assert (await reopened.get(second.id)).backend == "b"
 
 
-async def test_runs_are_recorded_in_order(store_factory: StoreFactory) -> None:
+async def test_runs_are_recorded_with_each_outcome(store_factory: StoreFactory) -> None:
     from easel.jobs import Attempt
 
     store = await store_factory()
@@ -407,15 +407,18 @@ async def test_runs_are_recorded_in_order(store_factory: StoreFactory) -> None:
     claimed = await store.claim("w1", ["mock"], lease_seconds=LEASE)
     assert claimed is not None
     error = JobError(code="backend_unavailable", message="down")
-    await store.add_run(queued.id, Attempt(backend="mock", worker="w1", started_at=1, ended_at=2,
-                                           error=error))  # fmt: skip
-    await store.requeue(queued.id, worker_id="w1", reason=error)
+    first = Attempt(backend="mock", worker="w1", started_at=1, ended_at=2, error=error)
+    await store.requeue(queued.id, worker_id="w1", reason=error, run=first)
     await store.claim("w2", ["mock"], lease_seconds=LEASE)
-    await store.add_run(queued.id, Attempt(backend="mock", worker="w2", started_at=3, ended_at=4))
-    done = await store.complete(queued.id, "w2", [])
-    assert [(r.worker, r.error) for r in done.runs] == [("w1", error), ("w2", None)]
+    second = Attempt(backend="mock", worker="w2", started_at=3, ended_at=4)
+    done = await store.complete(queued.id, "w2", [], run=second)
+    assert done.runs == [first, second]
+    other = await store.enqueue(job(), user_cap=10)
+    await store.claim("w3", ["mock"], lease_seconds=LEASE)
+    failed = await store.fail(other.id, error, worker_id="w3", run=first)
+    assert failed.runs == [first]
     reopened = await store_factory()
-    assert len((await reopened.get(queued.id)).runs) == 2
+    assert (await reopened.get(queued.id)).runs == [first, second]
 
 
 async def test_list_filters_inside_the_query(store: JobStore) -> None:

@@ -1,4 +1,4 @@
-"""easel's command line: ``serve``, ``generate``, ``models`` and ``jobs``.
+"""easel's command line: ``serve``, ``worker``, ``generate``, ``models``, ``jobs``, ``backends``.
 
 Commands are thin: generation goes through :mod:`easel.client` (a server, or easel embedded
 in this process), so the CLI shows progress and files and nothing else. Errors print their
@@ -96,7 +96,7 @@ def _settings(config: Path | None, given: dict[str, Any]) -> Settings:
     problems (file, key path, what is wrong), never a traceback."""
     from easel.backends import available
     from easel.backends.base import Capability
-    from easel.fleet import FleetFileError, load_settings
+    from easel.fleet import FleetFileError, fleet_of, load_settings
 
     try:
         settings = load_settings(
@@ -105,6 +105,9 @@ def _settings(config: Path | None, given: dict[str, Any]) -> Settings:
             capabilities=[capability.value for capability in Capability],
             **{key: value for key, value in given.items() if value is not None},
         )
+        if settings.only and not settings.backends:
+            raise FleetFileError(config, ["--only needs a fleet file with [[backends]]"])
+        fleet_of(settings)  # --only names entries of the file
     except FleetFileError as exc:
         where = escape(str(exc.path or "settings"))
         console.print(f"[bold red]error[/] config_invalid: {where}", soft_wrap=True)
@@ -261,6 +264,10 @@ def worker(
         float | None, typer.Option(min=0, help="On SIGTERM, time for running jobs [default: 30]")
     ] = None,
     config: ConfigFile = None,
+    only: Annotated[
+        str | None,
+        typer.Option(help="Run only these backends of the fleet file, e.g. gpu0,gpu1."),
+    ] = None,
 ) -> None:
     """Run jobs from a shared Redis queue: no HTTP, one process per GPU host (or per GPU).
 
@@ -280,6 +287,7 @@ def worker(
         "heartbeat_seconds": heartbeat_seconds,
         "lease_seconds": lease_seconds,
         "shutdown_grace_seconds": grace_seconds,
+        "only": [name.strip() for name in only.split(",") if name.strip()] if only else None,
     }
     settings = _settings(config, given)
     if settings.redis_url is None:
@@ -498,6 +506,27 @@ def list_models(
         return
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))
+    Console().print(table)
+
+
+@app.command("backends")
+def list_backends(server: RemoteServer = DEFAULT_SERVER) -> None:
+    """The fleet of a server: each backend's kind, state, slots, loaded models and speed."""
+    from easel.client import Client
+
+    with _errors(), Client(server) as client:
+        listing = client.backends()
+    table = Table(
+        "backend", "kind", "state", "where", "slots", "models (loaded*)", "tags", "queued",
+        "speed", "last error",
+    )  # fmt: skip
+    for b in listing.backends:
+        models = ", ".join(m + ("*" if m in b.loaded_models else "") for m in b.models)
+        table.add_row(
+            b.name, b.kind, b.state, b.where, f"{b.slots_in_use}/{b.slots}", models,
+            ", ".join(b.tags), f"{b.queued_work:g}", "" if b.speed is None else f"{b.speed:.3g}",
+            b.last_error or "",
+        )  # fmt: skip
     Console().print(table)
 
 

@@ -307,6 +307,10 @@ class Settings(BaseSettings):
         "backend/model/models_dir.",
     )
     routing: Routing = Field(default_factory=Routing)
+    only: list[str] = Field(
+        default_factory=list,
+        description="Run only these backends of the fleet (easel worker --only a,b).",
+    )
     shutdown_grace_seconds: float = Field(
         default=30.0, ge=0, description="On SIGTERM, running jobs get this long to finish."
     )

@@ -233,11 +233,18 @@ def fleet_of(settings: Settings) -> list[BackendSpec]:
     """The deployment's backends: the file's ``[[backends]]``, else a one-entry fleet made
     from the single-backend settings (``--backend``, ``--model``, ``--models-dir``...)."""
     if settings.backends:
-        return list(settings.backends)
+        return only(settings.backends, settings.only) if settings.only else list(settings.backends)
     kind = settings.resolved_backend
     options: dict[str, Any] = {"device": settings.device}
     if kind == "mock":
         options["step_delay"] = settings.mock_step_delay
+        options["preview_every"] = settings.mock_preview_every
+        options["seconds_per_megapixel_step"] = settings.mock_seconds_per_megapixel_step
+        options["overhead_seconds"] = settings.mock_overhead_seconds
+        options["load_seconds"] = settings.mock_load_seconds
+        options["models"] = settings.mock_models
+        if settings.mock_folder is not None:
+            options["folder"] = str(settings.mock_folder)
     if kind == "diffusers":
         options.update(settings.diffusers.model_dump())
     if kind in {"diffusers", "diffusers-audio"} and settings.models_dir is not None:

@@ -46,3 +46,29 @@ class Health(BaseModel):
     status: str = Field(description='"healthy" while the server answers.')
     version: str
     backends: list[str]
+
+
+class BackendStatus(BaseModel):
+    """One backend as ``GET /v1/backends`` shows it."""
+
+    name: str
+    kind: str
+    state: str = Field(description="up, down (breaker open) or probing.")
+    where: str = Field(description="local (this process) or workers (advertised in Redis).")
+    slots: int
+    slots_in_use: int
+    capabilities: list[str]
+    models: list[str]
+    loaded_models: list[str]
+    tags: list[str]
+    queued_work: float = Field(description="Work units queued for it (cost: steps x pixels).")
+    speed: float | None = Field(description="Measured work units per second (one slot).")
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    workers: list[str] = Field(default_factory=list)
+
+
+class Backends(BaseModel):
+    """``GET /v1/backends``: every backend of the fleet, local or run by live workers."""
+
+    backends: list[BackendStatus]

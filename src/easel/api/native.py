@@ -29,7 +29,7 @@ from easel.jobs import (
 from easel.runtime.facade import Runtime
 from easel.runtime.registry import WorkerInfo
 from easel.safety.services import current_service, may_see
-from easel.views import BackendEntry, Health, JobList, ModelEntry, Models
+from easel.views import BackendEntry, Backends, Health, JobList, ModelEntry, Models
 
 router = APIRouter()
 
@@ -365,6 +365,14 @@ async def _until_disconnect(websocket: WebSocket) -> None:
 
 class WorkerList(BaseModel):
     workers: list[WorkerInfo]
+
+
+@router.get("/v1/backends", response_model=Backends, tags=["operations"])
+async def list_backends(request: Request) -> Backends:
+    """Every backend of the fleet (this process's and those live workers run): kind,
+    state (up, down, probing), slots in use, models and which are loaded, queued work,
+    measured speed and the last error."""
+    return Backends(backends=await runtime_of(request).fleet.describe())
 
 
 @router.get("/v1/workers", response_model=WorkerList, tags=["operations"])

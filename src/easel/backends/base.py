@@ -81,6 +81,20 @@ class GenerationResult:
     audio: list[AudioClip] = field(default_factory=list)
 
 
+def needed_capabilities(request: GenerationRequest) -> set[Capability]:
+    """What a backend must be able to do to run the request (the router filters on it)."""
+    needed = {Capability(request.kind.value)}
+    if request.scheduler is not None:
+        needed.add(Capability.scheduler)
+    if request.loras:
+        needed.add(Capability.lora)
+    if request.controlnet is not None:
+        needed.add(Capability.controlnet)
+    if request.upscale is not None:
+        needed.add(Capability.upscale)
+    return needed
+
+
 class Backend(ABC):
     """One engine. Subclasses set ``name`` and ``capabilities`` and implement ``generate``."""
 
@@ -97,6 +111,10 @@ class Backend(ABC):
 
     async def close(self) -> None:
         """Free what ``start`` took."""
+
+    async def health(self) -> None:
+        """Raise :class:`~easel.errors.BackendUnavailable` when it cannot take work now
+        (an engine unreachable): the fleet's breaker counts it. Default: always healthy."""
 
     def models(self) -> list[ModelInfo]:
         return []
@@ -116,15 +134,7 @@ class Backend(ABC):
 
     def check(self, request: GenerationRequest) -> None:
         """Refuse at admission what this backend cannot run; raise a 4xx EaselError."""
-        needed = {Capability(request.kind.value)}
-        if request.scheduler is not None:
-            needed.add(Capability.scheduler)
-        if request.loras:
-            needed.add(Capability.lora)
-        if request.controlnet is not None:
-            needed.add(Capability.controlnet)
-        if request.upscale is not None:
-            needed.add(Capability.upscale)
+        needed = needed_capabilities(request)
         if request.executor is not None and request.executor not in self.executors:
             raise Unsupported(
                 f"backend {self.name!r} cannot run {request.executor} payloads; it runs "

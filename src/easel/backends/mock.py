@@ -90,6 +90,10 @@ class MockBackend(Backend):
         self.load_seconds = load_seconds
         self.model_names = [MOCK_MODEL, *(m for m in models if m != MOCK_MODEL)]
         self.loaded: str | None = None
+        self.loads = 0
+        """Model switches so far (with ``models`` and ``load_seconds``: a fleet's affinity)."""
+        self.unavailable = False
+        """Set it to make every run and health check fail transiently (an engine gone)."""
         self.preview_every = preview_every
         self.pictures: list[Path] = []
         if folder is not None:
@@ -112,6 +116,10 @@ class MockBackend(Backend):
             for name in self.model_names
         ]
 
+    async def health(self) -> None:
+        if self.unavailable:
+            raise BackendUnavailable(f"mock backend {self.name!r} is switched off")
+
     async def generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:
         results = await asyncio.to_thread(self._generate, [request], [context])
         return results[0]
@@ -125,8 +133,12 @@ class MockBackend(Backend):
         self, requests: list[GenerationRequest], contexts: list[RunContext]
     ) -> list[GenerationResult]:
         """One "step" loop for the whole batch, as a pipeline would run it."""
+        if self.unavailable:
+            raise BackendUnavailable(f"mock backend {self.name!r} is switched off")
         steps = requests[0].steps
         model = requests[0].model or MOCK_MODEL
+        if model != (self.loaded or MOCK_MODEL):
+            self.loads += 1
         if self.load_seconds and model != self.loaded:
             time.sleep(self.load_seconds)
         self.loaded = model

@@ -39,7 +39,7 @@ from easel.jobs import (
     JobView,
     final_event,
 )
-from easel.views import Models
+from easel.views import Backends, Models
 
 H = TypeVar("H", bound=Handler)
 
@@ -194,6 +194,11 @@ class AsyncClient:
     async def models(self) -> Models:
         response = await self._request("GET", "/v1/models")
         return Models.model_validate_json(response.content)
+
+    async def backends(self) -> Backends:
+        """The fleet: each backend's kind, state, slots in use, loaded models, speed."""
+        response = await self._request("GET", "/v1/backends")
+        return Backends.model_validate_json(response.content)
 
     async def image(self, job_or_id: Job | str, index: int = 0) -> bytes:
         """The PNG bytes, with the ``parameters`` text chunk that reproduces the image."""

@@ -17,7 +17,7 @@ from easel.client._async import AsyncClient
 from easel.client._common import Handler, HandlerName
 from easel.client._portal import Blocking
 from easel.jobs import Event, GenerationRequest, Job, JobState, JobView
-from easel.views import Models
+from easel.views import Backends, Models
 
 H = TypeVar("H", bound=Handler)
 
@@ -93,6 +93,9 @@ class Client(Blocking[AsyncClient]):
 
     def models(self) -> Models:
         return self._portal.call(self._async.models)
+
+    def backends(self) -> Backends:
+        return self._portal.call(self._async.backends)
 
     def image(self, job_or_id: Job | str, index: int = 0) -> bytes:
         return self._portal.call(self._async.image, job_or_id, index)

@@ -5,13 +5,14 @@ The store enforces the per-user cap atomically at enqueue; everything here runs 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
-from easel.backends.base import Backend
+from easel.backends.base import Backend, needed_capabilities
 from easel.config import Limits
-from easel.errors import EaselError, InvalidRequest, ModelNotFound, Unsupported
+from easel.errors import BackendUnavailable, EaselError, InvalidRequest, ModelNotFound, Unsupported
 from easel.images import decode_base64_image
 from easel.jobs import GenerationRequest, JobKind, random_seed
+from easel.queue.routing import BackendView, Policy, Want, capable, choose
 
 
 def check_limits(request: GenerationRequest, limits: Limits) -> None:
@@ -140,3 +141,104 @@ def admit(
     if request.seed is None:
         request = request.model_copy(update={"seed": random_seed()})
     return request, backend
+
+
+def want_of(request: GenerationRequest, *, moving: bool = False) -> Want:
+    """What the request needs of a backend. ``moving``: where it may go after its backend
+    failed or went down (a named backend binds it unless ``fallback`` frees it)."""
+    named: frozenset[str] | None = None
+    if request.backend is not None:
+        if moving and request.fallback is True:
+            named = None
+        elif moving and isinstance(request.fallback, list):
+            named = frozenset({request.backend, *request.fallback})
+        else:
+            named = frozenset({request.backend})
+    return Want(
+        capabilities=frozenset(str(c) for c in needed_capabilities(request)),
+        model=request.model,
+        tags=frozenset(request.tags),
+        backends=named,
+        cost=request.cost,
+    )
+
+
+Check = Callable[[GenerationRequest], None]
+
+
+def route_request(
+    request: GenerationRequest,
+    views: Sequence[BackendView],
+    checks: Mapping[str, Check],
+    policy: Policy | None = None,
+) -> str:
+    """The backend of the fleet a new job goes to, or a 4xx saying why none can run it.
+
+    ``views`` are every backend of the deployment (local ones and those live workers
+    advertise); ``checks`` are the local backends' own checks (schedulers, LoRAs...).
+    When every capable backend is down, the job still goes to the least loaded one and
+    waits there (or moves, once one is back up).
+    """
+    names = sorted(view.name for view in views)
+    if not views:
+        raise BackendUnavailable(
+            "no backend of this deployment is running: start one (easel worker ...) and resend"
+        )
+    for name in [request.backend] + (
+        request.fallback if isinstance(request.fallback, list) else []
+    ):
+        if name is not None and name not in names:
+            raise InvalidRequest(
+                f"backend {name!r} is not served here; served backends are: {', '.join(names)}"
+            )
+    want = want_of(request)
+    fits = [view for view in views if capable(want, view)]
+    if not fits:
+        raise _why_not(request, want, views)
+    refusals: list[tuple[str, EaselError]] = []
+    passing = []
+    for view in fits:
+        try:
+            if (check := checks.get(view.name)) is not None:
+                check(request)
+        except EaselError as refusal:
+            refusals.append((view.name, refusal))
+        else:
+            passing.append(view)
+    if not passing:
+        if len(refusals) == 1:
+            raise refusals[0][1]
+        raise Unsupported(
+            "no backend of this fleet can run this request: "
+            + "; ".join(f"{name}: {refusal.message}" for name, refusal in refusals)
+        )
+    chosen = choose(want, passing, policy)
+    if chosen is None:  # all down: wait where the wait is shortest
+        chosen = min(passing, key=lambda view: (view.wait(), view.name))
+    return chosen.name
+
+
+def _why_not(request: GenerationRequest, want: Want, views: Sequence[BackendView]) -> EaselError:
+    named = [v for v in views if want.backends is None or v.name in want.backends]
+    if want.model is not None and not any(v.serves(want.model) for v in named):
+        served = sorted({m for v in named for m in v.models})
+        where = f"by backend {request.backend!r}" if request.backend else "here"
+        return ModelNotFound(
+            f"model {want.model!r} is not served {where}; served models are: "
+            f"{', '.join(served) or 'none listed'}"
+        )
+    if want.tags and not any(want.tags <= v.tags for v in named):
+        tags = sorted({t for v in views for t in v.tags})
+        return InvalidRequest(
+            f"no backend carries the tags {', '.join(sorted(want.tags))}; tags in this fleet: "
+            f"{', '.join(tags) or 'none'}"
+        )
+    reasons = [
+        f"{v.name} cannot do {', '.join(sorted(want.capabilities - v.capabilities))}"
+        for v in named
+        if not want.capabilities <= v.capabilities
+    ]
+    return Unsupported(
+        "no backend of this fleet can run this request: "
+        + ("; ".join(reasons) or "none serves its model with its tags")
+    )

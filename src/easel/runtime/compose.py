@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from easel.backends import registry as backends_registry
 from easel.backends.base import Backend
 from easel.config import Settings
 from easel.effects.metrics import Metrics
@@ -20,6 +19,7 @@ from easel.effects.notes import JobNotes
 from easel.effects.webhooks import Webhooks
 from easel.events.bus import EventBus, InProcessEventBus
 from easel.events.redis import RedisEventBus
+from easel.fleet import fleet_of
 from easel.jobs import EventType
 from easel.queue.scheduler import Policy, RunTimes
 from easel.results.clap import ClapScorer
@@ -27,6 +27,7 @@ from easel.results.files import LocalStorage
 from easel.results.s3 import S3Store, Uploads
 from easel.runtime.extensions import (
     Extension,
+    FleetUpkeep,
     GateFollower,
     LeaseReaper,
     MetricsFollower,
@@ -35,6 +36,7 @@ from easel.runtime.extensions import (
     WakeOnQueued,
     WebhookDelivery,
 )
+from easel.runtime.fleet import Fleet, build_backends
 from easel.runtime.registry import LocalRegistry, RedisRegistry, WorkerRegistry
 from easel.runtime.worker import Doorbell, Worker, WorkerOptions, WorkerParts
 from easel.safety.gate import Gate
@@ -63,6 +65,8 @@ class Parts:
     metrics: Metrics
     doorbell: Doorbell
     """Rung when a job is queued here (or, scaled out, anywhere): wakes one idle worker."""
+    fleet: Fleet
+    """The deployment's backends as this process sees them: routing, breakers, speeds."""
 
 
 def assemble(
@@ -74,21 +78,34 @@ def assemble(
     storage: LocalStorage | None = None,
 ) -> Parts:
     """The parts the settings ask for; a part passed in is used instead of building one."""
-    built = dict(backends) if backends is not None else backends_from(settings)
-    default = settings.resolved_backend if settings.resolved_backend in built else next(iter(built))
+    specs = fleet_of(settings)
+    if backends is None:
+        # an API-only replica (scaled out, no workers) builds no backend at all: it admits
+        # and routes by what the live workers advertise in the registry
+        api_only = settings.redis_url is not None and settings.concurrency == 0
+        backends = {} if api_only else build_backends(specs)
+    fleet = Fleet(specs, dict(backends), settings.routing)
+    built = fleet.backends
+    default = (
+        settings.resolved_backend
+        if settings.resolved_backend in built or not built
+        else next(iter(built))
+    )
     store = store or store_from(settings)
     bus = bus or (redis_bus(settings) if settings.redis_url else InProcessEventBus())
     storage = storage or LocalStorage(settings.resolved_output_dir, settings.output)
     if settings.clap_model is not None and storage.scorer is None:
         storage.scorer = ClapScorer(settings.clap_model)
     notes = JobNotes()
+    registry = registry_for(settings)
+    fleet.attach(store, registry, remote=settings.redis_url is not None)
     return Parts(
         settings=settings,
         backends=built,
         default_backend=default,
         store=store,
         bus=bus,
-        registry=registry_for(settings),
+        registry=registry,
         storage=storage,
         run_times=RunTimes(),
         notes=notes,
@@ -97,6 +114,7 @@ def assemble(
         gate=Gate(settings.safety),
         metrics=Metrics(),
         doorbell=Doorbell(),
+        fleet=fleet,
     )
 
 
@@ -108,6 +126,7 @@ def extensions_for(parts: Parts, workers: Callable[[], Sequence[Worker]]) -> lis
         GateFollower(parts.gate, parts.bus),
         MetricsFollower(parts.metrics, parts.bus),
         RegistryBeats(parts.registry, workers, settings.heartbeat_seconds),
+        FleetUpkeep(parts.fleet, parts.doorbell),
     ]
     if settings.webhook_allowed_hosts:
         extensions.append(WebhookDelivery(parts.webhooks))
@@ -134,6 +153,7 @@ def worker_for(parts: Parts, backend: Backend) -> Worker:
         run_times=parts.run_times,
         wakeup=parts.doorbell,
         uploads=parts.uploads,
+        fleet=parts.fleet,
     )
     return Worker(backend, shared, options)
 
@@ -207,21 +227,5 @@ def uploads_for(
 
 
 def backends_from(settings: Settings) -> dict[str, Backend]:
-    name = settings.resolved_backend
-    options: dict[str, object] = {"device": settings.device}
-    if name == "mock":
-        options["step_delay"] = settings.mock_step_delay
-        options["preview_every"] = settings.mock_preview_every
-        options["seconds_per_megapixel_step"] = settings.mock_seconds_per_megapixel_step
-        options["overhead_seconds"] = settings.mock_overhead_seconds
-        options["load_seconds"] = settings.mock_load_seconds
-        options["models"] = settings.mock_models
-        if settings.mock_folder is not None:
-            options["folder"] = str(settings.mock_folder)
-    if name == "diffusers":
-        options.update(settings.diffusers.model_dump())
-    if name in {"diffusers", "diffusers-audio"} and settings.models_dir is not None:
-        options["models_dir"] = str(settings.models_dir)
-    if settings.model:
-        options["model"] = settings.model
-    return {name: backends_registry.create(name, **options)}
+    """The backends of the settings' fleet (the file's, or the one-entry fleet)."""
+    return build_backends(fleet_of(settings))

@@ -32,6 +32,7 @@ from easel.safety.gate import Gate
 from easel.store.base import JobStore
 
 if TYPE_CHECKING:
+    from easel.runtime.fleet import Fleet
     from easel.runtime.worker import Doorbell, Worker
 
 log = logging.getLogger("easel")
@@ -144,6 +145,25 @@ class WakeOnQueued(Follower):
         self.doorbell.set()  # the same ring a local submit() gives
 
 
+class FleetUpkeep(Extension):
+    """Health checks and breakers of this process's backends, and jobs moved off down
+    backends or to idle ones (``runtime/fleet.py``); a move rings the doorbell."""
+
+    name = "fleet"
+
+    def __init__(self, fleet: Fleet, doorbell: Doorbell) -> None:
+        self.fleet, self.doorbell = fleet, doorbell
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.fleet.tend(self.doorbell.set), name="easel-fleet")
+
+    async def stop(self, grace: float) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
 class WebhookDelivery(Extension):
     """Signed POSTs of each job's events to the URL it named."""
 
@@ -232,14 +252,31 @@ class RegistryBeats(_Loop):
 
 
 def info_of(worker: Worker, started_at: float) -> WorkerInfo:
+    """What a worker advertises: enough for an API-only replica to admit and route by it."""
     backend = worker.backend
+    fleet = worker.fleet
+    member = fleet.members.get(backend.name) if fleet is not None else None
+    if member is not None:
+        served, loaded = member.models()
+        capabilities = sorted(member.capabilities)
+    else:
+        pipelines = [model for model in backend.models() if model.kind == "pipeline"]
+        served = frozenset(model.name for model in pipelines)
+        loaded = frozenset(model.name for model in pipelines if model.loaded)
+        capabilities = sorted(backend.capabilities)
     return WorkerInfo(
         id=worker.id,
         backend=backend.name,
-        models=[model.name for model in backend.models()],
-        capabilities=sorted(backend.capabilities),
+        models=sorted(served),
+        capabilities=capabilities,
         current_jobs=[job.id for job in worker.current],
         host=_HOST,
         pid=os.getpid(),
         started_at=started_at,
+        kind=member.spec.kind if member is not None else "",
+        tags=list(member.spec.tags) if member is not None else [],
+        loaded=sorted(loaded),
+        state=member.breaker.state.value if member is not None else "up",
+        speed=member.speed if member is not None else None,
+        last_error=member.breaker.last_error if member is not None else None,
     )

@@ -37,8 +37,9 @@ from easel.jobs import (
     Job,
     JobState,
     JobView,
+    random_seed,
 )
-from easel.queue.admission import admit
+from easel.queue.admission import check_limits
 from easel.queue.scheduler import user_cap
 from easel.results.files import LocalStorage
 from easel.runtime._etas import Etas
@@ -80,6 +81,7 @@ class Runtime:
         self.gate = parts.gate
         self.metrics = parts.metrics
         self._wakeup = parts.doorbell
+        self.fleet = parts.fleet
         self.supervisor = Supervisor(parts.store, parts.bus)
         self.etas = Etas(self, interval=settings.eta_update_seconds)
 
@@ -100,10 +102,17 @@ class Runtime:
         await self.supervisor.start_extensions(extensions)
 
     def start_workers(self) -> None:
+        """Each backend's slots (the fleet file's ``slots``, else ``concurrency``);
+        ``concurrency`` 0 runs none (API only)."""
+        settings = self.settings
         self.supervisor.run_workers(
-            worker_for(self.parts, backend)
-            for backend in self.backends.values()
-            for _ in range(self.settings.concurrency)
+            worker_for(self.parts, member.backend)
+            for member in self.fleet.members.values()
+            for _ in range(
+                (member.spec.slots if settings.backends else settings.concurrency)
+                if settings.concurrency
+                else 0
+            )
         )
 
     def worker_for(self, backend: Backend) -> Worker:
@@ -150,11 +159,13 @@ class Runtime:
                     self.settings.webhook_allowed_hosts,
                     self.settings.webhook_secret is not None,
                 )
-            admission = (request, self.backends, self.default_backend, self.settings.limits)
             if _carries_images(request):  # decoding them to check them is not loop work
-                request, backend = await asyncio.to_thread(admit, *admission)
+                await asyncio.to_thread(check_limits, request, self.settings.limits)
             else:
-                request, backend = admit(*admission)
+                check_limits(request, self.settings.limits)
+            backend = await self.fleet.route(request)
+            if request.seed is None:
+                request = request.model_copy(update={"seed": random_seed()})
             service = current_service.get()
             await self.gate.check(request, service)
         except EaselError as refusal:
@@ -166,12 +177,12 @@ class Runtime:
             self.settings.max_user_queue_size_limit,
         )
         owner = service.name if service is not None else None
-        new = Job(request=request, backend=backend.name, service=owner)
+        new = Job(request=request, backend=backend, service=owner)
         job = await self.store.enqueue(new, user_cap=cap, idempotency_key=idempotency_key)
         view = await self.view(job)
         if job.id == new.id:
             self.gate.accepted(job.id, service)
-            self.metrics.label(job.id, backend.name, request.model)
+            self.metrics.label(job.id, backend, request.model)
             self._wakeup.set()
             self.etas.announced(view)
             await self.bus.publish(

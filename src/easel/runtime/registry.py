@@ -31,6 +31,12 @@ class WorkerInfo(BaseModel):
     heartbeat_age_seconds: float | None = Field(
         default=None, description="Seconds since its last heartbeat."
     )
+    kind: str = Field(default="", description="The backend's kind (mock, diffusers...).")
+    tags: list[str] = Field(default_factory=list, description="The fleet file's tags.")
+    loaded: list[str] = Field(default_factory=list, description="Models loaded now.")
+    state: str = Field(default="up", description="Its breaker: up, down or probing.")
+    speed: float | None = Field(default=None, description="Work units per second measured.")
+    last_error: str | None = None
 
 
 class WorkerRegistry(ABC):

@@ -24,11 +24,13 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from PIL.Image import Image
 
 from easel.backends.base import Backend, GenerationResult, RunContext
 from easel.errors import (
+    BackendUnavailable,
     Cancelled,
     EaselError,
     GenerationError,
@@ -37,13 +39,16 @@ from easel.errors import (
     StoreUnavailable,
 )
 from easel.events.bus import EventBus
-from easel.jobs import AudioRef, Event, EventType, ImageRef, Job, JobError, JobState
+from easel.jobs import Attempt, AudioRef, Event, EventType, ImageRef, Job, JobError, JobState
 from easel.queue.backoff import retry_delay
 from easel.queue.scheduler import RunTimes
 from easel.results.files import LocalStorage
 from easel.results.s3 import Ref, Uploads
 from easel.runtime._finisher import Finisher
 from easel.store.base import JobStore
+
+if TYPE_CHECKING:
+    from easel.runtime.fleet import Fleet
 
 log = logging.getLogger("easel.runtime.worker")
 
@@ -106,6 +111,9 @@ class WorkerParts:
     run_times: RunTimes = field(default_factory=RunTimes)
     wakeup: Doorbell = field(default_factory=Doorbell)
     uploads: Uploads | None = None
+    fleet: Fleet | None = None
+    """Where the backend's breaker, speed and slots are kept; a job that fails
+    transiently may move to another backend through it."""
 
 
 class Worker:
@@ -133,6 +141,9 @@ class Worker:
         self.wakeup = parts.wakeup
         self.uploads = parts.uploads
         self.finisher = Finisher(options.results_depth)
+        self.fleet = parts.fleet
+        member = self.fleet.members.get(backend.name) if self.fleet is not None else None
+        self.job_timeout = member.spec.timeouts.job_seconds if member is not None else None
         self._running: list[Job] = []  # on the backend
         self._finishing: dict[str, Job] = {}  # results in flight
         self._cancels: dict[str, threading.Event] = {}
@@ -225,13 +236,18 @@ class Worker:
             self.model, self._ran = model, True
             began = time.monotonic()
             try:
-                results = await self._generate(jobs)
+                results = await self._generate_timed(jobs, cancels)
             except Exception as exc:
+                self._report(exc)
                 for job in jobs:
                     await self._failed(job, exc)
                 return
             self._ended = time.monotonic()
             seconds = (self._ended - began) / len(jobs)
+            if self.fleet is not None:
+                self.fleet.succeeded(self.backend.name)
+                cost = sum(job.request.cost for job in jobs)
+                self.fleet.observe_speed(self.backend.name, cost, seconds * len(jobs))
             await self.finisher.wait_for_room()
             self._finishing.update({job.id: job for job in jobs})
             self._running = []
@@ -273,6 +289,53 @@ class Worker:
             if self._cancels.get(job.id) is cancels[job.id]:  # not a newer run's
                 del self._cancels[job.id]
                 self._finishing.pop(job.id, None)
+
+    async def _generate_timed(
+        self, jobs: list[Job], cancels: dict[str, threading.Event]
+    ) -> list[GenerationResult]:
+        """The backend call, counted in the fleet's slots, within the fleet file's
+        ``timeouts.job_seconds`` (past it: a transient failure, the run is cancelled)."""
+        name = self.backend.name
+        if self.fleet is not None:
+            self.fleet.started(name, len(jobs))
+        try:
+            async with asyncio.timeout(self.job_timeout):
+                return await self._generate(jobs)
+        except TimeoutError:
+            for cancel in cancels.values():
+                cancel.set()
+            raise BackendUnavailable(
+                f"backend {name!r} took longer than {self.job_timeout}s (timeouts.job_seconds)"
+            ) from None
+        finally:
+            if self.fleet is not None:
+                self.fleet.ended(name, len(jobs))
+
+    def _report(self, exc: Exception) -> None:
+        """A transient failure counts against the backend's breaker; the job's own faults
+        (bad input, cancellation) do not."""
+        if self.fleet is not None and isinstance(exc, EaselError) and exc.retryable:
+            self.fleet.failed(self.backend.name, f"{exc.code}: {exc.message}")
+
+    def _run(self, job: Job, error: JobError | None) -> Attempt:
+        """This attempt's record (where, by whom, when, how it ended), kept on the job."""
+        return Attempt(
+            backend=self.backend.name,
+            worker=self.id,
+            started_at=job.started_at,
+            ended_at=time.time(),
+            error=error,
+        )
+
+    async def _elsewhere(self, job: Job) -> str | None:
+        """Another backend for a job that failed transiently here, if it may move."""
+        if self.fleet is None:
+            return None
+        try:
+            return await self.fleet.relocate(job, leaving=self.backend.name)
+        except EaselError as exc:
+            log.warning("job %s: not moved: %s", job.id, exc.message)
+            return None
 
     async def _generate(self, jobs: list[Job]) -> list[GenerationResult]:
         loop = asyncio.get_running_loop()
@@ -324,7 +387,10 @@ class Worker:
                 images, upload_error = await _upload_now(self.uploads, job, images)
                 if audio and upload_error is None:
                     audio, upload_error = await _upload_now(self.uploads, job, audio)
-            done = await asyncio.shield(self.store.complete(job.id, self.id, images, audio=audio))
+            run = self._run(job, None)
+            done = await asyncio.shield(
+                self.store.complete(job.id, self.id, images, audio=audio, run=run)
+            )
             self.run_times.observe_finish(job.backend, time.monotonic() - began)
         except (LeaseLost, JobFinished):
             log.info("job %s is no longer ours; its result is discarded", job.id, extra=_ids(job))
@@ -367,14 +433,22 @@ class Worker:
                 extra=_ids(job),
             )  # fmt: skip
             error = JobError(code=GenerationError.code, message=f"{type(exc).__name__}: {exc}")
+        run = self._run(job, error)
         try:
             if isinstance(exc, EaselError) and exc.retryable:
-                delay = retry_delay(job.attempts, base=self.retry_base_seconds)
+                target = await self._elsewhere(job)
+                delay = 0.0 if target else retry_delay(job.attempts, base=self.retry_base_seconds)
                 after = await asyncio.shield(
-                    self.store.requeue(job.id, worker_id=self.id, reason=error, delay=delay)
+                    self.store.requeue(
+                        job.id, worker_id=self.id, reason=error, delay=delay, run=run
+                    )
                 )
+                if target is not None and after.state is JobState.queued:
+                    after = await self.store.reroute(job.id, target) or after
             else:
-                after = await asyncio.shield(self.store.fail(job.id, error, worker_id=self.id))
+                after = await asyncio.shield(
+                    self.store.fail(job.id, error, worker_id=self.id, run=run)
+                )
         except (LeaseLost, JobFinished):
             return
         if after.state is JobState.queued:

@@ -66,6 +66,14 @@ local function incr(key, field, by)
   if left <= 0 then redis.call('HDEL', key, field) end
 end
 
+-- one attempt's record appended to the job's runs (JSON lines)
+local function add_run(jk, run)
+  if run and run ~= '' then
+    local runs = redis.call('HGET', jk, 'runs') or ''
+    redis.call('HSET', jk, 'runs', runs .. run .. '\\n')
+  end
+end
+
 -- queued work per route; a route with (about) nothing left is dropped
 local function route_cost(route, delta)
   local left = tonumber(redis.call('HINCRBYFLOAT', K_ROUTE_COST, route, fmt(delta)))
@@ -347,12 +355,13 @@ return 1
 """)
 
 COMPLETE = _script("""
--- 8 id, 9 worker, 10 images JSON, 11 audio JSON
+-- 8 id, 9 worker, 10 images JSON, 11 audio JSON, 12 the run's record ('' = none)
 local id = ARGV[8]
 local jk = job_key(id)
 local f = redis.call('HMGET', jk, 'state', 'worker_id')
 if not f[1] then return {'missing'} end
 if f[1] ~= 'running' or f[2] ~= ARGV[9] then return {'lost', f[1]} end
+add_run(jk, ARGV[12])
 redis.call('HSET', jk, 'state', 'succeeded', 'images', ARGV[10], 'audio', ARGV[11],
   'finished_at', fmt(NOW), 'lease', '')
 finalise(id, 'running', 'succeeded')
@@ -360,7 +369,7 @@ return {'ok', redis.call('HGETALL', jk)}
 """)
 
 FAIL = _script("""
--- 8 id, 9 error JSON, 10 worker ('' = whoever holds it)
+-- 8 id, 9 error JSON, 10 worker ('' = whoever holds it), 11 the run's record ('' = none)
 local id = ARGV[8]
 local jk = job_key(id)
 local f = redis.call('HMGET', jk, 'state', 'worker_id')
@@ -371,6 +380,7 @@ elseif FINAL[f[1]] then
   return {'finished', f[1]}
 end
 if f[1] == 'queued' then dequeue(id) end
+add_run(jk, ARGV[11])
 redis.call('HSET', jk, 'state', 'failed', 'error', ARGV[9], 'finished_at', fmt(NOW),
   'lease', '')
 finalise(id, f[1], 'failed')
@@ -379,7 +389,7 @@ return {'ok', redis.call('HGETALL', jk)}
 
 REQUEUE = _script("""
 -- 8 id, 9 worker ('' = whoever holds it), 10 spend an attempt (1/0), 11 reason JSON,
--- 12 delay seconds
+-- 12 delay seconds, 13 the run's record ('' = none)
 local id = ARGV[8]
 local jk = job_key(id)
 local f = redis.call('HMGET', jk, 'state', 'worker_id')
@@ -389,6 +399,7 @@ if ARGV[9] ~= '' then
 elseif f[1] ~= 'running' then
   return {'finished', f[1]}
 end
+add_run(jk, ARGV[13])
 put_back(id, ARGV[10] == '1', ARGV[11], tonumber(ARGV[12]))
 return {'ok', redis.call('HGETALL', jk)}
 """)
@@ -565,14 +576,5 @@ redis.call('ZADD', route_key(f[3], ARGV[9]), score, f[2])
 route_cost(f[4], -tonumber(f[5]))
 route_cost(ARGV[9], tonumber(f[5]))
 redis.call('HSET', jk, 'backend', ARGV[9], 'batch_key', ARGV[10])
-return 1
-""")
-
-ADD_RUN = _script("""
--- 8 id, 9 one attempt as JSON: appended as a line to the job's runs
-local jk = job_key(ARGV[8])
-if redis.call('EXISTS', jk) == 0 then return 0 end
-local runs = redis.call('HGET', jk, 'runs') or ''
-redis.call('HSET', jk, 'runs', runs .. ARGV[9] .. '\\n')
 return 1
 """)

@@ -68,12 +68,21 @@ class JobStore(ABC):
         images: list[ImageRef],
         *,
         audio: list[AudioRef] | None = None,
+        run: Attempt | None = None,
     ) -> Job:
         """Running -> succeeded with its results; ``LeaseLost`` if the worker no longer
-        holds the job."""
+        holds the job. ``run`` (here and in ``fail``/``requeue``) is appended to the job's
+        ``runs`` in the same write as the outcome."""
 
     @abstractmethod
-    async def fail(self, job_id: str, error: JobError, *, worker_id: str | None = None) -> Job:
+    async def fail(
+        self,
+        job_id: str,
+        error: JobError,
+        *,
+        worker_id: str | None = None,
+        run: Attempt | None = None,
+    ) -> Job:
         """Queued or running -> failed; with ``worker_id``, only if that worker holds it."""
 
     @abstractmethod
@@ -85,6 +94,7 @@ class JobStore(ABC):
         spend_attempt: bool = True,
         reason: JobError = WORKER_LOST,
         delay: float = 0.0,
+        run: Attempt | None = None,
     ) -> Job:
         """Running -> queued (claimable after ``delay`` seconds), or failed with ``reason``
         when no attempt is left."""
@@ -147,10 +157,6 @@ class JobStore(ABC):
         """Move a queued job to another backend's line (fallback, a backend down, an idle
         backend taking work), keeping its place in the fair order; None when it is no
         longer queued (claimed, finished) or waits for a retry's backoff."""
-
-    @abstractmethod
-    async def add_run(self, job_id: str, run: Attempt) -> None:
-        """Append one attempt to the job's ``runs`` (before its outcome is written)."""
 
     @abstractmethod
     async def backlog(self) -> dict[str, float]:

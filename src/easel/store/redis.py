@@ -123,8 +123,7 @@ class RedisStore(JobStore):
     async def open(self) -> None:
         self._redis = connect(self.url, socket_timeout=self.socket_timeout)
         for name in ("ENQUEUE", "CLAIM", "HEARTBEAT", "COMPLETE", "FAIL", "REQUEUE", "CANCEL",
-                     "EXPIRE", "PLACE", "STATS", "REROUTE", "ADD_RUN",
-                     "REORDER"):  # fmt: skip
+                     "EXPIRE", "PLACE", "STATS", "REROUTE", "REORDER"):  # fmt: skip
             self._scripts[name] = self._redis.register_script(getattr(lua, name))
         try:
             await self._detect_durability(self._redis)
@@ -269,14 +268,24 @@ class RedisStore(JobStore):
         images: list[ImageRef],
         *,
         audio: list[AudioRef] | None = None,
+        run: Attempt | None = None,
     ) -> Job:
         payload = _IMAGES.dump_json(images).decode()
         clips = _AUDIO.dump_json(audio or []).decode()
-        reply = await self._run("COMPLETE", job_id, worker_id, payload, clips)
+        reply = await self._run("COMPLETE", job_id, worker_id, payload, clips, _run_json(run))
         return _outcome(reply, job_id, worker_id)
 
-    async def fail(self, job_id: str, error: JobError, *, worker_id: str | None = None) -> Job:
-        reply = await self._run("FAIL", job_id, error.model_dump_json(), worker_id or "")
+    async def fail(
+        self,
+        job_id: str,
+        error: JobError,
+        *,
+        worker_id: str | None = None,
+        run: Attempt | None = None,
+    ) -> Job:
+        reply = await self._run(
+            "FAIL", job_id, error.model_dump_json(), worker_id or "", _run_json(run)
+        )
         return _outcome(reply, job_id, worker_id)
 
     async def requeue(
@@ -287,10 +296,11 @@ class RedisStore(JobStore):
         spend_attempt: bool = True,
         reason: JobError = WORKER_LOST,
         delay: float = 0.0,
+        run: Attempt | None = None,
     ) -> Job:
         reply = await self._run(
             "REQUEUE", job_id, worker_id or "", int(spend_attempt), reason.model_dump_json(),
-            repr(float(delay)),
+            repr(float(delay)), _run_json(run),
         )  # fmt: skip
         return _outcome(reply, job_id, worker_id)
 
@@ -415,9 +425,6 @@ class RedisStore(JobStore):
             return None
         return moved
 
-    async def add_run(self, job_id: str, run: Attempt) -> None:
-        await self._run("ADD_RUN", job_id, run.model_dump_json())
-
     async def backlog(self) -> dict[str, float]:
         costs = await self._read(lambda r: r.hgetall(self._key(keys.ROUTE_COST)))
         return {route: float(cost) for route, cost in costs.items() if float(cost) > 1e-9}
@@ -434,6 +441,10 @@ def _outcome(reply: list[Any], job_id: str, worker_id: str | None) -> Job:
             raise LeaseLost(f"worker {worker_id} no longer holds job {job_id} ({reply[1]})")
         case _:
             raise JobFinished(f"job {job_id} already ended: {reply[1]}")
+
+
+def _run_json(run: Attempt | None) -> str:
+    return "" if run is None else run.model_dump_json()
 
 
 def _job(flat: list[str]) -> Job:

@@ -181,6 +181,10 @@ def _save(conn: sqlite3.Connection, job: Job, lease_expires_at: float | None = N
     return job
 
 
+def _with_run(job: Job, run: Attempt | None) -> Job:
+    return job if run is None else job.model_copy(update={"runs": [*job.runs, run]})
+
+
 def _requeue(
     conn: sqlite3.Connection,
     job: Job,
@@ -382,9 +386,10 @@ class SqliteStore(JobStore):
         images: list[ImageRef],
         *,
         audio: list[AudioRef] | None = None,
+        run: Attempt | None = None,
     ) -> Job:
         def op(conn: sqlite3.Connection) -> Job:
-            job = self._held(conn, job_id, worker_id)
+            job = _with_run(self._held(conn, job_id, worker_id), run)
             update = {
                 "state": JobState.succeeded,
                 "images": images,
@@ -395,13 +400,21 @@ class SqliteStore(JobStore):
 
         return self._settled(await self._writer.run(op))
 
-    async def fail(self, job_id: str, error: JobError, *, worker_id: str | None = None) -> Job:
+    async def fail(
+        self,
+        job_id: str,
+        error: JobError,
+        *,
+        worker_id: str | None = None,
+        run: Attempt | None = None,
+    ) -> Job:
         def op(conn: sqlite3.Connection) -> Job:
             if worker_id is not None:
                 job = self._held(conn, job_id, worker_id)
             else:
                 job = _load(conn, job_id)
                 _ensure_open(job)
+            job = _with_run(job, run)
             update = {"state": JobState.failed, "error": error, "finished_at": self.clock()}
             return _save(conn, job.model_copy(update=update))
 
@@ -415,6 +428,7 @@ class SqliteStore(JobStore):
         spend_attempt: bool = True,
         reason: JobError = WORKER_LOST,
         delay: float = 0.0,
+        run: Attempt | None = None,
     ) -> Job:
         def op(conn: sqlite3.Connection) -> Job:
             if worker_id is not None:
@@ -425,7 +439,7 @@ class SqliteStore(JobStore):
                     raise JobFinished(f"job {job_id} is {job.state}, not running")
             return _requeue(
                 conn,
-                job,
+                _with_run(job, run),
                 spend_attempt=spend_attempt,
                 reason=reason,
                 max_attempts=self.max_attempts,
@@ -550,16 +564,6 @@ class SqliteStore(JobStore):
 
         await self._writer.run(op)
         return moved
-
-    async def add_run(self, job_id: str, run: Attempt) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            job = _load(conn, job_id)
-            lease = conn.execute(
-                "SELECT lease_expires_at FROM jobs WHERE id = ?", (job_id,)
-            ).fetchone()[0]
-            _save(conn, job.model_copy(update={"runs": [*job.runs, run]}), lease)
-
-        await self._writer.run(op)
 
     async def backlog(self) -> dict[str, float]:
         return self._queue.route_costs()
