@@ -18,7 +18,7 @@ from websockets.sync.client import connect
 
 from easel.api import create_app
 from easel.config import Safety, Settings
-from tests.servers import easel_serve, serve
+from tests.servers import easel_serve, free_port, serve
 
 ALPHA = "alpha-token-0123456789"
 BRAVO = "bravo-token-0123456789"
@@ -132,3 +132,84 @@ def test_tokens_never_reach_the_log(tmp_path: Path) -> None:
     for token in (ALPHA, BRAVO, wrong):
         assert token not in log
     print(f"searched {len(log.splitlines())} log lines for {len(TOKENS) + 1} tokens")
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(field)
+
+
+def test_grpc_hostile_input_is_refused_with_a_status_and_memory_stays_bounded(
+    tmp_path: Path,
+) -> None:
+    """Every hostile GenerateImage gets INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a
+    sentence (no Python class names); three concurrent oversized tensors (25 MB float16,
+    2048x2048, for a 64x64 request) grow the server's peak memory by less than 200 MB."""
+    import grpc
+    from PIL import Image
+
+    from easel.proto import imageservice_pb2 as pb
+    from easel.proto.drawthings import Configuration, encode_configuration, encode_tensor
+
+    port = free_port()
+    with easel_serve(tmp_path / "data", "--backend", "mock", "--grpc-port", str(port)) as server:
+        config = encode_configuration(Configuration(width=64, height=64, steps=2))
+        big = encode_tensor(Image.new("RGB", (2048, 2048), (200, 10, 10)))
+        cut = encode_tensor(Image.new("RGB", (64, 64)))[:2000]
+        corpus: list[tuple[str, bytes]] = [
+            ("not protobuf", b"\xff\xff\xff\xff\x0f\x01"),
+            ("damaged configuration",
+             pb.ImageGenerationRequest(prompt="x", configuration=b"\x08\0\0\0" + b"\xff" * 40)
+             .SerializeToString()),
+            ("no configuration", pb.ImageGenerationRequest(prompt="x").SerializeToString()),
+            ("tensor header only", pb.ImageGenerationRequest(
+                prompt="x", configuration=config, image=b"\0" * 70).SerializeToString()),
+            ("truncated tensor", pb.ImageGenerationRequest(
+                prompt="x", configuration=config, image=cut).SerializeToString()),
+            ("tensor far larger than the request", pb.ImageGenerationRequest(
+                prompt="x", configuration=config, image=big).SerializeToString()),
+            ("message over the body limit", pb.ImageGenerationRequest(
+                prompt="x", configuration=config, image=big + big).SerializeToString()),
+        ]  # fmt: skip
+        pid = server.popen.pid
+        with grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 128 << 20)]
+        ) as channel:
+            generate = channel.unary_stream(
+                "/ImageGenerationService/GenerateImage",
+                request_serializer=lambda raw: raw,
+                response_deserializer=lambda raw: raw,
+            )
+            refused = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            for name, raw in corpus:
+                with pytest.raises(grpc.RpcError) as failed:
+                    list(generate(raw, timeout=30))
+                code, details = failed.value.code(), failed.value.details() or ""
+                assert code in refused, (name, code, details)
+                assert "<class" not in details and "Error" not in details, (name, details)
+            print(f"gRPC corpus: {len(corpus)} inputs, each refused with a status and a sentence")
+
+            before = _rss_kib(pid, "VmRSS")
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak starts again from here
+            hostile = corpus[5][1]
+            errors: list[grpc.StatusCode] = []
+
+            def attack() -> None:
+                try:
+                    list(generate(hostile, timeout=60))
+                except grpc.RpcError as exc:
+                    errors.append(exc.code())
+
+            threads = [threading.Thread(target=attack) for _ in range(3)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            growth = (_rss_kib(pid, "VmHWM") - before) / 1024
+        assert errors == [grpc.StatusCode.INVALID_ARGUMENT] * 3
+        jobs = httpx.get(f"{server.url}/v1/jobs").json()["jobs"]
+        assert jobs == []  # nothing refused ever became a job
+    print(f"peak RSS growth for 3 concurrent 25 MB hostile tensors: {growth:.0f} MB")
+    assert growth < 200

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,8 +128,10 @@ def decode_configuration(data: bytes) -> Configuration:
             clip_skip=scalar(FIELDS.clip_skip, number_types.Uint32Flags, 1),
             shift=scalar(FIELDS.shift, number_types.Float32Flags, 1.0),
         )
-    except (IndexError, struct.error, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"configuration is not a readable FlatBuffer ({exc})") from None
+    except (IndexError, struct.error, UnicodeDecodeError, TypeError, ValueError):
+        raise InvalidRequest(
+            "configuration is not a readable GenerationConfiguration FlatBuffer"
+        ) from None
     if config.sampler not in SAMPLERS:
         raise InvalidRequest(
             f"sampler {config.sampler} is not a known Draw Things sampler (0-{len(SAMPLERS) - 1})"
@@ -192,21 +195,29 @@ def encode_tensor(image: Image.Image) -> bytes:
     return header + bytes(values)
 
 
-def decode_tensor(data: bytes) -> Image.Image:
-    """A tensor -> an RGB image; fpzip-compressed ones need the ``fpzip`` package."""
+def tensor_shape(data: bytes) -> tuple[int, int, int]:
+    """(width, height, channels) from a tensor's header alone: checked before decoding."""
     if len(data) < HEADER.size:
         raise InvalidRequest("the image tensor is shorter than its 68-byte header")
     words = HEADER.unpack_from(data)
     height, width, channels = words[6], words[7], words[8]
     if not (height and width and channels in (1, 3, 4)):
         raise InvalidRequest(f"cannot read a {width}x{height}x{channels} image tensor")
-    if width * height > MAX_DECODED_PIXELS:
-        raise InvalidRequest(f"the image tensor is {width}x{height}; too large")
-    count = width * height * channels
-    floats = _values(words, data[HEADER.size :], count)
+    return width, height, channels
+
+
+def decode_tensor(data: bytes, max_pixels: int = MAX_DECODED_PIXELS) -> Image.Image:
+    """A tensor -> an RGB image; fpzip-compressed ones need the ``fpzip`` package. Values
+    are read one channel at a time into 4-byte floats, never as a tuple of Python floats
+    (which costs ~8x the tensor's size)."""
+    width, height, channels = tensor_shape(data)
+    if width * height > max_pixels:
+        raise InvalidRequest(
+            f"the image tensor is {width}x{height}; at most {max_pixels} pixels are accepted"
+        )
+    words = HEADER.unpack_from(data)
     bands = []
-    for channel in range(min(channels, 3)):
-        plane = array("f", floats[channel::channels]).tobytes()
+    for plane in _planes(words, memoryview(data)[HEADER.size :], width * height, channels):
         # F -> L truncates and clips: +0.5 rounds
         band = Image.frombytes("F", (width, height), plane).point(lambda v: v * 127.5 + 128.0)
         bands.append(band.convert("L"))
@@ -223,7 +234,11 @@ def decode_preview(data: bytes) -> Image.Image | None:
     return decode_tensor(data)
 
 
-def _values(words: tuple[int, ...], payload: bytes, count: int) -> tuple[float, ...]:
+def _planes(
+    words: tuple[int, ...], payload: memoryview, pixels: int, channels: int
+) -> Iterator[bytes]:
+    """Float32 bytes of each of the first (up to) three channels."""
+    count = pixels * channels
     if words[0] == FPZIP_MAGIC:
         try:
             import fpzip
@@ -231,10 +246,22 @@ def _values(words: tuple[int, ...], payload: bytes, count: int) -> tuple[float, 
             raise InvalidRequest(
                 "this image tensor is fpzip-compressed; to read it, pip install fpzip"
             ) from None
-        flat = fpzip.decompress(payload, order="C").reshape(-1)
-        return tuple(float(v) for v in flat[:count])
+        flat = fpzip.decompress(bytes(payload), order="C").reshape(-1)[:count]
+        for channel in range(min(channels, 3)):
+            yield flat[channel::channels].astype("<f4").tobytes()
+        return
     kind = "e" if words[3] & _FLOAT16 or not words[3] & _FLOAT32 else "f"
     size = struct.calcsize(kind) * count
     if len(payload) < size:
         raise InvalidRequest(f"the image tensor holds {len(payload)} bytes; {size} expected")
-    return struct.unpack_from(f"<{count}{kind}", payload)
+    values = payload[:size]
+    try:
+        import numpy
+    except ImportError:  # numpy comes with easel[diffusers]; without it, slower, as lean
+        pixel = struct.Struct(f"<{channels}{kind}")
+        for channel in range(min(channels, 3)):
+            yield array("f", (value[channel] for value in pixel.iter_unpack(values))).tobytes()
+        return
+    flat = numpy.frombuffer(values, dtype="<f2" if kind == "e" else "<f4")
+    for channel in range(min(channels, 3)):
+        yield flat[channel::channels].astype("<f4").tobytes()

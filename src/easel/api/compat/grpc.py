@@ -31,11 +31,12 @@ import contextlib
 import hashlib
 import io
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from PIL import Image
 from pydantic import ValidationError
 
@@ -46,7 +47,12 @@ from easel.errors import EaselError, InvalidRequest, Unsupported
 from easel.images import decode_base64_image, encode_png_base64
 from easel.jobs import Event, EventType, GenerationRequest, JobKind, JobState, job_error
 from easel.proto import imageservice_pb2 as pb
-from easel.proto.drawthings import decode_configuration, decode_tensor, encode_tensor
+from easel.proto.drawthings import (
+    decode_configuration,
+    decode_tensor,
+    encode_tensor,
+    tensor_shape,
+)
 from easel.runtime.facade import Runtime
 from easel.safety.gate import service_tokens
 from easel.safety.services import Permission, current_service
@@ -58,6 +64,9 @@ SERVICE = "ImageGenerationService"
 CHUNK_BYTES = 4 * 1024 * 1024
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Init images and results are whole tensors: a 1024x1024 one is 6 MiB."""
+
+DECODING_AT_ONCE = 2
+"""Init-image tensors decoded at the same time; the rest wait (memory stays bounded)."""
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Signpost = pb.ImageGenerationSignpostProto
@@ -71,6 +80,12 @@ class ImageGenerationService:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.tokens = service_tokens(runtime.settings.safety)
+        self._decoding = asyncio.Semaphore(DECODING_AT_ONCE)
+
+    def _init_pixels(self, width: int, height: int) -> int:
+        """The largest init image a request of this size takes: its own size (up to 4x
+        the area, for a source that is resized down), never past the server's limit."""
+        return min(self.runtime.settings.limits.max_pixels, max(4 * width * height, 64 * 64))
 
     async def _authorize(self, context: Context, permission: str) -> None:
         """With tokens configured, the call must carry one (``authorization: Bearer <t>``
@@ -166,10 +181,18 @@ class ImageGenerationService:
         }
         if request.HasField("image"):
             tensor = _unwrap(request.image, request.contents)
+            most = self._init_pixels(config.width, config.height)
+            width, height, _ = tensor_shape(tensor)  # the header alone: before any decoding
+            if width * height > most:
+                raise InvalidRequest(
+                    f"the image tensor is {width}x{height}; a {config.width}x{config.height} "
+                    f"request takes an image of at most {most} pixels (send it at its size)"
+                )
             fields["kind"] = JobKind.img2img
-            fields["init_image"] = await asyncio.to_thread(
-                lambda: encode_png_base64(decode_tensor(tensor))
-            )
+            async with self._decoding:  # a few at a time: decoding is the memory cost
+                fields["init_image"] = await asyncio.to_thread(
+                    lambda: encode_png_base64(decode_tensor(tensor, most))
+                )
             fields["strength"] = config.strength
         try:
             return GenerationRequest.model_validate(fields)
@@ -195,6 +218,40 @@ def _refusal(method: str) -> Any:
     return refuse
 
 
+M = TypeVar("M", bound=Message)
+R = TypeVar("R")
+
+
+async def _parse(kind: type[M], raw: bytes, context: Context) -> M:
+    """The request message, parsed here rather than by gRPC (whose failure is ``UNKNOWN``
+    with a Python class name): a corrupt one is ``INVALID_ARGUMENT`` with a sentence."""
+    try:
+        return kind.FromString(raw)
+    except (DecodeError, ValueError, TypeError):
+        name = kind.DESCRIPTOR.name
+        await context.abort(*to_grpc(InvalidRequest(f"the request is not a valid {name}")))
+        raise  # abort raised already; this line is never reached
+
+
+def _unary(
+    kind: type[M], method: Callable[[M, Context], Awaitable[R]]
+) -> Callable[[bytes, Context], Awaitable[R]]:
+    async def handle(raw: bytes, context: Context) -> R:
+        return await method(await _parse(kind, raw, context), context)
+
+    return handle
+
+
+def _streaming(
+    kind: type[M], method: Callable[[M, Context], AsyncIterator[R]]
+) -> Callable[[bytes, Context], AsyncIterator[R]]:
+    async def handle(raw: bytes, context: Context) -> AsyncIterator[R]:
+        async for item in method(await _parse(kind, raw, context), context):
+            yield item
+
+    return handle
+
+
 def service_handler(runtime: Runtime) -> grpc.GenericRpcHandler:
     """The service's methods, by the names Draw Things clients call."""
     service = ImageGenerationService(runtime)
@@ -205,18 +262,15 @@ def service_handler(runtime: Runtime) -> grpc.GenericRpcHandler:
             "Hours": grpc.unary_unary_rpc_method_handler(_refusal("Hours")),
             "UploadFile": grpc.stream_stream_rpc_method_handler(_refusal("UploadFile")),
             "GenerateImage": grpc.unary_stream_rpc_method_handler(
-                service.generate_image,
-                request_deserializer=pb.ImageGenerationRequest.FromString,
+                _streaming(pb.ImageGenerationRequest, service.generate_image),
                 response_serializer=pb.ImageGenerationResponse.SerializeToString,
             ),
             "Echo": grpc.unary_unary_rpc_method_handler(
-                service.echo,
-                request_deserializer=pb.EchoRequest.FromString,
+                _unary(pb.EchoRequest, service.echo),
                 response_serializer=pb.EchoReply.SerializeToString,
             ),
             "FilesExist": grpc.unary_unary_rpc_method_handler(
-                service.files_exist,
-                request_deserializer=pb.FileListRequest.FromString,
+                _unary(pb.FileListRequest, service.files_exist),
                 response_serializer=pb.FileExistenceResponse.SerializeToString,
             ),
         },
@@ -231,10 +285,12 @@ async def start_server(
 ) -> tuple[grpc.aio.Server, int]:
     """Serve the service on ``host:port`` (0: any free port) in this event loop; returns the
     server and the port it bound. ``tls``: (certificate chain, private key) PEM files."""
+    # a request is no larger than an HTTP body may be (``safety.max_body_bytes``)
+    receive = min(MAX_MESSAGE_BYTES, runtime.settings.safety.max_body_bytes)
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", receive),
         ]
     )
     server.add_generic_rpc_handlers((service_handler(runtime),))
