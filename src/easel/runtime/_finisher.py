@@ -17,12 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import Any
+import os
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from easel.jobs import Job
 
 log = logging.getLogger("easel.runtime.worker")
+T = TypeVar("T")
+
+_encoders = ThreadPoolExecutor(
+    max_workers=os.cpu_count() or 2, thread_name_prefix="easel-results"
+)  # one pool for every worker: encodes never outnumber the cores, and never take the
+#    default executor's threads from backends that run there (asyncio.to_thread)
+
+
+async def in_results_thread(function: Callable[..., T], *args: Any) -> T:
+    """Run blocking results work (encode, write, fsync) on the shared results pool."""
+    return await asyncio.get_running_loop().run_in_executor(_encoders, function, *args)
 
 
 class Finisher:

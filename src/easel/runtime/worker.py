@@ -44,7 +44,7 @@ from easel.queue.backoff import retry_delay
 from easel.queue.scheduler import RunTimes
 from easel.results.files import LocalStorage
 from easel.results.s3 import Ref, Uploads
-from easel.runtime._finisher import Finisher
+from easel.runtime._finisher import Finisher, in_results_thread
 from easel.store.base import JobStore
 
 if TYPE_CHECKING:
@@ -377,7 +377,7 @@ class Worker:
         upload_error = None
         began = time.monotonic()
         try:
-            images, audio = await asyncio.to_thread(self._save, job, result)
+            images, audio = await in_results_thread(self._save, job, result)
             content = None
             if job.request.include_images:
                 content = await asyncio.to_thread(self.storage.inline, [*images, *audio])
