@@ -132,3 +132,17 @@ def test_check_device_names_the_devices_that_exist() -> None:
     assert check_device("auto") in available_devices()
     with pytest.raises(InvalidRequest, match="it has: cpu"):
         check_device("quantum")
+
+
+def test_serve_names_a_missing_or_pickled_model_before_serving(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(b"\0" * 2_000_000)
+
+    missing = _easel("serve", "--model", str(tmp_path / "nope"), cwd=tmp_path)
+    pickled = _easel("serve", "--model", str(evil), cwd=tmp_path)
+
+    assert missing.returncode == 2
+    assert "does not exist; easel loads models from disk" in " ".join(missing.stderr.split())
+    assert pickled.returncode == 2
+    assert "evil.ckpt is a pickled checkpoint" in " ".join(pickled.stderr.split())
+    assert "Traceback" not in missing.stderr + pickled.stderr

@@ -121,7 +121,25 @@ def _settings(config: Path | None, given: dict[str, Any]) -> Settings:
             f"available backends are: {', '.join(available())}",
         )
     _check_devices(settings)
+    _preflight(settings)
     return settings
+
+
+def _preflight(settings: Settings) -> None:
+    """A single local backend's model checked before serving (a missing model, a pickled
+    checkpoint): one line and exit 2 rather than a traceback from the server's startup."""
+    if settings.backends or not settings.resolved_backend.startswith("diffusers"):
+        return
+    from easel.runtime.compose import backends_from
+
+    try:
+        for backend in backends_from(settings).values():
+            check = getattr(backend, "preflight", None)
+            if check is not None:
+                check()
+    except EaselError as exc:
+        console.print(f"[bold red]error[/] {escape(exc.code)}: {escape(exc.message)}")
+        raise typer.Exit(2) from None
 
 
 def _check_devices(settings: Settings) -> None:

@@ -152,6 +152,15 @@ class DiffusersBackend(Backend):
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def preflight(self) -> None:
+        """What ``start`` would refuse, found without torch or loading anything (a model
+        that does not exist, pickled weights): for the command line to say before serving."""
+        if self._problem is not None:
+            raise self._problem
+        if self._default is not None:
+            entry = self.registry.get(self._default)
+            refuse_pickles(entry, allowed=self.options.allow_pickle)
+
     async def start(self) -> None:
         await asyncio.to_thread(self._start)
 
