@@ -10,8 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from easel.backends import registry
-from easel.backends.base import Backend, Capability
+from easel.backends.base import Backend
 from easel.config import Settings
 from easel.jobs import FINAL_EVENTS, Event, EventType, GenerationRequest, Job
 from easel.runtime.facade import Runtime
@@ -79,16 +78,3 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20) 
         if time.monotonic() > deadline:
             raise AssertionError("the condition did not become true in time")
         await asyncio.sleep(0.05)
-
-
-def build_fleet(specs: list[Any]) -> dict[str, Backend]:
-    """A fleet file's backends from its entries (kind, name, options, capabilities), as the
-    runtime will build them itself once it reads ``[[backends]]``."""
-    built: dict[str, Backend] = {}
-    for spec in specs:
-        backend = registry.create(spec.kind, **spec.options)
-        backend.name = spec.name
-        if spec.capabilities is not None:
-            backend.capabilities = frozenset(Capability(c) for c in spec.capabilities)
-        built[spec.name] = backend
-    return built

@@ -20,8 +20,8 @@ from easel.backends import registry
 from easel.client import AsyncClient
 from easel.fleet import fleet_of, load_settings
 from easel.runtime.facade import Runtime
+from easel.runtime.fleet import build_backends
 from tests import comfyui_server
-from tests.engines import build_fleet
 from tests.servers import Process, serve
 
 ROOT = Path(__file__).parent.parent
@@ -53,7 +53,7 @@ async def test_each_example_loads_and_builds(workdir: Path, index: int) -> None:
     path = workdir / "easel.toml"
     path.write_text(EXAMPLES[index])
     settings = load_settings(path, kinds=registry.available())
-    backends = build_fleet(fleet_of(settings))
+    backends = build_backends(fleet_of(settings))
     assert list(backends) == [spec.name for spec in settings.backends]
     for backend in backends.values():
         assert "-for-tests" not in repr(backend)  # keys never shown
@@ -79,7 +79,7 @@ async def test_the_mixed_fleet_routes_and_completes(workdir: Path, a1111_peer: P
         text = text.replace("http://127.0.0.1:8188", comfy_url)
         (workdir / "easel.toml").write_text(f'data_dir = "{workdir / "data"}"\n' + text)
         settings = load_settings(workdir / "easel.toml", kinds=registry.available())
-        runtime = Runtime(settings, backends=build_fleet(fleet_of(settings)))
+        runtime = Runtime(settings)  # the fleet, built from the file
         workflow = json.loads((workdir / "docs" / "workflows" / "txt2img.json").read_text())
         workflow["3"]["inputs"].update(seed=1, steps=3, cfg=5.0, sampler_name="euler",
                                        scheduler="normal", denoise=1.0)  # fmt: skip
@@ -93,13 +93,15 @@ async def test_the_mixed_fleet_routes_and_completes(workdir: Path, a1111_peer: P
             "workflow": {"executor": "comfyui", "payload": workflow},
             "plain": {"prompt": "anywhere", **small},
         }
-        expected = {"named": "a1111", "img2img": "a1111", "workflow": "comfy", "plain": "local"}
+        expected = {"named": "a1111", "img2img": "a1111", "workflow": "comfy"}
         with serve(create_app(runtime=runtime)) as url:
             async with AsyncClient(url) as client:
                 views = {key: await client.submit(**body) for key, body in requests.items()}
                 jobs = {key: await client.wait(v.id, timeout=30) for key, v in views.items()}
-                health = httpx.get(f"{url}/health").json()
-    assert {k: (j.state.value, j.backend) for k, j in jobs.items()} == {
-        k: ("succeeded", backend) for k, backend in expected.items()
-    }
-    assert health["backends"] == ["local", "a1111", "comfy"]
+                fleet = httpx.get(f"{url}/v1/backends").json()["backends"]
+    assert all(job.state.value == "succeeded" for job in jobs.values())
+    assert {k: jobs[k].backend for k in expected} == expected  # by name and by capability
+    assert jobs["plain"].backend in {"local", "a1111", "comfy"}  # the router's choice
+    assert {(b["name"], b["kind"]) for b in fleet} == {
+        ("local", "mock"), ("a1111", "automatic1111"), ("comfy", "comfyui"),
+    }  # fmt: skip
