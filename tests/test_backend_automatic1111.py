@@ -138,3 +138,21 @@ async def test_basic_auth_comes_from_the_env_and_health_checks_the_engine(
     dead = registry.create("automatic1111", url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(BackendUnavailable):
         await dead.health()
+
+
+async def test_a_dead_engine_s_job_moves_to_another_backend_with_fallback(
+    tmp_path: Path,
+) -> None:
+    dead = registry.create("automatic1111", name="gone", url=f"http://127.0.0.1:{free_port()}")
+    alive = registry.create("mock", name="local")
+    async with runtime_with(tmp_path, dead, alive, max_attempts=3) as runtime:
+        request = GenerationRequest(
+            prompt="anywhere", width=64, height=64, steps=2, backend="gone", fallback=True
+        )
+        job, _ = await run_job(runtime, request)
+    assert job.state is JobState.succeeded, job.error
+    assert job.backend == "local"
+    first, *_, last = job.runs
+    assert first.backend == "gone" and first.error is not None
+    assert first.error.code == "backend_unavailable"
+    assert last.backend == "local" and last.error is None
