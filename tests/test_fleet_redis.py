@@ -130,6 +130,7 @@ def test_api_replica_routes_by_what_workers_advertise(
     # ...one that only a sketcher could run waits for one, and new ones are refused
     waiting = _job(api.url, queued_flux["id"])
     assert waiting["state"] == "queued" and waiting["backend"] == "sketcher"
+    assert "no live worker runs backend 'sketcher'" in waiting["waiting_reason"]
     refused = _post(api.url, model="flux")
     assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
     # a new sketcher picks the waiting job up

@@ -124,6 +124,9 @@ async def test_a_named_backend_without_fallback_waits_for_it(fleet: Runtime) -> 
     await _until(lambda: not fleet.fleet.is_up("fast"))
     job = await fleet.get(view.id)
     assert job.backend == "fast" and job.state in {JobState.queued, JobState.running}
+    while (job := await fleet.get(view.id)).state is not JobState.queued:
+        await asyncio.sleep(0.02)
+    assert job.waiting_reason is not None and "backend 'fast' is down" in job.waiting_reason
     assert job.runs and all(run.backend == "fast" for run in job.runs)
     fast.unavailable = False
     done = await fleet.wait(view.id, timeout=60)
@@ -140,6 +143,8 @@ def test_backends_endpoint_shows_the_fleet(tmp_path: Path, tiny_model_dir: Path)
         assert job.status_code == 202 and job.json()["backend"] == "fast"
         _wait_http(url, job.json()["id"])
         listing = httpx.get(f"{url}/v1/backends").json()["backends"]
+        metrics = httpx.get(f"{url}/metrics").text
+        no_s3 = httpx.post(f"{url}/v1/jobs", json={"prompt": "p", "sync_with_s3": True})
         refused = httpx.post(f"{url}/v1/jobs", json={"prompt": "p", "backend": "gpu9"})
     by_name = {b["name"]: b for b in listing}
     assert set(by_name) == {"edit", "fast", "tiny"}
@@ -150,6 +155,9 @@ def test_backends_endpoint_shows_the_fleet(tmp_path: Path, tiny_model_dir: Path)
     assert fast["speed"] is not None and fast["speed"] > 0  # measured by the run
     assert by_name["edit"]["speed"] is None and by_name["edit"]["tags"] == ["cheap"]
     assert refused.status_code == 422 and "edit, fast, tiny" in refused.json()["error"]["message"]
+    assert 'easel_backend_state{backend="fast",kind="mock",state="up"} 1.0' in metrics
+    assert 'easel_backend_slots{backend="tiny"} 1.0' in metrics
+    assert no_s3.status_code == 422 and "sync_with_s3 needs S3" in no_s3.text
 
 
 async def _until(condition: Any, timeout: float = 20) -> None:

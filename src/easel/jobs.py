@@ -595,6 +595,11 @@ class JobView(Job):
     average_seconds: float | None = Field(
         default=None, description="Measured average run time of jobs like this one."
     )
+    waiting_reason: str | None = Field(
+        default=None,
+        description="Why a queued job cannot start now (its backend is down or has no live "
+        "worker); None while it just waits its turn.",
+    )
 
 
 class EventType(StrEnum):

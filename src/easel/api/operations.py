@@ -50,7 +50,9 @@ async def ready(request: Request) -> JSONResponse:
     "/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}
 )
 async def metrics(request: Request) -> Response:
-    """Prometheus text format: queue depth per tier, wait and run times, final states."""
+    """Prometheus text format: queue depth per tier, wait and run times, final states, and
+    each backend's state, slots in use, queued work and measured speed."""
     runtime = runtime_of(request)
-    body = await runtime.metrics.render(runtime.store, len(runtime.workers))
+    backends = await runtime.fleet.describe()
+    body = await runtime.metrics.render(runtime.store, len(runtime.workers), backends)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

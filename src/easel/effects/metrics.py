@@ -6,10 +6,13 @@ gauges of queue depth are read from the store at scrape time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from easel.jobs import FINAL_EVENTS, Event, EventType
 from easel.store.base import JobStore
+from easel.views import BackendStatus
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -36,6 +39,23 @@ class Metrics:
         self.queued = Gauge("easel_queue_depth", "Queued jobs per tier", ["tier"], registry=r)
         self.running = Gauge("easel_jobs_running", "Jobs running now", registry=r)
         self.workers = Gauge("easel_workers", "Workers serving this process", registry=r)
+        self.backend_state = Gauge(
+            "easel_backend_state", "1 for each backend's breaker state (up, down, probing)",
+            ["backend", "kind", "state"], registry=r,
+        )  # fmt: skip
+        self.backend_slots = Gauge(
+            "easel_backend_slots", "Jobs a backend runs at once", ["backend"], registry=r
+        )
+        self.backend_busy = Gauge(
+            "easel_backend_slots_in_use", "Jobs a backend runs now", ["backend"], registry=r
+        )
+        self.backend_queued = Gauge(
+            "easel_backend_queued_work", "Work units queued for a backend", ["backend"], registry=r
+        )
+        self.backend_speed = Gauge(
+            "easel_backend_speed", "Measured work units per second (one slot)", ["backend"],
+            registry=r,
+        )  # fmt: skip
         self._started: dict[str, float] = {}
         self._queued_at: dict[str, float] = {}
         self._labels: dict[str, tuple[str, str]] = {}
@@ -61,8 +81,20 @@ class Metrics:
                 self.run.labels(backend, model).observe(event.at - started)
             self.finished.labels(backend, event.type.value).inc()
 
-    async def render(self, store: JobStore, workers: int) -> bytes:
+    async def render(
+        self, store: JobStore, workers: int, backends: Sequence[BackendStatus] = ()
+    ) -> bytes:
         stats = await store.stats()
+        for gauge in (self.backend_state, self.backend_slots, self.backend_busy,
+                      self.backend_queued, self.backend_speed):  # fmt: skip
+            gauge.clear()
+        for backend in backends:
+            self.backend_state.labels(backend.name, backend.kind, backend.state).set(1)
+            self.backend_slots.labels(backend.name).set(backend.slots)
+            self.backend_busy.labels(backend.name).set(backend.slots_in_use)
+            self.backend_queued.labels(backend.name).set(backend.queued_work)
+            if backend.speed is not None:
+                self.backend_speed.labels(backend.name).set(backend.speed)
         self.queued.clear()
         for tier, count in stats.tiers.items():
             self.queued.labels(str(tier)).set(count)

@@ -23,6 +23,7 @@ from easel.errors import (
     EaselError,
     Forbidden,
     ImageNotFound,
+    InvalidRequest,
     JobFinished,
     JobNotFound,
 )
@@ -158,6 +159,11 @@ class Runtime:
                     request.webhook_url,
                     self.settings.webhook_allowed_hosts,
                     self.settings.webhook_secret is not None,
+                )
+            if request.sync_with_s3 and self.uploads is None:
+                raise InvalidRequest(
+                    "sync_with_s3 needs S3, and this server has none configured "
+                    "(EASEL_S3__BUCKET); resend without sync_with_s3"
                 )
             if _carries_images(request):  # decoding them to check them is not loop work
                 await asyncio.to_thread(check_limits, request, self.settings.limits)
@@ -311,8 +317,14 @@ class Runtime:
         job = self.notes.apply(job)
         average = self.run_times.estimate(job.backend, job.request)
         fields = await self.etas.fields(job)
+        reason = None
+        if job.state is JobState.queued:
+            with contextlib.suppress(EaselError):  # a view without it beats no view
+                reason = await self.fleet.waiting_reason(job.backend)
         # construct, not validate: the record was validated when it was made
-        return JobView.model_construct(**dict(job), average_seconds=average, **fields)
+        return JobView.model_construct(
+            **dict(job), average_seconds=average, waiting_reason=reason, **fields
+        )
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Until the job ends; returns its final record."""

@@ -190,6 +190,24 @@ class Fleet:
         views = await self.views(max_age=0.0)
         return route_request(request, list(views.values()), checks, self.policy)
 
+    async def waiting_reason(self, backend: str) -> str | None:
+        """Why a job queued for ``backend`` cannot start now, if it cannot."""
+        member = self.members.get(backend)
+        if member is not None:
+            breaker = member.breaker.tick(self.clock())
+            if breaker.up:
+                return None
+            return (
+                f"backend {backend!r} is down ({breaker.last_error}); it is probed every "
+                f"{member.spec.breaker.probe_seconds:g}s and the job runs once it is back"
+            )
+        views = await self.views()
+        if backend not in views:
+            return f"no live worker runs backend {backend!r}; the job runs once one starts"
+        if not views[backend].up:
+            return f"backend {backend!r} is down on every worker that runs it"
+        return None
+
     async def relocate(self, job: Job, *, leaving: str) -> str | None:
         """Another backend for a job whose backend failed or is down, if it may move
         (it named no backend, or allows fallback) and one is up and capable."""
