@@ -38,6 +38,9 @@ class Limits(BaseModel):
     max_batch_size: int = 8
     max_prompt_length: int = 4000
     max_init_image_bytes: int = 20 * 1024 * 1024
+    max_metadata_bytes: int = Field(
+        default=64 * 1024, ge=0, description="A request's free-form metadata, as JSON."
+    )
     max_audio_seconds: float = Field(default=60.0, gt=0, description="txt2audio duration.")
     max_speech_characters: int = Field(default=4096, ge=1, description="txt2speech text.")
 

@@ -24,6 +24,29 @@ MAX_SEED = 2**32 - 1
 
 JSONValue = str | int | float | bool | None | list[Any] | dict[str, Any]
 
+JSON_MAX_DEPTH = 32
+"""Nesting a free-form JSON field may have (metadata, raw payloads, A1111's extras)."""
+JSON_MAX_ITEMS = 10_000
+"""Keys and list items a free-form JSON field may hold, all levels together."""
+
+
+def check_json_shape(value: object, where: str) -> None:
+    """Refuse free-form JSON nested deeper than :data:`JSON_MAX_DEPTH` or holding more than
+    :data:`JSON_MAX_ITEMS` entries: such a value costs more to store, echo and serialize
+    than any real request needs (300 levels once failed only when echoed, as a 500)."""
+    items = 0
+    pending: list[tuple[object, int]] = [(value, 0)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, dict | list):
+            if depth >= JSON_MAX_DEPTH:
+                raise ValueError(f"{where} is nested deeper than {JSON_MAX_DEPTH} levels")
+            children = list(node.values()) if isinstance(node, dict) else node
+            items += len(children)
+            if items > JSON_MAX_ITEMS:
+                raise ValueError(f"{where} holds more than {JSON_MAX_ITEMS} keys and items")
+            pending.extend((child, depth + 1) for child in children)
+
 
 # Seeded from os.urandom once. Ids and seeds need to be unique, not secret: access to a
 # job is decided by its owner, never by knowing its id.
@@ -385,6 +408,12 @@ class GenerationRequest(BaseModel):
         except InvalidRequest as exc:
             raise ValueError(exc.message) from None
         return data
+
+    @field_validator("metadata", "payload")
+    @classmethod
+    def _bounded_json(cls, value: Any, info: Any) -> Any:
+        check_json_shape(value, info.field_name)
+        return value
 
     @field_validator("width", "height")
     @classmethod

@@ -5,6 +5,7 @@ The store enforces the per-user cap atomically at enqueue; everything here runs 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 
 from easel.backends.base import Backend, needed_capabilities
@@ -17,6 +18,13 @@ from easel.queue.routing import BackendView, Policy, Want, capable, choose
 
 def check_limits(request: GenerationRequest, limits: Limits) -> None:
     """Refuse sizes, step counts, batches and prompts over the server's limits."""
+    if request.metadata:
+        size = len(json.dumps(request.metadata, separators=(",", ":")).encode())
+        if size > limits.max_metadata_bytes:
+            raise InvalidRequest(
+                f"metadata is {size} bytes as JSON; this server keeps at most "
+                f"{limits.max_metadata_bytes} per job"
+            )
     if request.kind.is_audio:
         _check_audio_limits(request, limits)
         return

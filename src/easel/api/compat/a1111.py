@@ -35,7 +35,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from easel.api.compat._shared import caller, png_bytes, submitted
 from easel.api.errors import ErrorResponse
@@ -52,6 +52,7 @@ from easel.jobs import (
     Job,
     JobKind,
     JobState,
+    check_json_shape,
     job_error,
 )
 from easel.payloads import A1111_SCHEDULER_MODIFIERS, a1111_sampler
@@ -82,6 +83,12 @@ class Txt2ImgRequest(BaseModel):
     """A1111's txt2img request; fields easel does not use are accepted and echoed back."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, body: Any) -> Any:
+        check_json_shape(body, "the request")  # it is echoed back: bound it before it runs
+        return body
 
     prompt: str = ""
     negative_prompt: str = ""
