@@ -472,3 +472,18 @@ async def test_only_a_job_in_line_moves(store: JobStore) -> None:
     await store.cancel(b.id)
     with pytest.raises(JobNotQueued):
         await store.move(b.id, front=True)
+
+
+async def test_idempotency_comes_before_the_caps(store: JobStore) -> None:
+    """A resend with a known key returns its job at the cap; concurrent sends of one key
+    make exactly one job, whatever the cap (the same on every store)."""
+    first = await store.enqueue(job("alice"), user_cap=1, idempotency_key="k1")
+    again = await store.enqueue(job("alice"), user_cap=1, idempotency_key="k1")
+    assert again.id == first.id  # at the cap, yet not refused
+    with pytest.raises(UserQueueFull):
+        await store.enqueue(job("alice"), user_cap=1, idempotency_key="k2")
+    sent = await asyncio.gather(
+        *(store.enqueue(job("bob"), user_cap=2, idempotency_key="same") for _ in range(10))
+    )
+    assert len({made.id for made in sent}) == 1
+    assert await store.active_count("bob") == 1

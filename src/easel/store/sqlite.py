@@ -181,6 +181,15 @@ def _save(conn: sqlite3.Connection, job: Job, lease_expires_at: float | None = N
     return job
 
 
+def _known(conn: sqlite3.Connection, key: str, now: float) -> Job | None:
+    """The job an idempotency key made (within the retention), if any."""
+    row = conn.execute(
+        "SELECT job_id FROM idempotency WHERE key = ? AND created_at >= ?",
+        (key, now - IDEMPOTENCY_RETENTION_SECONDS),
+    ).fetchone()
+    return None if row is None else _load(conn, row[0])
+
+
 def _with_run(job: Job, run: Attempt | None) -> Job:
     return job if run is None else job.model_copy(update={"runs": [*job.runs, run]})
 
@@ -225,6 +234,7 @@ class SqliteStore(JobStore):
         self._active: dict[str, str] = {}  # job id -> user id, queued or running
         self._active_per_user: dict[str, int] = {}
         self._running: set[str] = set()
+        self._sending: dict[str, asyncio.Event] = {}  # idempotency keys being sent
         self._delayed: dict[str, tuple[float, Job]] = {}  # requeued with a backoff: ready at
 
     async def open(self) -> None:
@@ -292,6 +302,26 @@ class SqliteStore(JobStore):
     # -- the interface ----------------------------------------------------------------
 
     async def enqueue(self, job: Job, *, user_cap: int, idempotency_key: str | None = None) -> Job:
+        """Idempotency first, then caps (as the Redis store's script): a resend with a
+        known key returns its job whatever the caps, and concurrent sends of one key wait
+        for the first (this process owns the file), so exactly one job is made."""
+        if idempotency_key is None:
+            return await self._enqueue(job, user_cap, None)
+        key = f"{job.service or ''}\0{job.user_id}\0{idempotency_key}"
+        while (first := self._sending.get(key)) is not None:
+            await first.wait()  # the first send of this key ends (made its job, or failed)
+        self._sending[key] = sent = asyncio.Event()
+        try:
+            now = self.clock()
+            known = await self._writer.run(lambda conn: _known(conn, key, now))
+            if known is not None:
+                return known
+            return await self._enqueue(job, user_cap, idempotency_key)
+        finally:
+            del self._sending[key]
+            sent.set()
+
+    async def _enqueue(self, job: Job, user_cap: int, idempotency_key: str | None) -> Job:
         check_queue_cap(len(self._queue) + len(self._delayed), self.max_queue_size)
         check_user_cap(job.user_id, self._active_per_user.get(job.user_id, 0), user_cap)
         self._track(job)  # reserve the slot before awaiting, so concurrent submits count
