@@ -487,3 +487,35 @@ async def test_idempotency_comes_before_the_caps(store: JobStore) -> None:
     )
     assert len({made.id for made in sent}) == 1
     assert await store.active_count("bob") == 1
+
+
+def test_a_second_process_refuses_a_sqlite_store_in_use(tmp_path: Path) -> None:
+    """One owner per data dir: another process is refused with the owner's pid before it
+    touches any job (the owner's running job stays running)."""
+    import os
+    import subprocess
+    import sys
+
+    async def hold() -> tuple[SqliteStore, Job]:
+        store = SqliteStore(tmp_path / "jobs.db")
+        await store.open()
+        queued = await store.enqueue(job(), user_cap=10)
+        running = await store.claim("w", ["mock"], lease_seconds=LEASE)
+        assert running is not None and running.id == queued.id
+        return store, running
+
+    loop = asyncio.new_event_loop()
+    try:
+        store, running = loop.run_until_complete(hold())
+        second = subprocess.run(
+            [sys.executable, "-c",
+             "import asyncio, sys; from easel.store.sqlite import SqliteStore\n"
+             f"asyncio.run(SqliteStore({str(tmp_path / 'jobs.db')!r}).open())"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode != 0
+        assert f"in use by another easel process (pid {os.getpid()})" in second.stderr
+        assert loop.run_until_complete(store.get(running.id)).state is JobState.running
+        loop.run_until_complete(store.close())
+    finally:
+        loop.close()

@@ -243,6 +243,11 @@ def serve(
         raise typer.BadParameter("--grpc-tls-cert and --grpc-tls-key go together")
     tls = (grpc_tls_cert, grpc_tls_key) if grpc_tls_cert and grpc_tls_key else None
     settings = _settings(config, given)
+    if settings.redis_url is None:  # one process owns a SQLite queue: refuse before starting
+        from easel.store.sqlite import own
+
+        with _errors():
+            own(settings.resolved_db_path)
     _configure_logging(settings)
     log.info(serving_line(settings))
     uvicorn.run(

@@ -33,6 +33,7 @@ class here (and to :data:`ERRORS`), never a ``code=`` on a generic one.
     ├── RateLimited             429 rate_limited        (``retry_after`` in its details)
     ├── InternalError           500 internal_error      (a bug: the server's log says more)
     ├── StoreError              500 store_error         (the store answered an error)
+    │   └── StoreInUse          500 store_in_use        (another process owns the SQLite file)
     ├── StoreUnavailable        503 store_unavailable   (transient)
     ├── ModerationUnavailable   503 moderation_unavailable
     ├── ServerUnreachable       503 server_unreachable  (client side: no answer at all)
@@ -193,6 +194,13 @@ class StoreError(EaselError):
     status = 500
 
 
+class StoreInUse(StoreError):
+    """Another process owns this SQLite job store (one owner per data dir); the message
+    names its pid. Share one queue between processes with Redis instead."""
+
+    code = "store_in_use"
+
+
 class StoreUnavailable(EaselError):
     code = "store_unavailable"
     status = 503
@@ -294,6 +302,7 @@ CATALOGUE: tuple[type[EaselError], ...] = (
     RateLimited,
     InternalError,
     StoreError,
+    StoreInUse,
     StoreUnavailable,
     ModerationUnavailable,
     ServerUnreachable,

@@ -10,14 +10,16 @@ rebuilt from the table on ``open``; one process owns the file (use Redis to scal
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
+import os
 import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from easel.errors import (
     EaselError,
@@ -25,6 +27,7 @@ from easel.errors import (
     JobNotFound,
     JobNotQueued,
     LeaseLost,
+    StoreInUse,
     StoreUnavailable,
 )
 from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
@@ -181,6 +184,47 @@ def _save(conn: sqlite3.Connection, job: Job, lease_expires_at: float | None = N
     return job
 
 
+_OWNED: dict[Path, tuple[IO[str], int]] = {}
+"""Lock files this process holds, with how many of its stores use each (tests reopen a
+store over the same file to play a restart; the lock is between processes)."""
+
+
+def own(path: Path) -> Path:
+    """One owner per job store: an exclusive lock on ``<db>.lock`` (released when the
+    owning process ends, however it ends), holding its pid for the refusal message."""
+    path = path.resolve()
+    if (held := _OWNED.get(path)) is not None:
+        _OWNED[path] = (held[0], held[1] + 1)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = (path.parent / (path.name + ".lock")).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise StoreInUse(
+            f"the job store {path} is in use by another easel process (pid {owner}); stop "
+            "it, or give this one another data dir (share one queue with --redis)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _OWNED[path] = (handle, 1)
+    return path
+
+
+def _disown(path: Path) -> None:
+    handle, users = _OWNED[path]
+    if users > 1:
+        _OWNED[path] = (handle, users - 1)
+    else:
+        del _OWNED[path]
+        handle.close()  # the lock goes with the descriptor
+
+
 def _known(conn: sqlite3.Connection, key: str, now: float) -> Job | None:
     """The job an idempotency key made (within the retention), if any."""
     row = conn.execute(
@@ -234,10 +278,12 @@ class SqliteStore(JobStore):
         self._active: dict[str, str] = {}  # job id -> user id, queued or running
         self._active_per_user: dict[str, int] = {}
         self._running: set[str] = set()
+        self._lock: Path | None = None
         self._sending: dict[str, asyncio.Event] = {}  # idempotency keys being sent
         self._delayed: dict[str, tuple[float, Job]] = {}  # requeued with a backoff: ready at
 
     async def open(self) -> None:
+        self._lock = own(self.path)  # before anything is read or repaired
         self._writer.start()
         rows = await self._writer.run(self._recover)
         for job in rows:
@@ -260,6 +306,9 @@ class SqliteStore(JobStore):
     async def close(self) -> None:
         self._delayed.clear()
         await asyncio.to_thread(self._writer.stop)
+        if self._lock is not None:
+            _disown(self._lock)
+            self._lock = None
 
     # -- bookkeeping on the event loop ------------------------------------------------
 
