@@ -23,6 +23,7 @@ from rich.table import Column, Table
 
 from easel.errors import EaselError
 from easel.jobs import Event, EventType, JobState
+from easel.projects.cli import project_app
 from easel.runtime import logs
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ models_app = typer.Typer(
 jobs_app = typer.Typer(help="Jobs on a server: list, show, cancel.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(project_app, name="project")
 
 console = Console(stderr=True, highlight=False)
 log = logging.getLogger("easel")

@@ -1,0 +1,141 @@
+"""``easel project`` run as a real subprocess against a real easel server on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+README = Path(__file__).parent.parent / "README.md"
+
+CONFIG = """\
+server_url: "{server}"
+name: "project_name"
+default_params:
+  width: 512
+  height: 512
+  num_steps: 30
+  guidance_scale: 7.5
+  scheduler_type: "dpmsolver++"
+  karras_sigmas: true
+  scheduler_scale: 0.7
+  clip_skip: 2
+  enable_attention_slicing: true
+  enable_vae_slicing: true
+  enable_vae_tiling: false
+  enable_model_cpu_offload: true
+  enable_sequential_cpu_offload: false
+ollama:
+  server_url: "http://localhost:11434"
+  model: "llama2"
+  system_message: "You are an expert at creating image generation prompts. ... exactly 77 tokens long."
+  prompt: "Create a detailed and creative image generation prompt ..."
+  negative_prompt: "bad quality, low resolution, blurry"
+  fallback_prompt: "A high quality, detailed masterpiece showing a beautiful landscape ..."
+"""  # noqa: E501 (the issue's file, verbatim)
+
+PROMPTS = """\
+prompt_sets:
+  - name: "landscape"
+    prompt: "A beautiful mountain landscape with a lake and trees"
+    negative_prompt: "ugly, blurry, low quality"
+    params: {width: 768, height: 512}
+"""
+
+
+def readme_project() -> tuple[str, str]:
+    """config.yaml and prompts.yaml as README.md's Projects section shows them."""
+    section = README.read_text().split("### Projects", 1)[1].split("\n### ", 1)[0]
+    config, prompts = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
+    config = re.sub(r'server_url: "[^"]*"', 'server_url: "{server}"', config)
+    return config.replace('name: "mountains"', 'name: "project_name"'), prompts
+
+
+SOURCES = {"issue": (CONFIG, PROMPTS), "readme": readme_project()}
+
+
+def easel(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it: a separate process (this worktree's easel first)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("EASEL_")}
+    return subprocess.run(
+        [sys.executable, "-m", "easel", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def make_project(root: Path, server: str, prompts: str = PROMPTS, config: str = CONFIG) -> Path:
+    project = root / "project_name"
+    project.mkdir(parents=True)
+    (project / "config.yaml").write_text(config.replace("{server}", server))
+    (project / "prompts.yaml").write_text(prompts)
+    return project
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_the_format_runs_a_batch_into_the_layout(source: str, server: str, tmp_path: Path) -> None:
+    config, prompts = SOURCES[source]
+    make_project(tmp_path / "projects", server, prompts=prompts, config=config)
+    listed = easel("project", "list", "projects/project_name", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "landscape" in listed.stdout
+
+    result = easel(
+        "project", "run", "--input", "projects", "--project", "project_name",
+        "--prompt", "landscape", "--batch", "3", "--seed", "5", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "scheduler_scale is not applied" in result.stderr  # named, never dropped silently
+    runs = list((tmp_path / "outputs" / "project_name" / "landscape").iterdir())
+    assert len(runs) == 1 and runs[0].name.endswith("_mock")
+    images = sorted((runs[0] / "images").glob("*.png"))
+    metadata = sorted((runs[0] / "metadata").glob("*.yaml"))
+    assert [p.stem for p in images] == [p.stem for p in metadata] == ["001", "002", "003"]
+    assert [str(tmp_path / p) for p in result.stdout.split()] == [str(p) for p in images]
+    records = [yaml.safe_load(p.read_text()) for p in metadata]
+    assert sorted(r["seed"] for r in records) == [5, 6, 7]
+    first = records[0]
+    assert first["prompt"] == "A beautiful mountain landscape with a lake and trees"
+    assert first["negative_prompt"] == "ugly, blurry, low quality"
+    assert first["backend"] == "mock" and first["server"] == server
+    params = first["parameters"]
+    assert (params["width"], params["height"], params["steps"]) == (768, 512, 30)
+    assert params["cfg_scale"] == 7.5 and params["clip_skip"] == 3
+    assert params["scheduler"] == "DPM++ 2M Karras"
+    assert first["not_applied"].keys() == {"scheduler_scale"}
+    assert first["timings"]["run_seconds"] is not None
+    with Image.open(images[0]) as image:
+        assert image.size == (768, 512)
+        assert "Seed: " in image.info["parameters"]
+
+
+def test_an_invalid_prompts_file_names_file_key_and_problem(tmp_path: Path) -> None:
+    bad = PROMPTS.replace("params: {width: 768", "params: {widht: 768").replace(
+        'name: "landscape"', 'name: "landscape"\n    prompt_typo: 1'
+    )
+    project = make_project(tmp_path, "http://127.0.0.1:9", prompts=bad)
+    result = easel("project", "run", str(project), "--prompt", "landscape", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert str(project / "prompts.yaml") in result.stderr.replace("\n", "")
+    assert "prompt_sets.0.params.widht: unknown key" in result.stderr
+    assert "prompt_sets.0.prompt_typo: unknown key" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_an_unknown_prompt_set_and_an_unreachable_server(tmp_path: Path) -> None:
+    project = make_project(tmp_path, "http://127.0.0.1:9")
+    missing = easel("project", "run", str(project), "--prompt", "nope", cwd=tmp_path)
+    assert missing.returncode == 2 and "landscape" in missing.stderr
+    down = easel("project", "run", str(project), "--all", cwd=tmp_path)
+    assert down.returncode == 3, down.stderr
+    assert "Traceback" not in down.stderr
