@@ -92,6 +92,7 @@ def _post(url: str, **fields: Any) -> httpx.Response:
     return httpx.post(f"{url}/v1/jobs", json={"prompt": "p", **SMALL, **fields}, timeout=10)
 
 
+@pytest.mark.slow
 def test_api_replica_routes_by_what_workers_advertise(
     redis_url: str, tmp_path: Path, stack: ExitStack
 ) -> None:
