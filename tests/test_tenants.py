@@ -36,6 +36,7 @@ def two_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         data_dir=tmp_path_factory.mktemp("tenants") / "data",
         backend="mock",
         mock_step_delay=0.05,
+        heartbeat_seconds=0.5,  # the registry (GET /v1/workers) is fed by heartbeats
         safety=Safety.model_validate({"tokens": TOKENS}),
     )
     with serve(create_app(settings)) as url:
@@ -259,3 +260,30 @@ def test_hostile_json_is_refused_before_any_job(two_services: str) -> None:
     after = len(httpx.get(f"{two_services}/v1/jobs", headers=bearer(ALPHA)).json()["jobs"])
     assert after == before
     print(f"JSON corpus: {len(corpus)} inputs, each a 4xx with a code, no job run")
+
+
+def test_queue_and_workers_show_a_service_only_its_own(two_services: str) -> None:
+    """Bravo's long job runs and bravo's dave waits; alpha sees neither in its views."""
+    url = two_services
+    body = {**SMALL, "steps": 100}
+    jobs = [
+        httpx.post(f"{url}/v1/jobs", json={**body, "prompt": prompt, "user_id": user},
+                   headers=bearer(BRAVO)).json()
+        for prompt, user in (("bravo runs", "erin"), ("bravo waits", "dave"))
+    ]  # fmt: skip
+    running = jobs[0]
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until the worker reports bravo's job as its own
+            workers = httpx.get(f"{url}/v1/workers", headers=bearer(BRAVO)).json()["workers"]
+            if any(running["id"] in w["current_jobs"] for w in workers):
+                break
+            assert time.monotonic() < deadline, workers
+            time.sleep(0.05)
+        seen = httpx.get(f"{url}/v1/workers", headers=bearer(ALPHA)).json()["workers"]
+        assert seen and all(w["current_jobs"] == [] for w in seen)
+        assert "dave" in httpx.get(f"{url}/v1/queue", headers=bearer(BRAVO)).json()["users"]
+        assert "dave" not in httpx.get(f"{url}/v1/queue", headers=bearer(ALPHA)).json()["users"]
+    finally:
+        for job in jobs:
+            httpx.delete(f"{url}/v1/jobs/{job['id']}", headers=bearer(BRAVO))

@@ -379,4 +379,4 @@ async def list_backends(request: Request) -> Backends:
 async def list_workers(request: Request) -> WorkerList:
     """Live workers of every process sharing this queue: backend, models, capabilities,
     the jobs they run and the age of their last heartbeat."""
-    return WorkerList(workers=await runtime_of(request).registry.list())
+    return WorkerList(workers=await runtime_of(request).worker_list())

@@ -45,6 +45,7 @@ from easel.queue.scheduler import user_cap
 from easel.results.files import LocalStorage
 from easel.runtime._etas import Etas
 from easel.runtime.compose import assemble, extensions_for, open_parts, worker_for
+from easel.runtime.registry import WorkerInfo
 from easel.runtime.supervisor import Supervisor
 from easel.runtime.worker import Worker
 from easel.safety.services import current_service, may_see
@@ -238,10 +239,34 @@ class Runtime:
             "queued": stats.queued,
             "running": stats.running,
             "tiers": {str(tier): count for tier, count in stats.tiers.items()},
-            "users": stats.users,
+            "users": stats.users if _sees_all() else await self._own_users(),
             "averages": self.run_times.averages(),
             "waiting": await self._waiting(),
         }
+
+    async def _own_users(self) -> dict[str, int]:
+        """Queued jobs per user of the calling service only: user ids are per service."""
+        counts: dict[str, int] = {}
+        for job in await self.store.list_jobs(state=JobState.queued, limit=100_000):
+            if may_see(job.service):
+                counts[job.user_id] = counts.get(job.user_id, 0) + 1
+        return counts
+
+    async def worker_list(self) -> list[WorkerInfo]:
+        """Live workers of every process; a service sees only its own jobs' ids among
+        what they run (``GET /v1/workers``)."""
+        workers = await self.registry.list()
+        if _sees_all():
+            return workers
+        shown = []
+        for worker in workers:
+            own = []
+            for job_id in worker.current_jobs:
+                with contextlib.suppress(JobNotFound):
+                    if may_see((await self.store.get(job_id)).service):
+                        own.append(job_id)
+            shown.append(worker.model_copy(update={"current_jobs": own}))
+        return shown
 
     async def _waiting(self, limit: int = 50) -> list[dict[str, object]]:
         """The next ``limit`` queued jobs the caller may see, with their projected ETAs."""
@@ -355,3 +380,8 @@ class Runtime:
 
 def _carries_images(request: GenerationRequest) -> bool:
     return bool(request.init_image or request.mask_image or request.controlnet or request.mix)
+
+
+def _sees_all() -> bool:
+    service = current_service.get()
+    return service is None or service.is_admin
