@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
+from PIL import Image, PngImagePlugin
+
+from easel.config import Settings
+from tests.servers import serve
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -139,3 +144,72 @@ def test_an_unknown_prompt_set_and_an_unreachable_server(tmp_path: Path) -> None
     down = easel("project", "run", str(project), "--all", cwd=tmp_path)
     assert down.returncode == 3, down.stderr
     assert "Traceback" not in down.stderr
+
+
+TINY_CONFIG = """\
+server_url: "{server}"
+name: "tiny"
+default_params:
+  width: 64
+  height: 64
+  num_steps: 2
+  guidance_scale: 5.0
+  scheduler_type: "dpmsolver++"
+  karras_sigmas: true
+  clip_skip: 1
+"""
+
+
+@pytest.fixture
+def tiny_server(tiny_model_dir: Path, tmp_path: Path) -> Iterator[str]:
+    """A real easel server running the tiny diffusers pipeline on loopback."""
+    from easel.api import create_app
+
+    settings = Settings(
+        data_dir=tmp_path / "server", backend="diffusers", model=str(tiny_model_dir)
+    )
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+def _pixels(path: Path) -> bytes:
+    with Image.open(path) as image:
+        return image.convert("RGB").tobytes()
+
+
+@pytest.mark.slow
+def test_reproduce_gives_identical_pixels(tiny_server: str, tmp_path: Path) -> None:
+    make_project(tmp_path, tiny_server, config=TINY_CONFIG)
+    run = easel("project", "run", "project_name", "--all", "--batch", "2", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    first, second = (tmp_path / line for line in run.stdout.split())
+    assert _pixels(first) != _pixels(second)  # two seeds, two images
+
+    again = easel("reproduce", str(second), "--server", tiny_server, "--json", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert report["source"].endswith("metadata/002.yaml")
+    assert report["backend"] == "diffusers"
+    assert _pixels(tmp_path / report["images"][0]) == _pixels(second)
+
+    # any A1111-style infotext alone: the parameters chunk and nothing else beside it
+    with Image.open(second) as image:
+        infotext = image.info["parameters"]
+        bare = PngImagePlugin.PngInfo()
+        bare.add_text("parameters", infotext)
+        image.save(tmp_path / "bare.png", pnginfo=bare)
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in infotext
+    from_text = easel("reproduce", "bare.png", "--server", tiny_server, "--json", cwd=tmp_path)
+    assert from_text.returncode == 0, from_text.stderr
+    report = json.loads(from_text.stdout)
+    assert report["source"] == "the image's infotext"
+    assert report["request"]["scheduler"] == "DPM++ 2M Karras"
+    assert _pixels(tmp_path / report["images"][0]) == _pixels(second)
+
+
+def test_reproduce_of_an_image_without_parameters_exits_1(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    result = easel("reproduce", "plain.png", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "carries no generation parameters" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -23,7 +23,7 @@ from rich.table import Column, Table
 
 from easel.errors import EaselError
 from easel.jobs import Event, EventType, JobState
-from easel.projects.cli import project_app
+from easel.projects.cli import project_app, reproduce
 from easel.runtime import logs
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ jobs_app = typer.Typer(help="Jobs on a server: list, show, cancel.", no_args_is_
 app.add_typer(models_app, name="models")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(project_app, name="project")
+app.command("reproduce")(reproduce)
 
 console = Console(stderr=True, highlight=False)
 log = logging.getLogger("easel")
