@@ -45,10 +45,11 @@ def server(settings: Settings) -> Iterator[str]:
 
 @pytest.fixture
 def slow_server(tmp_path: Path) -> Iterator[str]:
-    """A mock backend that takes 10 ms a step: a long job holds the single worker."""
+    """A mock backend that takes 50 ms a step: a long job (150 steps, 7.5 s) holds the single
+    worker long enough for a test to queue behind it, even on a loaded machine."""
     from easel.api import create_app
 
-    settings = Settings(data_dir=tmp_path / "slow", mock_step_delay=0.01, backend="mock")
+    settings = Settings(data_dir=tmp_path / "slow", mock_step_delay=0.05, backend="mock")
     with serve(create_app(settings)) as url:
         yield url
 
