@@ -200,7 +200,7 @@ def _run_set(
             request["seed"] = first_seed + index
         source: dict[str, Any] = {}
         if expand:
-            request, source = _expanded(project, request)
+            request, source = _expanded(project, request, model)
         planned.append(Planned(request=request, prompt_source=source))
     target = Target(
         project=project.name,
@@ -217,11 +217,19 @@ def _run_set(
         return asyncio.run(run_jobs(target, planned, on_event))
 
 
-def _expanded(project: Project, request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _expanded(
+    project: Project, request: dict[str, Any], model: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The LLM's prompt about the set's own prompt (its fallback on failure)."""
     from easel.projects.expand import expand_prompt
 
     assert project.config.ollama is not None
-    expansion = expand_prompt(project.config.ollama)
+    model_dir = Path(model) if model and Path(model).is_dir() else None
+    expansion = expand_prompt(project.config.ollama, request["prompt"], model_dir=model_dir)
+    if expansion.source == "fallback":
+        console.print(
+            f"[yellow]note[/] prompt expansion failed: {escape(expansion.details['reason'])}"
+        )
     request = {**request, "prompt": expansion.prompt}
     if project.config.ollama.negative_prompt and "negative_prompt" not in request:
         request["negative_prompt"] = project.config.ollama.negative_prompt
