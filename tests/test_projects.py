@@ -213,3 +213,22 @@ def test_reproduce_of_an_image_without_parameters_exits_1(tmp_path: Path) -> Non
     assert result.returncode == 1
     assert "carries no generation parameters" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_without_server_url_the_project_runs_embedded(tmp_path: Path) -> None:
+    config = CONFIG.replace('server_url: "{server}"\n', "").replace(
+        "width: 512\n  height: 512\n  num_steps: 30", "width: 64\n  height: 64\n  num_steps: 2"
+    )
+    prompts = PROMPTS.replace("{width: 768, height: 512}", "{}")
+    make_project(tmp_path, "unused", prompts=prompts, config=config)
+    result = easel("project", "run", "project_name", "--prompt", "landscape", "--batch", "2",
+                   "--seed", "1", "--json", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    jobs = json.loads(result.stdout)["jobs"]
+    assert [job["state"] for job in jobs] == ["succeeded", "succeeded"]
+    record = yaml.safe_load((tmp_path / jobs[1]["metadata"][0]).read_text())
+    assert record["server"] == "embedded" and record["seed"] == 2
+    # the memory knobs are applied to the embedded runtime, mapped by easel's own table
+    assert record["diffusers_settings"] == {
+        "attention_slicing": True, "vae_slicing": True, "offload": "model"
+    }  # fmt: skip

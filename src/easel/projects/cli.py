@@ -91,7 +91,8 @@ def list_sets(
 def run(
     directory: ProjectDir = None,
     prompt: Annotated[
-        list[str] | None, typer.Option("--prompt", help="A prompt set's name (repeatable).")
+        list[str] | None,
+        typer.Option("--prompt", metavar="NAME", help="A prompt set's name (repeatable)."),
     ] = None,
     run_all: Annotated[bool, typer.Option("--all", help="Every prompt set.")] = False,
     batch: Annotated[int, typer.Option(min=1, help="Images per prompt set (one job each).")] = 1,
