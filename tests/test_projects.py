@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -232,3 +234,51 @@ def test_without_server_url_the_project_runs_embedded(tmp_path: Path) -> None:
     assert record["diffusers_settings"] == {
         "attention_slicing": True, "vae_slicing": True, "offload": "model"
     }  # fmt: skip
+
+
+@pytest.fixture
+def paced_server(tmp_path: Path) -> Iterator[str]:
+    """A mock backend at 0.1 s a step, one job at a time: a run's display has time to show."""
+    from easel.api import create_app
+
+    settings = Settings(data_dir=tmp_path / "paced", mock_step_delay=0.1, backend="mock")
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+@pytest.mark.slow
+def test_the_display_in_a_terminal_moves_through_queued_steps_and_done(
+    paced_server: str, tmp_path: Path
+) -> None:
+    """A real terminal (tmux): the run's display as a user sees it, screen by screen."""
+    if shutil.which("tmux") is None:
+        pytest.fail("tmux is not installed (.ci/run installs it)")
+    config = TINY_CONFIG.replace("num_steps: 2", "num_steps: 10")
+    make_project(tmp_path, paced_server, config=config)
+    session = f"easel-{os.getpid()}"
+    command = (
+        f"cd {tmp_path} && PYTHONPATH={os.environ.get('PYTHONPATH', '')} {sys.executable} "
+        "-m easel project run project_name --all --batch 2; echo EXIT=$?; sleep 30"
+    )
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "20"], check=True
+    )
+    seen: list[str] = []
+    try:
+        subprocess.run(["tmux", "send-keys", "-t", session, command, "Enter"], check=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            screen = subprocess.run(
+                ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
+            ).stdout
+            seen.append(screen)
+            if re.search(r"EXIT=\d", screen):
+                break
+            time.sleep(0.05)  # a terminal has no event to await: its screen is polled
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+    screens = "\n".join(seen)
+    assert "EXIT=0" in seen[-1], seen[-1]
+    assert "job 2 queued position 0" in screens  # next in line behind the running job
+    assert re.search(r"job \d steps .*\d+/10", screens)
+    assert "job 2 succeeded" in seen[-1] and "jobs done" in seen[-1] and "2/2" in seen[-1]
