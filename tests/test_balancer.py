@@ -14,14 +14,21 @@ from PIL import Image
 
 from easel.client.balancer import Executor, GenerationResponse, GeneratorClient, QueueIsFullError
 from tests.servers import Process, easel_serve
+from tests.test_s3 import BUCKET, Moto
+from tests.test_s3 import moto as moto  # the bot asks for sync_with_s3: a real S3 is there
 
 SERVICE_NAME = "discord"
 SERVICE_TOKEN = "discord-token-0123456789"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+def server(tmp_path_factory: pytest.TempPathFactory, moto: Moto) -> Iterator[Process]:
     env = {
+        "EASEL_S3__BUCKET": BUCKET,
+        "EASEL_S3__ENDPOINT_URL": moto.url,
+        "EASEL_S3__REGION": "us-east-1",
+        "EASEL_S3__ACCESS_KEY_ID": "testing",
+        "EASEL_S3__SECRET_ACCESS_KEY": "testing",
         "EASEL_MOCK_STEP_DELAY": "0.05",  # 30 steps: 1.5 s, so user 1's two jobs are still there
         "EASEL_SAFETY__TOKENS": json.dumps([{"service": SERVICE_NAME, "token": SERVICE_TOKEN}]),
         "EASEL_SAFETY__DENY_WORDS": '["forbidden"]',
