@@ -27,6 +27,7 @@ from PIL import Image
 
 from easel.errors import InvalidRequest
 from easel.images import MAX_DECODED_PIXELS
+from easel.samplers import DRAWTHINGS_SAMPLERS
 
 SIZE_UNIT = 64
 """Draw Things counts width and height in 64-pixel units."""
@@ -50,29 +51,8 @@ class FIELDS:
     shift = 49  # float, default 1.0
 
 
-SAMPLERS: tuple[str, ...] = (
-    "DPM++ 2M Karras",
-    "Euler a",
-    "DDIM",
-    "PLMS",
-    "DPM++ SDE Karras",
-    "UniPC",
-    "LCM",
-    "Euler a Substep",
-    "DPM++ SDE Substep",
-    "TCD",
-    "Euler a Trailing",
-    "DPM++ SDE Trailing",
-    "DPM++ 2M AYS",
-    "Euler a AYS",
-    "DPM++ SDE AYS",
-    "DPM++ 2M Trailing",
-    "DDIM Trailing",
-    "UniPC Trailing",
-    "UniPC AYS",
-    "TCD Trailing",
-)
-"""``SamplerType`` values in enum order, as easel's scheduler table names them."""
+SAMPLERS = DRAWTHINGS_SAMPLERS
+"""``SamplerType`` values in enum order: the one table in ``easel.samplers``."""
 
 
 @dataclass(frozen=True)
