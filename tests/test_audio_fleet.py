@@ -12,9 +12,8 @@ import pytest
 import soundfile
 
 from easel.backends import registry
-from easel.backends.base import Backend, Capability
 from easel.errors import Unsupported
-from easel.fleet import fleet_of, load_settings
+from easel.fleet import load_settings
 from easel.jobs import GenerationRequest, JobState
 from easel.runtime.facade import Runtime
 
@@ -38,24 +37,11 @@ kind = "hibari"
 """
 
 
-def build(specs: list[Any]) -> dict[str, Backend]:
-    """The fleet's backends from its entries (kind, options, capabilities). The runtime
-    will build its fleet itself from the same file; this builds the same parts for it."""
-    built: dict[str, Backend] = {}
-    for spec in specs:
-        backend = registry.create(spec.kind, **spec.options)
-        backend.name = spec.name
-        if spec.capabilities is not None:
-            backend.capabilities = frozenset(Capability(c) for c in spec.capabilities)
-        built[spec.name] = backend
-    return built
-
-
 async def test_a_fleet_serves_mixed_jobs_of_two_users(tmp_path: Path) -> None:
     config = tmp_path / "easel.toml"
     config.write_text(FLEET.format(data=tmp_path / "data"))
     settings = load_settings(config, kinds=registry.available())
-    runtime = Runtime(settings, backends=build(fleet_of(settings)))
+    runtime = Runtime(settings)  # the fleet, built by the runtime from the file
     await runtime.start(workers=False)  # everything queued first: the order is the policy's
     try:
         jobs: list[tuple[str, dict[str, Any]]] = [
