@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import numpy
 import pytest
 from PIL import Image, ImageChops
 from pydantic import ValidationError
@@ -225,7 +226,15 @@ async def test_concurrent_requests_do_not_disturb_each_other(backend: DiffusersB
     alone = [await run(backend, req) for req in reqs]
     together = await asyncio.gather(*(run(backend, req) for req in reqs))
 
-    assert [pixels(r.images[0]) for r in together] == [pixels(r.images[0]) for r in alone]
+    # Two runs at once share torch's CPU thread pool, so float sums may be reduced in another
+    # order and some pixels move by a few levels; a scheduler disturbed by the other request
+    # gives another picture altogether (a mean difference of tens of levels).
+    for mixed, solo in zip(together, alone, strict=True):
+        difference = numpy.abs(
+            numpy.asarray(mixed.images[0], dtype=numpy.int16)
+            - numpy.asarray(solo.images[0], dtype=numpy.int16)
+        )
+        assert difference.mean() < 4.0
 
 
 # -- img2img, inpaint, modes ----------------------------------------------------------------
