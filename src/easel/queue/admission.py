@@ -36,22 +36,8 @@ def check_limits(request: GenerationRequest, limits: Limits) -> None:
         )
     if max(width, height) > limits.max_side:
         raise InvalidRequest(f"width and height must be at most {limits.max_side}")
-    if request.steps > limits.max_steps:
-        raise InvalidRequest(
-            f"steps is {request.steps}; this server allows at most {limits.max_steps}"
-        )
-    if request.batch_size > limits.max_batch_size:
-        raise InvalidRequest(
-            f"batch_size is {request.batch_size}; this server allows at most "
-            f"{limits.max_batch_size}"
-        )
-    for name in ("prompt", "negative_prompt"):
-        length = len(getattr(request, name))
-        if length > limits.max_prompt_length:
-            raise InvalidRequest(
-                f"{name} has {length} characters; this server allows at most "
-                f"{limits.max_prompt_length}"
-            )
+    _check_steps_and_batch(request, limits)
+    _check_prompts(request, limits)
     images = [request.init_image, request.mask_image]
     images += [request.controlnet.image] if request.controlnet is not None else []
     images += [item.image for item in request.mix]
@@ -75,13 +61,11 @@ def _check_audio_limits(request: GenerationRequest, limits: Limits) -> None:
                 f"duration_seconds is {seconds:g}; this server makes at most "
                 f"{limits.max_audio_seconds:g} seconds per clip"
             )
-        for name in ("prompt", "negative_prompt"):
-            length = len(getattr(request, name))
-            if length > limits.max_prompt_length:
-                raise InvalidRequest(
-                    f"{name} has {length} characters; this server allows at most "
-                    f"{limits.max_prompt_length}"
-                )
+        _check_prompts(request, limits)
+    _check_steps_and_batch(request, limits)
+
+
+def _check_steps_and_batch(request: GenerationRequest, limits: Limits) -> None:
     if request.steps > limits.max_steps:
         raise InvalidRequest(
             f"steps is {request.steps}; this server allows at most {limits.max_steps}"
@@ -91,6 +75,16 @@ def _check_audio_limits(request: GenerationRequest, limits: Limits) -> None:
             f"batch_size is {request.batch_size}; this server allows at most "
             f"{limits.max_batch_size}"
         )
+
+
+def _check_prompts(request: GenerationRequest, limits: Limits) -> None:
+    for name in ("prompt", "negative_prompt"):
+        length = len(getattr(request, name))
+        if length > limits.max_prompt_length:
+            raise InvalidRequest(
+                f"{name} has {length} characters; this server allows at most "
+                f"{limits.max_prompt_length}"
+            )
 
 
 def choose_backend(
