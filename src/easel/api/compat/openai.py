@@ -94,7 +94,7 @@ class OpenAIRoute(APIRoute):
 
 
 router = APIRouter(route_class=OpenAIRoute, tags=["openai"])
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": OpenAIError, "description": description}
     for status, description in (
         (400, "Invalid request"),
@@ -149,7 +149,7 @@ class ImagesResponse(BaseModel):
 # -- routes ------------------------------------------------------------------------------
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
+@router.post("/v1/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES)
 async def generations(body: ImageGenerationBody, request: Request, response: Response) -> Any:
     """Generate images from a prompt (OpenAI ``images.generate``); waits for the result."""
     if body.stream:
@@ -172,7 +172,7 @@ async def generations(body: ImageGenerationBody, request: Request, response: Res
     return await _answer(request, response, generation, body.response_format, body.quality)
 
 
-@router.post("/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS)
+@router.post("/v1/images/edits", response_model=ImagesResponse, responses=ERROR_RESPONSES)
 async def edits(
     request: Request,
     response: Response,

@@ -28,9 +28,8 @@ import soundfile
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from easel.api.compat._errors import OpenAIError
 from easel.api.compat._shared import caller, run_to_end
-from easel.api.compat.openai import OpenAIRoute
+from easel.api.compat.openai import ERROR_RESPONSES, OpenAIRoute
 from easel.api.native import runtime_of
 from easel.errors import Unsupported
 from easel.jobs import MAX_SEED, AudioFormat, GenerationRequest, JobKind, JobState, job_error
@@ -54,15 +53,6 @@ _FORMATS: dict[str, AudioFormat] = {
 }
 
 router = APIRouter(route_class=OpenAIRoute, tags=["openai"])
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": OpenAIError, "description": description}
-    for status, description in (
-        (400, "Invalid request"),
-        (404, "Model not served here"),
-        (429, "The user's queue is full"),
-        (500, "The generation failed"),
-    )
-}
 
 
 class SpeechBody(BaseModel):
@@ -85,7 +75,7 @@ class SpeechBody(BaseModel):
 @router.post(
     "/v1/audio/speech",
     response_class=Response,
-    responses={200: {"content": {"audio/mpeg": {}, "audio/wav": {}}}, **_ERRORS},
+    responses={200: {"content": {"audio/mpeg": {}, "audio/wav": {}}}, **ERROR_RESPONSES},
 )
 async def speech(body: SpeechBody, request: Request) -> Response:
     """Speak ``input`` (OpenAI ``audio.speech.create``); waits for the audio."""
