@@ -10,7 +10,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar, overload
 from urllib.parse import quote, urlencode
 
@@ -22,6 +21,7 @@ from easel.client import _files
 from easel.client._common import (
     HANDLER_FOR_EVENT,
     HANDLER_NAMES,
+    AsyncResource,
     Handler,
     HandlerName,
     backoff,
@@ -53,7 +53,7 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 """Answers that say "not now" (a proxy without its upstream, a store briefly unavailable)."""
 
 
-class AsyncClient:
+class AsyncClient(AsyncResource):
     """easel over HTTP and websockets. Async first: :class:`~easel.client.Client` wraps this.
 
     Errors the server answers become the matching :class:`~easel.errors.EaselError` subclass;
@@ -88,17 +88,6 @@ class AsyncClient:
         )
         self._ws_url = "ws" + self.base_url.removeprefix("http")
         self._handlers: dict[HandlerName, list[Handler]] = {name: [] for name in HANDLER_NAMES}
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -214,14 +203,12 @@ class AsyncClient:
         The sidecar holds the job id, index, seed and the request with that seed and batch
         size 1: enough to reproduce that one image. Returns the PNG paths.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        return await self.write_images(job, _files.image_targets(directory, job, prefix))
+        targets = _files.image_targets(await _directory(directory), job, prefix)
+        return await self.write_images(job, targets)
 
     async def write_images(self, job: Job, paths: builtins.list[Path]) -> builtins.list[Path]:
         """Write image ``i`` of a finished job (and its sidecar) to ``paths[i]``."""
-        if job.state is not JobState.succeeded:
-            raise InvalidRequest(f"job {job.id} is {job.state}, so it has no images to save")
+        _saveable(job, "images")
         for ref, path in zip(job.images, paths, strict=True):
             png = await self.image(job, ref.index)
             metadata = await asyncio.to_thread(_files.client_sidecar, job, ref, png)
@@ -267,17 +254,15 @@ class AsyncClient:
     ) -> builtins.list[Path]:
         """Write ``<prefix or job id>-<index>.<wav|flac|ogg|opus|mp3>`` and a ``.json``
         sidecar (the request with that clip's seed) beside each; returns the audio paths."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        return await self.write_audio(job, _files.audio_targets(directory, job, prefix))
+        targets = _files.audio_targets(await _directory(directory), job, prefix)
+        return await self.write_audio(job, targets)
 
     async def write_audio(self, job: Job, paths: builtins.list[Path]) -> builtins.list[Path]:
         """Write clip ``i`` of a finished job (and its sidecar) to ``paths[i]``."""
-        if job.state is not JobState.succeeded:
-            raise InvalidRequest(f"job {job.id} is {job.state}, so it has no audio to save")
+        _saveable(job, "audio")
         for ref, path in zip(job.audio, paths, strict=True):
             data = await self.audio(job, ref.index)
-            await asyncio.to_thread(_files.write_audio, path, data, _files.audio_sidecar(job, ref))
+            await asyncio.to_thread(_files.write_image, path, data, _files.audio_sidecar(job, ref))
         return paths
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
@@ -401,3 +386,14 @@ class AsyncClient:
         if response.is_error:
             raise error_from_response(response)
         return response
+
+
+def _saveable(job: Job, what: str) -> None:
+    if job.state is not JobState.succeeded:
+        raise InvalidRequest(f"job {job.id} is {job.state}, so it has no {what} to save")
+
+
+async def _directory(directory: Path | str) -> Path:
+    path = Path(directory)
+    await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+    return path

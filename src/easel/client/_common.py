@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from types import TracebackType
+from typing import Any, Literal, Self
 
 import httpx
 
 from easel.errors import EaselError, ServerUnreachable, error_for, error_for_status
 from easel.jobs import EventType
 from easel.queue.backoff import retry_delay
+
+
+class AsyncResource:
+    """A client that is an async context manager: leaving the block calls :meth:`aclose`."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release the connections."""
+
 
 HandlerName = Literal[
     "queued", "generating", "progress", "done", "error", "cancelled", "connection_error"

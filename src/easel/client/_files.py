@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,33 +19,28 @@ from easel.results.metadata import parse_infotext, read_parameters, sidecar
 def image_targets(target: Path, job: Job, prefix: str | None = None) -> list[Path]:
     """An existing directory gets ``<prefix or job id>-<index>.png`` files; any other path
     is the file itself, suffixed ``-1``, ``-2``... when the batch has more than one image."""
-    suffixes = [Path(ref.path).suffix or ".png" for ref in job.images]
-    if target.is_dir():
-        return [
-            target / f"{prefix or job.id}-{ref.index}{suffix}"
-            for ref, suffix in zip(job.images, suffixes, strict=True)
-        ]
-    if len(job.images) == 1:
-        return [target.with_suffix(suffixes[0])]
-    return [
-        target.with_stem(f"{target.stem}-{ref.index + 1}").with_suffix(suffix)
-        for ref, suffix in zip(job.images, suffixes, strict=True)
-    ]
+    return _targets(target, job.id, job.images, prefix)
 
 
 def audio_targets(target: Path, job: Job, prefix: str | None = None) -> list[Path]:
     """Like :func:`image_targets` for audio clips, each with the suffix the server gave it."""
-    suffixes = [Path(ref.path).suffix for ref in job.audio]
+    return _targets(target, job.id, job.audio, prefix)
+
+
+def _targets(
+    target: Path, job_id: str, refs: Sequence[ImageRef | AudioRef], prefix: str | None
+) -> list[Path]:
+    suffixes = [Path(ref.path).suffix or ".png" for ref in refs]
     if target.is_dir():
         return [
-            target / f"{prefix or job.id}-{ref.index}{suffix}"
-            for ref, suffix in zip(job.audio, suffixes, strict=True)
+            target / f"{prefix or job_id}-{ref.index}{suffix}"
+            for ref, suffix in zip(refs, suffixes, strict=True)
         ]
-    if len(job.audio) == 1:
+    if len(refs) == 1:
         return [target.with_suffix(suffixes[0])]
     return [
         target.with_stem(f"{target.stem}-{ref.index + 1}").with_suffix(suffix)
-        for ref, suffix in zip(job.audio, suffixes, strict=True)
+        for ref, suffix in zip(refs, suffixes, strict=True)
     ]
 
 
@@ -68,11 +64,6 @@ def audio_sidecar(job: Job, ref: AudioRef) -> dict[str, Any]:
     }
 
 
-def write_audio(path: Path, data: bytes, metadata: dict[str, Any]) -> None:
-    """The clip and its ``.json`` sidecar next to it."""
-    write_image(path, data, metadata)
-
-
 def client_sidecar(job: Job, ref: ImageRef, png: bytes) -> dict[str, Any]:
     """The server's own sidecar format, rebuilt from the job and the PNG's text chunk."""
     parameters = read_parameters(png).infotext
@@ -81,7 +72,7 @@ def client_sidecar(job: Job, ref: ImageRef, png: bytes) -> dict[str, Any]:
 
 
 def write_image(path: Path, png: bytes, metadata: dict[str, Any]) -> None:
-    """The PNG and its ``.json`` sidecar next to it."""
+    """The result (an image or a clip) and its ``.json`` sidecar next to it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _write(path, png)
     _write(path.with_suffix(".json"), json.dumps(metadata, indent=2).encode())

@@ -23,12 +23,12 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import grpc
 from PIL.Image import Image
 
+from easel.client._common import AsyncResource
 from easel.client._drawthings_api import (
     STAGES,
     ImageGenerationConfig,
@@ -100,7 +100,7 @@ class Echo:
 ProgressCallback = Callable[[Progress], object]
 
 
-class AsyncDrawThingsClient:
+class AsyncDrawThingsClient(AsyncResource):
     """Draw Things' ``ImageGenerationService`` over grpc.aio; errors become ``EaselError``."""
 
     def __init__(
@@ -141,17 +141,6 @@ class AsyncDrawThingsClient:
             request_serializer=pb.FileListRequest.SerializeToString,
             response_deserializer=pb.FileExistenceResponse.FromString,
         )
-
-    async def __aenter__(self) -> AsyncDrawThingsClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         await self._channel.close()
