@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from PIL import Image
 
 from easel.backends.base import Backend, ModelInfo, RunContext
 from easel.errors import (
@@ -38,8 +39,12 @@ from easel.errors import (
     GenerationError,
     InvalidRequest,
 )
+from easel.images import decode_base64_image, decode_image_bytes
 
 T = TypeVar("T")
+
+MAX_RESULT_BYTES = 64 * 1024 * 1024
+"""The largest encoded image an engine may return."""
 
 MAX_ENGINE_TEXT = 500
 """Characters of an engine's error text kept in a job's error message."""
@@ -258,6 +263,21 @@ class RemoteBackend(Backend):
         if not response.is_success:
             raise self.error_for(response, f"GET result on {host}")
         return response.content
+
+    def decode(self, data: bytes | str) -> Image.Image:
+        """An image the engine returned (bytes, base64 or a data: URL), decoded within the
+        bounds uploads get; junk is the engine's failure, not the caller's. Blocking."""
+        try:
+            if isinstance(data, bytes):
+                return decode_image_bytes(data)
+            return decode_base64_image(data, max_bytes=MAX_RESULT_BYTES)
+        except InvalidRequest as exc:
+            raise EngineError(f"backend {self.name!r}: unreadable image ({exc})") from exc
+
+    async def fetch_image(self, url: str, *, allowed_hosts: Iterable[str] = ()) -> Image.Image:
+        """:meth:`download` then :meth:`decode`, off the event loop."""
+        raw = await self.download(url, allowed_hosts=allowed_hosts)
+        return await asyncio.to_thread(self.decode, raw)
 
     # -- running one job ------------------------------------------------------------------
 

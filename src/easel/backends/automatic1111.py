@@ -24,7 +24,7 @@ from PIL.Image import Image
 
 from easel.backends._remote import RemoteBackend
 from easel.backends.base import Capability, GenerationResult, RunContext
-from easel.errors import EngineError, GenerationError
+from easel.errors import EngineError
 from easel.images import decode_base64_image
 from easel.jobs import GenerationRequest, JobKind
 from easel.payloads import Executor
@@ -105,12 +105,7 @@ class Automatic1111Backend(RemoteBackend):
         return payload
 
     def _result(self, request: GenerationRequest, body: dict[str, Any]) -> GenerationResult:
-        try:
-            images = [decode_base64_image(data) for data in body.get("images") or []]
-        except GenerationError:
-            raise
-        except Exception as exc:  # an engine answering junk is the engine's failure
-            raise EngineError(f"backend {self.name!r}: unreadable image: {exc}") from exc
+        images = [self.decode(data) for data in body.get("images") or []]
         info = _info(body.get("info"))
         if info.get("interrupted") and not images:
             raise EngineError(f"backend {self.name!r}: the engine interrupted the job")

@@ -268,7 +268,7 @@ class ComfyUIBackend(RemoteBackend):
             "type": ref.get("type", "output"),
         }
         response = await self.call("GET", "/view", params=params)
-        return await asyncio.to_thread(_open, response.content)
+        return await asyncio.to_thread(self.decode, response.content)
 
 
 class _Connect:
@@ -373,7 +373,7 @@ class _Run:
         else:
             return
         try:
-            preview = _open(data)
+            preview = self.backend.decode(data)
         except Exception:  # a frame we cannot read is no reason to fail the job
             return
         self.context.progress(*self.step, preview)
@@ -389,9 +389,3 @@ def _png(image: str) -> bytes:
     buffer = io.BytesIO()
     decode_base64_image(image).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def _open(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return image.convert("RGB")

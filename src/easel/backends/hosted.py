@@ -24,7 +24,6 @@ Result images are downloaded only from the API's own host (with credentials) or 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -36,7 +35,6 @@ from PIL import Image
 from easel.backends._remote import RemoteBackend, poll_delays, secret_from_env
 from easel.backends.base import Capability, GenerationResult, RunContext
 from easel.errors import Cancelled, EngineError, EngineRefused, InvalidRequest
-from easel.images import decode_base64_image
 from easel.jobs import GenerationRequest
 
 Service = Literal["fal", "replicate", "fusionbrain"]
@@ -225,23 +223,14 @@ class HostedBackend(RemoteBackend):
                     f"backend {self.name!r}: fusionbrain censored the result (its content filter)"
                 )
             encoded = result.get("files") or done.get("images") or []
-            return [await asyncio.to_thread(decode_base64_image, str(b)) for b in encoded]
+            return [await asyncio.to_thread(self.decode, str(b)) for b in encoded]
         if self.service == "fal":
             result = (await self.call("GET", str(submitted.result_url))).json()
             urls = [str(image["url"]) for image in result.get("images") or []]
         else:
             output = done.get("output")
             urls = [str(u) for u in (output if isinstance(output, list) else [output]) if u]
-        images = []
-        for url in urls:
-            raw = await self.download(url, allowed_hosts=self.allowed_hosts)
-            images.append(await asyncio.to_thread(_open, raw))
+        images = [await self.fetch_image(url, allowed_hosts=self.allowed_hosts) for url in urls]
         if not images:
             raise EngineError(f"backend {self.name!r}: {self.service} returned no images")
         return images
-
-
-def _open(raw: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(raw)) as image:
-        image.load()
-        return image.convert("RGB")

@@ -108,20 +108,13 @@ class OpenAIBackend(RemoteBackend):
         images = []
         for item in answer.get("data") or []:
             if item.get("b64_json"):
-                data = str(item["b64_json"])
-                images.append(await asyncio.to_thread(decode_base64_image, data))
+                images.append(await asyncio.to_thread(self.decode, str(item["b64_json"])))
             elif item.get("url"):
-                raw = await self.download(str(item["url"]), allowed_hosts=self.allowed_hosts)
-                images.append(await asyncio.to_thread(_open, raw))
+                url = str(item["url"])
+                images.append(await self.fetch_image(url, allowed_hosts=self.allowed_hosts))
         if not images:
             raise EngineError(f"backend {self.name!r}: the engine returned no images")
         return images
-
-
-def _open(raw: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(raw)) as image:
-        image.load()
-        return image.convert("RGB")
 
 
 def _png(image: Image.Image) -> bytes:
