@@ -192,19 +192,7 @@ class Runtime:
             self.metrics.label(job.id, backend, request.model)
             self._wakeup.set()
             self.etas.announced(view)
-            await self.bus.publish(
-                Event.of(
-                    job,
-                    EventType.queued,
-                    position=view.position,
-                    eta_seconds=view.eta_seconds,
-                    wait_eta_seconds=view.wait_eta_seconds,
-                    run_eta_seconds=view.run_eta_seconds,
-                    eta_low_seconds=view.eta_low_seconds,
-                    eta_high_seconds=view.eta_high_seconds,
-                    average_seconds=view.average_seconds,
-                )
-            )
+            await self.bus.publish(_queued(job, view))
         return view
 
     async def _visible(self, job_id: str) -> Job:
@@ -325,15 +313,7 @@ class Runtime:
             raise Forbidden("moving jobs in the queue needs a token with the admin scope")
         job = await self.store.move(job_id, front=front)
         view = await self.view(job)
-        await self.bus.publish(
-            Event.of(
-                job,
-                EventType.queued,
-                position=view.position,
-                eta_seconds=view.eta_seconds,
-                average_seconds=view.average_seconds,
-            )
-        )
+        await self.bus.publish(_queued(job, view))
         return view
 
     async def view(self, job: Job) -> JobView:
@@ -385,3 +365,18 @@ def _carries_images(request: GenerationRequest) -> bool:
 def _sees_all() -> bool:
     service = current_service.get()
     return service is None or service.is_admin
+
+
+def _queued(job: Job, view: JobView) -> Event:
+    """The ``queued`` event of a job just placed in line: its position and estimates."""
+    return Event.of(
+        job,
+        EventType.queued,
+        position=view.position,
+        eta_seconds=view.eta_seconds,
+        wait_eta_seconds=view.wait_eta_seconds,
+        run_eta_seconds=view.run_eta_seconds,
+        eta_low_seconds=view.eta_low_seconds,
+        eta_high_seconds=view.eta_high_seconds,
+        average_seconds=view.average_seconds,
+    )
