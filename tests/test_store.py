@@ -519,3 +519,34 @@ def test_a_second_process_refuses_a_sqlite_store_in_use(tmp_path: Path) -> None:
         loop.run_until_complete(store.close())
     finally:
         loop.close()
+
+
+async def test_annotations_are_durable_and_never_change_the_state(
+    store: JobStore, store_factory: StoreFactory
+) -> None:
+    """Upload and webhook state written after a job ended: on the record for every later
+    read, after a restart too; the state stays final."""
+    from easel.jobs import WebhookDelivery
+
+    made = await store.enqueue(job(), user_cap=10)
+    await store.annotate(made.id, webhook={"url": "http://h/x", "attempts": 1})
+    claimed = await store.claim("w", ["mock"], lease_seconds=LEASE)
+    assert claimed is not None and claimed.webhook is not None
+    image = ImageRef(index=0, seed=1, width=8, height=8, path="a.png", url="/files/a.png")
+    await store.complete(made.id, "w", [image])
+    uploaded = image.model_copy(update={"remote_url": "http://s3/a.png"})
+    await store.annotate(made.id, images=[uploaded], upload_error="boom")
+    await store.annotate(
+        made.id, webhook=WebhookDelivery(url="http://h/x", attempts=2, events=2, delivered=True)
+    )
+    await store.close()
+    reopened = await store_factory()
+    seen = await reopened.get(made.id)
+    assert seen.state is JobState.succeeded
+    assert seen.images == [uploaded] and seen.upload_error == "boom"
+    assert seen.webhook == WebhookDelivery(url="http://h/x", attempts=2, events=2, delivered=True)
+    assert (await reopened.list_jobs())[0].webhook == seen.webhook
+    with pytest.raises(JobNotFound):
+        await reopened.annotate("nope", upload_error="x")
+    with pytest.raises(ValueError):
+        await reopened.annotate(made.id, state="queued")

@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 import httpx
 
 from easel.config import Settings
-from easel.effects.notes import JobNotes
 from easel.errors import EaselError, InvalidRequest
 from easel.events.bus import EventBus
 from easel.jobs import Event, EventType, WebhookDelivery
@@ -64,13 +63,12 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
 class Webhooks:
     """The dispatcher: one bus subscriber, one sender task per job with events pending."""
 
-    def __init__(self, settings: Settings, bus: EventBus, store: JobStore, notes: JobNotes) -> None:
+    def __init__(self, settings: Settings, bus: EventBus, store: JobStore) -> None:
         secret = settings.webhook_secret
         self.secret = secret.get_secret_value().encode() if secret else b""
         self.settings = settings
         self.bus = bus
         self.store = store
-        self.notes = notes
         self._urls: dict[str, str | None] = {}  # job id -> its webhook (None: has none)
         self._queues: dict[str, asyncio.Queue[Event]] = {}
         self._senders: dict[str, asyncio.Task[None]] = {}
@@ -112,7 +110,7 @@ class Webhooks:
             queue.put_nowait(event)
         except asyncio.QueueFull:
             log.warning("webhook of job %s is too far behind; event dropped", event.job_id)
-            self._note(event.job_id, url, last_error="receiver too slow; events dropped")
+            await self._note(event.job_id, url, last_error="receiver too slow; events dropped")
             return
         if event.job_id not in self._senders:
             sender = asyncio.create_task(self._send_all(event.job_id, url, queue))
@@ -158,7 +156,7 @@ class Webhooks:
                     error = f"{type(exc).__name__}: {exc}"
                 else:
                     error = None if response.is_success else f"HTTP {response.status_code}"
-            self._note(event.job_id, url, attempt=True, error=error)
+            await self._note(event.job_id, url, attempt=True, error=error)
             if error is None:
                 return
             retryable = "HTTP 4" not in error or error in {"HTTP 408", "HTTP 429"}
@@ -169,7 +167,7 @@ class Webhooks:
             delay = retry_delay(attempt, base=self.settings.webhook_retry_base_seconds)
             await asyncio.sleep(delay)
 
-    def _note(
+    async def _note(
         self,
         job_id: str,
         url: str,
@@ -178,7 +176,11 @@ class Webhooks:
         error: str | None = None,
         last_error: str | None = None,
     ) -> None:
-        state = self.notes.get(job_id).get("webhook") or WebhookDelivery(url=url)
+        try:
+            state = (await self.store.get(job_id)).webhook or WebhookDelivery(url=url)
+        except EaselError as exc:
+            log.warning("webhook of job %s: its delivery state is not recorded: %s", job_id, exc)
+            return
         update: dict[str, object] = {}
         if attempt:
             update["attempts"] = state.attempts + 1
@@ -189,4 +191,7 @@ class Webhooks:
                 update["last_error"] = error
         if last_error is not None:
             update["last_error"] = last_error
-        self.notes.update(job_id, webhook=state.model_copy(update=update))
+        try:
+            await self.store.annotate(job_id, webhook=state.model_copy(update=update))
+        except EaselError as exc:
+            log.warning("webhook of job %s: its delivery state is not recorded: %s", job_id, exc)

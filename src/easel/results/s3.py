@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from easel.config import S3Settings
-from easel.effects.notes import JobNotes
 from easel.events.bus import EventBus
 from easel.jobs import AudioRef, Event, EventType, ImageFormat, ImageRef, Job
 from easel.queue.backoff import retry_delay
 from easel.results.files import LocalStorage
+from easel.store.base import JobStore
 
 log = logging.getLogger("easel.results.s3")
 
@@ -109,11 +109,11 @@ class S3Store:
 class Uploads:
     """Uploads with retries, in threads; tracks background uploads so stop() can end them."""
 
-    def __init__(self, s3: S3Store, storage: LocalStorage, bus: EventBus, notes: JobNotes) -> None:
+    def __init__(self, s3: S3Store, storage: LocalStorage, bus: EventBus, store: JobStore) -> None:
         self.s3 = s3
         self.storage = storage
         self.bus = bus
-        self.notes = notes
+        self.store = store
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def upload(self, job: Job, refs: list[Ref]) -> list[Ref]:
@@ -146,13 +146,21 @@ class Uploads:
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.error("job %s: upload failed for good; its images stay local: %s", job.id, error)
-            self.notes.update(job.id, upload_error=error)
+            await self._annotate(job, upload_error=error)
             await self.bus.publish(Event.of(job, EventType.upload_failed, upload_error=error))
             return
-        self.notes.update(job.id, images=images, audio=audio)
+        await self._annotate(job, images=images, audio=audio)
         await self.bus.publish(
             Event.of(job, EventType.uploaded, images=images, audio=audio or None)
         )
+
+    async def _annotate(self, job: Job, **fields: Any) -> None:
+        """On the job's record, for every replica and after a restart; a store that is
+        down loses only this note (the files and the event still come)."""
+        try:
+            await self.store.annotate(job.id, **fields)
+        except Exception as exc:
+            log.error("job %s: could not record its upload on the job (%s)", job.id, exc)
 
     async def close(self, grace: float = 5.0) -> None:
         """Give uploads in flight ``grace`` seconds, then cancel them (the files stay local)."""

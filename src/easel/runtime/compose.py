@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from easel.backends.base import Backend
 from easel.config import Settings
 from easel.effects.metrics import Metrics
-from easel.effects.notes import JobNotes
 from easel.effects.webhooks import Webhooks
 from easel.events.bus import EventBus, InProcessEventBus
 from easel.events.redis import RedisEventBus
@@ -57,7 +56,6 @@ class Parts:
     registry: WorkerRegistry
     storage: LocalStorage
     run_times: RunTimes
-    notes: JobNotes
     """Upload and webhook state, after a job is stored."""
     uploads: Uploads | None
     webhooks: Webhooks
@@ -96,7 +94,6 @@ def assemble(
     storage = storage or LocalStorage(settings.resolved_output_dir, settings.output)
     if settings.clap_model is not None and storage.scorer is None:
         storage.scorer = ClapScorer(settings.clap_model)
-    notes = JobNotes()
     registry = registry_for(settings)
     fleet.attach(store, registry, remote=settings.redis_url is not None)
     return Parts(
@@ -108,9 +105,8 @@ def assemble(
         registry=registry,
         storage=storage,
         run_times=RunTimes(),
-        notes=notes,
-        uploads=uploads_for(settings, storage, bus, notes),
-        webhooks=Webhooks(settings, bus, store, notes),
+        uploads=uploads_for(settings, storage, bus, store),
+        webhooks=Webhooks(settings, bus, store),
         gate=Gate(settings.safety),
         metrics=Metrics(),
         doorbell=Doorbell(),
@@ -219,11 +215,11 @@ async def open_parts(bus: EventBus, registry: WorkerRegistry) -> None:
 
 
 def uploads_for(
-    settings: Settings, storage: LocalStorage, bus: EventBus, notes: JobNotes
+    settings: Settings, storage: LocalStorage, bus: EventBus, store: JobStore
 ) -> Uploads | None:
     if not settings.s3.bucket:
         return None
-    return Uploads(S3Store(settings.s3), storage, bus, notes)
+    return Uploads(S3Store(settings.s3), storage, bus, store)
 
 
 def backends_from(settings: Settings) -> dict[str, Backend]:

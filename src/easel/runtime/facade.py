@@ -77,7 +77,6 @@ class Runtime:
         self.registry = parts.registry
         self.storage = parts.storage
         self.run_times = parts.run_times
-        self.notes = parts.notes
         self.uploads = parts.uploads
         self.webhooks = parts.webhooks
         self.gate = parts.gate
@@ -319,7 +318,6 @@ class Runtime:
     async def view(self, job: Job) -> JobView:
         """The job with its queue position and ETA: wait and run apart, with a p10-p90
         range (queued and running jobs; see :mod:`easel.runtime._etas`)."""
-        job = self.notes.apply(job)
         average = self.run_times.estimate(job.backend, job.request)
         fields = await self.etas.fields(job)
         reason = None
@@ -351,7 +349,7 @@ class Runtime:
 
     async def audio_path(self, job_id: str, index: int) -> tuple[Path, AudioRef]:
         """The stored file of clip ``index`` and its ref (format, media type)."""
-        job = self.notes.apply(await self._visible(job_id))
+        job = await self._visible(job_id)
         if not 0 <= index < len(job.audio):
             raise AudioNotFound(f"job {job_id} has no audio {index} (it has {len(job.audio)})")
         ref = job.audio[index]

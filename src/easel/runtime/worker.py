@@ -400,8 +400,8 @@ class Worker:
                 return
             await self._failed(job, exc)
         else:
-            if upload_error is not None and self.uploads is not None:
-                self.uploads.notes.update(done.id, upload_error=upload_error)
+            if upload_error is not None:
+                await self._note_upload_error(done, upload_error)
             await self.bus.publish(
                 Event.of(
                     done,
@@ -420,6 +420,16 @@ class Worker:
         if result.audio:
             return [], self.storage.save_audio(job, result)
         return self.storage.save(job, result), []
+
+    async def _note_upload_error(self, job: Job, error: str) -> None:
+        """On the record (every replica, after a restart); the succeeded event carries it
+        too, so a store that is down loses only the note."""
+        try:
+            await self.store.annotate(job.id, upload_error=error)
+        except Exception as exc:
+            log.error(
+                "job %s: could not record its upload error (%s)", job.id, exc, extra=_ids(job)
+            )
 
     async def _failed(self, job: Job, exc: Exception) -> None:
         """Record a failure: retry it later if it was transient, else fail it with its reason."""

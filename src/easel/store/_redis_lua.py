@@ -578,3 +578,10 @@ route_cost(ARGV[9], tonumber(f[5]))
 redis.call('HSET', jk, 'backend', ARGV[9], 'batch_key', ARGV[10])
 return 1
 """)
+
+ANNOTATE = """
+-- KEYS[1] the job's hash; ARGV field, value, ...: set only while the record exists
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""

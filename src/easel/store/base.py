@@ -17,6 +17,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection
+from functools import cache
+from typing import Any
+
+from pydantic import TypeAdapter
 
 from easel.errors import WorkerLost
 from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
@@ -25,6 +29,33 @@ from easel.queue.scheduler import Entry, Place, QueueStats
 WORKER_LOST = JobError(
     code=WorkerLost.code, message="the worker running this job stopped answering too many times"
 )
+
+
+ANNOTATIONS = frozenset({"images", "audio", "upload_error", "webhook"})
+"""Job fields written after the store settled the job (or beside its run): the S3 upload's
+results or error, the webhook's delivery state. They never change the job's state."""
+
+
+@cache
+def _adapter(key: str) -> TypeAdapter[Any]:
+    field: Any = Job.model_fields[key].annotation
+    return TypeAdapter(field)
+
+
+def annotation_json(key: str, value: Any) -> str:
+    """One annotation as JSON, checked against the :class:`Job` field it sets."""
+    if key not in ANNOTATIONS:
+        raise ValueError(f"{key!r} is not a job annotation; known: {sorted(ANNOTATIONS)}")
+    adapter = _adapter(key)
+    return adapter.dump_json(adapter.validate_python(value)).decode()
+
+
+def with_annotations(job: Job, notes: dict[str, str]) -> Job:
+    """``job`` with stored annotations (key -> JSON) laid over its record."""
+    update = {
+        key: _adapter(key).validate_json(raw) for key, raw in notes.items() if key in ANNOTATIONS
+    }
+    return job.model_copy(update=update) if update else job
 
 
 class JobStore(ABC):
@@ -102,6 +133,12 @@ class JobStore(ABC):
     @abstractmethod
     async def cancel(self, job_id: str) -> Job:
         """Queued or running -> cancelled; ``JobFinished`` when it already ended."""
+
+    @abstractmethod
+    async def annotate(self, job_id: str, **fields: Any) -> None:
+        """Lay ``fields`` (keys from :data:`ANNOTATIONS`) over the job's record, durably:
+        every later ``get``/``list_jobs`` in any process shows them, after a restart too.
+        Never changes the job's state; ``JobNotFound`` when there is no such job."""
 
     @abstractmethod
     async def get(self, job_id: str) -> Job:

@@ -37,7 +37,7 @@ from easel.errors import (
 from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import Place, Policy, QueueStats, batch_key, entry_for
 from easel.store import _redis_lua as lua
-from easel.store.base import WORKER_LOST, JobStore
+from easel.store.base import WORKER_LOST, JobStore, annotation_json, with_annotations
 
 log = logging.getLogger("easel.store.redis")
 
@@ -58,6 +58,8 @@ _CHANGING = frozenset(
     }
 )
 """Job fields the scripts change, each a hash field; the rest is stored once as JSON."""
+_NOTE = "note:"
+"""Hash field prefix of an annotation (``note:webhook``): beside the record, expiring with it."""
 _UNAVAILABLE_REPLIES = ("MISCONF", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS")
 
 
@@ -122,6 +124,7 @@ class RedisStore(JobStore):
 
     async def open(self) -> None:
         self._redis = connect(self.url, socket_timeout=self.socket_timeout)
+        self._scripts["ANNOTATE"] = self._redis.register_script(lua.ANNOTATE)
         for name in ("ENQUEUE", "CLAIM", "HEARTBEAT", "COMPLETE", "FAIL", "REQUEUE", "CANCEL",
                      "EXPIRE", "PLACE", "STATS", "REROUTE", "REORDER"):  # fmt: skip
             self._scripts[name] = self._redis.register_script(getattr(lua, name))
@@ -307,6 +310,26 @@ class RedisStore(JobStore):
     async def cancel(self, job_id: str) -> Job:
         return _outcome(await self._run("CANCEL", job_id), job_id, None)
 
+    async def annotate(self, job_id: str, **fields: Any) -> None:
+        """HSET beside the record (only while it exists: an expired job stays gone)."""
+        args = [
+            part
+            for key, value in fields.items()
+            for part in (_NOTE + key, annotation_json(key, value))
+        ]
+        if not args:
+            return
+        if self._redis is None:
+            raise StoreUnavailable("the job store is closed")
+        key = self._key(keys.JOB + job_id)
+        try:
+            found = await self._scripts["ANNOTATE"](keys=[key], args=args)
+        except redis_errors.RedisError as exc:
+            raise unavailable(exc, self.url) from exc
+        raise_if_cancelled()
+        if not found:
+            raise JobNotFound(f"no job with id {job_id!r}")
+
     async def get(self, job_id: str) -> Job:
         fields = await self._read(lambda r: r.hgetall(self._key(keys.JOB + job_id)))
         if not fields:
@@ -457,7 +480,8 @@ def _from_fields(fields: dict[str, str]) -> Job:
     error = fields.get("error")
     runs = fields.get("runs")
     base = Job.model_validate_json(fields["base"])
-    return base.model_copy(
+    notes = {key[len(_NOTE) :]: value for key, value in fields.items() if key.startswith(_NOTE)}
+    job = base.model_copy(
         update={
             "state": JobState(fields["state"]),
             "started_at": _float(fields.get("started_at")),
@@ -473,6 +497,7 @@ def _from_fields(fields: dict[str, str]) -> Job:
             else [],
         }
     )
+    return with_annotations(job, notes)
 
 
 def _float(value: str | None) -> float | None:

@@ -42,7 +42,7 @@ from easel.queue.scheduler import (
     check_user_cap,
     entry_for,
 )
-from easel.store.base import WORKER_LOST, JobStore
+from easel.store.base import WORKER_LOST, JobStore, annotation_json
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
@@ -545,6 +545,23 @@ class SqliteStore(JobStore):
                 self._queue.push_front(entry)
             raise
         return self._settled(job)
+
+    async def annotate(self, job_id: str, **fields: Any) -> None:
+        """Set in the record itself, one statement: later writes load it with the rest."""
+        paths = [(f"$.{key}", annotation_json(key, value)) for key, value in fields.items()]
+        if not paths:
+            return
+        sets = ", ".join("?, json(?)" for _ in paths)
+        params = [part for pair in paths for part in pair]
+
+        def op(conn: sqlite3.Connection) -> None:
+            cursor = conn.execute(
+                f"UPDATE jobs SET data = json_set(data, {sets}) WHERE id = ?", (*params, job_id)
+            )
+            if cursor.rowcount != 1:
+                raise JobNotFound(f"no job with id {job_id!r}")
+
+        await self._writer.run(op)
 
     async def get(self, job_id: str) -> Job:
         return await self._writer.run(lambda conn: _load(conn, job_id))
