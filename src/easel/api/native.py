@@ -261,19 +261,7 @@ async def list_models(request: Request) -> Models:
     runtime = runtime_of(request)
     return Models(
         models=[
-            ModelEntry(
-                name=m.name,
-                backend=m.backend,
-                family=m.family,
-                loaded=m.loaded,
-                kind=m.kind,
-                size_bytes=m.size_bytes,
-                description=m.description,
-                base_model=m.base_model,
-                merged_from=list(m.merged_from),
-                format=m.format,
-                state=m.state,
-            )
+            ModelEntry.model_validate(m, from_attributes=True)
             for backend in runtime.backends.values()
             for m in backend.models()
         ],
