@@ -7,6 +7,7 @@ get updated ETAs in ``queued`` events, and a premium arrival pushes standard ETA
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,52 @@ def test_a_job_no_lane_serves_waits_behind_everything() -> None:
     assert projected[1].wait.mid == 1.0
 
 
+@given(
+    st.lists(
+        st.tuples(st.floats(0.1, 10), st.one_of(st.none(), st.floats(0.25, 4))),
+        min_size=1,
+        max_size=25,
+    ),
+    st.integers(1, 3),
+    st.integers(1, 3),
+)
+def test_another_backend_takes_a_job_only_where_it_would_finish_it_sooner(
+    jobs: list[tuple[float, float | None]], own_lanes: int, other_lanes: int
+) -> None:
+    """Jobs of route ``a``; some may also run on ``b`` at another speed. Each job ends no
+    later than it would if it were bound to its own route, and one bound to its route
+    (no ``elsewhere``) runs there at its own price."""
+    lanes = [Lane("a")] * own_lanes + [Lane("b")] * other_lanes
+    waiting = []
+    for i, (r, factor) in enumerate(jobs):
+        elsewhere = {} if factor is None else {"b": Estimate(r, r, r).scaled(factor)}
+        waiting.append(Waiting(str(i), "a", None, Estimate(r, r, r), elsewhere))
+    projected = project(waiting, lanes, lambda route, model: 0.0)
+    for k, job in enumerate(waiting):
+        bound = replace(job, elsewhere={})
+        alone = project([*waiting[:k], bound], lanes, lambda route, model: 0.0)[-1]
+        assert projected[k].total.mid <= alone.total.mid + 1e-9
+        assert projected[k].run.mid in (job.run.mid, *(e.mid for e in job.elsewhere.values()))
+        if not job.elsewhere:
+            assert projected[k].run == job.run
+    if own_lanes == 1 and other_lanes and all(f is not None and f < 1 for _, f in jobs):
+        assert projected[0].run.mid < waiting[0].run.mid  # a free faster backend takes it
+
+
+def test_prices_on_other_backends_scale_by_measured_speed() -> None:
+    book = CostBook()
+    fast = _shape()
+    for _ in range(3):
+        book.observe(fast, 2.0)
+    slow = replace(fast, backend="slow")
+    speeds = {"gpu": 4.0, "slow": 1.0}
+    assert book.prices(fast, ["slow"], speeds) == {"slow": Estimate(8.0, 8.0, 8.0)}
+    assert book.prices(slow, ["gpu"], speeds) == {"gpu": Estimate(2.0, 2.0, 2.0)}
+    book.observe(slow, 5.0)  # its own measurement wins over the speed ratio
+    assert book.prices(fast, ["slow"], speeds) == {"slow": Estimate(5.0, 5.0, 5.0)}
+    assert book.prices(fast, ["unknown"], {}) == {"unknown": Estimate(2.0, 2.0, 2.0)}
+
+
 def test_material_changes_are_position_or_a_real_move() -> None:
     one = Estimate(10.0, 10.0, 10.0)
     (base,) = project([Waiting("a", "gpu", None, one)], [Lane("gpu")], lambda r, m: 0.0)
@@ -204,5 +251,42 @@ async def test_a_premium_arrival_pushes_standard_etas_out_and_says_so(tmp_path: 
         view = await runtime.get(last.id)
         assert view.position == 4 and view.eta_seconds == 10.0
         assert view.state is JobState.queued
+    finally:
+        await runtime.stop()
+
+
+async def test_etas_count_every_backend_that_may_run_a_job_at_its_measured_speed(
+    tmp_path: Path,
+) -> None:
+    """Two mock backends, ``fast`` measured 2.5x as fast as ``slow``: a job that either may
+    run is projected on the one that ends it first; a job pinned to ``slow`` waits for it."""
+    settings = Settings(
+        data_dir=tmp_path / "data", backend="mock", max_user_queue_size=100,
+        eta_update_seconds=60,
+    )  # fmt: skip
+    backends = {"fast": MockBackend(name="fast"), "slow": MockBackend(name="slow")}
+    runtime = Runtime(settings, backends=backends)  # type: ignore[arg-type]
+    await runtime.start(workers=False)
+    try:
+        small: dict[str, Any] = {"steps": 2, "width": 64, "height": 64}
+        request = GenerationRequest(prompt="m", **small)
+        for _ in range(3):
+            runtime.run_times.observe("fast", request, 1.0)  # only fast ran this shape
+        runtime.fleet.observe_speed("fast", request.cost, 1.0)
+        runtime.fleet.observe_speed("slow", request.cost, 2.5)
+        views = [
+            await runtime.submit(GenerationRequest(prompt=f"p{i}", user_id="ann", **small))
+            for i in range(4)
+        ]
+        etas = [(await runtime.get(view.id)).eta_seconds for view in views]
+        # fast runs 0-1 and 1-2; slow ends the third at 2.5; fast the fourth at 3
+        assert etas == [1.0, 2.0, 2.5, 3.0]
+        pinned = await runtime.submit(
+            GenerationRequest(prompt="s", user_id="ann", backend="slow", **small)
+        )
+        assert pinned.backend == "slow"
+        seen = await runtime.get(pinned.id)
+        assert seen.run_eta_seconds == 2.5  # slow's speed, never fast's
+        assert seen.wait_eta_seconds == 2.5  # behind the third job on slow, not after fast's
     finally:
         await runtime.stop()

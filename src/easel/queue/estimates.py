@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -167,6 +167,35 @@ class CostBook:
             return None
         return Estimate(mid / ratio, mid, mid * ratio)
 
+    def prices(
+        self, shape: Shape, routes: Iterable[str], speeds: Mapping[str, float]
+    ) -> dict[str, Estimate]:
+        """One run of ``shape`` on each of ``routes``: what that backend measured (its own
+        samples or curve), else a measured backend's price scaled by their measured speeds
+        (work units per second: a backend twice as fast takes half the time). Routes with
+        neither are left out."""
+        reference = self._reference(shape)
+        out = {}
+        for route in routes:
+            own = self.price(replace(shape, backend=route))
+            if own is None and reference is not None:
+                backend, priced = reference
+                theirs, ours = speeds.get(backend), speeds.get(route)
+                factor = theirs / ours if theirs and ours else 1.0
+                own = priced.scaled(factor)
+            if own is not None:
+                out[route] = own
+        return out
+
+    def _reference(self, shape: Shape) -> tuple[str, Estimate] | None:
+        """A backend that measured this shape (its own backend first) and its price."""
+        if (priced := self.price(shape)) is not None:
+            return shape.backend, priced
+        for other in sorted({s.backend for s in self._shapes.values()} - {shape.backend}):
+            if (priced := self.price(replace(shape, backend=other))) is not None:
+                return other, priced
+        return None
+
     def _curve(self, backend: str) -> tuple[np.ndarray, float] | None:
         """Least squares over the medians of the backend's shapes (non-negative terms),
         and the typical spread ratio (p90 / p50) of its samples."""
@@ -232,8 +261,6 @@ class Lane:
     route: str
     free_in: Estimate = ZERO
     model: str | None = None
-    speed: float = 1.0
-    """Relative to the measurements of its route (1.0: as measured)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +271,10 @@ class Waiting:
     route: str
     model: str | None
     run: Estimate
-    """Its own run (warm), priced by :meth:`CostBook.price` or a default."""
+    """Its own run (warm) on its route, priced by :meth:`CostBook.price` or a default."""
+    elsewhere: Mapping[str, Estimate] = field(default_factory=dict)
+    """Its run on the other backends that may take it (idle backends take queued work:
+    the fleet's work stealing), each priced for that backend (:meth:`CostBook.prices`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,8 +298,10 @@ def project(
 ) -> list[Projection]:
     """When each waiting job starts and how long it runs, simulating the lanes forward.
 
-    ``waiting`` is in serving order. Each job goes to the lane serving its route that
-    comes free first (a lane with its model already loaded wins a tie); a lane with
+    ``waiting`` is in serving order. A job goes to the lane of its route that comes free
+    first (a lane with its model already loaded wins a tie), as workers claim; another
+    backend that may run it (``Waiting.elsewhere``) takes it instead when it would finish
+    it sooner at its own speed, as the fleet's idle backends take queued work. A lane with
     another model pays ``load(route, model)``. Stops after ``until`` when given. A job no
     lane serves is projected after everything (wait: the whole projected backlog).
     """
@@ -277,17 +309,22 @@ def project(
     models = [lane.model for lane in lanes]
     out = []
     for position, job in enumerate(waiting):
-        candidates = [i for i, lane in enumerate(lanes) if lane.route == job.route]
-        if not candidates:
+        options = []  # (finish, not its own route, lane, its run there with any load)
+        for route, run in ((job.route, job.run), *job.elsewhere.items()):
+            candidates = [i for i, lane in enumerate(lanes) if lane.route == route]
+            if not candidates:
+                continue
+            best = min(candidates, key=lambda i: (free[i][1], models[i] != job.model, i))
+            switch = job.model is not None and models[best] not in (None, job.model)
+            extra = load(route, job.model) if switch else 0.0
+            priced = Estimate(run.low + extra, run.mid + extra, run.high + extra)
+            options.append((free[best][1] + priced.mid, route != job.route, best, priced))
+        if not options:
             horizon = max((max(f) for f in free), default=0.0)
             behind = Estimate(horizon, horizon, horizon)
             out.append(Projection(job.job_id, position, behind, job.run))
         else:
-            best = min(candidates, key=lambda i: (free[i][1], models[i] != job.model, i))
-            lane = lanes[best]
-            switch = job.model is not None and models[best] not in (None, job.model)
-            extra = load(job.route, job.model) if switch else 0.0
-            run = Estimate(*(job.run.at(level) / lane.speed + extra for level in range(3)))
+            _, _, best, run = min(options, key=lambda o: o[:3])
             wait = Estimate(*free[best])
             free[best] = [wait.at(level) + run.at(level) for level in range(3)]
             models[best] = job.model if job.model is not None else models[best]

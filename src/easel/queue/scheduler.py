@@ -33,7 +33,9 @@ from sortedcontainers import SortedKeyList
 
 from easel.errors import QueueFull, UserQueueFull
 from easel.jobs import PREMIUM_PRIORITY, GenerationRequest, Job
+from easel.queue.admission import want_of
 from easel.queue.estimates import CostBook, Estimate, Shape
+from easel.queue.routing import Want
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # identity: lookups stay cheap
@@ -47,6 +49,9 @@ class Entry:
     batch_key: str | None = None
     shape: Shape | None = None
     """What prices its run, for ETAs."""
+    want: Want | None = None
+    """What it needs of a backend, should another one take it (ETAs count every backend
+    that may run it)."""
 
 
 def entry_for(job: Job) -> Entry:
@@ -60,6 +65,7 @@ def entry_for(job: Job) -> Entry:
         enqueued_at=job.created_at,
         batch_key=batch_key(job),
         shape=Shape.of(job.backend, request),
+        want=want_of(request, moving=True),
     )
 
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from easel.queue.estimates import (
     material,
     project,
 )
+from easel.queue.routing import BackendView, eligible
 from easel.queue.scheduler import Entry
 from easel.runtime.extensions import Extension
 
@@ -75,35 +77,69 @@ class Etas(Extension):
 
     # -- the facts --------------------------------------------------------------------
 
-    def lanes(self, now: float) -> list[Lane]:
-        """One lane per local worker, busy for what its current run has left."""
+    async def lanes(self, now: float) -> list[Lane]:
+        """One lane per worker of the deployment: this process's, busy for what their
+        current runs have left, and (scaled out) the ones other processes advertise."""
         lanes = []
-        run_times = self.runtime.run_times
+        mine = set()
         for worker in self.runtime.workers:
+            mine.add(worker.id)
             busy = ZERO
             for job in worker.running:
-                price = run_times.price(job.backend, job.request)
-                if price is not None:
-                    elapsed = now - (job.started_at or now)
-                    busy = Estimate(*(max(price.at(i) - elapsed, 0.0) for i in range(3)))
+                busy = self._left(job, now)
             lanes.append(Lane(route=worker.backend.name, free_in=busy, model=worker.model))
-        if not lanes:  # an API-only process: assume one free lane per backend
+        for info in await self.runtime.fleet.workers():
+            if info.id in mine or info.state == "down":
+                continue
+            busy = ZERO
+            for job_id in info.current_jobs:
+                with contextlib.suppress(EaselError):
+                    busy = self._left(await self.runtime.store.get(job_id), now)
+            model = info.loaded[0] if len(info.loaded) == 1 else None
+            lanes.append(Lane(route=info.backend, free_in=busy, model=model))
+        if not lanes:  # nothing works yet: assume one free lane per local backend
             lanes = [Lane(route=name) for name in self.runtime.backends]
         return lanes
 
-    def _waiting(self, entries: list[Entry], unknown: set[str]) -> list[Waiting]:
+    def _left(self, job: Job, now: float) -> Estimate:
+        """What a running job's run has left."""
+        price = self.runtime.run_times.price(job.backend, job.request)
+        if price is None or job.state is not JobState.running:
+            return ZERO
+        elapsed = now - (job.started_at or now)
+        return Estimate(*(max(price.at(i) - elapsed, 0.0) for i in range(3)))
+
+    def _waiting(
+        self, entries: list[Entry], unknown: set[str], views: Sequence[BackendView]
+    ) -> list[Waiting]:
+        book = self.runtime.run_times.book
+        speeds = {view.name: view.speed for view in views}
         waiting = []
         for entry in entries:
             run: Estimate | None = None
+            elsewhere: dict[str, Estimate] = {}
             if entry.shape is not None:
-                run = self.runtime.run_times.book.price(replace(entry.shape, backend=entry.route))
+                shape = replace(entry.shape, backend=entry.route)
+                run = book.prices(shape, [entry.route], speeds).get(entry.route)
+                if entry.want is not None:
+                    others = [v.name for v in eligible(entry.want, views) if v.name != entry.route]
+                    elsewhere = {
+                        route: price + self._gap(route)
+                        for route, price in book.prices(shape, others, speeds).items()
+                    }
             if run is None:
                 unknown.add(entry.job_id)
                 run = ZERO
             model = entry.shape.model if entry.shape is not None else None
-            gap = self.runtime.run_times.gap(entry.route)  # claim and events, per job
-            waiting.append(Waiting(entry.job_id, entry.route, model, run + Estimate(gap, gap, gap)))
+            waiting.append(
+                Waiting(entry.job_id, entry.route, model, run + self._gap(entry.route), elsewhere)
+            )
         return waiting
+
+    def _gap(self, route: str) -> Estimate:
+        """Claim and events, per job."""
+        gap = self.runtime.run_times.gap(route)
+        return Estimate(gap, gap, gap)
 
     async def projections(self, limit: int = PROJECT_LIMIT) -> Projected | None:
         """The first ``limit`` queued jobs' projections; None: the store cannot tell."""
@@ -111,8 +147,10 @@ class Etas(Extension):
         if entries is None:
             return None
         unknown: set[str] = set()
-        waiting = self._waiting(entries, unknown)
-        projected = project(waiting, self.lanes(time.time()), self.runtime.run_times.book.load)
+        views = list((await self.runtime.fleet.views()).values())
+        waiting = self._waiting(entries, unknown, views)
+        lanes = await self.lanes(time.time())
+        projected = project(waiting, lanes, self.runtime.run_times.book.load)
         result = Projected(
             {p.job_id: p for p in projected}, unknown, {e.job_id: e.route for e in entries}
         )
