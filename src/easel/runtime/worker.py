@@ -4,7 +4,8 @@ Order matters and is kept for every job: ``started``, ``progress`` 1..N, then ex
 of ``succeeded`` / ``failed`` (or ``queued`` again for a retry); results are on disk before
 ``succeeded`` is published, and final store writes run under ``asyncio.shield`` so a
 cancel cannot half-write them. A cancelled job (``cancelled`` on the bus, or a lost lease)
-stops at the next step; in a batch, the others go on.
+stops at the next step; in a batch, the others go on. A store outage never fails a run:
+final writes and events wait for the store to come back (:mod:`easel.runtime._outage`).
 
 Results are finished off the backend's critical path (:mod:`easel.runtime._finisher`):
 once a backend call returns, the worker claims and starts its next job while the previous
@@ -45,6 +46,7 @@ from easel.queue.scheduler import RunTimes
 from easel.results.files import LocalStorage
 from easel.results.s3 import Ref, Uploads
 from easel.runtime._finisher import Finisher, in_results_thread
+from easel.runtime._outage import announce, try_announce, until_stored
 from easel.store.base import JobStore
 
 if TYPE_CHECKING:
@@ -228,7 +230,7 @@ class Worker:
         handed_over = False
         try:
             for job in jobs:
-                await self.bus.publish(Event.of(job, EventType.started))
+                await try_announce(self.bus, Event.of(job, EventType.started))
             if self._ended is not None:  # back to back: what a job costs besides its run
                 self.run_times.observe_gap(self.backend.name, time.monotonic() - self._ended)
             model = jobs[0].request.model
@@ -240,7 +242,7 @@ class Worker:
             except Exception as exc:
                 self._report(exc)
                 for job in jobs:
-                    await self._failed(job, exc)
+                    await self._failed(job, exc, cancels[job.id])
                 return
             self._ended = time.monotonic()
             seconds = (self._ended - began) / len(jobs)
@@ -355,7 +357,7 @@ class Worker:
 
         async def pump() -> None:
             while (event := await pending.get()) is not None:
-                await self.bus.publish(event)
+                await try_announce(self.bus, event)
 
         publisher = asyncio.create_task(pump())
         contexts = [progress_of(job) for job in jobs]
@@ -388,9 +390,10 @@ class Worker:
                 if audio and upload_error is None:
                     audio, upload_error = await _upload_now(self.uploads, job, audio)
             run = self._run(job, None)
-            done = await asyncio.shield(
-                self.store.complete(job.id, self.id, images, audio=audio, run=run)
-            )
+            done = await until_stored(
+                lambda: self.store.complete(job.id, self.id, images, audio=audio, run=run),
+                store=self.store, job_id=job.id, run=run, lost=cancel,
+            )  # fmt: skip
             self.run_times.observe_finish(job.backend, time.monotonic() - began)
         except (LeaseLost, JobFinished):
             log.info("job %s is no longer ours; its result is discarded", job.id, extra=_ids(job))
@@ -398,11 +401,12 @@ class Worker:
             if cancel.is_set():  # a void run's trouble is not the job's
                 log.info("job %s: a void run failed (%s); discarded", job.id, exc, extra=_ids(job))
                 return
-            await self._failed(job, exc)
+            await self._failed(job, exc, cancel)
         else:
             if upload_error is not None:
                 await self._note_upload_error(done, upload_error)
-            await self.bus.publish(
+            await announce(
+                self.bus,
                 Event.of(
                     done,
                     EventType.succeeded,
@@ -410,7 +414,7 @@ class Worker:
                     audio=done.audio or None,
                     upload_error=upload_error,
                     content=content,
-                )
+                ),
             )
             if self.uploads is not None and not job.request.sync_with_s3:
                 self.uploads.schedule(done)
@@ -431,8 +435,9 @@ class Worker:
                 "job %s: could not record its upload error (%s)", job.id, exc, extra=_ids(job)
             )
 
-    async def _failed(self, job: Job, exc: Exception) -> None:
-        """Record a failure: retry it later if it was transient, else fail it with its reason."""
+    async def _failed(self, job: Job, exc: Exception, lost: threading.Event) -> None:
+        """Record a failure: retry it later if it was transient, else fail it with its reason
+        (the write rides out a store outage until it lands or the lease is ``lost``)."""
         if isinstance(exc, Cancelled | LeaseLost | JobFinished):
             return
         if isinstance(exc, EaselError):
@@ -446,19 +451,24 @@ class Worker:
         run = self._run(job, error)
         try:
             if isinstance(exc, EaselError) and exc.retryable:
-                target = await self._elsewhere(job)
+                outage = isinstance(exc, StoreUnavailable)  # not the job's fault: no attempt
+                target = None if outage else await self._elsewhere(job)
                 delay = 0.0 if target else retry_delay(job.attempts, base=self.retry_base_seconds)
-                after = await asyncio.shield(
-                    self.store.requeue(
-                        job.id, worker_id=self.id, reason=error, delay=delay, run=run
-                    )
-                )
+                after = await until_stored(
+                    lambda: self.store.requeue(
+                        job.id, worker_id=self.id, reason=error, delay=delay, run=run,
+                        spend_attempt=not outage,
+                    ),
+                    store=self.store, job_id=job.id, run=run, lost=lost,
+                )  # fmt: skip
                 if target is not None and after.state is JobState.queued:
-                    after = await self.store.reroute(job.id, target) or after
+                    with contextlib.suppress(StoreUnavailable):  # it waits in its own line
+                        after = await self.store.reroute(job.id, target) or after
             else:
-                after = await asyncio.shield(
-                    self.store.fail(job.id, error, worker_id=self.id, run=run)
-                )
+                after = await until_stored(
+                    lambda: self.store.fail(job.id, error, worker_id=self.id, run=run),
+                    store=self.store, job_id=job.id, run=run, lost=lost,
+                )  # fmt: skip
         except (LeaseLost, JobFinished):
             return
         if after.state is JobState.queued:
@@ -466,10 +476,10 @@ class Worker:
                 "job %s: %s; retrying (attempt %d)", job.id, error.message, after.attempts,
                 extra=_ids(job),
             )  # fmt: skip
-            await self.bus.publish(Event.of(after, EventType.queued, error=error))
+            await announce(self.bus, Event.of(after, EventType.queued, error=error))
             self.wakeup.set()
         else:
-            await self.bus.publish(Event.of(after, EventType.failed, error=after.error))
+            await announce(self.bus, Event.of(after, EventType.failed, error=after.error))
 
     async def _heartbeat(self, jobs: list[Job], cancels: dict[str, threading.Event]) -> None:
         while True:

@@ -1,0 +1,214 @@
+"""A store outage never fails a job that ran, over both stores (``runtime/_outage.py``).
+
+The store is real (SQLite, or the session's redis-server) behind :class:`Outage`, which a
+test takes down and brings back: while down, every call raises ``StoreUnavailable``, as a
+killed redis-server or an unwritable database file makes the real stores do. (The real
+thing, redis-server SIGKILLed under 200 jobs, is in ``test_scale_out.py``.) Saves are held
+at a gate, so the outage starts exactly between "the backend produced the images" and
+"the record is committed": no sleeps, no timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from easel.config import Settings
+from easel.errors import StoreUnavailable
+from easel.events.bus import Subscription
+from easel.jobs import EventType, JobState
+from easel.runtime.facade import Runtime
+from easel.store.base import JobStore
+from easel.store.sqlite import SqliteStore
+from tests.test_worker import GatedStorage, _drain, _request
+
+
+class Outage:
+    """A real store that a test can take down (``down``) and bring back. ``lose_reply``
+    makes the next call of that name land, then fail as if the reply was lost with the
+    connection. ``refused`` counts the calls refused, per method; ``refusing`` is set when
+    a method named in ``watch`` was refused."""
+
+    def __init__(self, inner: JobStore, watch: str = "complete") -> None:
+        self.inner = inner
+        self.down = False
+        self.lose_reply: str | None = None
+        self.refused: Counter[str] = Counter()
+        self.watch = watch
+        self.refusing = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)
+        if name in {"open", "close"} or not asyncio.iscoroutinefunction(attribute):
+            return attribute
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                self.refused[name] += 1
+                if name == self.watch:
+                    self.refusing.set()
+                raise StoreUnavailable(f"the store is down (test outage, {name})")
+            result = await attribute(*args, **kwargs)
+            if self.lose_reply == name:
+                self.lose_reply = None
+                raise StoreUnavailable(f"the connection dropped before the reply ({name})")
+            return result
+
+        return call
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def inner_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    store: JobStore
+    if request.param == "redis":
+        from easel.store.redis import RedisStore
+
+        url = request.getfixturevalue("redis_url")
+        store = RedisStore(url, prefix=f"outage:{tmp_path.name}:")
+    else:
+        store = SqliteStore(tmp_path / "jobs.db")
+    yield store
+
+
+@pytest.fixture
+async def outage(inner_store: JobStore) -> Outage:
+    return Outage(inner_store)
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path, outage: Outage, gated: GatedStorage) -> AsyncIterator[Runtime]:
+    settings = Settings(
+        data_dir=tmp_path / "data", backend="mock", results_depth=1, retry_base_seconds=0.05
+    )
+    runtime = Runtime(settings, store=outage, storage=gated)  # type: ignore[arg-type]
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        gated.release_all()
+        outage.down = False
+        await runtime.stop()
+
+
+@pytest.fixture
+async def gated(tmp_path: Path) -> GatedStorage:
+    return GatedStorage(tmp_path / "out")
+
+
+async def _final(runtime: Runtime, job_id: str) -> Any:
+    return await runtime.wait(job_id, timeout=60)
+
+
+def _types(events: Subscription, job_id: str) -> list[EventType]:
+    return [event.type for event in _drain(events) if event.job_id == job_id]
+
+
+async def _down_while_committing(
+    runtime: Runtime, outage: Outage, gated: GatedStorage, prompt: str
+) -> str:
+    """Submit, let the backend run, take the store down, then let the results be written:
+    the commit meets the outage. Returns once the worker was refused twice (it retries)."""
+    job_id = (await runtime.submit(_request(prompt))).id
+    assert await gated.saving.get() == job_id  # the backend produced its image
+    outage.down = True
+    gated.release(job_id)
+    while outage.refused["complete"] < 2:
+        outage.refusing.clear()
+        await outage.refusing.wait()
+    return job_id
+
+
+async def test_a_job_whose_commit_meets_an_outage_succeeds_once_the_store_is_back(
+    runtime: Runtime, outage: Outage, gated: GatedStorage
+) -> None:
+    events = runtime.bus.subscribe()
+    job_id = await _down_while_committing(runtime, outage, gated, "through the outage")
+    with pytest.raises(StoreUnavailable):  # the API answers 503 meanwhile
+        await runtime.get(job_id)
+    outage.down = False
+    done = await _final(runtime, job_id)
+    assert done.state is JobState.succeeded and done.attempts == 1 and done.error is None
+    assert runtime.storage.path(done.images[0]).is_file()
+    types = _types(events, job_id)
+    assert types.count(EventType.succeeded) == 1 and EventType.failed not in types
+
+
+async def test_a_lease_lost_during_the_outage_runs_the_job_again(
+    runtime: Runtime, outage: Outage, gated: GatedStorage
+) -> None:
+    """Another process's reaper put the job back as the store returned: this run's
+    results are void, the job runs again and succeeds once; never ``failed``."""
+    events = runtime.bus.subscribe()
+    job_id = await _down_while_committing(runtime, outage, gated, "lease lost")
+    worker = runtime.workers[0]
+    await outage.inner.requeue(job_id, worker_id=worker.id)  # as expire_leases would
+    gated.release_all()
+    outage.down = False
+    runtime._wakeup.set()
+    done = await _final(runtime, job_id)
+    await worker.finisher.drain()
+    assert done.state is JobState.succeeded and done.attempts == 2
+    types = _types(events, job_id)
+    assert types.count(EventType.succeeded) == 1 and EventType.failed not in types
+
+
+async def test_a_commit_whose_reply_was_lost_is_recognised_on_the_retry(
+    runtime: Runtime, outage: Outage, gated: GatedStorage
+) -> None:
+    """The store applied the commit and the connection dropped before the reply: the
+    retry finds the job no longer running, sees its own run on it, and announces it."""
+    events = runtime.bus.subscribe()
+    outage.lose_reply = "complete"
+    job_id = (await runtime.submit(_request("reply lost"))).id
+    gated.release_all()
+    done = await _final(runtime, job_id)
+    assert done.state is JobState.succeeded and done.attempts == 1 and len(done.runs) == 1
+    assert _types(events, job_id).count(EventType.succeeded) == 1
+
+
+class _FailOnce:
+    """Makes the mock backend fail transiently once, while the store is down."""
+
+    def __init__(self, outage: Outage) -> None:
+        self.outage = outage
+        self.failed = False
+
+    def wrap(self, generate: Callable[..., Any]) -> Callable[..., Any]:
+        async def once(*args: Any, **kwargs: Any) -> Any:
+            if not self.failed:
+                self.failed = True
+                self.outage.down = True
+                from easel.errors import BackendUnavailable
+
+                raise BackendUnavailable("the engine hiccuped (test)")
+            return await generate(*args, **kwargs)
+
+        return once
+
+
+async def test_a_retry_recorded_during_an_outage_lands_when_the_store_is_back(
+    runtime: Runtime, outage: Outage, gated: GatedStorage
+) -> None:
+    """A transient backend failure while the store is down: the requeue is kept and tried
+    until it lands; the job runs again and succeeds (no ``failed``, nothing stranded)."""
+    backend = runtime.workers[0].backend
+    outage.watch = "requeue"
+    backend.generate = _FailOnce(outage).wrap(backend.generate)  # type: ignore[method-assign]
+    gated.release_all()
+    events = runtime.bus.subscribe()
+    job_id = (await runtime.submit(_request("requeue through the outage"))).id
+    while outage.refused["requeue"] < 2:
+        outage.refusing.clear()
+        await outage.refusing.wait()
+    outage.down = False
+    done = await _final(runtime, job_id)
+    assert done.state is JobState.succeeded and done.attempts == 2
+    codes = [run.error.code if run.error else None for run in done.runs]
+    assert codes == ["backend_unavailable", None]
+    types = _types(events, job_id)
+    assert EventType.failed not in types and types.count(EventType.succeeded) == 1
