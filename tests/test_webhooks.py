@@ -7,6 +7,8 @@ import hmac
 import json
 import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,8 @@ class Receiver:
     fail_first: int = 0
     calls: int = 0
     received: list[dict[str, Any]] = field(default_factory=list)
+    tries: list[tuple[str, str]] = field(default_factory=list)
+    """(X-Easel-Delivery, event type) of every POST, refused ones too."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def app(self) -> FastAPI:
@@ -42,6 +46,7 @@ class Receiver:
             body = await request.body()
             with self.lock:
                 self.calls += 1
+                self.tries.append((request.headers["x-easel-delivery"], json.loads(body)["type"]))
                 if self.calls <= self.fail_first:
                     return Response(status_code=500)
                 timestamp = request.headers["x-easel-timestamp"]
@@ -53,6 +58,7 @@ class Receiver:
                             request.headers["x-easel-signature"], expected
                         ),
                         "timestamp": int(timestamp),
+                        "delivery": request.headers["x-easel-delivery"],
                     }
                 )
             return Response(status_code=204)
@@ -107,8 +113,10 @@ def test_events_arrive_signed_and_in_order(
         assert got[-1]["event"]["images"][0]["index"] == 0
         job = _settled(server, job_id, events=3)
     assert job["webhook"] == {
-        "url": hook_url, "delivered": True, "events": 3, "attempts": 3, "last_error": None,
+        "url": hook_url, "state": "delivered", "delivered": True, "events": 3, "attempts": 3,
+        "dead_letters": 0, "last_error": None,
     }  # fmt: skip
+    assert len({r["delivery"] for r in got}) == 3  # one idempotency id per event
 
 
 def test_a_failing_receiver_is_retried_until_it_takes_the_event(
@@ -126,9 +134,11 @@ def test_a_failing_receiver_is_retried_until_it_takes_the_event(
     assert webhook["delivered"] is True and webhook["events"] == 3
     assert webhook["attempts"] == 5  # two refusals, then three deliveries
     assert webhook["last_error"] == "HTTP 500"
+    first = [delivery for delivery, type in receiver.tries if type == "queued"]
+    assert len(first) == 3 and len(set(first)) == 1  # retries carry the event's id
 
 
-def test_a_receiver_that_never_answers_leaves_the_job_undelivered(tmp_path: Path) -> None:
+def test_a_receiver_that_never_answers_ends_in_dead_letters(tmp_path: Path) -> None:
     settings = easel(tmp_path, webhook_max_attempts=2, webhook_timeout_seconds=1)
     dead = "http://127.0.0.1:9/hook"  # the discard port: connection refused
     with serve(create_app(settings)) as server:
@@ -140,6 +150,7 @@ def test_a_receiver_that_never_answers_leaves_the_job_undelivered(tmp_path: Path
             assert time.monotonic() < deadline, webhook
             time.sleep(0.05)
     assert webhook["delivered"] is False and webhook["events"] == 0
+    assert webhook["state"] == "dead" and webhook["dead_letters"] == 3
     assert "Connect" in webhook["last_error"]
 
 
@@ -206,3 +217,113 @@ def test_audio_jobs_post_their_clips(tmp_path: Path, receiver: Receiver, hook_ur
     assert all(r["valid"] for r in got)
     (clip,) = got[-1]["event"]["audio"]
     assert clip["media_type"] == "audio/wav" and clip["url"] == f"/v1/jobs/{job_id}/audio/0"
+
+
+def _job_webhook(server: str, job_id: str, done: Any, timeout: float = 20) -> dict[str, Any]:
+    """The job's ``webhook`` once ``done(webhook)`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        webhook = httpx.get(f"{server}/v1/jobs/{job_id}").json()["webhook"]
+        if webhook is not None and done(webhook):
+            return dict(webhook)
+        assert time.monotonic() < deadline, webhook
+        time.sleep(0.02)
+
+
+def test_a_pending_delivery_survives_a_restart(
+    tmp_path: Path, receiver: Receiver, hook_url: str
+) -> None:
+    """Embedded: the queue is a table beside the job database; a server restarted while
+    an event waits for its retry sends it, once."""
+    receiver.fail_first = 10**6  # refuses everything until the restart
+    settings = easel(tmp_path, webhook_retry_base_seconds=0.3)
+    with serve(create_app(settings)) as server:
+        job_id = httpx.post(f"{server}/v1/jobs", json={**SMALL, "webhook_url": hook_url}).json()[
+            "id"
+        ]
+        _job_webhook(server, job_id, lambda w: w["state"] == "retrying")
+    receiver.fail_first = 0
+    with serve(create_app(settings)) as server:
+        got = receiver.wait_for(job_id, "succeeded")
+        webhook = _job_webhook(server, job_id, lambda w: w["events"] == 3)
+    assert [r["event"]["type"] for r in got] == ["queued", "started", "succeeded"]
+    assert webhook["state"] == "delivered" and webhook["attempts"] >= 4
+
+
+def _replicas(tmp_path: Path, redis_url: str, **overrides: Any) -> list[Settings]:
+    """Two API replicas on one Redis: one with a worker, one API-only."""
+    prefix = f"hooks:{uuid.uuid4().hex[:8]}:"
+    common = {"redis_url": redis_url, "redis_prefix": prefix, **overrides}
+    return [
+        easel(tmp_path / "a", concurrency=1, **common),
+        easel(tmp_path / "b", concurrency=0, **common),
+    ]
+
+
+def test_two_replicas_deliver_each_event_exactly_once(
+    tmp_path: Path, redis_url: str, receiver: Receiver, hook_url: str
+) -> None:
+    """A consumer group on the event stream: each event to one replica, acknowledged."""
+    receiver.fail_first = 2  # the first two POSTs fail: retried by whoever holds them
+    first, second = _replicas(tmp_path, redis_url)
+    with serve(create_app(first)) as a, serve(create_app(second)) as b:
+        ids = [
+            httpx.post(f"{url}/v1/jobs", json={**SMALL, "webhook_url": hook_url}).json()["id"]
+            for url in (a, b) * 4
+        ]
+        for job_id in ids:
+            receiver.wait_for(job_id, "succeeded")
+        webhooks = [_job_webhook(b, job_id, lambda w: w["events"] == 3) for job_id in ids]
+        assert [_job_webhook(a, i, lambda w: w["events"] == 3) for i in ids] == webhooks
+    sent = Counter((r["event"]["job_id"], r["event"]["type"]) for r in receiver.received)
+    assert set(sent.values()) == {1} and len(sent) == 3 * len(ids)
+    assert sum(w["attempts"] for w in webhooks) == 3 * len(ids) + 2
+    assert all(w["state"] == "delivered" for w in webhooks)
+
+
+def test_a_dead_letter_on_redis_is_on_the_job_for_every_replica(
+    tmp_path: Path, redis_url: str
+) -> None:
+    first, second = _replicas(
+        tmp_path, redis_url, webhook_max_attempts=2, webhook_timeout_seconds=1
+    )
+    dead = "http://127.0.0.1:9/hook"  # the discard port: connection refused
+    with serve(create_app(first)) as a, serve(create_app(second)) as b:
+        job_id = httpx.post(f"{b}/v1/jobs", json={**SMALL, "webhook_url": dead}).json()["id"]
+        webhook = _job_webhook(b, job_id, lambda w: w["dead_letters"] == 3)
+        assert _job_webhook(a, job_id, lambda w: w["dead_letters"] == 3) == webhook
+    assert webhook["state"] == "dead" and webhook["attempts"] == 6 and webhook["events"] == 0
+    assert "Connect" in webhook["last_error"]
+
+
+async def test_a_delivery_held_by_a_dead_replica_is_taken_over(redis_url: str) -> None:
+    """A replica that died mid-POST leaves its delivery pending in the group; after the
+    lease another replica claims it (XAUTOCLAIM) with the same idempotency id."""
+    from easel.effects.deliveries import Outcome, RedisDeliveries
+    from easel.events.redis import RedisEventBus
+    from easel.jobs import Event, EventType
+    from easel.store.redis import RedisStore
+
+    prefix = f"hooks:{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(redis_url, prefix=prefix)
+    bus = RedisEventBus(redis_url, prefix=prefix)
+    dying = RedisDeliveries(redis_url, store, prefix=prefix, lease_seconds=0.3, block_ms=50)
+    survivor = RedisDeliveries(redis_url, store, prefix=prefix, lease_seconds=0.3, block_ms=50)
+    await store.open()
+    await bus.open()
+    await dying.open()
+    await survivor.open()
+    try:
+        await bus.publish(Event(type=EventType.progress, job_id="j1", user_id="u"))
+        sent = await bus.publish(Event(type=EventType.queued, job_id="j1", user_id="u"))
+        (held,) = await dying.take(10)  # progress is acknowledged, never handed out
+        assert held.event.id == sent.id and held.attempts == 0
+        deadline = time.monotonic() + 10
+        while not (taken := await survivor.take(10)):
+            assert time.monotonic() < deadline
+        assert [d.id for d in taken] == [held.id]
+        await survivor.settle(taken[0], "http://h/x", Outcome.delivered)
+        assert await survivor.take(10) == []  # acknowledged: nobody gets it again
+    finally:
+        for part in (survivor, dying, bus, store):
+            await part.close()

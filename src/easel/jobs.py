@@ -561,13 +561,24 @@ class Attempt(BaseModel):
     error: JobError | None = Field(default=None, description="None: the run succeeded.")
 
 
+class WebhookState(StrEnum):
+    """The latest delivery's outcome."""
+
+    delivered = "delivered"
+    retrying = "retrying"
+    dead = "dead"
+    """An event was given up on (attempts spent, or refused with a 4xx): a dead letter."""
+
+
 class WebhookDelivery(BaseModel):
-    """Where a job's webhook deliveries stand."""
+    """Where a job's webhook deliveries stand (written by whichever replica delivered)."""
 
     url: str
+    state: WebhookState | None = Field(default=None, description="The latest outcome.")
     delivered: bool = Field(default=False, description="The latest event reached the URL.")
     events: int = Field(default=0, description="Events delivered so far.")
     attempts: int = Field(default=0, description="POSTs made, retries included.")
+    dead_letters: int = Field(default=0, description="Events given up on (never delivered).")
     last_error: str | None = None
 
 

@@ -1,17 +1,18 @@
 """Webhooks: a job's events POSTed, signed, to the URL its request named.
 
-One task subscribes to the bus for every job (no ``progress``: a tick per step is too many
-POSTs to be worth it; poll or stream for progress). Each job with a webhook gets a bounded
-queue and one sender at a time, so its events arrive in order and a slow receiver delays
-only its own job, never the worker. Every POST is retried with
-:func:`easel.queue.scheduler.retry_delay` backoff, ``max_attempts`` at most; the delivery state
-is on the job (``webhook``). The body is the event as JSON; ``X-Easel-Signature`` is
+Deliveries come from one durable queue per deployment (:mod:`easel.effects.deliveries`):
+each event is POSTed by one sender of one replica, retried with
+:func:`easel.queue.backoff.retry_delay` backoff up to ``webhook_max_attempts``, then kept
+as a dead letter; the summary is on the job (``webhook``). At least once: a sender that
+dies mid-POST is taken over, so a receiver dedupes on ``X-Easel-Delivery`` (the same for
+every retry of one event). The body is the event as JSON; ``X-Easel-Signature`` is
 ``sha256=`` + hex HMAC-SHA256 of ``"<X-Easel-Timestamp>.<body>"`` under the server's secret.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -21,16 +22,15 @@ from urllib.parse import urlsplit
 import httpx
 
 from easel.config import Settings
+from easel.effects.deliveries import DELIVERED_TYPES, Delivery, DeliveryQueue, Outcome
 from easel.errors import EaselError, InvalidRequest
 from easel.events.bus import EventBus
-from easel.jobs import Event, EventType, WebhookDelivery
+from easel.jobs import Event
 from easel.queue.backoff import retry_delay
 from easel.store.base import JobStore
 
 log = logging.getLogger("easel.effects.webhooks")
 
-DELIVERED_TYPES = frozenset(EventType) - {EventType.progress}
-JOB_QUEUE_SIZE = 100
 MAX_SENDERS = 16
 _KNOWN_JOBS = 10_000
 
@@ -61,60 +61,83 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
 
 
 class Webhooks:
-    """The dispatcher: one bus subscriber, one sender task per job with events pending."""
+    """The dispatcher: feeds the queue (embedded) and runs up to ``MAX_SENDERS`` POSTs."""
 
-    def __init__(self, settings: Settings, bus: EventBus, store: JobStore) -> None:
+    def __init__(
+        self, settings: Settings, bus: EventBus, store: JobStore, queue: DeliveryQueue
+    ) -> None:
         secret = settings.webhook_secret
         self.secret = secret.get_secret_value().encode() if secret else b""
         self.settings = settings
         self.bus = bus
         self.store = store
+        self.queue = queue
         self._urls: dict[str, str | None] = {}  # job id -> its webhook (None: has none)
-        self._queues: dict[str, asyncio.Queue[Event]] = {}
-        self._senders: dict[str, asyncio.Task[None]] = {}
-        self._limit = asyncio.Semaphore(MAX_SENDERS)
+        self._senders: dict[str, asyncio.Task[None]] = {}  # delivery id -> its POST
+        self._taken: dict[str, Delivery] = {}
+        self._free = asyncio.Event()
         self._client: httpx.AsyncClient | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self) -> None:
+    async def start(self) -> None:
         timeout = httpx.Timeout(self.settings.webhook_timeout_seconds)
         self._client = httpx.AsyncClient(timeout=timeout, follow_redirects=False)
-        self._task = asyncio.create_task(self._listen(), name="easel-webhooks")
+        await self.queue.open()
+        if self.queue.follows_bus:
+            self._tasks.append(asyncio.create_task(self._listen(), name="easel-webhooks-in"))
+        self._tasks.append(asyncio.create_task(self._pump(), name="easel-webhooks-out"))
 
     async def close(self) -> None:
-        tasks = [t for t in (self._task, *self._senders.values()) if t is not None]
+        tasks = [*self._tasks, *self._senders.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for delivery in list(self._taken.values()):  # unsent: another sender takes them now
+            try:
+                await self.queue.release(delivery)
+            except EaselError as exc:
+                log.warning("webhook delivery %s not released: %s", delivery.id, exc)
+        self._taken.clear()
+        await self.queue.close()
         if self._client is not None:
             await self._client.aclose()
 
     async def _listen(self) -> None:
+        """Embedded: every event of a job with a webhook goes into the durable queue."""
         after: int | None = None
         while True:  # a subscription that fell behind ends: resume after the last event seen
             async with self.bus.subscribe(types=DELIVERED_TYPES, after=after) as events:
                 async for event in events:
                     after = event.id
                     try:
-                        await self._route(event)
+                        if await self._url_of(event.job_id) is not None:
+                            await self.queue.add(event)
                     except Exception:
-                        log.exception("webhook: could not route event %s", event.id)
+                        log.exception("webhook: could not queue event %s", event.id)
             await asyncio.sleep(0.1)  # fell behind (or the bus is closing): not a hot loop
 
-    async def _route(self, event: Event) -> None:
-        url = await self._url_of(event.job_id)
-        if url is None:
-            return
-        queue = self._queues.setdefault(event.job_id, asyncio.Queue(JOB_QUEUE_SIZE))
-        try:
-            queue.put_nowait(event)
-        except asyncio.QueueFull:
-            log.warning("webhook of job %s is too far behind; event dropped", event.job_id)
-            await self._note(event.job_id, url, last_error="receiver too slow; events dropped")
-            return
-        if event.job_id not in self._senders:
-            sender = asyncio.create_task(self._send_all(event.job_id, url, queue))
-            self._senders[event.job_id] = sender
+    async def _pump(self) -> None:
+        while True:
+            room = MAX_SENDERS - len(self._senders)
+            if room <= 0:
+                self._free.clear()
+                await self._free.wait()
+                continue
+            try:
+                deliveries = await self.queue.take(room)
+            except Exception as exc:
+                log.warning("webhook queue unavailable (%s); trying again", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for delivery in deliveries:
+                self._taken[delivery.id] = delivery
+                task = asyncio.create_task(self._send(delivery))
+                self._senders[delivery.id] = task
+                task.add_done_callback(functools.partial(self._done, delivery.id))
+
+    def _done(self, delivery_id: str, _: asyncio.Task[None]) -> None:
+        self._senders.pop(delivery_id, None)
+        self._free.set()
 
     async def _url_of(self, job_id: str) -> str | None:
         if job_id not in self._urls:
@@ -127,71 +150,53 @@ class Webhooks:
             self._urls[job_id] = job.request.webhook_url
         return self._urls[job_id]
 
-    async def _send_all(self, job_id: str, url: str, queue: asyncio.Queue[Event]) -> None:
+    async def _send(self, delivery: Delivery) -> None:
+        """One POST, then its outcome settled in the queue (and on the job)."""
         try:
-            while not queue.empty():
-                await self._deliver(url, queue.get_nowait())
-        finally:
-            self._senders.pop(job_id, None)
-            if queue.empty():
-                self._queues.pop(job_id, None)
+            url = await self._url_of(delivery.event.job_id)
+            if url is None:
+                await self.queue.skip(delivery)
+                self._taken.pop(delivery.id, None)
+                return
+            error = await self._post(url, delivery)
+            attempt = delivery.attempts + 1
+            if error is None:
+                outcome, delay = Outcome.delivered, 0.0
+            elif _retryable(error) and attempt < self.settings.webhook_max_attempts:
+                outcome = Outcome.retry
+                delay = retry_delay(attempt, base=self.settings.webhook_retry_base_seconds)
+            else:
+                outcome, delay = Outcome.dead, 0.0
+                log.warning("webhook of job %s: %s event not delivered: %s",
+                            delivery.event.job_id, delivery.event.type, error)  # fmt: skip
+            await self.queue.settle(delivery, url, outcome, error=error, retry_in=delay)
+            self._taken.pop(delivery.id, None)
+        except EaselError as exc:  # the queue's store is down: the delivery stays pending
+            log.warning("webhook delivery %s not settled: %s", delivery.id, exc)
 
-    async def _deliver(self, url: str, event: Event) -> None:
-        """POST one event until it is taken (2xx) or the attempts are spent."""
+    async def _post(self, url: str, delivery: Delivery) -> str | None:
+        """POST the event; None when taken (2xx), else why not."""
         if self._client is None:
             raise RuntimeError("Webhooks.start() was not called")
-        body = event.model_dump_json(exclude={"preview"}).encode()
-        for attempt in range(1, self.settings.webhook_max_attempts + 1):
-            timestamp = str(int(time.time()))
-            headers = {
-                "content-type": "application/json",
-                "x-easel-timestamp": timestamp,
-                "x-easel-signature": sign(self.secret, timestamp, body),
-            }
-            error: str | None
-            async with self._limit:
-                try:
-                    response = await self._client.post(url, content=body, headers=headers)
-                except httpx.HTTPError as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-                else:
-                    error = None if response.is_success else f"HTTP {response.status_code}"
-            await self._note(event.job_id, url, attempt=True, error=error)
-            if error is None:
-                return
-            retryable = "HTTP 4" not in error or error in {"HTTP 408", "HTTP 429"}
-            if not retryable or attempt == self.settings.webhook_max_attempts:
-                log.warning("webhook of job %s: %s event not delivered: %s",
-                            event.job_id, event.type, error)  # fmt: skip
-                return
-            delay = retry_delay(attempt, base=self.settings.webhook_retry_base_seconds)
-            await asyncio.sleep(delay)
+        body = _body(delivery.event)
+        timestamp = str(int(time.time()))
+        headers = {
+            "content-type": "application/json",
+            "x-easel-timestamp": timestamp,
+            "x-easel-signature": sign(self.secret, timestamp, body),
+            "x-easel-delivery": delivery.id,
+        }
+        try:
+            response = await self._client.post(url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None if response.is_success else f"HTTP {response.status_code}"
 
-    async def _note(
-        self,
-        job_id: str,
-        url: str,
-        *,
-        attempt: bool = False,
-        error: str | None = None,
-        last_error: str | None = None,
-    ) -> None:
-        try:
-            state = (await self.store.get(job_id)).webhook or WebhookDelivery(url=url)
-        except EaselError as exc:
-            log.warning("webhook of job %s: its delivery state is not recorded: %s", job_id, exc)
-            return
-        update: dict[str, object] = {}
-        if attempt:
-            update["attempts"] = state.attempts + 1
-            update["delivered"] = error is None
-            if error is None:
-                update["events"] = state.events + 1
-            else:
-                update["last_error"] = error
-        if last_error is not None:
-            update["last_error"] = last_error
-        try:
-            await self.store.annotate(job_id, webhook=state.model_copy(update=update))
-        except EaselError as exc:
-            log.warning("webhook of job %s: its delivery state is not recorded: %s", job_id, exc)
+
+def _body(event: Event) -> bytes:
+    return event.model_dump_json(exclude={"preview"}).encode()
+
+
+def _retryable(error: str) -> bool:
+    """Connection trouble, 5xx, 408 and 429 are worth another try; other 4xx are not."""
+    return "HTTP 4" not in error or error in {"HTTP 408", "HTTP 429"}

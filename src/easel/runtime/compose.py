@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from easel.backends.base import Backend
 from easel.config import Settings
+from easel.effects.deliveries import DeliveryQueue, RedisDeliveries, SqliteDeliveries
 from easel.effects.metrics import Metrics
 from easel.effects.webhooks import Webhooks
 from easel.events.bus import EventBus, InProcessEventBus
@@ -106,7 +107,7 @@ def assemble(
         storage=storage,
         run_times=RunTimes(),
         uploads=uploads_for(settings, storage, bus, store),
-        webhooks=Webhooks(settings, bus, store),
+        webhooks=Webhooks(settings, bus, store, deliveries_for(settings, store)),
         gate=Gate(settings.safety),
         metrics=Metrics(),
         doorbell=Doorbell(),
@@ -212,6 +213,19 @@ async def open_parts(bus: EventBus, registry: WorkerRegistry) -> None:
     if isinstance(bus, RedisEventBus):
         await bus.open()
     await registry.open()
+
+
+def deliveries_for(settings: Settings, store: JobStore) -> DeliveryQueue:
+    """The durable webhook queue: the deployment's Redis, or a file beside the job db."""
+    if settings.redis_url is not None:
+        return RedisDeliveries(
+            settings.redis_url,
+            store,
+            prefix=settings.redis_prefix,
+            lease_seconds=2 * settings.webhook_timeout_seconds + 2,
+            retention_seconds=settings.retention_seconds,
+        )
+    return SqliteDeliveries(settings.resolved_db_path.with_suffix(".webhooks.db"), store)
 
 
 def uploads_for(

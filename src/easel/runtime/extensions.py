@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from easel.constants import WORKER_TTL_BEATS
+from easel.effects.deliveries import DELIVERED_TYPES
 from easel.effects.metrics import Metrics
-from easel.effects.webhooks import DELIVERED_TYPES, Webhooks
+from easel.effects.webhooks import Webhooks
 from easel.errors import EaselError
 from easel.events.bus import EventBus
 from easel.jobs import EVENT_FOR_STATE, FINAL_EVENTS, Event, EventType
@@ -174,7 +175,7 @@ class WebhookDelivery(Extension):
         self.webhooks = webhooks
 
     async def start(self) -> None:
-        self.webhooks.start()
+        await self.webhooks.start()
 
     async def stop(self, grace: float) -> None:
         await self.webhooks.close()

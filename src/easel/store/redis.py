@@ -58,8 +58,7 @@ _CHANGING = frozenset(
     }
 )
 """Job fields the scripts change, each a hash field; the rest is stored once as JSON."""
-_NOTE = "note:"
-"""Hash field prefix of an annotation (``note:webhook``): beside the record, expiring with it."""
+_NOTE = keys.JOB_NOTE
 _UNAVAILABLE_REPLIES = ("MISCONF", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS")
 
 
