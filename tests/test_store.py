@@ -84,9 +84,15 @@ async def store(store_factory: StoreFactory) -> JobStore:
     return await store_factory()
 
 
-def job(user: str = "alice", priority: int = 0, backend: str = "mock", prompt: str = "p") -> Job:
+def job(
+    user: str = "alice",
+    priority: int = 0,
+    backend: str = "mock",
+    prompt: str = "p",
+    service: str | None = None,
+) -> Job:
     request = GenerationRequest(prompt=prompt, user_id=user, priority=priority, seed=1)
-    return Job(request=request, backend=backend)
+    return Job(request=request, backend=backend, service=service)
 
 
 async def drain(store: JobStore, routes: tuple[str, ...] = ("mock",)) -> list[Job]:
@@ -265,6 +271,24 @@ async def test_user_cap_counts_queued_and_running(store: JobStore) -> None:
     assert await store.active_count("alice") == 2
     await store.complete(first.id, "w", [])
     await store.enqueue(job("alice"), user_cap=2)
+
+
+async def test_two_services_users_of_one_name_are_two_accounts(store: JobStore) -> None:
+    """Caps and fair share count per (service, user): alpha's carol and bravo's carol each
+    get their own cap of 1, and bravo's one job is served second, not behind alpha's
+    backlog; the counts are per account."""
+    first = await store.enqueue(job("carol", service="alpha"), user_cap=1)
+    with pytest.raises(UserQueueFull):
+        await store.enqueue(job("carol", service="alpha"), user_cap=1)
+    backlog = [await store.enqueue(job("carol", service="alpha"), user_cap=10) for _ in range(2)]
+    other = await store.enqueue(job("carol", service="bravo"), user_cap=1)  # alpha's 3 not counted
+    assert await store.active_count("carol", "alpha") == 3
+    assert await store.active_count("carol", "bravo") == 1
+    assert await store.active_count("carol") == 0  # no service: a third account
+    assert (await store.stats()).users == {"alpha/carol": 3, "bravo/carol": 1}
+    served = [j.id for j in await drain(store)]
+    assert served == [first.id, other.id, *(j.id for j in backlog)]  # bravo's is not last
+    assert await store.active_count("carol", "alpha") == 3  # running still counts
 
 
 async def test_the_global_queue_cap(store: JobStore) -> None:

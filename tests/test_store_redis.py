@@ -36,13 +36,17 @@ class Clock:
         return self.now
 
 
-def make_job(user: str, priority: int, route: str, size: int, at: float) -> Job:
+def make_job(
+    user: str, priority: int, route: str, size: int, at: float, service: str | None = None
+) -> Job:
     width, height, steps = SIZES[size]
     request = GenerationRequest(
         prompt="p", user_id=user, priority=priority, width=width, height=height, steps=steps,
         seed=1,
     )  # fmt: skip
-    return Job(id=f"j{next(_ids):08d}", request=request, backend=route, created_at=at)
+    return Job(
+        id=f"j{next(_ids):08d}", request=request, backend=route, created_at=at, service=service
+    )
 
 
 enqueue = st.tuples(
@@ -51,6 +55,7 @@ enqueue = st.tuples(
     st.sampled_from([-1, 0, 0, 5, 10]),
     st.sampled_from(["mock", "mock", "other"]),
     st.integers(0, len(SIZES) - 1),
+    st.sampled_from([None, None, "s", "t"]),  # one user id in several services: accounts
 )
 operation = st.one_of(
     enqueue,
@@ -71,23 +76,24 @@ operation = st.one_of(
 # a job served past an earlier one of another route, then put back: it goes first again
 @example(
     [
-        ("enqueue", "a", 0, "mock", 0),
-        ("enqueue", "a", 0, "other", 0),
+        ("enqueue", "a", 0, "mock", 0, None),
+        ("enqueue", "a", 0, "other", 0, None),
         ("claim", 1, 1),
         ("requeue", 0),
         ("claim", 2, 3),
     ]
 )
 # aging: a standard job waits past the bound while premium work keeps arriving
-@example([("enqueue", "a", 0, "mock", 0), *[("enqueue", "b", 10, "mock", 1)] * 6,
+@example([("enqueue", "a", 0, "mock", 0, None), *[("enqueue", "b", 10, "mock", 1, "s")] * 6,
           ("tick", 4), ("tick", 4), *[("claim", 0, 1)] * 5])  # fmt: skip
 async def test_serving_order_and_places_match_the_fair_queue(
     redis_url: str, ops: list[tuple[object, ...]]
 ) -> None:
     """Random arrivals, claims (routes, batches), put-backs, cancels and time: RedisStore
     serves in exactly FairQueue's order and gives the same places (positions and cost ahead),
-    aging, tiers, weights and routes included. FairQueue is what SqliteStore runs."""
-    policy = Policy(aging_seconds=AGING, weights={"a": 2.0}, aged_every=3)
+    aging, tiers, weights, routes and accounts (service, user) included. FairQueue is what
+    SqliteStore runs."""
+    policy = Policy(aging_seconds=AGING, weights={"a": 2.0, "s/b": 3.0}, aged_every=3)
     clock = Clock()
     store = RedisStore(redis_url, prefix=f"diff:{uuid.uuid4().hex}:", policy=policy, clock=clock)
     await store.open()
@@ -99,8 +105,9 @@ async def test_serving_order_and_places_match_the_fair_queue(
             kind = op[0]
             clock.now += 0.5
             if kind == "enqueue":
-                _, user, priority, route, size = op
-                new = make_job(str(user), int(priority), str(route), int(size), clock.now)  # type: ignore[call-overload]
+                _, user, priority, route, size, service = op
+                new = make_job(str(user), int(priority), str(route), int(size), clock.now,  # type: ignore[call-overload]
+                               None if service is None else str(service))  # fmt: skip
                 await store.enqueue(new, user_cap=1000)
                 model.push(entry_for(new))
                 jobs[new.id] = new

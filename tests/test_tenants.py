@@ -22,7 +22,9 @@ from tests.servers import easel_serve, free_port, serve
 
 ALPHA = "alpha-token-0123456789"
 BRAVO = "bravo-token-0123456789"
+ADMIN = "admin-token-0123456789"
 TOKENS = [{"service": "alpha", "token": ALPHA}, {"service": "bravo", "token": BRAVO}]
+WITH_ADMIN = [*TOKENS, {"service": "ops", "token": ADMIN, "scopes": ["admin"]}]
 SMALL = {"width": 64, "height": 64, "steps": 2}
 
 
@@ -37,7 +39,7 @@ def two_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         backend="mock",
         mock_step_delay=0.05,
         heartbeat_seconds=0.5,  # the registry (GET /v1/workers) is fed by heartbeats
-        safety=Safety.model_validate({"tokens": TOKENS}),
+        safety=Safety.model_validate({"tokens": WITH_ADMIN}),
     )
     with serve(create_app(settings)) as url:
         yield url
@@ -263,15 +265,19 @@ def test_hostile_json_is_refused_before_any_job(two_services: str) -> None:
 
 
 def test_queue_and_workers_show_a_service_only_its_own(two_services: str) -> None:
-    """Bravo's long job runs and bravo's dave waits; alpha sees neither in its views."""
+    """Bravo's long job runs and bravo's dave waits; alpha sees neither in its views. Each
+    service's dave has a cap of 1 of his own, and the counts are per (service, user)."""
     url = two_services
-    body = {**SMALL, "steps": 100}
-    jobs = [
-        httpx.post(f"{url}/v1/jobs", json={**body, "prompt": prompt, "user_id": user},
-                   headers=bearer(BRAVO)).json()
-        for prompt, user in (("bravo runs", "erin"), ("bravo waits", "dave"))
+    body = {**SMALL, "steps": 100, "max_user_queue_size": 1}
+    sent = [
+        (token, httpx.post(f"{url}/v1/jobs", json={**body, "prompt": prompt, "user_id": user},
+                           headers=bearer(token)))
+        for token, prompt, user in ((BRAVO, "bravo runs", "erin"), (BRAVO, "bravo waits", "dave"),
+                                    (ALPHA, "alpha waits", "dave"))
     ]  # fmt: skip
-    running = jobs[0]
+    assert [answer.status_code for _, answer in sent] == [202, 202, 202]  # one cap per service
+    jobs = [(token, answer.json()) for token, answer in sent]
+    running = jobs[0][1]
     try:
         deadline = time.monotonic() + 30
         while True:  # until the worker reports bravo's job as its own
@@ -282,8 +288,13 @@ def test_queue_and_workers_show_a_service_only_its_own(two_services: str) -> Non
             time.sleep(0.05)
         seen = httpx.get(f"{url}/v1/workers", headers=bearer(ALPHA)).json()["workers"]
         assert seen and all(w["current_jobs"] == [] for w in seen)
-        assert "dave" in httpx.get(f"{url}/v1/queue", headers=bearer(BRAVO)).json()["users"]
-        assert "dave" not in httpx.get(f"{url}/v1/queue", headers=bearer(ALPHA)).json()["users"]
+        full = httpx.post(f"{url}/v1/jobs", json={**body, "prompt": "x", "user_id": "dave"},
+                          headers=bearer(ALPHA))  # fmt: skip
+        assert full.status_code == 429 and full.json()["error"]["code"] == "user_queue_full"
+        users = {token: httpx.get(f"{url}/v1/queue", headers=bearer(token)).json()["users"]
+                 for token in (ALPHA, BRAVO, ADMIN)}  # fmt: skip
+        assert users[BRAVO] == {"dave": 1} and users[ALPHA] == {"dave": 1}
+        assert users[ADMIN] == {"alpha/dave": 1, "bravo/dave": 1}
     finally:
-        for job in jobs:
-            httpx.delete(f"{url}/v1/jobs/{job['id']}", headers=bearer(BRAVO))
+        for token, job in jobs:
+            httpx.delete(f"{url}/v1/jobs/{job['id']}", headers=bearer(token))

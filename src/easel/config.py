@@ -118,7 +118,11 @@ class TokenSetting(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    service: str = Field(min_length=1)
+    service: str = Field(
+        min_length=1,
+        pattern=r"^[^/]+$",
+        description="The service's name; no '/' (queue accounts are 'service/user').",
+    )
     token: SecretStr = Field(min_length=16)
     scopes: list[Literal["submit", "read", "admin"]] = Field(default=["submit", "read"])
 
@@ -241,7 +245,9 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="A job waiting this long joins the top tier."
     )
     user_weights: dict[str, float] = Field(
-        default_factory=dict, description="Share of service per user inside a tier (1.0)."
+        default_factory=dict,
+        description="Share of service per user inside a tier (1.0): 'service/user' for one "
+        "service's user, a bare user id for that id in every service.",
     )
     batch_limit: int = Field(
         default=1, ge=1, description="Compatible jobs run as one pipeline call, at most."

@@ -9,14 +9,16 @@ Policy, in order:
    its own fair order), so nothing starves forever, yet premium work keeps most of the
    worker under sustained overload and fairness between users is not bent.
 2. **Priority tiers**: a higher ``priority`` tier is served first.
-3. **Fair share inside a tier**, weighted by cost: start-time fair queueing, the
-   virtual-clock form of deficit round robin. Each job gets a start tag
-   ``max(tier clock, its user's last finish tag)`` and a finish tag ``start + cost/weight``;
-   the smallest start tag runs next. Over time every backlogged user gets service in
-   proportion to its weight whatever the size of its jobs (50 large jobs cannot starve one
-   small one), jobs of one user stay FIFO, and equal-cost jobs alternate between users
-   exactly like round robin. Tags never change once given, so the serving order is a
-   sorted list and a queue position is a rank lookup, O(log n).
+3. **Fair share inside a tier**, weighted by cost, between *accounts*: a user of one
+   service (:func:`account`; two services' own ``carol`` are two accounts, each with its
+   own share and cap). It is start-time fair queueing, the virtual-clock form of deficit
+   round robin. Each job gets a start tag ``max(tier clock, its account's last finish
+   tag)`` and a finish tag ``start + cost/weight``; the smallest start tag runs next. Over
+   time every backlogged account gets service in proportion to its weight whatever the
+   size of its jobs (50 large jobs cannot starve one small one), jobs of one account stay
+   FIFO, and equal-cost jobs alternate between accounts exactly like round robin. Tags
+   never change once given, so the serving order is a sorted list and a queue position is
+   a rank lookup, O(log n).
 4. **Routing**: a job is only handed to a worker serving its ``route`` (the backend it was
    admitted for); compatible jobs next in line may be handed out together as a batch.
 """
@@ -38,6 +40,13 @@ from easel.queue.estimates import CostBook, Estimate, Shape
 from easel.queue.routing import Want
 
 
+def account(service: str | None, user_id: str) -> str:
+    """Whose share and cap a job counts against: user ids are per service, so the account is
+    ``service/user`` (just the user id when no service tokens are configured). Service names
+    hold no ``/``, so the first one splits it back."""
+    return user_id if service is None else f"{service}/{user_id}"
+
+
 @dataclass(frozen=True, slots=True, eq=False)  # identity: lookups stay cheap
 class Entry:
     job_id: str
@@ -52,6 +61,11 @@ class Entry:
     want: Want | None = None
     """What it needs of a backend, should another one take it (ETAs count every backend
     that may run it)."""
+    service: str | None = None
+
+    @property
+    def account(self) -> str:
+        return account(self.service, self.user_id)
 
 
 def entry_for(job: Job) -> Entry:
@@ -66,6 +80,7 @@ def entry_for(job: Job) -> Entry:
         batch_key=batch_key(job),
         shape=Shape.of(job.backend, request),
         want=want_of(request, moving=True),
+        service=job.service,
     )
 
 
@@ -88,12 +103,16 @@ class Policy:
     aging_seconds: float | None = 600.0
     """A job below the top tier waiting this long makes its tier starving (None: never)."""
     weights: Mapping[str, float] = field(default_factory=dict)
-    """Per-user share of service inside a tier (default 1.0)."""
+    """Per-account share of service inside a tier (default 1.0): ``service/user`` for one
+    service's user, a bare user id for that user id in every service."""
     aged_every: int = 4
     """A starving tier gets one scheduling decision in this many."""
     top_priority: int = PREMIUM_PRIORITY
 
-    def weight(self, user_id: str) -> float:
+    def weight(self, service: str | None, user_id: str) -> float:
+        """The weight of one service's user: its own entry, else the bare user id's."""
+        if service is not None and (own := self.weights.get(account(service, user_id))):
+            return own
         return self.weights.get(user_id, 1.0)
 
 
@@ -122,14 +141,14 @@ class _Tagged:
 
 
 class _Tier:
-    """One priority tier: entries sorted by start tag, a virtual clock, users' finish tags."""
+    """One priority tier: entries sorted by start tag, a virtual clock, accounts' finish tags."""
 
     __slots__ = ("clock", "cost", "finish", "order")
 
     def __init__(self) -> None:
         self.order: SortedKeyList = SortedKeyList(key=lambda t: (t.start, t.seq))
         self.clock = 0.0
-        self.finish: dict[str, float] = {}
+        self.finish: dict[str, float] = {}  # per account
         self.cost = 0.0
 
 
@@ -141,7 +160,7 @@ class FairQueue:
         self._tiers: dict[int, _Tier] = {}
         self._priorities: list[int] = []  # highest first
         self._tagged: dict[str, _Tagged] = {}
-        self._per_user: dict[str, int] = {}
+        self._per_user: dict[str, int] = {}  # queued jobs per account
         self._per_route: dict[str, float] = {}  # queued work per route, for routing
         self._seq = itertools.count()
         self._waiting: list[tuple[float, int, str]] = []  # (enqueued_at, seq, id) below top
@@ -154,13 +173,14 @@ class FairQueue:
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._tagged
 
-    def queued_for(self, user_id: str) -> int:
-        return self._per_user.get(user_id, 0)
+    def queued_for(self, user_id: str, service: str | None = None) -> int:
+        return self._per_user.get(account(service, user_id), 0)
 
     def tier_counts(self) -> dict[int, int]:
         return {priority: len(tier.order) for priority, tier in sorted(self._tiers.items())}
 
     def user_counts(self) -> dict[str, int]:
+        """Queued jobs per account (:func:`account`)."""
         return dict(self._per_user)
 
     def route_costs(self) -> dict[str, float]:
@@ -203,19 +223,21 @@ class FairQueue:
         if tier is None:
             tier = self._tiers[priority] = _Tier()
             self._priorities = sorted(self._tiers, reverse=True)
+        name = entry.account
         if front:
             first = tier.order[0].start if tier.order else tier.clock
             start = min(first, tier.clock)
             seq = -next(self._seq)  # before everything with the same tag
         else:
-            start = max(tier.clock, tier.finish.get(entry.user_id, 0.0))
-            tier.finish[entry.user_id] = start + entry.cost / self.policy.weight(entry.user_id)
+            start = max(tier.clock, tier.finish.get(name, 0.0))
+            weight = self.policy.weight(entry.service, entry.user_id)
+            tier.finish[name] = start + entry.cost / weight
             seq = next(self._seq)
         tagged = _Tagged(start, seq, entry, priority)
         tier.order.add(tagged)
         tier.cost += entry.cost
         self._tagged[entry.job_id] = tagged
-        self._per_user[entry.user_id] = self._per_user.get(entry.user_id, 0) + 1
+        self._per_user[name] = self._per_user.get(name, 0) + 1
         self._route_cost(entry.route, entry.cost)
         if priority < self.policy.top_priority and self.policy.aging_seconds is not None:
             heapq.heappush(self._waiting, (entry.enqueued_at, seq, entry.job_id))
@@ -314,7 +336,7 @@ class FairQueue:
         tier = self._tiers[tagged.tier]
         tier.clock = max(tier.clock, tagged.start)
         if len(tier.finish) > 2 * len(tier.order) + 64:
-            # users whose finish tag is behind the clock start afresh anyway: forget them
+            # accounts whose finish tag is behind the clock start afresh anyway: forget them
             tier.finish = {u: f for u, f in tier.finish.items() if f > tier.clock}
         self._detach(tagged)
         return tagged.entry
@@ -328,12 +350,12 @@ class FairQueue:
         if not tier.order:  # no backlog left: nobody is owed anything
             del self._tiers[tagged.tier]
             self._priorities.remove(tagged.tier)
-        user_id = tagged.entry.user_id
-        left = self._per_user[user_id] - 1
+        name = tagged.entry.account
+        left = self._per_user[name] - 1
         if left:
-            self._per_user[user_id] = left
+            self._per_user[name] = left
         else:
-            del self._per_user[user_id]
+            del self._per_user[name]
 
     # -- reading ----------------------------------------------------------------------
 

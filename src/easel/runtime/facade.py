@@ -41,7 +41,7 @@ from easel.jobs import (
     random_seed,
 )
 from easel.queue.admission import check_limits
-from easel.queue.scheduler import user_cap
+from easel.queue.scheduler import account, user_cap
 from easel.results.files import LocalStorage
 from easel.runtime._etas import Etas
 from easel.runtime.compose import assemble, extensions_for, open_parts, worker_for
@@ -226,18 +226,10 @@ class Runtime:
             "queued": stats.queued,
             "running": stats.running,
             "tiers": {str(tier): count for tier, count in stats.tiers.items()},
-            "users": stats.users if _sees_all() else await self._own_users(),
+            "users": _users_seen(stats.users),
             "averages": self.run_times.averages(),
             "waiting": await self._waiting(),
         }
-
-    async def _own_users(self) -> dict[str, int]:
-        """Queued jobs per user of the calling service only: user ids are per service."""
-        counts: dict[str, int] = {}
-        for job in await self.store.list_jobs(state=JobState.queued, limit=100_000):
-            if may_see(job.service):
-                counts[job.user_id] = counts.get(job.user_id, 0) + 1
-        return counts
 
     async def worker_list(self) -> list[WorkerInfo]:
         """Live workers of every process; a service sees only its own jobs' ids among
@@ -378,3 +370,14 @@ def _queued(job: Job, view: JobView) -> Event:
         eta_high_seconds=view.eta_high_seconds,
         average_seconds=view.average_seconds,
     )
+
+
+def _users_seen(accounts: dict[str, int]) -> dict[str, int]:
+    """Queued jobs per account as the caller may see them: all (``service/user`` keys,
+    bare user ids for jobs no service owns) for admin and open deployments; a service,
+    its own users by their bare ids (user ids are per service)."""
+    caller = current_service.get()
+    if caller is None or caller.is_admin:
+        return dict(accounts)
+    prefix = account(caller.name, "")
+    return {name[len(prefix) :]: n for name, n in accounts.items() if name.startswith(prefix)}

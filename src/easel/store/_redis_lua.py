@@ -55,6 +55,13 @@ local function finish_key(tier) return P .. '{k.FINISH}' .. tier end
 _HELPERS = """
 local function fmt(x) return string.format('%.17g', x) end
 
+-- a job's account (service/user, scheduler.account): caps and fair share count per account;
+-- a job stored before accounts existed has only its user id
+local function account_of(acct, user)
+  if acct and acct ~= '' then return acct end
+  return user
+end
+
 local function id_of(member) return string.sub(member, SEQ_WIDTH + 1) end
 
 local function seq_of(member) return tonumber(string.sub(member, 1, SEQ_WIDTH)) end
@@ -84,8 +91,8 @@ end
 -- in line of its tier when put back (``front``)
 local function push(id, front, weight)
   local jk = job_key(id)
-  local f = redis.call('HMGET', jk, 'user_id', 'tier', 'backend', 'cost', 'created_at')
-  local user, tier, route, cost = f[1], f[2], f[3], tonumber(f[4])
+  local f = redis.call('HMGET', jk, 'user_id', 'tier', 'backend', 'cost', 'created_at', 'account')
+  local user, tier, route, cost = account_of(f[6], f[1]), f[2], f[3], tonumber(f[4])
   local sk = tier_state_key(tier)
   local clock = tonumber(redis.call('HGET', sk, 'clock'))
   local tcost = 0
@@ -124,7 +131,7 @@ end
 -- FairQueue._detach: an empty tier is forgotten (clock and finish tags with it)
 local function detach(id, m)
   local jk = job_key(id)
-  local f = redis.call('HMGET', jk, 'tier', 'backend', 'user_id', 'cost')
+  local f = redis.call('HMGET', jk, 'tier', 'backend', 'user_id', 'cost', 'account')
   local tier = f[1]
   redis.call('ZREM', tier_key(tier), m)
   redis.call('ZREM', route_key(tier, f[2]), m)
@@ -136,7 +143,7 @@ local function detach(id, m)
     redis.call('HSET', sk, 'cost', fmt(tonumber(redis.call('HGET', sk, 'cost')) - tonumber(f[4])))
   end
   redis.call('ZREM', K_WAITING, m)
-  incr(K_QUEUED_USERS, f[3], -1)
+  incr(K_QUEUED_USERS, account_of(f[5], f[3]), -1)
   route_cost(f[2], -tonumber(f[4]))
   redis.call('HSET', jk, 'member', '')
 end
@@ -225,9 +232,9 @@ end
 -- a job reaches a final state: indexes, counts, lease, retention
 local function finalise(id, old, new)
   local jk = job_key(id)
-  local f = redis.call('HMGET', jk, 'user_id', 'seq')
+  local f = redis.call('HMGET', jk, 'user_id', 'seq', 'account')
   redis.call('ZREM', K_LEASES, id)
-  incr(K_ACTIVE, f[1], -1)
+  incr(K_ACTIVE, account_of(f[3], f[1]), -1)
   redis.call('ZREM', state_key(old), id)
   redis.call('ZADD', state_key(new), f[2], id)
   redis.call('ZADD', K_FINISHED, fmt(NOW), id)
@@ -275,8 +282,9 @@ ENQUEUE = _script("""
 -- 8 id, 9 user, 10 tier, 11 backend, 12 cost, 13 created_at, 14 batch key, 15 the job's
 -- JSON without the fields scripts change (see redis.py),
 -- 16 user cap, 17 queue cap ('' = none), 18 idempotency key ('' = none), 19 its ttl ms,
--- 20 the user's weight, 21 the service that owns it ('' = none)
-local id, user, service = ARGV[8], ARGV[9], ARGV[21]
+-- 20 the account's weight, 21 the service that owns it ('' = none), 22 the account
+-- (service/user): what the caps and fair share count
+local id, user, service, acct = ARGV[8], ARGV[9], ARGV[21], ARGV[22]
 local idem = ARGV[18]
 if idem ~= '' then
   local existing = redis.call('GET', idem)
@@ -287,20 +295,20 @@ end
 local queued = tonumber(redis.call('HGET', K_COUNTS, 'queued') or '0')
 local cap = tonumber(ARGV[17])
 if cap and queued >= cap then return {'queue_full', queued} end
-local active = tonumber(redis.call('HGET', K_ACTIVE, user) or '0')
+local active = tonumber(redis.call('HGET', K_ACTIVE, acct) or '0')
 if active >= tonumber(ARGV[16]) then return {'user_full', active} end
 local seq = redis.call('HINCRBY', K_SCHED, 'jobs', 1)
 redis.call('HSET', job_key(id), 'id', id, 'user_id', user, 'tier', ARGV[10],
   'backend', ARGV[11], 'cost', ARGV[12], 'created_at', ARGV[13], 'batch_key', ARGV[14],
   'base', ARGV[15], 'state', 'queued', 'attempts', 0, 'started_at', '', 'finished_at', '',
   'worker_id', '', 'images', '[]', 'error', '', 'lease', '', 'member', '', 'seq', seq,
-  'service', service)
+  'service', service, 'account', acct)
 redis.call('ZADD', K_ALL, seq, id)
 redis.call('ZADD', user_key(user), seq, id)
 if service ~= '' then redis.call('ZADD', service_key(service), seq, id) end
 redis.call('ZADD', state_key('queued'), seq, id)
 push(id, false, tonumber(ARGV[20]))
-redis.call('HINCRBY', K_ACTIVE, user, 1)
+redis.call('HINCRBY', K_ACTIVE, acct, 1)
 redis.call('HINCRBY', K_COUNTS, 'queued', 1)
 if idem ~= '' then redis.call('SET', idem, id, 'PX', ARGV[19]) end
 return {'ok'}

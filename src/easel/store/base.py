@@ -182,12 +182,13 @@ class JobStore(ABC):
         """Put back (or fail) running jobs whose lease ran out; return the jobs changed."""
 
     @abstractmethod
-    async def active_count(self, user_id: str) -> int:
-        """Queued plus running jobs of a user."""
+    async def active_count(self, user_id: str, service: str | None = None) -> int:
+        """Queued plus running jobs of one service's user (the cap's count)."""
 
     @abstractmethod
     async def stats(self) -> QueueStats:
-        """Counts for ``GET /v1/queue``."""
+        """Counts for ``GET /v1/queue``; ``users`` per account (``service/user``, see
+        :func:`easel.queue.scheduler.account`)."""
 
     @abstractmethod
     async def reroute(self, job_id: str, backend: str) -> Job | None:

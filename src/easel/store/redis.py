@@ -35,7 +35,7 @@ from easel.errors import (
     UserQueueFull,
 )
 from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
-from easel.queue.scheduler import Place, Policy, QueueStats, batch_key, entry_for
+from easel.queue.scheduler import Place, Policy, QueueStats, account, batch_key, entry_for
 from easel.store import _redis_lua as lua
 from easel.store.base import WORKER_LOST, JobStore, annotation_json, with_annotations
 
@@ -214,8 +214,9 @@ class RedisStore(JobStore):
             repr(entry.cost), repr(job.created_at), entry.batch_key or "",
             job.model_dump_json(exclude=set(_CHANGING)), user_cap,
             "" if self.max_queue_size is None else self.max_queue_size,
-            idem, keys.IDEMPOTENCY_TTL_SECONDS * 1000, repr(self.policy.weight(job.user_id)),
-            job.service or "",
+            idem, keys.IDEMPOTENCY_TTL_SECONDS * 1000,
+            repr(self.policy.weight(job.service, job.user_id)), job.service or "",
+            account(job.service, job.user_id),
         )  # fmt: skip
         if self._waitaof:
             reply = await self._enqueue_waitaof(args)
@@ -425,8 +426,9 @@ class RedisStore(JobStore):
         reply = await self._run("EXPIRE", WORKER_LOST.model_dump_json(), keys.SWEEP_LIMIT)
         return [_job(fields) for fields in reply]
 
-    async def active_count(self, user_id: str) -> int:
-        count = await self._read(lambda r: r.hget(self._key(keys.ACTIVE), user_id))
+    async def active_count(self, user_id: str, service: str | None = None) -> int:
+        name = account(service, user_id)
+        count = await self._read(lambda r: r.hget(self._key(keys.ACTIVE), name))
         return int(count or 0)
 
     async def stats(self) -> QueueStats:

@@ -37,6 +37,7 @@ from easel.queue.scheduler import (
     Place,
     Policy,
     QueueStats,
+    account,
     batch_key,
     check_queue_cap,
     check_user_cap,
@@ -275,8 +276,8 @@ class SqliteStore(JobStore):
         self.max_queue_size = max_queue_size
         self._writer = _Writer(self.path)
         self._queue = FairQueue(policy)
-        self._active: dict[str, str] = {}  # job id -> user id, queued or running
-        self._active_per_user: dict[str, int] = {}
+        self._active: dict[str, str] = {}  # job id -> account, queued or running
+        self._active_per_user: dict[str, int] = {}  # per account (service, user)
         self._running: set[str] = set()
         self._lock: Path | None = None
         self._sending: dict[str, asyncio.Event] = {}  # idempotency keys being sent
@@ -314,18 +315,18 @@ class SqliteStore(JobStore):
 
     def _track(self, job: Job) -> None:
         if job.id not in self._active:
-            self._active[job.id] = job.user_id
-            self._active_per_user[job.user_id] = self._active_per_user.get(job.user_id, 0) + 1
+            name = self._active[job.id] = account(job.service, job.user_id)
+            self._active_per_user[name] = self._active_per_user.get(name, 0) + 1
 
     def _untrack(self, job_id: str) -> None:
-        user_id = self._active.pop(job_id, None)
-        if user_id is None:
+        name = self._active.pop(job_id, None)
+        if name is None:
             return
-        left = self._active_per_user[user_id] - 1
+        left = self._active_per_user[name] - 1
         if left:
-            self._active_per_user[user_id] = left
+            self._active_per_user[name] = left
         else:
-            del self._active_per_user[user_id]
+            del self._active_per_user[name]
 
     def _settled(self, job: Job, *, delay: float = 0.0) -> Job:
         """Bring the in-memory queue in line with a job's new durable state."""
@@ -372,7 +373,8 @@ class SqliteStore(JobStore):
 
     async def _enqueue(self, job: Job, user_cap: int, idempotency_key: str | None) -> Job:
         check_queue_cap(len(self._queue) + len(self._delayed), self.max_queue_size)
-        check_user_cap(job.user_id, self._active_per_user.get(job.user_id, 0), user_cap)
+        active = self._active_per_user.get(account(job.service, job.user_id), 0)
+        check_user_cap(job.user_id, active, user_cap)
         self._track(job)  # reserve the slot before awaiting, so concurrent submits count
         try:
             now = self.clock()
@@ -629,8 +631,8 @@ class SqliteStore(JobStore):
 
         return [self._settled(job) for job in await self._writer.run(op)]
 
-    async def active_count(self, user_id: str) -> int:
-        return self._active_per_user.get(user_id, 0)
+    async def active_count(self, user_id: str, service: str | None = None) -> int:
+        return self._active_per_user.get(account(service, user_id), 0)
 
     async def stats(self) -> QueueStats:
         return QueueStats(
