@@ -9,8 +9,9 @@ the most wanted) and a job takes 2-8 s at 1x. Each arriving job is routed at onc
 backend, which runs its jobs in order (loading the model first when it holds another).
 
 Three routers see the same arrivals:
-- **easel**: ``easel.queue.routing.choose``, the code the runtime runs (affinity with a
-  balance threshold, then least work normalised by speed, load time counted);
+- **easel**: ``easel.queue.routing.choose`` and ``claim``, the code the runtime runs
+  (affinity with a balance threshold, then least work normalised by speed, load time
+  counted; an idle backend takes runs of queued jobs at a lower threshold);
 - **round robin**: backends in turn;
 - **least-loaded**: least outstanding work / speed, no model affinity.
 
@@ -30,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from easel.queue.routing import BackendView, Policy, Want, choose, take
+from easel.queue.routing import BackendView, Policy, Want, choose, claim
 
 SPEEDS = (1.0, 1.0, 2.0, 0.5)
 MODELS = ("sdxl", "flux", "sd15")
@@ -131,9 +132,9 @@ def simulate(
 ) -> tuple[list[Job], int]:
     """Returns the jobs (with start and end) and the number of model loads.
 
-    ``rebalance``: a backend that runs out of work asks the router, for the jobs queued
-    elsewhere (oldest first), whether it should take one now (what the runtime does when
-    a worker finds nothing to claim); round robin and least-loaded never move a job.
+    ``rebalance``: a backend that runs out of work asks the router (``claim``, what the
+    runtime's fleet upkeep does for an idle backend) which of the jobs queued elsewhere
+    (oldest first) it should take now; round robin and least-loaded never move a job.
     """
     backends = [Backend(f"b{i}", speed) for i, speed in enumerate(SPEEDS)]
     jobs = [Job(job.arrival, job.model, job.work) for job in jobs]
@@ -160,7 +161,8 @@ def simulate(
         )
         views = [backend.view(now) for backend in backends]
         wants = [(Want(model=job.model, cost=job.work), owner.name) for job, owner in queued]
-        for index in take(idle.name, wants, views, policy):
+        _, taken = claim(idle.name, wants, views, policy)  # a model to load comes with
+        for index in taken:  # its jobs: the backend loads it as it starts the first
             job, owner = queued[index]
             owner.queue.remove(job)
             idle.queue.append(job)

@@ -40,7 +40,7 @@ def test_the_documented_fleet_file_loads(tmp_path: Path) -> None:
     assert preview.options == {"step_delay": 0.01}
     assert gpu.kind == "diffusers" and gpu.speed == 2.0 and gpu.timeouts.job_seconds == 600
     assert gpu.breaker.failures == 3 and settings.routing.affinity_slack_seconds == 10
-    assert settings.routing.balance_ratio == 4
+    assert settings.routing.balance_ratio == 16 and settings.routing.steal_ratio == 4
     assert fleet_of(settings) == settings.backends
 
 

@@ -117,6 +117,62 @@ async def test_a_failing_backend_trips_its_breaker_and_jobs_go_elsewhere(fleet: 
     assert {b.name: b.state for b in await fleet.fleet.describe()}["fast"] == "up"
 
 
+PRESSURE = """
+[routing]
+load_seconds = 5
+
+[[backends]]
+name = "a"
+kind = "mock"
+options = { step_delay = 0.05, models = ["x", "y"], load_seconds = 0.3 }
+
+[[backends]]
+name = "b"
+kind = "mock"
+options = { models = ["x", "y"], load_seconds = 0.3 }
+
+[[backends]]
+name = "c"
+kind = "mock"
+options = { models = ["x", "y"], load_seconds = 0.3 }
+"""
+
+
+async def test_an_idle_backend_loads_a_model_queued_jobs_want(tmp_path: Path) -> None:
+    """Model pressure: jobs for a model loaded nowhere wait behind a busy backend; the
+    least busy capable one loads it ahead of them and takes them, and while it loads,
+    the router sends that model's new jobs there rather than load it a second time."""
+    path = tmp_path / "easel.toml"
+    path.write_text(PRESSURE)
+    settings = load_settings(path, data_dir=tmp_path / "data")
+    async with Runtime(settings) as runtime:
+        a, b, c = (mock(runtime, name) for name in "abc")
+        long = await runtime.submit(
+            GenerationRequest(prompt="p", backend="a", model="x", width=64, height=64, steps=100)
+        )
+        await _until(lambda: a.loaded == "x")  # busy with x for seconds
+        first = await runtime.submit(
+            GenerationRequest(prompt="p", backend="a", fallback=True, model="y", **SMALL)
+        )
+        member = runtime.fleet.members["b"]
+        await _until(lambda: member.loading == "y")  # b: least busy capable (c ties; name)
+        shown = {s.name: s for s in await runtime.fleet.describe()}
+        assert shown["b"].loading == "y" and "y" in shown["b"].loaded_models
+        more = [await run_later(runtime, model="y") for _ in range(2)]  # while b loads y
+        for view in [first, *more]:
+            done = await runtime.wait(view.id, timeout=60)
+            assert done.state is JobState.succeeded and done.backend == "b"
+        assert (b.preloads_done, b.loads, c.loads) == (1, 1, 0)  # one load, ahead of the jobs
+        shown = {s.name: s for s in await runtime.fleet.describe()}
+        assert shown["b"].model_loads == 1 and shown["b"].loading is None
+        assert shown["b"].load_seconds is not None and shown["b"].load_seconds >= 0.3
+        await runtime.cancel(long.id)
+
+
+async def run_later(runtime: Runtime, **fields: Any) -> Any:
+    return await runtime.submit(GenerationRequest(prompt="p", **{**SMALL, **fields}))
+
+
 async def test_a_named_backend_without_fallback_waits_for_it(fleet: Runtime) -> None:
     fast = mock(fleet, "fast")
     fast.unavailable = True

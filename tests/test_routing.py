@@ -15,6 +15,7 @@ from easel.queue.routing import (
     Want,
     capable,
     choose,
+    claim,
     eligible,
     pressure,
     take,
@@ -191,3 +192,25 @@ def test_stealing_takes_a_run_of_the_loaded_model_first() -> None:
     idle = BackendView("idle", loaded=frozenset("b"))
     queued = [(Want(model="a", cost=10), "busy")] + [(Want(model="b", cost=10), "busy")] * 3
     assert take("idle", queued, [busy, idle]) == [1, 2, 3]
+
+
+def test_an_idle_backend_loads_a_model_nobody_has_and_takes_its_jobs() -> None:
+    busy = BackendView("busy", models=frozenset("ab"), loaded=frozenset("a"), outstanding=60)
+    idle = BackendView("idle", models=frozenset("ab"), loaded=frozenset("a"))
+    queued = [(Want(model="b", cost=5), "busy"), (Want(model="a", cost=5), "busy")] * 2
+    model, taken = claim("idle", queued, [busy, idle])
+    assert model == "b" and [queued[i][0].model for i in taken] == ["b", "b"]
+    # once "b" is loaded somewhere, nobody else loads it for these jobs
+    warm = replace(busy, loaded=frozenset("ab"))
+    assert claim("idle", queued, [warm, idle])[0] is None
+    assert claim("idle", queued, [busy, replace(idle, up=False)]) == (None, [])
+
+
+def test_an_idle_backend_steals_sooner_than_arrivals_move() -> None:
+    warm = BackendView("warm", loaded=frozenset("a"), outstanding=100)
+    cold = BackendView("cold", loaded=frozenset("b"), outstanding=10)
+    want = Want(model="a", cost=5)
+    policy = Policy(slack_seconds=0, ratio=16, steal_ratio=4)
+    assert choose(want, [warm, cold], policy) == warm  # 100 s < 16 x 20 s: stays warm
+    idle = replace(cold, outstanding=0)  # out of work: 100 s > 4 x 10 s, it takes them
+    assert take("cold", [(want, "warm")] * 3, [warm, idle], policy)

@@ -104,10 +104,16 @@ class Routing(BaseModel):
         "the least-loaded one's by less than this plus the model's load time.",
     )
     balance_ratio: float = Field(
-        default=4.0,
+        default=16.0,
         ge=1,
         description="...and while its wait is less than this many times the least-loaded "
         "one's: a model moves only when both are exceeded.",
+    )
+    steal_ratio: float = Field(
+        default=4.0,
+        ge=1,
+        description="balance_ratio for a backend out of work taking jobs queued elsewhere "
+        "(it switches once for a run of jobs, not once per job).",
     )
     load_seconds: float = Field(
         default=10.0, ge=0, description="Assumed model load time until one is measured."

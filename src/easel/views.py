@@ -60,6 +60,13 @@ class BackendStatus(BaseModel):
     capabilities: list[str]
     models: list[str]
     loaded_models: list[str]
+    loading: str | None = Field(
+        default=None, description="A model it is loading ahead of the jobs that want it."
+    )
+    model_loads: int = Field(default=0, description="Models it loaded ahead of their jobs.")
+    load_seconds: float | None = Field(
+        default=None, description="Measured model load time (what routing counts for a load)."
+    )
     tags: list[str]
     queued_work: float = Field(description="Work units queued for it (cost: steps x pixels).")
     speed: float | None = Field(description="Measured work units per second (one slot).")

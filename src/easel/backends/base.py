@@ -106,8 +106,16 @@ class Backend(ABC):
     """Engine payloads this backend runs: as they are (an engine of that kind) or through the
     easel fields read from them (an A1111 payload is also a plain txt2img/img2img)."""
 
+    preloads: bool = False
+    """Whether :meth:`load` loads a model ahead of its jobs (model pressure)."""
+
     async def start(self) -> None:
         """Load what must be loaded before the first job (called once by the runtime)."""
+
+    async def load(self, model: str) -> None:
+        """Load ``model`` now, ahead of the jobs that want it: the fleet calls it when queued
+        jobs want a model no backend has loaded and this one is out of work. Default:
+        nothing (it loads with its first job)."""
 
     async def close(self) -> None:
         """Free what ``start`` took."""

@@ -92,6 +92,8 @@ class MockBackend(Backend):
         self.loaded: str | None = None
         self.loads = 0
         """Model switches so far (with ``models`` and ``load_seconds``: a fleet's affinity)."""
+        self.preloads_done = 0
+        """Of those, the ones :meth:`load` did ahead of a job (model pressure)."""
         self.unavailable = False
         """Set it to make every run and health check fail transiently (an engine gone)."""
         self.preview_every = preview_every
@@ -115,6 +117,21 @@ class MockBackend(Backend):
             )
             for name in self.model_names
         ]
+
+    preloads = True
+
+    async def load(self, model: str) -> None:
+        await asyncio.to_thread(self._load, model)
+
+    def _load(self, model: str) -> None:
+        if self.unavailable:
+            raise BackendUnavailable(f"mock backend {self.name!r} is switched off")
+        if model != (self.loaded or MOCK_MODEL):
+            self.loads += 1
+            self.preloads_done += 1
+            if self.load_seconds:
+                time.sleep(self.load_seconds)
+        self.loaded = model
 
     async def health(self) -> None:
         if self.unavailable:

@@ -2,9 +2,10 @@
 
 The runtime describes each backend as a :class:`BackendView` (what it can do, what it has
 loaded, how much work it holds, how fast it is, whether its breaker lets work through) and
-each job as a :class:`Want`; :func:`choose` picks one, :func:`pressure` says which idle
-backend should load a model nobody has loaded, and :class:`Breaker` is the per-backend
-circuit breaker. ``tests/test_routing.py`` checks the properties with hypothesis;
+each job as a :class:`Want`; :func:`choose` picks one, :func:`claim` says what a backend
+out of work does (load a model waiting jobs want and nobody has loaded, :func:`pressure`;
+take a run of jobs queued elsewhere, :func:`take`), and :class:`Breaker` is the
+per-backend circuit breaker. ``tests/test_routing.py`` checks the properties with hypothesis;
 ``benchmarks/fleet.py`` runs this very code against round robin and least-loaded.
 
 Policy, in order:
@@ -81,8 +82,12 @@ class Policy:
     slack_seconds: float = 10.0
     """How much longer than the least-loaded backend's a loaded model's wait may be,
     besides the model's load time..."""
-    ratio: float = 4.0
+    ratio: float = 16.0
     """...and, as well, how many times longer (both must be exceeded to move a model)."""
+    steal_ratio: float = 4.0
+    """``ratio`` for an idle backend taking queued jobs (:func:`take`). Lower than
+    ``ratio``: a job moved on arrival lands amid another model's queue (a switch there and
+    one back), while an idle backend switches once for a whole run of jobs."""
 
 
 def capable(want: Want, backend: BackendView) -> bool:
@@ -144,6 +149,7 @@ def take(
     loaded come first; once it takes one model it takes only more of the same, while the
     router would still send each there (so it moves a run of jobs, not a switch per job).
     """
+    policy = replace(policy or Policy(), ratio=(policy or Policy()).steal_ratio)
     views = {backend.name: backend for backend in backends}
     if idle not in views or not views[idle].up:
         return []
@@ -200,6 +206,25 @@ def pressure(waiting: Sequence[Want], backends: Collection[BackendView]) -> dict
             chosen = min(free, key=lambda b: (b.wait(), -b.speed, b.name))
             decisions[chosen.name] = model
     return decisions
+
+
+def claim(
+    idle: str,
+    queued: Sequence[tuple[Want, str]],
+    backends: Collection[BackendView],
+    policy: Policy | None = None,
+) -> tuple[str | None, list[int]]:
+    """What a backend out of work does, given the jobs queued elsewhere (``(want,
+    owner)``, oldest first): the model it should load now, if waiting jobs want one that
+    no up backend has loaded and it is the least busy capable backend for it
+    (:func:`pressure`), and the jobs it takes (:func:`take`, that model counted loaded)."""
+    views = {backend.name: backend for backend in backends}
+    if idle not in views or not views[idle].up:
+        return None, []
+    model = pressure([want for want, _ in queued], list(views.values())).get(idle)
+    if model is not None:
+        views[idle] = replace(views[idle], loaded=views[idle].loaded | {model})
+    return model, take(idle, queued, list(views.values()), policy)
 
 
 # -- the circuit breaker --------------------------------------------------------------------

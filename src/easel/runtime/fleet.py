@@ -22,7 +22,7 @@ from easel.errors import EaselError
 from easel.fleet import BackendSpec, Routing
 from easel.jobs import GenerationRequest, Job, JobState
 from easel.queue.admission import route_request, want_of
-from easel.queue.routing import BackendView, Breaker, BreakerState, Policy, choose, take
+from easel.queue.routing import BackendView, Breaker, BreakerState, Policy, choose, claim
 from easel.runtime.registry import WorkerInfo, WorkerRegistry
 from easel.store.base import JobStore
 from easel.views import BackendStatus
@@ -40,6 +40,14 @@ class Member:
     in_use: int = 0
     speed: float | None = None
     load_seconds: float | None = None
+    """Measured model load time (smoothed), once one was seen."""
+    loading: str | None = None
+    """The model it is loading ahead of its jobs (model pressure), while it loads."""
+    loads: int = 0
+    """Models loaded ahead of their jobs so far."""
+    ready: str | None = None
+    """The model last loaded ahead of its jobs, until the next run there (not cold)."""
+    load_task: asyncio.Task[None] | None = field(default=None, repr=False)
     checking: bool = field(default=False, repr=False)
 
     @property
@@ -49,10 +57,14 @@ class Member:
         return frozenset(str(c) for c in self.backend.capabilities)
 
     def models(self) -> tuple[frozenset[str], frozenset[str]]:
-        """(served, loaded) pipeline models."""
+        """(served, loaded) pipeline models; a model being loaded counts as loaded, so the
+        router sends its jobs here rather than start a second load elsewhere."""
         listed = [m for m in self.backend.models() if m.kind == "pipeline"]
         served = frozenset(self.spec.models) or frozenset(m.name for m in listed)
-        return served, frozenset(m.name for m in listed if m.loaded)
+        loaded = {m.name for m in listed if m.loaded}
+        if self.loading is not None:
+            loaded.add(self.loading)
+        return served, frozenset(loaded)
 
 
 def build_backends(specs: Iterable[BackendSpec]) -> dict[str, Backend]:
@@ -79,7 +91,9 @@ class Fleet:
         routing = routing or Routing()
         self.routing = routing
         self.policy = Policy(
-            slack_seconds=routing.affinity_slack_seconds, ratio=routing.balance_ratio
+            slack_seconds=routing.affinity_slack_seconds,
+            ratio=routing.balance_ratio,
+            steal_ratio=routing.steal_ratio,
         )
         self.clock = clock
         specs_by_name = {spec.name: spec for spec in specs}
@@ -114,6 +128,9 @@ class Fleet:
         views = {}
         for name, member in self.members.items():
             served, loaded = member.models()
+            speed = member.speed or self._default_speed(member.spec.speed)
+            load_seconds = self._load_seconds(member)
+            loading = load_seconds * speed if member.loading is not None else 0.0
             views[name] = BackendView(
                 name=name,
                 capabilities=member.capabilities,
@@ -121,12 +138,15 @@ class Fleet:
                 loaded=loaded,
                 tags=frozenset(member.spec.tags),
                 slots=member.spec.slots,
-                outstanding=backlog.get(name, 0.0) + member.in_use * _RUNNING_COST,
-                speed=member.speed or self._default_speed(member.spec.speed),
-                load_seconds=member.load_seconds or self.routing.load_seconds,
+                outstanding=backlog.get(name, 0.0) + member.in_use * _RUNNING_COST + loading,
+                speed=speed,
+                load_seconds=load_seconds,
                 up=member.breaker.up,
             )
         return views
+
+    def _load_seconds(self, member: Member) -> float:
+        return member.load_seconds or self.routing.load_seconds
 
     def remote_views(
         self, workers: Iterable[WorkerInfo], backlog: dict[str, float]
@@ -220,8 +240,9 @@ class Fleet:
         return None if chosen is None else chosen.name
 
     async def rebalance(self, limit: int = 500) -> list[tuple[str, str]]:
-        """Move queued jobs off down backends, and let idle local backends take runs of
-        jobs queued elsewhere (work stealing, through the router). Returns the moves."""
+        """Move queued jobs off down backends, and let idle local backends claim work
+        (``routing.claim``): load a model that queued jobs want and nobody has loaded
+        (model pressure), and take runs of jobs queued elsewhere. Returns the moves."""
         if self.store is None:
             return []
         views = await self.views()
@@ -232,7 +253,10 @@ class Fleet:
         idle = [
             name
             for name, member in self.members.items()
-            if member.breaker.up and member.in_use == 0 and views[name].outstanding <= 0
+            if member.breaker.up
+            and member.in_use == 0
+            and member.loading is None
+            and views[name].outstanding <= 0
         ]
         busy = any(view.outstanding > 0 for view in views.values())
         if not down and not (idle and busy):
@@ -244,21 +268,80 @@ class Fleet:
                 target = await self.relocate(job, leaving=job.backend)
                 if target is not None and await self.store.reroute(job.id, target) is not None:
                     moves.append((job.id, target))
+        moved = {job_id for job_id, _ in moves}
         for name in idle:
             movable = [
                 job
                 for job in queued
-                if job.backend != name
+                if job.id not in moved
+                and job.backend != name
                 and job.backend in views
                 and job.backend not in down
                 and (job.request.backend is None or job.request.fallback is not False)
             ]
             wants = [(want_of(job.request, moving=True), job.backend) for job in movable]
-            for index in take(name, wants, list(views.values()), self.policy):
+            model, taken = claim(name, wants, list(views.values()), self.policy)
+            if model is not None and taken:
+                self.preload(name, model)
+            for index in taken:
                 job = movable[index]
                 if await self.store.reroute(job.id, name) is not None:
                     moves.append((job.id, name))
+                    moved.add(job.id)
+            if taken:
+                views[name] = self.local_views(self._backlog)[name]
         return moves
+
+    # -- model pressure: a model loaded ahead of the jobs that want it -----------------------
+
+    def preload(self, name: str, model: str) -> None:
+        """Start loading ``model`` on the local backend ``name`` (model pressure); the
+        worker waits for it (:meth:`settled`) before running that backend's next job."""
+        member = self.members[name]
+        if member.loading is not None or not member.backend.preloads:
+            return
+        member.loading = model
+        log.info("backend %s loads model %s for the jobs waiting for it", name, model)
+        member.load_task = asyncio.create_task(self._load(member, model))
+
+    async def _load(self, member: Member, model: str) -> None:
+        began = self.clock()
+        try:
+            await member.backend.load(model)
+        except EaselError as exc:
+            log.warning("backend %s could not load %s: %s", member.spec.name, model, exc.message)
+            if exc.retryable:
+                self.failed(member.spec.name, f"{exc.code}: {exc.message}")
+        except Exception as exc:  # the job that wants it loads it again and says why
+            log.warning("backend %s could not load %s: %s", member.spec.name, model, exc)
+        else:
+            member.loads += 1
+            member.ready = model
+            self.observe_load(member.spec.name, self.clock() - began)
+        finally:
+            member.loading = None
+
+    async def settled(self, name: str) -> str | None:
+        """Once the model the backend is loading ahead of its jobs is loaded (or failed):
+        the model loaded ahead since the last run there, if any (that run is warm)."""
+        member = self.members.get(name)
+        if member is None:
+            return None
+        if (task := member.load_task) is not None and not task.done():
+            await asyncio.wait([task])
+        ready, member.ready = member.ready, None
+        return ready
+
+    def observe_load(self, name: str, seconds: float, alpha: float = 0.3) -> None:
+        """A model load took ``seconds`` there: the load time routing counts, smoothed."""
+        member = self.members.get(name)
+        if member is None or seconds <= 0:
+            return
+        member.load_seconds = (
+            seconds
+            if member.load_seconds is None
+            else member.load_seconds + alpha * (seconds - member.load_seconds)
+        )
 
     # -- what happened --------------------------------------------------------------------
 
@@ -270,10 +353,17 @@ class Fleet:
         if (member := self.members.get(name)) is not None:
             member.in_use = max(member.in_use - jobs, 0)
 
-    def observe_speed(self, name: str, cost: float, seconds: float, alpha: float = 0.3) -> None:
-        """A run of ``cost`` work units took ``seconds``: the backend's speed, smoothed."""
+    def observe_speed(
+        self, name: str, cost: float, seconds: float, alpha: float = 0.3, *, cold: bool = False
+    ) -> None:
+        """A run of ``cost`` work units took ``seconds``: the backend's speed, smoothed.
+        ``cold``: the run loaded its model first; what it took over a warm run at the
+        measured speed is a load time sample instead."""
         member = self.members.get(name)
         if member is None or seconds <= 0 or cost <= 0:
+            return
+        if cold and member.speed is not None:
+            self.observe_load(name, seconds - cost / member.speed, alpha)
             return
         sample = cost / seconds
         member.speed = (
@@ -363,9 +453,11 @@ class Fleet:
                 except EaselError as exc:
                     log.warning("fleet not rebalanced: %s", exc.message)
         finally:
-            if watching is not None:
-                watching.cancel()
-                await asyncio.gather(watching, return_exceptions=True)
+            loads = [m.load_task for m in self.members.values() if m.load_task is not None]
+            for task in [*loads, watching]:
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*loads, *([watching] if watching else []), return_exceptions=True)
 
     # -- what GET /v1/backends shows --------------------------------------------------------
 
@@ -392,6 +484,11 @@ class Fleet:
                     capabilities=sorted(member.capabilities),
                     models=sorted(served),
                     loaded_models=sorted(loaded),
+                    loading=member.loading,
+                    model_loads=member.loads,
+                    load_seconds=None
+                    if member.load_seconds is None
+                    else round(member.load_seconds, 3),
                     tags=member.spec.tags,
                     queued_work=round(backlog.get(name, 0.0), 3),
                     speed=None if member.speed is None else round(member.speed, 3),

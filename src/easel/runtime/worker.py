@@ -233,8 +233,11 @@ class Worker:
                 await try_announce(self.bus, Event.of(job, EventType.started))
             if self._ended is not None:  # back to back: what a job costs besides its run
                 self.run_times.observe_gap(self.backend.name, time.monotonic() - self._ended)
+            ready = None  # a model loaded ahead of these jobs (model pressure): loaded first
+            if self.fleet is not None:
+                ready = await self.fleet.settled(self.backend.name)
             model = jobs[0].request.model
-            cold = not self._ran or model != self.model
+            cold = (not self._ran or model != self.model) and (ready is None or ready != model)
             self.model, self._ran = model, True
             began = time.monotonic()
             try:
@@ -249,7 +252,7 @@ class Worker:
             if self.fleet is not None:
                 self.fleet.succeeded(self.backend.name)
                 cost = sum(job.request.cost for job in jobs)
-                self.fleet.observe_speed(self.backend.name, cost, seconds * len(jobs))
+                self.fleet.observe_speed(self.backend.name, cost, seconds * len(jobs), cold=cold)
             await self.finisher.wait_for_room()
             self._finishing.update({job.id: job for job in jobs})
             self._running = []

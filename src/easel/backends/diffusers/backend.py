@@ -194,6 +194,18 @@ class DiffusersBackend(Backend):
     async def close(self) -> None:
         self.cache.clear()
 
+    preloads = True
+
+    async def load(self, model: str) -> None:
+        """Load a model into the cache ahead of its jobs (the fleet's model pressure)."""
+        entry = self.registry.get(model)
+        refuse_pickles(entry, allowed=self.options.allow_pickle)
+        await asyncio.to_thread(self._hold, entry)
+
+    def _hold(self, entry: ModelEntry) -> None:
+        with quiet_warnings(), self.cache.use(entry.name, lambda: self._load(entry)):
+            pass
+
     def _load(self, entry: ModelEntry) -> Any:
         return load_pipeline(entry, self.registry, self.options)
 
