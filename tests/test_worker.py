@@ -7,18 +7,22 @@ flight" lasts exactly as long as a test needs: no sleeps, no timing.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterable
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from easel.backends.base import GenerationResult
+import easel.runtime.worker as worker_module
+from easel.backends.base import GenerationResult, RunContext
 from easel.backends.mock import MockBackend
 from easel.config import Settings
 from easel.events.bus import InProcessEventBus, Subscription
 from easel.jobs import Event, EventType, GenerationRequest, ImageRef, Job, JobState
 from easel.results.files import LocalStorage
+from easel.runtime._finisher import in_results_thread
 from easel.runtime.facade import Runtime
 
 
@@ -273,3 +277,50 @@ def test_results_depth_is_a_setting() -> None:
     with pytest.raises(ValueError):
         Settings(results_depth=-1)
     assert MockBackend().batches
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice is Linux's")
+async def test_results_threads_run_at_a_lower_cpu_priority() -> None:
+    """``results_nice``: encoding yields the CPU to the event loop and the backends."""
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert Settings().results_nice == 10
+    own = await in_results_thread(
+        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    )
+    assert own == min(19, base + 10)
+
+
+class LoopPreviews(MockBackend):
+    """An async backend (a remote engine's adapter) reporting previews from the loop."""
+
+    async def generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:
+        picture = Image.new("RGB", (512, 512), "teal")
+        for step in range(1, request.steps + 1):
+            context.progress(step, request.steps, picture)
+            await asyncio.sleep(0)
+        return GenerationResult(images=[picture], seeds=request.seeds, model="mock")
+
+
+async def test_previews_from_the_loop_are_encoded_off_it_and_published_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoded_on: set[str] = set()
+    encode = worker_module._jpeg_base64
+
+    def recording(image: Image.Image, max_side: int = 256) -> str:
+        encoded_on.add(threading.current_thread().name)
+        return encode(image, max_side)
+
+    monkeypatch.setattr(worker_module, "_jpeg_base64", recording)
+    runtime = Runtime(_settings(tmp_path), backends={"mock": LoopPreviews()})
+    await runtime.start()
+    try:
+        async with runtime.bus.subscribe(types={EventType.progress}) as progress:
+            job_id = (await runtime.submit(_request("previews"))).id
+            assert (await runtime.wait(job_id, timeout=30)).state is JobState.succeeded
+            events = _drain(progress)
+    finally:
+        await runtime.stop()
+    assert [event.step for event in events] == [1, 2, 3]
+    assert all(event.preview for event in events)
+    assert encoded_on and all(name.startswith("easel-results") for name in encoded_on)

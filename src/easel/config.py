@@ -184,7 +184,11 @@ class OutputSettings(BaseModel):
         default="png", description="Like A1111's samples_format."
     )
     png_compress_level: int = Field(
-        default=6, ge=0, le=9, description="zlib level: 0 is fastest and largest."
+        default=1,
+        ge=0,
+        le=9,
+        description="zlib level: 0 is fastest and largest; 1 (the default) encodes a "
+        "1024x1024 result ~25% faster than 6 for ~10% more bytes.",
     )
     jpeg_quality: int = Field(default=92, ge=1, le=100)
     webp_quality: int = Field(default=90, ge=1, le=100)
@@ -263,6 +267,14 @@ class Settings(BaseSettings):
         ge=0,
         description="Backend calls whose results are finished (encoded, written, announced) "
         "while the backend runs the next job; 0 finishes each before claiming the next.",
+    )
+    results_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="How much lower the CPU priority of the threads that encode and write "
+        "results is (Linux, per thread): under contention the event loop and the backends' "
+        "threads go first. 0: the same priority.",
     )
     max_attempts: int = Field(default=3, ge=1, description="Runs per job, retries included.")
     retry_base_seconds: float = Field(default=2.0, ge=0, description="First retry backoff.")

@@ -16,6 +16,7 @@ from easel.api.errors import ErrorResponse
 from easel.constants import VERSION
 from easel.errors import EaselError, UnsupportedMediaType
 from easel.events.bus import Subscription, event_json
+from easel.events.pacing import pacer
 from easel.jobs import (
     AUDIO_MEDIA_TYPES,
     EventType,
@@ -322,9 +323,11 @@ async def _forward(
     websocket: WebSocket,
     inline: Callable[[list[ImageRef]], list[str] | None] | None = None,
 ) -> None:
+    turn = pacer().turn  # 100 subscribers' sends spread over loop iterations
     async for event in subscription:
         if not may_see(event.service):  # a service sees only its own jobs' events
             continue
+        await turn()
         if inline is not None and event.type is EventType.succeeded and event.content is None:
             refs = event.images or []
             with contextlib.suppress(EaselError):  # files gone: the URLs remain

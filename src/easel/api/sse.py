@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from easel.api.errors import ErrorResponse
 from easel.api.native import runtime_of
 from easel.events.bus import Subscription, event_json
+from easel.events.pacing import pacer
 from easel.jobs import FINAL_EVENTS, Event, Job, final_event
 from easel.runtime.facade import Runtime
 from easel.safety.services import may_see
@@ -124,6 +125,7 @@ async def _frames(subscription: Subscription, *, until_final: bool) -> AsyncIter
             return
         if not may_see(event.service):  # a service sees only its own jobs' events
             continue
+        await pacer().turn()  # many streams' writes spread over loop iterations
         yield _frame(event)
         if until_final and event.type in FINAL_EVENTS:
             return

@@ -155,7 +155,7 @@ def encode_image(
     return buffer.getvalue()
 
 
-def encode_png(image: Image, metadata: dict[str, Any], compress_level: int = 6) -> bytes:
+def encode_png(image: Image, metadata: dict[str, Any], compress_level: int = 1) -> bytes:
     """PNG bytes carrying the infotext (``parameters``) and the request as JSON (``easel``)."""
     info = PngInfo()
     info.add_text("parameters", metadata["infotext"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -27,8 +28,33 @@ from easel.jobs import Job
 log = logging.getLogger("easel.runtime.worker")
 T = TypeVar("T")
 
+_priority = {"nice": 10}
+
+
+def set_results_priority(nice: int) -> None:
+    """How much less CPU priority the results threads get than the rest of the process
+    (``results_nice``); applies to threads started from now on."""
+    _priority["nice"] = nice
+
+
+def _lower_priority() -> None:
+    """Results work is background work: under CPU contention (4 workers' PNGs need more
+    than 2 cores) the event loop and the threads that feed the backends go first. Linux
+    keeps a nice value per thread; elsewhere the threads keep the process's."""
+    if _priority["nice"] and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            os.setpriority(
+                os.PRIO_PROCESS, threading.get_native_id(), min(19, own + _priority["nice"])
+            )
+        except OSError:  # not permitted here: run at the process's priority
+            log.debug("results threads keep the process's priority")
+
+
 _encoders = ThreadPoolExecutor(
-    max_workers=os.cpu_count() or 2, thread_name_prefix="easel-results"
+    max_workers=os.cpu_count() or 2,
+    thread_name_prefix="easel-results",
+    initializer=_lower_priority,
 )  # one pool for every worker: encodes never outnumber the cores, and never take the
 #    default executor's threads from backends that run there (asyncio.to_thread)
 
@@ -36,6 +62,11 @@ _encoders = ThreadPoolExecutor(
 async def in_results_thread(function: Callable[..., T], *args: Any) -> T:
     """Run blocking results work (encode, write, fsync) on the shared results pool."""
     return await asyncio.get_running_loop().run_in_executor(_encoders, function, *args)
+
+
+def in_results_future(function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """Start blocking work on the results pool now; await the future for its result."""
+    return asyncio.get_running_loop().run_in_executor(_encoders, function, *args)
 
 
 class Finisher:

@@ -25,6 +25,7 @@ from easel.queue.scheduler import Policy, RunTimes
 from easel.results.clap import ClapScorer
 from easel.results.files import LocalStorage
 from easel.results.s3 import S3Store, Uploads
+from easel.runtime._finisher import set_results_priority
 from easel.runtime.extensions import (
     Extension,
     FleetUpkeep,
@@ -136,6 +137,7 @@ def extensions_for(parts: Parts, workers: Callable[[], Sequence[Worker]]) -> lis
 
 def worker_for(parts: Parts, backend: Backend) -> Worker:
     settings = parts.settings
+    set_results_priority(settings.results_nice)
     options = WorkerOptions(
         lease_seconds=settings.lease_seconds,
         heartbeat_seconds=settings.heartbeat_seconds,

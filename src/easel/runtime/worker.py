@@ -45,7 +45,7 @@ from easel.queue.backoff import retry_delay
 from easel.queue.scheduler import RunTimes
 from easel.results.files import LocalStorage
 from easel.results.s3 import Ref, Uploads
-from easel.runtime._finisher import Finisher, in_results_thread
+from easel.runtime._finisher import Finisher, in_results_future, in_results_thread
 from easel.runtime._outage import announce, try_announce, until_stored
 from easel.store.base import JobStore
 
@@ -344,22 +344,25 @@ class Worker:
 
     async def _generate(self, jobs: list[Job]) -> list[GenerationResult]:
         loop = asyncio.get_running_loop()
-        pending: asyncio.Queue[Event | None] = asyncio.Queue()
+        pending: asyncio.Queue[Event | asyncio.Future[Event] | None] = asyncio.Queue()
 
         def progress_of(job: Job) -> RunContext:
             def on_progress(step: int, total: int, preview: Image | None) -> None:
                 event = Event.of(job, EventType.progress, step=step, total=total)
-                if preview is not None:
-                    event.preview = _jpeg_base64(preview)
-                if _in_loop(loop):  # an async backend reports from the loop itself
-                    pending.put_nowait(event)
-                else:
+                if not _in_loop(loop):  # a backend's thread: encode the preview here
+                    if preview is not None:
+                        event.preview = _jpeg_base64(preview)
                     loop.call_soon_threadsafe(pending.put_nowait, event)
+                elif preview is None:  # an async backend reports from the loop itself
+                    pending.put_nowait(event)
+                else:  # never encode on the loop: in the results pool, published in order
+                    pending.put_nowait(in_results_future(_with_preview, event, preview))
 
             return RunContext(on_progress=on_progress, cancel_event=self._cancels[job.id])
 
         async def pump() -> None:
-            while (event := await pending.get()) is not None:
+            while (item := await pending.get()) is not None:
+                event = item if isinstance(item, Event) else await item
                 await try_announce(self.bus, event)
 
         publisher = asyncio.create_task(pump())
@@ -518,6 +521,15 @@ def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
 def _ids(job: Job) -> dict[str, str | None]:
     """Fields for structured logs (``EASEL_LOG_FORMAT=json``)."""
     return {"job_id": job.id, "user_id": job.user_id, "service": job.service}
+
+
+def _with_preview(event: Event, preview: Image) -> Event:
+    """The progress event with its preview (an unreadable preview: the event without)."""
+    try:
+        event.preview = _jpeg_base64(preview)
+    except (OSError, ValueError) as exc:
+        log.warning("job %s: preview not encoded: %s", event.job_id, exc)
+    return event
 
 
 def _jpeg_base64(image: Image, max_side: int = 256) -> str:
