@@ -275,7 +275,7 @@ def test_sync_client_and_cli_make_audio(mixed_server: str, tmp_path: Path) -> No
     refused = CliRunner().invoke(
         app, ["generate", "x", "--audio", "--speech", "--server", mixed_server]
     )
-    assert refused.exit_code == 1 and "not both" in refused.output
+    assert refused.exit_code == 2 and "not both" in refused.output
 
 
 def test_tangoflux_is_declared_unavailable_with_its_reason(tmp_path: Path) -> None:

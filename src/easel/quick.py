@@ -3,7 +3,7 @@
 ``quick_generate`` (scripts) and ``easel generate`` (the CLI) both end up in
 :func:`generate_files`; embedded, it runs the same :class:`~easel.runtime.facade.Runtime` as the
 server, so results and sidecars are the server's own. It sits above both the client and the
-runtime (like ``cli.py``), so that the client itself never imports a server module.
+runtime (like ``easel.cli``), so that the client itself never imports a server module.
 """
 
 from __future__ import annotations

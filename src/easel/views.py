@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from easel.jobs import Capability, Job
+from easel.jobs import Capability, Job, JobState
 
 
 class JobList(BaseModel):
@@ -79,3 +79,49 @@ class Backends(BaseModel):
     """``GET /v1/backends``: every backend of the fleet, local or run by live workers."""
 
     backends: list[BackendStatus]
+
+
+class QueueAverage(BaseModel):
+    backend: str
+    model: str | None
+    width: int
+    height: int
+    steps: int
+    seconds_per_image: float
+
+
+class QueueState(BaseModel):
+    """``GET /v1/queue``: queued jobs per priority tier and per user, measured run times."""
+
+    queued: int
+    running: int
+    tiers: dict[str, int]
+    users: dict[str, int]
+    averages: list[QueueAverage]
+
+
+class LineEntry(BaseModel):
+    """A job in the queue as everyone may see it: the prompt only for its owner or admin."""
+
+    id: str
+    user_id: str
+    service: str | None
+    state: JobState
+    tier: int
+    position: int | None
+    eta_seconds: float | None
+    backend: str
+    model: str | None
+    width: int
+    height: int
+    steps: int
+    batch_size: int
+    created_at: float
+    started_at: float | None
+    prompt: str | None = Field(description="Hidden (null) unless yours or you are admin.")
+
+
+class Line(BaseModel):
+    """``GET /v1/queue/jobs``: running jobs, then queued ones in serving order."""
+
+    jobs: list[LineEntry]

@@ -30,7 +30,17 @@ from easel.jobs import (
 from easel.runtime.facade import Runtime
 from easel.runtime.registry import WorkerInfo
 from easel.safety.services import current_service, may_see
-from easel.views import BackendEntry, Backends, Health, JobList, ModelEntry, Models
+from easel.views import (
+    BackendEntry,
+    Backends,
+    Health,
+    JobList,
+    Line,
+    LineEntry,
+    ModelEntry,
+    Models,
+    QueueState,
+)
 
 router = APIRouter()
 
@@ -117,52 +127,10 @@ async def cancel_user_jobs(request: Request, user_id: str) -> JobList:
     return JobList(jobs=await runtime_of(request).cancel_user(user_id))
 
 
-class QueueAverage(BaseModel):
-    backend: str
-    model: str | None
-    width: int
-    height: int
-    steps: int
-    seconds_per_image: float
-
-
-class QueueState(BaseModel):
-    queued: int
-    running: int
-    tiers: dict[str, int]
-    users: dict[str, int]
-    averages: list[QueueAverage]
-
-
 @router.get("/v1/queue", response_model=QueueState, tags=["jobs"])
 async def queue_state(request: Request) -> QueueState:
     """Queued jobs per priority tier and per user, and measured run times."""
     return QueueState.model_validate(await runtime_of(request).queue())
-
-
-class LineEntry(BaseModel):
-    """A job in the queue as everyone may see it: the prompt only for its owner or admin."""
-
-    id: str
-    user_id: str
-    service: str | None
-    state: JobState
-    tier: int
-    position: int | None
-    eta_seconds: float | None
-    backend: str
-    model: str | None
-    width: int
-    height: int
-    steps: int
-    batch_size: int
-    created_at: float
-    started_at: float | None
-    prompt: str | None = Field(description="Hidden (null) unless yours or you are admin.")
-
-
-class Line(BaseModel):
-    jobs: list[LineEntry]
 
 
 @router.get("/v1/queue/jobs", response_model=Line, tags=["jobs"])

@@ -39,7 +39,7 @@ from easel.jobs import (
     JobView,
     final_event,
 )
-from easel.views import Backends, Models
+from easel.views import Backends, Health, Line, Models, QueueState
 
 H = TypeVar("H", bound=Handler)
 
@@ -188,6 +188,21 @@ class AsyncClient(AsyncResource):
         """The fleet: each backend's kind, state, slots in use, loaded models, speed."""
         response = await self._request("GET", "/v1/backends")
         return Backends.model_validate_json(response.content)
+
+    async def queue(self) -> QueueState:
+        """Queued and running jobs per tier and per user (the caller's users), run times."""
+        response = await self._request("GET", "/v1/queue")
+        return QueueState.model_validate_json(response.content)
+
+    async def line(self, user_id: str | None = None, limit: int = 500) -> Line:
+        """Running jobs, then queued ones in serving order; prompts only of ``user_id``'s."""
+        params = {"limit": str(limit)} | ({"user_id": user_id} if user_id else {})
+        response = await self._request("GET", "/v1/queue/jobs", params=params)
+        return Line.model_validate_json(response.content)
+
+    async def health(self) -> Health:
+        response = await self._request("GET", "/health")
+        return Health.model_validate_json(response.content)
 
     async def image(self, job_or_id: Job | str, index: int = 0) -> bytes:
         """The PNG bytes, with the ``parameters`` text chunk that reproduces the image."""

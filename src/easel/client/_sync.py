@@ -17,7 +17,7 @@ from easel.client._async import AsyncClient
 from easel.client._common import Handler, HandlerName
 from easel.client._portal import Blocking
 from easel.jobs import Event, GenerationRequest, Job, JobState, JobView
-from easel.views import Backends, Models
+from easel.views import Backends, Health, Line, Models, QueueState
 
 H = TypeVar("H", bound=Handler)
 
@@ -96,6 +96,15 @@ class Client(Blocking[AsyncClient]):
 
     def backends(self) -> Backends:
         return self._portal.call(self._async.backends)
+
+    def queue(self) -> QueueState:
+        return self._portal.call(self._async.queue)
+
+    def line(self, user_id: str | None = None, limit: int = 500) -> Line:
+        return self._portal.call(self._async.line, user_id, limit)
+
+    def health(self) -> Health:
+        return self._portal.call(self._async.health)
 
     def image(self, job_or_id: Job | str, index: int = 0) -> bytes:
         return self._portal.call(self._async.image, job_or_id, index)

@@ -9,6 +9,7 @@ effects are listed in :func:`extensions_for`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,12 +31,14 @@ from easel.runtime.extensions import (
     Extension,
     FleetUpkeep,
     GateFollower,
+    JobLog,
     LeaseReaper,
     MetricsFollower,
     RegistryBeats,
     UploadFlush,
     WakeOnQueued,
     WebhookDelivery,
+    job_log,
 )
 from easel.runtime.fleet import Fleet, build_backends
 from easel.runtime.registry import LocalRegistry, RedisRegistry, WorkerRegistry
@@ -132,6 +135,9 @@ def extensions_for(parts: Parts, workers: Callable[[], Sequence[Worker]]) -> lis
         extensions.append(UploadFlush(parts.uploads))
     if settings.redis_url is not None and workers():
         extensions.append(WakeOnQueued(parts.bus, parts.doorbell))
+    if job_log.isEnabledFor(logging.INFO) and parts.bus.topics is None:
+        # easel serve's log (an embedded run logs at warning); a worker's bus lacks the events
+        extensions.append(JobLog(parts.bus))
     return extensions
 
 

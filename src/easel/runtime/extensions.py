@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from easel.runtime.worker import Doorbell, Worker
 
 log = logging.getLogger("easel")
+job_log = logging.getLogger("easel.jobs")
 _HOST = socket.gethostname()
 
 ALL_EVENTS: frozenset[EventType] = frozenset(EventType)
@@ -144,6 +145,36 @@ class WakeOnQueued(Follower):
 
     async def on_event(self, event: Event) -> None:
         self.doorbell.set()  # the same ring a local submit() gives
+
+
+class JobLog(Follower):
+    """One log line per job state change (queued, started, succeeded, failed, cancelled):
+    what ``easel serve`` prints, as text or JSON (``log_format``), with the job, user and
+    service ids as fields of their own. Prompts stay out of the log."""
+
+    name = "job-log"
+    follows = frozenset({EventType.queued, EventType.started, *FINAL_EVENTS})
+
+    async def on_event(self, event: Event) -> None:
+        job_log.info(
+            "job %s %s%s",
+            event.job_id,
+            event.type.value,
+            _detail(event),
+            extra={"job_id": event.job_id, "user_id": event.user_id, "service": event.service},
+        )
+
+
+def _detail(event: Event) -> str:
+    if event.type is EventType.queued and event.position is not None:
+        eta = f", eta {event.eta_seconds:.0f}s" if event.eta_seconds is not None else ""
+        return f" (position {event.position}{eta})"
+    if event.type is EventType.succeeded:
+        files = len(event.images or ()) + len(event.audio or ())
+        return f" ({files} file{'s' if files != 1 else ''})"
+    if event.type is EventType.failed and event.error is not None:
+        return f" ({event.error.code}: {event.error.message})"
+    return ""
 
 
 class FleetUpkeep(Extension):

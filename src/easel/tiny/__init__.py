@@ -12,7 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from easel.backends.diffusers._quiet import quiet_library_logs
 from easel.errors import InvalidRequest
+
+quiet_library_logs()  # before a builder imports transformers
 
 TINY_FAMILIES = (
     "sd", "sd2", "sdxl", "sd3", "flux", "flux-dev", "kandinsky22", "kandinsky3", "stable-audio",

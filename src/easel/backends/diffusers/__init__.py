@@ -3,3 +3,7 @@ previews, batching; ``models`` finds models in folders, single files and the HF 
 
 torch and diffusers are imported lazily, inside the functions that need them.
 """
+
+from easel.backends.diffusers._quiet import quiet_library_logs
+
+quiet_library_logs()

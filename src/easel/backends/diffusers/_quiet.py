@@ -1,4 +1,5 @@
-"""Silence the few warnings diffusers raises on every call that easel cannot act on.
+"""Silence the few warnings diffusers raises on every call that easel cannot act on, and the
+log lines of its libraries that a user cannot act on either.
 
 Under ``-W error`` (the test suite, and anyone running strict) they would fail a job.
 Warning filters are process-wide before Python 3.14 and runs overlap in threads, so the first
@@ -8,6 +9,7 @@ unsilences another that is still going.
 
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
 from collections.abc import Iterator
@@ -25,6 +27,31 @@ _MORE_ADAPTERS = r"Already found a `peft_config` attribute"
 # Brownian tree (torchsde, also DPM++ SDE's) warns about float rounding at the ends of its interval.
 _WEIGHT_NORM = r".*weight_norm` is deprecated"
 _BROWNIAN_ENDS = r"Should have t[ab]"
+
+# transformers 5 logs, once per class, that an image processor "requires torchvision (not
+# installed)" and falls back to the PIL one: easel must not install torchvision (its PyPI
+# builds next to the CPU torch fail to load), and the PIL processors are what it uses.
+_LIBRARY_LOG_LINES = {"transformers.utils.import_utils": ("requires torchvision (not installed)",)}
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, texts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.texts)
+
+
+def quiet_library_logs() -> None:
+    """Drop the library log lines above at their logger, whatever handlers it has; called
+    when this package is imported, before anything here imports transformers."""
+    for name, texts in _LIBRARY_LOG_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) for f in logger.filters):
+            logger.addFilter(_DropLines(texts))
+
 
 _lock = threading.Lock()
 _users = 0

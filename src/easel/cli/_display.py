@@ -1,0 +1,62 @@
+"""The progress display of every command that waits for jobs: one line per job (queued with
+its position and ETA, loading model, steps, done) and a total line, fed by the jobs' events.
+
+A job's ``started`` event comes before the backend has its model ready; until its first
+step the line says ``loading model`` (the seconds a cold model takes to load), then shows
+the steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from easel.cli._output import console
+from easel.jobs import FINAL_EVENTS, Event, EventType
+
+EventCallback = Callable[[Event], None]
+
+
+@contextmanager
+def job_display(name: str, jobs: int) -> Iterator[EventCallback]:
+    """A rich display of ``jobs`` jobs called ``name``; yields the event callback."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        total = progress.add_task(f"{name}: jobs done", total=jobs)
+        lines: dict[str, Any] = {}
+        ended: set[str] = set()
+
+        def on_event(event: Event) -> None:
+            if event.job_id not in lines:
+                label = f"  job {len(lines) + 1}"
+                lines[event.job_id] = (label, progress.add_task(f"{label} submitted", total=None))
+            label, task = lines[event.job_id]
+            if event.job_id in ended:
+                return  # a replayed event after the end
+            if event.type is EventType.queued:
+                where = f" position {event.position}" if event.position is not None else ""
+                eta = f" eta {event.eta_seconds:.0f}s" if event.eta_seconds is not None else ""
+                progress.update(task, description=f"{label} queued{where}{eta}")
+            elif event.type is EventType.started:
+                progress.update(task, description=f"{label} loading model")
+            elif event.type is EventType.progress:
+                progress.update(
+                    task, description=f"{label} steps", completed=event.step, total=event.total
+                )
+            elif event.type in FINAL_EVENTS:
+                ended.add(event.job_id)
+                done = progress.tasks[task].total or 1
+                progress.update(
+                    task, description=f"{label} {event.type.value}", completed=done, total=done
+                )
+                progress.advance(total)
+
+        yield on_event
