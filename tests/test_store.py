@@ -574,3 +574,21 @@ async def test_annotations_are_durable_and_never_change_the_state(
         await reopened.annotate("nope", upload_error="x")
     with pytest.raises(ValueError):
         await reopened.annotate(made.id, state="queued")
+
+
+async def test_known_keys_and_service_counts_are_the_stores(store: JobStore) -> None:
+    """What admission asks before its own caps: the job a key made for (service, user),
+    and a service's queued + running jobs (the same number on every replica)."""
+    mine = job("alice").model_copy(update={"service": "bot"})
+    made = await store.enqueue(mine, user_cap=10, idempotency_key="k")
+    assert (await store.known("bot", "alice", "k")) == made
+    assert await store.known("other", "alice", "k") is None  # tenants never meet
+    assert await store.known("bot", "alice", "unknown") is None
+    await store.enqueue(job("bob").model_copy(update={"service": "bot"}), user_cap=10)
+    await store.enqueue(job("carol"), user_cap=10)
+    assert await store.service_active_count("bot") == 2
+    running = await store.claim("w", ["mock"], lease_seconds=LEASE)
+    assert running is not None and await store.service_active_count("bot") == 2
+    await store.cancel(made.id)
+    assert await store.service_active_count("bot") == 1
+    assert await store.service_active_count("nobody") == 0

@@ -140,7 +140,7 @@ class Safety(BaseModel):
     service_rate: float | None = Field(default=None, gt=0, description="Submissions/s each.")
     service_burst: int = Field(default=50, ge=1)
     service_max_active: int | None = Field(
-        default=None, ge=1, description="Queued+running jobs per service (this process)."
+        default=None, ge=1, description="Queued+running jobs per service (all replicas)."
     )
     deny_words: list[str] = Field(default_factory=list, description="Whole words refused.")
     deny_patterns: list[str] = Field(default_factory=list, description="Regexes refused.")

@@ -30,7 +30,7 @@ from easel.runtime._finisher import set_results_priority
 from easel.runtime.extensions import (
     Extension,
     FleetUpkeep,
-    GateFollower,
+    GateClose,
     JobLog,
     LeaseReaper,
     MetricsFollower,
@@ -112,7 +112,7 @@ def assemble(
         run_times=RunTimes(),
         uploads=uploads_for(settings, storage, bus, store),
         webhooks=Webhooks(settings, bus, store, deliveries_for(settings, store)),
-        gate=Gate(settings.safety),
+        gate=Gate(settings.safety, store),
         metrics=Metrics(),
         doorbell=Doorbell(),
         fleet=fleet,
@@ -124,7 +124,7 @@ def extensions_for(parts: Parts, workers: Callable[[], Sequence[Worker]]) -> lis
     settings = parts.settings
     extensions: list[Extension] = [
         LeaseReaper(parts.store, parts.bus, parts.doorbell, settings.lease_seconds),
-        GateFollower(parts.gate, parts.bus),
+        GateClose(parts.gate),
         MetricsFollower(parts.metrics, parts.bus),
         RegistryBeats(parts.registry, workers, settings.heartbeat_seconds),
         FleetUpkeep(parts.fleet, parts.doorbell),

@@ -115,21 +115,16 @@ class MetricsFollower(Follower):
         self.metrics.observe(event)
 
 
-class GateFollower(Follower):
-    """Frees a service's slot (``service_max_active``) when one of its jobs ends."""
+class GateClose(Extension):
+    """Closes the gate's moderation client (a service's active jobs are counted by the
+    store, so no slot needs freeing here)."""
 
     name = "gate"
-    follows = FINAL_EVENTS
 
-    def __init__(self, gate: Gate, bus: EventBus) -> None:
-        super().__init__(bus)
+    def __init__(self, gate: Gate) -> None:
         self.gate = gate
 
-    async def on_event(self, event: Event) -> None:
-        self.gate.ended(event)
-
     async def stop(self, grace: float) -> None:
-        await super().stop(grace)
         await self.gate.close()
 
 

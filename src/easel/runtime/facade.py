@@ -169,10 +169,15 @@ class Runtime:
                 await asyncio.to_thread(check_limits, request, self.settings.limits)
             else:
                 check_limits(request, self.settings.limits)
+            service = current_service.get()
+            owner = service.name if service is not None else None
+            if idempotency_key is not None:  # a resend is answered before any cap or limit
+                known = await self.store.known(owner, request.user_id, idempotency_key)
+                if known is not None:
+                    return await self.view(known)
             backend = await self.fleet.route(request)
             if request.seed is None:
                 request = request.model_copy(update={"seed": random_seed()})
-            service = current_service.get()
             await self.gate.check(request, service)
         except EaselError as refusal:
             self.metrics.rejected.labels(refusal.code).inc()
@@ -182,12 +187,10 @@ class Runtime:
             self.settings.max_user_queue_size,
             self.settings.max_user_queue_size_limit,
         )
-        owner = service.name if service is not None else None
         new = Job(request=request, backend=backend, service=owner)
         job = await self.store.enqueue(new, user_cap=cap, idempotency_key=idempotency_key)
         view = await self.view(job)
         if job.id == new.id:
-            self.gate.accepted(job.id, service)
             self.metrics.label(job.id, backend, request.model)
             self._wakeup.set()
             self.etas.announced(view)

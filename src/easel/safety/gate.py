@@ -10,10 +10,11 @@ import time
 
 from easel.config import Safety
 from easel.errors import ServiceQueueFull
-from easel.jobs import Event, GenerationRequest
+from easel.jobs import GenerationRequest
 from easel.safety.moderation import DenyList, HttpClassifier, Moderator, moderate
 from easel.safety.ratelimit import TokenBuckets
 from easel.safety.services import Permission, Service, ServiceToken
+from easel.store.base import JobStore
 
 
 def service_tokens(safety: Safety) -> list[ServiceToken]:
@@ -27,8 +28,10 @@ def service_tokens(safety: Safety) -> list[ServiceToken]:
 
 
 class Gate:
-    def __init__(self, safety: Safety) -> None:
+    def __init__(self, safety: Safety, store: JobStore) -> None:
+        """``store``: where a service's active jobs are counted (shared by every replica)."""
         self.safety = safety
+        self.store = store
         self.user_rates = (
             TokenBuckets(safety.user_rate, safety.user_burst) if safety.user_rate else None
         )
@@ -41,7 +44,6 @@ class Gate:
         self._classifier = HttpClassifier(safety.moderation_url) if safety.moderation_url else None
         if self._classifier is not None:
             self.moderators.append(self._classifier)
-        self._active: dict[str, set[str]] = {}  # service -> its queued or running job ids
 
     async def check(self, request: GenerationRequest, service: Service | None) -> None:
         """Refuse what the caller may not submit now; raises a 4xx/429 EaselError."""
@@ -53,7 +55,7 @@ class Gate:
             self.user_rates.check(key, now, f"user {request.user_id!r}")
         cap = self.safety.service_max_active
         if cap is not None and service is not None:
-            active = len(self._active.get(service.name, ()))
+            active = await self.store.service_active_count(service.name)
             if active >= cap:
                 raise ServiceQueueFull(
                     f"service {service.name!r} has {active} queued or running jobs, its cap",
@@ -61,16 +63,6 @@ class Gate:
                 )
         if self.moderators and (request.moderate or self.safety.moderate_all):
             await moderate(request, self.moderators)
-
-    def accepted(self, job_id: str, service: Service | None) -> None:
-        if service is not None:
-            self._active.setdefault(service.name, set()).add(job_id)
-
-    def ended(self, event: Event) -> None:
-        """Free a service's slot: one of its jobs ended (the runtime's ``gate`` extension
-        hands it every final event)."""
-        if event.service is not None:
-            self._active.get(event.service, set()).discard(event.job_id)
 
     async def close(self) -> None:
         if self._classifier is not None:

@@ -74,6 +74,11 @@ class JobStore(ABC):
         returns the job it made instead of a new one."""
 
     @abstractmethod
+    async def known(self, service: str | None, user_id: str, idempotency_key: str) -> Job | None:
+        """The job this key made for (service, user) within a day, if any: admission asks
+        before any cap of its own, so a resend is answered whatever the caps."""
+
+    @abstractmethod
     async def claim_batch(
         self, worker_id: str, routes: Collection[str], *, lease_seconds: float, limit: int = 1
     ) -> list[Job]:
@@ -184,6 +189,11 @@ class JobStore(ABC):
     @abstractmethod
     async def active_count(self, user_id: str, service: str | None = None) -> int:
         """Queued plus running jobs of one service's user (the cap's count)."""
+
+    @abstractmethod
+    async def service_active_count(self, service: str) -> int:
+        """Queued plus running jobs of a service (its ``service_max_active`` cap), counted
+        in the store so that every replica sees the same number."""
 
     @abstractmethod
     async def stats(self) -> QueueStats:

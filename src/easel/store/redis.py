@@ -206,9 +206,8 @@ class RedisStore(JobStore):
     async def enqueue(self, job: Job, *, user_cap: int, idempotency_key: str | None = None) -> Job:
         entry = entry_for(job)
         idem = ""
-        if idempotency_key is not None:  # scoped by (service, user): tenants never meet
-            owner = f"{len(job.service or '')}:{job.service or ''}:{len(job.user_id)}:{job.user_id}"
-            idem = self._key(f"{keys.IDEMPOTENCY}{owner}:{idempotency_key}")
+        if idempotency_key is not None:
+            idem = self._idem_key(job.service, job.user_id, idempotency_key)
         args = (
             job.id, job.user_id, min(entry.priority, self.policy.top_priority), job.backend,
             repr(entry.cost), repr(job.created_at), entry.batch_key or "",
@@ -252,6 +251,21 @@ class RedisStore(JobStore):
         if reply[0] == "ok" and int(local) < 1:
             raise StoreUnavailable("Redis did not fsync the job in time; resend it (same key)")
         return reply
+
+    def _idem_key(self, service: str | None, user_id: str, idempotency_key: str) -> str:
+        """Scoped by (service, user): tenants never meet."""
+        owner = f"{len(service or '')}:{service or ''}:{len(user_id)}:{user_id}"
+        return self._key(f"{keys.IDEMPOTENCY}{owner}:{idempotency_key}")
+
+    async def known(self, service: str | None, user_id: str, idempotency_key: str) -> Job | None:
+        key = self._idem_key(service, user_id, idempotency_key)
+        job_id = await self._read(lambda r: r.get(key))
+        if job_id is None:
+            return None
+        try:
+            return await self.get(job_id)
+        except JobNotFound:
+            return None
 
     async def claim_batch(
         self, worker_id: str, routes: Collection[str], *, lease_seconds: float, limit: int = 1
@@ -430,6 +444,19 @@ class RedisStore(JobStore):
         name = account(service, user_id)
         count = await self._read(lambda r: r.hget(self._key(keys.ACTIVE), name))
         return int(count or 0)
+
+    async def service_active_count(self, service: str) -> int:
+        """Its jobs in the queued and running state indexes (ZINTERCARD, Redis 7)."""
+        jobs = self._key(keys.SERVICE + service)
+
+        async def count(r: Redis) -> int:
+            async with r.pipeline(transaction=False) as pipe:
+                for state in (JobState.queued, JobState.running):
+                    pipe.execute_command("ZINTERCARD", 2, jobs, self._key(keys.STATE + state))
+                counts: list[int] = await pipe.execute()
+            return sum(int(c) for c in counts)
+
+        return int(await self._read(count))
 
     async def stats(self) -> QueueStats:
         queued, running, tiers, users = await self._run("STATS")

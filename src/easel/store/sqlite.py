@@ -411,6 +411,11 @@ class SqliteStore(JobStore):
         )
         return job
 
+    async def known(self, service: str | None, user_id: str, idempotency_key: str) -> Job | None:
+        key = f"{service or ''}\0{user_id}\0{idempotency_key}"
+        now = self.clock()
+        return await self._writer.run(lambda conn: _known(conn, key, now))
+
     async def claim_batch(
         self, worker_id: str, routes: Collection[str], *, lease_seconds: float, limit: int = 1
     ) -> list[Job]:
@@ -633,6 +638,17 @@ class SqliteStore(JobStore):
 
     async def active_count(self, user_id: str, service: str | None = None) -> int:
         return self._active_per_user.get(account(service, user_id), 0)
+
+    async def service_active_count(self, service: str) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running') "
+                "AND json_extract(data, '$.service') = ?",
+                (service,),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._writer.run(op)
 
     async def stats(self) -> QueueStats:
         return QueueStats(
