@@ -215,6 +215,7 @@ async def loop_under_load(depth: int, jobs: int, subscribers: int = 100) -> tupl
     import uvicorn
 
     from easel.api import create_app
+    from easel.api.limits import WebSocketProtocol
 
     with tempfile.TemporaryDirectory(prefix="easel-lag-") as tmp:
         gpu = SimulatedGPU(0.3, 1024)
@@ -226,7 +227,7 @@ async def loop_under_load(depth: int, jobs: int, subscribers: int = 100) -> tupl
             host="127.0.0.1",
             port=port,
             log_level="warning",
-            ws="websockets-sansio",
+            ws=WebSocketProtocol,
             ws_per_message_deflate=False,
             access_log=False,
         )

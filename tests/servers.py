@@ -18,6 +18,8 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from easel.api.limits import WebSocketProtocol
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -31,7 +33,7 @@ def serve(app: FastAPI) -> Iterator[str]:
     """Run ``app`` on 127.0.0.1:<free port> until the block ends; yields the base URL."""
     port = free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio"
+        app, host="127.0.0.1", port=port, log_level="warning", ws=WebSocketProtocol
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

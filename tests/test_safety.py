@@ -76,7 +76,8 @@ def test_every_route_but_health_needs_a_token(guarded: str) -> None:
     assert httpx.get(f"{guarded}/metrics").status_code == 401
     with pytest.raises(InvalidStatus) as handshake:  # the handshake itself is refused
         connect(guarded.replace("http", "ws") + "/v1/events")
-    assert handshake.value.response.status_code == 403
+    assert handshake.value.response.status_code == 401  # with easel's body: a code
+    assert json.loads(handshake.value.response.body or b"")["error"]["code"] == "unauthorized"
 
 
 def test_scopes(guarded: str) -> None:

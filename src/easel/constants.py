@@ -110,3 +110,8 @@ READ_BLOCK_MS = 1000
 INLINE_CONTENT_MAX_BYTES = 8 * 1024 * 1024
 """Result files put in a succeeded event (``include_images``), at most, in all; above it
 the event carries their URLs only."""
+
+MAX_QUERY_BYTES = 4096
+"""A URL's query string, at most (HTTP and websocket handshakes): 414 ``query_too_long``
+above it. easel's own queries are short (filters, a token); this keeps a request line well
+under the websocket handshake parser's 8 KiB line."""

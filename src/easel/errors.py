@@ -26,6 +26,8 @@ class here (and to :data:`ERRORS`), never a ``code=`` on a generic one.
     ├── JobFinished             409 job_finished
     ├── JobNotQueued            409 job_not_queued      (only a job waiting in line moves)
     ├── RequestTooLarge         413 request_too_large
+    ├── QueryTooLong            414 query_too_long      (a URL's query string, websockets too)
+    ├── HeadersTooLarge         431 headers_too_large   (a websocket handshake's headers)
     ├── UnsupportedMediaType    415 unsupported_media_type
     ├── QueueFull               429 queue_full
     │   ├── UserQueueFull       429 user_queue_full
@@ -159,6 +161,20 @@ class JobNotQueued(EaselError):
 class RequestTooLarge(EaselError):
     code = "request_too_large"
     status = 413
+
+
+class QueryTooLong(EaselError):
+    """A URL whose query string is past the bound: refused before any route reads it."""
+
+    code = "query_too_long"
+    status = 414
+
+
+class HeadersTooLarge(EaselError):
+    """A handshake with too many header lines, or one too long."""
+
+    code = "headers_too_large"
+    status = 431
 
 
 class UnsupportedMediaType(EaselError):
@@ -295,6 +311,8 @@ CATALOGUE: tuple[type[EaselError], ...] = (
     JobFinished,
     JobNotQueued,
     RequestTooLarge,
+    QueryTooLong,
+    HeadersTooLarge,
     UnsupportedMediaType,
     QueueFull,
     UserQueueFull,
@@ -329,6 +347,8 @@ _FOR_STATUS: dict[int, type[EaselError]] = {
     404: NotFound,
     405: MethodNotAllowed,
     413: RequestTooLarge,
+    414: QueryTooLong,
+    431: HeadersTooLarge,
     415: UnsupportedMediaType,
     422: InvalidRequest,
     429: QueueFull,

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from easel.api import errors, native, operations, sse, ui
 from easel.api.auth import BodyLimit, TokenAuth
 from easel.api.compat import a1111, openai, openai_audio, pipeline
+from easel.api.limits import QueryLimit
 from easel.config import Settings
 from easel.constants import VERSION
 from easel.runtime.facade import Runtime
@@ -76,7 +77,8 @@ def create_app(
     errors.install(app)
     if settings.safety.tokens:
         app.add_middleware(TokenAuth, tokens=service_tokens(settings.safety))
-    app.add_middleware(BodyLimit, max_bytes=settings.safety.max_body_bytes)  # outermost
+    app.add_middleware(BodyLimit, max_bytes=settings.safety.max_body_bytes)
+    app.add_middleware(QueryLimit)  # outermost
     app.include_router(native.router)
     app.include_router(operations.router)
     app.include_router(sse.router)

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from easel.api.errors import refuse_websocket
 from easel.errors import EaselError, Forbidden, RequestTooLarge, Unauthorized
 from easel.safety.services import Permission, ServiceToken, current_service, identify
 
@@ -43,12 +44,12 @@ class TokenAuth:
         service = identify(self.tokens, _presented(scope))
         method = scope.get("method", "GET")
         if service is None:
-            await _refuse(scope, send, Unauthorized("a valid service token is required"))
+            await _refuse(scope, receive, send, Unauthorized("a valid service token is required"))
             return
         if not service.may(required_scope(method)):
             needed = required_scope(method)
             message = f"service {service.name!r} lacks the {needed!r} scope"
-            await _refuse(scope, send, Forbidden(message))
+            await _refuse(scope, receive, send, Forbidden(message))
             return
         scope.setdefault("state", {})["service"] = service
         reset = current_service.set(service)
@@ -73,9 +74,9 @@ def _presented(scope: Scope) -> str | None:
     return None
 
 
-async def _refuse(scope: Scope, send: Send, error: EaselError) -> None:
+async def _refuse(scope: Scope, receive: Receive, send: Send, error: EaselError) -> None:
     if scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 1008, "reason": error.message})
+        await refuse_websocket(scope, receive, send, error)
         return
     status = error.status
     body = json.dumps({"error": error.to_dict()}).encode()
@@ -102,7 +103,7 @@ class BodyLimit:
             return
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._refuse(scope, send)
+                await self._refuse(scope, receive, send)
                 return
         seen = 0
         started = False
@@ -125,11 +126,11 @@ class BodyLimit:
             await self.app(scope, counted, tracked)
         except _TooLarge:
             if not started:
-                await self._refuse(scope, send)
+                await self._refuse(scope, receive, send)
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"the request body is larger than {self.max_bytes} bytes"
-        await _refuse(scope, send, RequestTooLarge(message))
+        await _refuse(scope, receive, send, RequestTooLarge(message))
 
 
 class _TooLarge(Exception):

@@ -11,11 +11,13 @@ import logging
 import math
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocketState
 
 from easel.errors import (
     EaselError,
@@ -48,6 +50,18 @@ def error_response(exc: EaselError) -> JSONResponse:
     return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
 
 
+async def refuse_websocket(scope: Scope, receive: Receive, send: Send, error: EaselError) -> None:
+    """Refuse a websocket handshake as an HTTP answer would: the error's status and easel's
+    body (ASGI's denial response); a server without that extension gets close 1008 and the
+    sentence (most servers then answer 403). After the handshake: close 1008."""
+    websocket = WebSocket(scope, receive, send)
+    denial = "websocket.http.response" in scope.get("extensions", {})
+    if denial and websocket.application_state is WebSocketState.CONNECTING:
+        await websocket.send_denial_response(error_response(error))
+        return
+    await websocket.close(code=1008, reason=error.message[:120])  # a close reason: <= 123 bytes
+
+
 def validation_error(errors: Any) -> InvalidRequest:
     """Pydantic's error list -> ``invalid_json`` or ``invalid_request`` with one sentence."""
     errors = list(errors)
@@ -67,6 +81,11 @@ def install(app: FastAPI) -> None:
         if (runtime := getattr(request.app.state, "runtime", None)) is not None:
             runtime.metrics.rejected.labels(error.code).inc()
         return error_response(error)
+
+    @app.exception_handler(WebSocketRequestValidationError)
+    async def invalid_socket(websocket: WebSocket, exc: WebSocketRequestValidationError) -> None:
+        error = validation_error(exc.errors())
+        await refuse_websocket(websocket.scope, websocket.receive, websocket.send, error)
 
     @app.exception_handler(ValidationError)
     async def invalid_model(request: Request, exc: ValidationError) -> JSONResponse:

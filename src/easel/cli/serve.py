@@ -174,6 +174,7 @@ def serve(
     import uvicorn
 
     from easel.api import create_app
+    from easel.api.limits import WebSocketProtocol
 
     given: dict[str, Any] = {
         "host": host,
@@ -202,7 +203,7 @@ def serve(
         create_app(settings, grpc_port=grpc_port, grpc_tls=tls),
         host=settings.host,
         port=settings.port,
-        ws="websockets-sansio",
+        ws=WebSocketProtocol,  # every handshake answered, refused ones included
         ws_per_message_deflate=False,  # events are small JSON: compressing costs more than it saves
         access_log=False,  # easel logs jobs; a line per request costs ~5% of admission
         log_config=None,
