@@ -290,3 +290,41 @@ async def test_etas_count_every_backend_that_may_run_a_job_at_its_measured_speed
         assert seen.wait_eta_seconds == 2.5  # behind the third job on slow, not after fast's
     finally:
         await runtime.stop()
+
+
+async def test_an_api_only_replica_gives_the_etas_the_worker_measured(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Scaled out on a real Redis: an API-only replica (no backend, no worker) and a worker
+    replica. The run times the worker measured are kept in the store, so the API replica
+    gives a queued job an ETA, the same one the worker replica gives."""
+    prefix = f"etas:{tmp_path.name}:"
+
+    def settings(name: str, concurrency: int) -> Settings:
+        return Settings(
+            data_dir=tmp_path / name, concurrency=concurrency, redis_url=redis_url,
+            redis_prefix=prefix, output_dir=tmp_path / "out", max_user_queue_size=100,
+        )  # fmt: skip
+
+    api = Runtime(settings("api", 0))
+    worker = Runtime(settings("worker", 1), backends={"mock": MockBackend(step_delay=0.02)})
+    small: dict[str, Any] = {"steps": 2, "width": 64, "height": 64}
+    async with api, worker:
+        assert not api.backends and not api.workers
+        for i in range(3):
+            view = await api.submit(GenerationRequest(prompt=f"m{i}", **small))
+            assert (await api.wait(view.id, 30)).state is JobState.succeeded
+        await worker.timings.flushed()
+        blocker = await api.submit(GenerationRequest(prompt="b", steps=150, width=64, height=64))
+        async with api.bus.subscribe(job_id=blocker.id, types={EventType.started}) as started:
+            if (await api.get(blocker.id)).state is JobState.queued:
+                await anext(aiter(started))
+        queued = await api.submit(GenerationRequest(prompt="q", user_id="ann", **small))
+        on_api, on_worker = await api.get(queued.id), await worker.get(queued.id)
+        assert on_api.position == 0 and on_api.eta_seconds is not None
+        measured = worker.run_times.price("mock", queued.request)
+        assert measured is not None and on_api.run_eta_seconds is not None
+        assert on_api.run_eta_seconds >= measured.mid
+        fields = ("eta_seconds", "wait_eta_seconds", "run_eta_seconds", "eta_high_seconds")
+        assert [getattr(on_api, f) for f in fields] == [getattr(on_worker, f) for f in fields]
+        await api.cancel(blocker.id)

@@ -30,7 +30,7 @@ from easel.jobs import (
     JobKind,
     JobState,
 )
-from easel.store.base import JobStore
+from easel.store.base import TIMINGS_KEEP, JobStore, Timing, Timings
 from easel.store.sqlite import SqliteStore
 
 StoreFactory = Callable[[], Awaitable[JobStore]]
@@ -592,3 +592,30 @@ async def test_known_keys_and_service_counts_are_the_stores(store: JobStore) -> 
     await store.cancel(made.id)
     assert await store.service_active_count("bot") == 1
     assert await store.service_active_count("nobody") == 0
+
+
+async def test_timings_are_kept_per_key_and_survive_a_restart(
+    store_factory: StoreFactory,
+) -> None:
+    """Measured times for ETAs: the last TIMINGS_KEEP per (kind, key), oldest first, read
+    back by the next store over the same location (on Redis: by every process); a reader
+    that is up to date gets None."""
+    first = await store_factory()
+    assert (await first.timings()) in (None, Timings(0, {}))
+    run = '["mock", null, 64]'
+    await first.record_timings([Timing("run", run, float(i)) for i in range(TIMINGS_KEEP + 5)])
+    await first.record_timings([Timing("load", '["mock", "flux"]', 2.5)])
+    read = await first.timings()
+    assert read is not None and await first.timings(read.version) is None  # nothing new
+    await first.close()
+    second = await store_factory()
+    again = await second.timings(read.version)
+    assert again is None  # the same samples, the same version after a restart
+    await second.record_timings([Timing("gap", '"mock"', 0.01)])
+    after = await second.timings(read.version)
+    assert after is not None and after.version != read.version
+    assert after.samples == {
+        ("run", run): [float(i) for i in range(5, TIMINGS_KEEP + 5)],
+        ("load", '["mock", "flux"]'): [2.5],
+        ("gap", '"mock"'): [0.01],
+    }

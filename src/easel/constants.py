@@ -60,6 +60,12 @@ QUEUED_USERS = "queued_users"
 ROUTE_COST = "route_cost"
 """Hash: route (backend) -> queued work in cost units (the router's outstanding work)."""
 
+# -- measured times (ETAs) ---------------------------------------------------------------
+TIMINGS = "timings"
+"""Hash: ``<kind>|<key>`` -> JSON list of the last samples (seconds), oldest first."""
+TIMINGS_VERSION = "timings:version"
+"""String: a counter raised by every sample recorded (readers reload when it moves)."""
+
 # -- events and workers ---------------------------------------------------------------
 EVENTS = "events"
 """Stream: every event of every job; stream ids are the event ids."""

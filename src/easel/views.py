@@ -90,6 +90,19 @@ class QueueAverage(BaseModel):
     seconds_per_image: float
 
 
+class QueueWaiting(BaseModel):
+    """A queued job's place and ETA (seconds from now), from one projection of the queue."""
+
+    job_id: str
+    user_id: str
+    position: int
+    eta_seconds: float | None = None
+    wait_eta_seconds: float | None = None
+    run_eta_seconds: float | None = None
+    eta_low_seconds: float | None = None
+    eta_high_seconds: float | None = None
+
+
 class QueueState(BaseModel):
     """``GET /v1/queue``: queued jobs per priority tier and per user, measured run times."""
 
@@ -98,6 +111,10 @@ class QueueState(BaseModel):
     tiers: dict[str, int]
     users: dict[str, int]
     averages: list[QueueAverage]
+    waiting: list[QueueWaiting] = Field(
+        default_factory=list,
+        description="The next queued jobs the caller may see, in serving order, with ETAs.",
+    )
 
 
 class LineEntry(BaseModel):

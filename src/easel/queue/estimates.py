@@ -79,6 +79,26 @@ class Shape:
 
 
 @dataclass(frozen=True, slots=True)
+class Timing:
+    """One measured time, for ETAs: ``kind`` says what (``run``: a warm run of a shape,
+    ``load``: a model load, ``gap``: a worker's time between runs, ``finish``: committing
+    results) and ``key`` of what (JSON: the shape, the backend and model, the backend)."""
+
+    kind: str
+    key: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Every kept sample: ``(kind, key)`` -> seconds, oldest first; ``version`` changes
+    with every sample recorded."""
+
+    version: int
+    samples: dict[tuple[str, str], list[float]]
+
+
+@dataclass(frozen=True, slots=True)
 class Estimate:
     """Seconds at p10, p50 and p90."""
 
@@ -137,10 +157,12 @@ class CostBook:
         if warm is None:  # nothing to subtract yet: a first sample beats none (the median
             self.observe(shape, seconds)  # of later warm runs soon outweighs it)
             return
-        load = seconds - warm.mid
-        if load > 0:
-            key = (shape.backend, shape.model)
-            self._loads.setdefault(key, deque(maxlen=self.keep)).append(load)
+        self.observe_load(shape.backend, shape.model, seconds - warm.mid)
+
+    def observe_load(self, backend: str, model: str | None, seconds: float) -> None:
+        """Loading ``model`` on ``backend`` took ``seconds``."""
+        if seconds > 0:
+            self._loads.setdefault((backend, model), deque(maxlen=self.keep)).append(seconds)
 
     def load(self, backend: str, model: str | None) -> float:
         """Seconds a load of ``model`` takes on ``backend`` (median; 0 if never seen)."""

@@ -25,18 +25,23 @@ Policy, in order:
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
-from collections.abc import Collection, Iterator, Mapping
+import json
+import math
+import statistics
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sortedcontainers import SortedKeyList
 
 from easel.errors import QueueFull, UserQueueFull
-from easel.jobs import PREMIUM_PRIORITY, GenerationRequest, Job
+from easel.jobs import PREMIUM_PRIORITY, GenerationRequest, Job, JobKind
 from easel.queue.admission import want_of
-from easel.queue.estimates import CostBook, Estimate, Shape
+from easel.queue.estimates import CostBook, Estimate, Shape, Timing, Timings
 from easel.queue.routing import Want
 
 
@@ -469,6 +474,7 @@ def check_queue_cap(queued: int, cap: int | None) -> None:
 
 
 ShapeKey = tuple[str, str | None, int, int, int]
+_AUDIO_KINDS = frozenset(str(kind) for kind in JobKind if kind.is_audio)
 
 
 class RunTimes:
@@ -476,7 +482,10 @@ class RunTimes:
 
     :class:`~easel.queue.estimates.CostBook` keeps the samples of each shape, the curve
     fitted per backend and the model load times; an EWMA of seconds per work unit
-    (``GenerationRequest.cost``) per backend prices what neither covers yet.
+    (``GenerationRequest.cost``) per backend prices what neither covers yet. Every
+    measurement is also a :class:`Timing` in ``pending``: the runtime keeps them in the
+    store and :meth:`load` rebuilds these tables from every process's samples, so every
+    replica of a deployment prices alike.
     """
 
     def __init__(self, alpha: float = 0.2) -> None:
@@ -484,8 +493,42 @@ class RunTimes:
         self.book = CostBook()
         self._per_image: dict[ShapeKey, float] = {}
         self._per_unit: dict[str, float] = {}
-        self._finish: dict[str, float] = {}
-        self._gap: dict[str, float] = {}
+        self._finish: dict[str, deque[float]] = {}
+        self._gap: dict[str, deque[float]] = {}
+        self.pending: list[Timing] = []
+        """Measured here, not yet kept in the store."""
+        self.on_pending: Callable[[], None] | None = None
+        """Called when a measurement joins ``pending`` (the runtime flushes soon after)."""
+
+    def _record(self, kind: str, key: object, seconds: float) -> None:
+        self.pending.append(Timing(kind, json.dumps(key), seconds))
+        if self.on_pending is not None:
+            self.on_pending()
+
+    def load(self, timings: Timings) -> None:
+        """Rebuild from the samples every process kept (and what is still pending here)."""
+        self.book = CostBook()
+        self._per_image, self._per_unit, self._finish, self._gap = {}, {}, {}, {}
+        for (kind, key), samples in timings.samples.items():
+            try:
+                what = json.loads(key)
+            except ValueError:
+                continue
+            for seconds in samples:
+                self._replay(kind, what, seconds)
+        for timing in self.pending:
+            self._replay(timing.kind, json.loads(timing.key), timing.seconds)
+
+    def _replay(self, kind: str, what: Any, seconds: float) -> None:
+        match kind:
+            case "run":
+                self._warm(Shape(*what), seconds)
+            case "load":
+                self.book.observe_load(what[0], what[1], seconds)
+            case "gap":
+                self._keep(self._gap, what, seconds)
+            case "finish":
+                self._keep(self._finish, what, seconds)
 
     @staticmethod
     def shape(backend: str, request: GenerationRequest) -> ShapeKey:
@@ -494,40 +537,56 @@ class RunTimes:
     def observe(
         self, backend: str, request: GenerationRequest, seconds: float, *, cold: bool = False
     ) -> None:
-        """One run took ``seconds``; ``cold``: it loaded its model first."""
-        if seconds <= 0:
+        """One run took ``seconds``; ``cold``: it loaded its model first (what it took over
+        a warm run is the load; with no warm run measured yet it counts as one)."""
+        if not math.isfinite(seconds) or seconds <= 0:
             return
-        if cold:
-            self.book.observe_cold(Shape.of(backend, request), seconds)
-            return
-        self.book.observe(Shape.of(backend, request), seconds)
-        if not request.kind.is_audio:  # audio: per second of audio (its cost) only
-            per_image = seconds / request.batch_size
-            self._update(self._per_image, self.shape(backend, request), per_image)
-        self._update(self._per_unit, backend, seconds / request.cost)
+        shape = Shape.of(backend, request)
+        warm = self.book.price(shape) if cold else None
+        if warm is None:
+            self._warm(shape, seconds)
+            self._record("run", dataclasses.astuple(shape), seconds)
+        elif (load := seconds - warm.mid) > 0:
+            self.book.observe_load(backend, request.model, load)
+            self._record("load", [backend, request.model], load)
+
+    def _warm(self, shape: Shape, seconds: float) -> None:
+        self.book.observe(shape, seconds)
+        if shape.kind not in _AUDIO_KINDS:  # audio: per second of audio (its cost) only
+            key = (shape.backend, shape.model, shape.width, shape.height, shape.steps)
+            self._update(self._per_image, key, seconds / shape.batch)
+        if shape.cost > 0:
+            self._update(self._per_unit, shape.backend, seconds / shape.cost)
 
     def _update(self, table: dict[Any, float], key: Any, sample: float) -> None:
         old = table.get(key)
         table[key] = sample if old is None else old + self.alpha * (sample - old)
 
+    def _keep(self, table: dict[str, deque[float]], key: str, sample: float) -> None:
+        table.setdefault(key, deque(maxlen=self.book.keep)).append(sample)
+
     def observe_finish(self, backend: str, seconds: float) -> None:
         """Finishing one job's results (encode, write, commit) took ``seconds``."""
         if seconds > 0:
-            self._update(self._finish, backend, seconds)
+            self._keep(self._finish, backend, seconds)
+            self._record("finish", backend, seconds)
 
     def observe_gap(self, backend: str, seconds: float) -> None:
         """A busy worker took ``seconds`` between one run's end and the next one's start
         (claim, events): a per-job cost that run times do not show."""
         if seconds >= 0:
-            self._update(self._gap, backend, seconds)
+            self._keep(self._gap, backend, seconds)
+            self._record("gap", backend, seconds)
 
     def gap(self, backend: str) -> float:
-        return self._gap.get(backend, 0.0)
+        samples = self._gap.get(backend)
+        return statistics.median(samples) if samples else 0.0
 
     def finish(self, backend: str) -> float:
         """Seconds from a run's end to its results being committed (0 until measured);
         with pipelined results this delays the job's own end, not the next job's start."""
-        return self._finish.get(backend, 0.0)
+        samples = self._finish.get(backend)
+        return statistics.median(samples) if samples else 0.0
 
     def price(self, backend: str, request: GenerationRequest) -> Estimate | None:
         """One run of this request: p10, p50, p90 seconds, when anything like it was measured."""

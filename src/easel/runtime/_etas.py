@@ -143,6 +143,7 @@ class Etas(Extension):
 
     async def projections(self, limit: int = PROJECT_LIMIT) -> Projected | None:
         """The first ``limit`` queued jobs' projections; None: the store cannot tell."""
+        await self._synced()
         entries = await self.runtime.store.serving_order(limit)
         if entries is None:
             return None
@@ -160,8 +161,14 @@ class Etas(Extension):
 
     # -- views ------------------------------------------------------------------------
 
+    async def _synced(self) -> None:
+        """Measured times as every process of the deployment kept them in the store."""
+        with contextlib.suppress(EaselError):  # a store that is down: the last ones known
+            await self.runtime.timings.sync(flush=False)  # writes are the loop's
+
     async def fields(self, job: Job) -> dict[str, Any]:
         """``position`` and the ETA fields of a job's view (empty when unknown)."""
+        await self._synced()
         if job.state is JobState.running:
             price = self.runtime.run_times.price(job.backend, job.request)
             if price is None:

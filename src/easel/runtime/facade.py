@@ -44,6 +44,7 @@ from easel.queue.admission import check_limits
 from easel.queue.scheduler import account, user_cap
 from easel.results.files import LocalStorage
 from easel.runtime._etas import Etas
+from easel.runtime._timings import SharedTimings
 from easel.runtime.compose import assemble, extensions_for, open_parts, worker_for
 from easel.runtime.registry import WorkerInfo
 from easel.runtime.supervisor import Supervisor
@@ -84,6 +85,9 @@ class Runtime:
         self._wakeup = parts.doorbell
         self.fleet = parts.fleet
         self.supervisor = Supervisor(parts.store, parts.bus)
+        self.timings = SharedTimings(
+            parts.store, parts.run_times, interval=settings.eta_update_seconds
+        )
         self.etas = Etas(self, interval=settings.eta_update_seconds)
 
     @property
@@ -99,7 +103,7 @@ class Runtime:
             await backend.start()
         if workers:
             self.start_workers()
-        extensions = [*extensions_for(self.parts, lambda: self.workers), self.etas]
+        extensions = [*extensions_for(self.parts, lambda: self.workers), self.timings, self.etas]
         await self.supervisor.start_extensions(extensions)
 
     def start_workers(self) -> None:

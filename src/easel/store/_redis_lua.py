@@ -593,3 +593,27 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
+
+
+TIMINGS_RECORD = """
+-- KEYS[1] the timings hash, KEYS[2] its version; ARGV[1] samples kept per field, then
+-- (field, seconds) pairs: each field's JSON list gets the sample, trimmed to the last kept
+local keep = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  local listed = redis.call('HGET', KEYS[1], ARGV[i])
+  local samples = {}
+  if listed then samples = cjson.decode(listed) end
+  samples[#samples + 1] = tonumber(ARGV[i + 1])
+  while #samples > keep do table.remove(samples, 1) end
+  redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(samples))
+end
+return redis.call('INCR', KEYS[2])
+"""
+
+TIMINGS_READ = """
+-- KEYS as TIMINGS_RECORD; ARGV[1] the version the reader has ('' = none): nothing new
+-- -> {version}; else {version, the whole hash}
+local version = redis.call('GET', KEYS[2]) or '0'
+if version == ARGV[1] then return {version} end
+return {version, redis.call('HGETALL', KEYS[1])}
+"""

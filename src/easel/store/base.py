@@ -16,7 +16,7 @@ Promises every implementation keeps:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from functools import cache
 from typing import Any
 
@@ -24,6 +24,9 @@ from pydantic import TypeAdapter
 
 from easel.errors import WorkerLost
 from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
+from easel.queue.estimates import KEEP
+from easel.queue.estimates import Timing as Timing  # the store keeps them
+from easel.queue.estimates import Timings as Timings
 from easel.queue.scheduler import Entry, Place, QueueStats
 
 WORKER_LOST = JobError(
@@ -56,6 +59,10 @@ def with_annotations(job: Job, notes: dict[str, str]) -> Job:
         key: _adapter(key).validate_json(raw) for key, raw in notes.items() if key in ANNOTATIONS
     }
     return job.model_copy(update=update) if update else job
+
+
+TIMINGS_KEEP = KEEP
+"""Samples a store keeps per timing key (the most recent): as many as ETAs use."""
 
 
 class JobStore(ABC):
@@ -209,3 +216,12 @@ class JobStore(ABC):
     @abstractmethod
     async def backlog(self) -> dict[str, float]:
         """Queued work (``GenerationRequest.cost`` units) per backend, for routing."""
+
+    @abstractmethod
+    async def record_timings(self, samples: Sequence[Timing]) -> None:
+        """Keep measured times, the last ``TIMINGS_KEEP`` per ``(kind, key)``, shared by
+        every process of the deployment (so every replica gives the same ETA)."""
+
+    @abstractmethod
+    async def timings(self, known: int | None = None) -> Timings | None:
+        """Every kept sample; None when nothing was recorded since version ``known``."""

@@ -13,8 +13,9 @@ either because ``appendfsync always`` fsyncs before Redis replies, or by ``WAITA
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal
 
 from pydantic import TypeAdapter
@@ -37,7 +38,15 @@ from easel.errors import (
 from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import Place, Policy, QueueStats, account, batch_key, entry_for
 from easel.store import _redis_lua as lua
-from easel.store.base import WORKER_LOST, JobStore, annotation_json, with_annotations
+from easel.store.base import (
+    TIMINGS_KEEP,
+    WORKER_LOST,
+    JobStore,
+    Timing,
+    Timings,
+    annotation_json,
+    with_annotations,
+)
 
 log = logging.getLogger("easel.store.redis")
 
@@ -124,6 +133,8 @@ class RedisStore(JobStore):
     async def open(self) -> None:
         self._redis = connect(self.url, socket_timeout=self.socket_timeout)
         self._scripts["ANNOTATE"] = self._redis.register_script(lua.ANNOTATE)
+        for name in ("TIMINGS_RECORD", "TIMINGS_READ"):  # keys passed in, no header
+            self._scripts[name] = self._redis.register_script(getattr(lua, name))
         for name in ("ENQUEUE", "CLAIM", "HEARTBEAT", "COMPLETE", "FAIL", "REQUEUE", "CANCEL",
                      "EXPIRE", "PLACE", "STATS", "REROUTE", "REORDER"):  # fmt: skip
             self._scripts[name] = self._redis.register_script(getattr(lua, name))
@@ -479,6 +490,31 @@ class RedisStore(JobStore):
     async def backlog(self) -> dict[str, float]:
         costs = await self._read(lambda r: r.hgetall(self._key(keys.ROUTE_COST)))
         return {route: float(cost) for route, cost in costs.items() if float(cost) > 1e-9}
+
+    def _timing_keys(self) -> list[str]:
+        return [self._key(keys.TIMINGS), self._key(keys.TIMINGS_VERSION)]
+
+    async def record_timings(self, samples: Sequence[Timing]) -> None:
+        if not samples:
+            return
+        args: list[str | int | float] = [TIMINGS_KEEP]
+        for sample in samples:
+            args += [f"{sample.kind}|{sample.key}", repr(sample.seconds)]
+        script = self._scripts["TIMINGS_RECORD"]
+        await self._read(lambda r: script(keys=self._timing_keys(), args=args, client=r))
+
+    async def timings(self, known: int | None = None) -> Timings | None:
+        script = self._scripts["TIMINGS_READ"]
+        since = "" if known is None else str(known)
+        reply = await self._read(lambda r: script(keys=self._timing_keys(), args=[since], client=r))
+        if len(reply) == 1:
+            return None
+        flat = reply[1]
+        samples: dict[tuple[str, str], list[float]] = {}
+        for field, listed in zip(flat[::2], flat[1::2], strict=True):
+            kind, _, key = field.partition("|")
+            samples[(kind, key)] = [float(x) for x in json.loads(listed)]
+        return Timings(int(reply[0]), samples)
 
 
 def _outcome(reply: list[Any], job_id: str, worker_id: str | None) -> Job:

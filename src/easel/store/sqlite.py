@@ -17,7 +17,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -43,7 +43,14 @@ from easel.queue.scheduler import (
     check_user_cap,
     entry_for,
 )
-from easel.store.base import WORKER_LOST, JobStore, annotation_json
+from easel.store.base import (
+    TIMINGS_KEEP,
+    WORKER_LOST,
+    JobStore,
+    Timing,
+    Timings,
+    annotation_json,
+)
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
@@ -60,6 +67,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs(user_id, seq);
+CREATE TABLE IF NOT EXISTS timings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    seconds REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS timings_by_key ON timings(kind, key, id);
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY,
     job_id TEXT NOT NULL,
@@ -282,6 +296,7 @@ class SqliteStore(JobStore):
         self._lock: Path | None = None
         self._sending: dict[str, asyncio.Event] = {}  # idempotency keys being sent
         self._delayed: dict[str, tuple[float, Job]] = {}  # requeued with a backoff: ready at
+        self._timings_version: int | None = None
 
     async def open(self) -> None:
         self._lock = own(self.path)  # before anything is read or repaired
@@ -681,6 +696,44 @@ class SqliteStore(JobStore):
 
     async def backlog(self) -> dict[str, float]:
         return self._queue.route_costs()
+
+    async def record_timings(self, samples: Sequence[Timing]) -> None:
+        def op(conn: sqlite3.Connection) -> int:
+            for sample in samples:
+                conn.execute(
+                    "INSERT INTO timings (kind, key, seconds) VALUES (?, ?, ?)",
+                    (sample.kind, sample.key, sample.seconds),
+                )
+            for kind, key in {(sample.kind, sample.key) for sample in samples}:
+                conn.execute(
+                    "DELETE FROM timings WHERE kind = ? AND key = ? AND id <= ("
+                    " SELECT id FROM timings WHERE kind = ? AND key = ?"
+                    " ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (kind, key, kind, key, TIMINGS_KEEP),
+                )
+            return int(conn.execute("SELECT max(id) FROM timings").fetchone()[0])
+
+        if samples:
+            self._timings_version = await self._writer.run(op)
+
+    async def timings(self, known: int | None = None) -> Timings | None:
+        if known is not None and known == self._timings_version:
+            return None  # one owner per data dir: nobody else records here
+
+        def op(conn: sqlite3.Connection) -> Timings | None:
+            version = conn.execute("SELECT coalesce(max(id), 0) FROM timings").fetchone()[0]
+            if version == known:
+                return None
+            samples: dict[tuple[str, str], list[float]] = {}
+            rows = conn.execute("SELECT kind, key, seconds FROM timings ORDER BY id")
+            for kind, key, seconds in rows:
+                samples.setdefault((kind, key), []).append(seconds)
+            return Timings(int(version), samples)
+
+        read = await self._writer.run(op)
+        if read is not None:
+            self._timings_version = read.version
+        return read
 
     def _put_back(self, conn: sqlite3.Connection, job: Job) -> Job:
         return _requeue(
