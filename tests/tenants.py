@@ -27,16 +27,16 @@ def bearer(token: str, **headers: str) -> dict[str, str]:
 def settings_for(data_dir: Path, redis_url: str | None = None, **extra: object) -> Settings:
     """The mock backend, every token; ``redis_url``: the Redis store and bus (a keyspace of
     its own) with the workers in this process."""
-    redis = {"redis_url": redis_url, "redis_prefix": f"tenants:{uuid.uuid4().hex}:"}
-    return Settings(
-        data_dir=data_dir,
-        backend="mock",
-        mock_step_delay=0.05,
-        heartbeat_seconds=0.5,  # the registry (GET /v1/workers) is fed by heartbeats
-        safety=Safety.model_validate({"tokens": WITH_ADMIN}),
-        **(redis if redis_url else {}),
-        **extra,
-    )
+    fields: dict[str, object] = {
+        "data_dir": data_dir,
+        "backend": "mock",
+        "mock_step_delay": 0.05,
+        "heartbeat_seconds": 0.5,  # the registry (GET /v1/workers) is fed by heartbeats
+        "safety": Safety.model_validate({"tokens": WITH_ADMIN}),
+    }
+    if redis_url:
+        fields |= {"redis_url": redis_url, "redis_prefix": f"tenants:{uuid.uuid4().hex}:"}
+    return Settings.model_validate(fields | extra)
 
 
 @contextmanager

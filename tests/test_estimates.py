@@ -265,7 +265,7 @@ async def test_etas_count_every_backend_that_may_run_a_job_at_its_measured_speed
         eta_update_seconds=60,
     )  # fmt: skip
     backends = {"fast": MockBackend(name="fast"), "slow": MockBackend(name="slow")}
-    runtime = Runtime(settings, backends=backends)  # type: ignore[arg-type]
+    runtime = Runtime(settings, backends=backends)
     await runtime.start(workers=False)
     try:
         small: dict[str, Any] = {"steps": 2, "width": 64, "height": 64}

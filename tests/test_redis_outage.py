@@ -101,7 +101,7 @@ def test_redis_sigkill_with_200_jobs_in_flight_fails_and_loses_none(tmp_path: Pa
             for line in cluster.run_log.read_text().splitlines()
             if line.startswith("done ")
         )
-        ran_again = sum(1 for body in bodies if runs[body["prompt"]] > 1)
+        ran_again = sum(1 for body in bodies if runs[str(body["prompt"])] > 1)
         print(
             f"\nRedis SIGKILL with {JOBS} jobs accepted ({time.monotonic() - began:.1f}s in all)"
             f"\n  at the kill: {dict(at_kill)}"
