@@ -33,9 +33,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, moto: Moto) -> Iterator[Pro
         "EASEL_SAFETY__TOKENS": json.dumps([{"service": SERVICE_NAME, "token": SERVICE_TOKEN}]),
         "EASEL_SAFETY__DENY_WORDS": '["forbidden"]',
     }
-    with easel_serve(
-        tmp_path_factory.mktemp("balancer") / "data", "--backend", "mock", env=env
-    ) as p:
+    # the mock stands in for the balancer's engines: it declares Kandinsky payloads (it
+    # runs them as plain txt2img; a real fleet has a Kandinsky pipeline or FusionBrain)
+    folder = tmp_path_factory.mktemp("balancer")
+    (folder / "easel.toml").write_text(
+        '[[backends]]\nname = "mock"\nkind = "mock"\nexecutors = ["automatic1111", "kandinsky"]\n'
+    )
+    with easel_serve(folder / "data", "--config", str(folder / "easel.toml"), env=env) as p:
         yield p
 
 

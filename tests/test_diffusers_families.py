@@ -234,3 +234,22 @@ def test_capabilities_per_model(backend: DiffusersBackend) -> None:
     assert {Capability.inpaint, Capability.lora, Capability.controlnet} <= flux
     assert {Capability.txt2img, Capability.img2img, Capability.negative_prompt} <= kandinsky
     assert not {Capability.inpaint, Capability.lora, Capability.upscale} & kandinsky
+
+
+async def test_a_kandinsky_payload_runs_on_a_kandinsky_model(
+    backend: DiffusersBackend, tiny_model_dir: Path
+) -> None:
+    from easel.jobs import GenerationRequest
+    from easel.payloads import Executor
+
+    assert Executor.kandinsky in backend.executors  # Kandinsky pipelines are here
+    payload = {"prompt": "a cat", "steps": 2, "w": 64, "h": 64, "seed": 3}
+    sent = GenerationRequest.model_validate({"executor": "kandinsky", "payload": payload})
+    result = await run(backend, sent)  # no model named: a Kandinsky one, not the first model
+    assert result.model in {model("kandinsky22"), model("kandinsky3")}
+    with pytest.raises(Unsupported, match="runs on a Kandinsky model"):
+        backend.check(sent.model_copy(update={"model": model("sdxl")}))
+    plain = diffusers_backend(str(tiny_model_dir), hf_cache=False, device="cpu")
+    assert Executor.kandinsky not in plain.executors  # an SD model only
+    with pytest.raises(Unsupported, match="cannot run kandinsky payloads"):
+        plain.check(sent)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Mapping
+from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from easel.jobs import GenerationRequest, JobKind
+from easel.errors import Unsupported
+from easel.fleet import load_settings
+from easel.jobs import GenerationRequest, JobKind, JobState
+from easel.runtime.facade import Runtime
 
 
 def png() -> str:
@@ -97,9 +101,52 @@ def test_payloads_no_backend_can_run_are_4xx_at_once(server: str) -> None:
               "payload": {"1": {"class_type": "SaveImage", "inputs": {}}}},
     )  # fmt: skip
     assert workflow.status_code == 422
-    assert "cannot run comfyui payloads" in workflow.json()["error"]["message"]
-    mix = httpx.post(
-        f"{server}/v1/jobs",
-        json={"executor": "kandinsky", "payload": {"images_texts": ["a", "b"], "weights": [1, 1]}},
-    )
-    assert mix.status_code == 422 and "mix" in mix.json()["error"]["message"]
+    assert workflow.json()["error"]["code"] == "no_backend"
+    assert "runs comfyui payloads" in workflow.json()["error"]["message"]
+    for payload in ({"prompt": "a cat"}, {"images_texts": ["a", "b"], "weights": [1, 1]}):
+        kandinsky = httpx.post(
+            f"{server}/v1/jobs", json={"executor": "kandinsky", "payload": payload}
+        )  # the mock is no Kandinsky: not translated to a plain txt2img, refused
+        error = kandinsky.json()["error"]
+        assert kandinsky.status_code == 422 and error["code"] == "no_backend"
+        assert (
+            "runs kandinsky payloads" in error["message"] and "Kandinsky 2.2/3" in error["message"]
+        )
+
+
+KANDINSKY_FLEET = """
+[[backends]]
+name = "plain"
+kind = "mock"
+
+[[backends]]
+name = "kandinsky"
+kind = "mock"
+executors = ["automatic1111", "kandinsky"]
+options = { step_delay = 0.02 }
+"""
+
+
+async def test_kandinsky_payloads_go_only_where_kandinsky_runs(tmp_path: Path) -> None:
+    path = tmp_path / "easel.toml"
+    path.write_text(KANDINSKY_FLEET)
+    settings = load_settings(path, data_dir=tmp_path / "data")
+    async with Runtime(settings) as runtime:
+        ids = []
+        for _ in range(4):  # "kandinsky" gets busier each time: a1111 ones would go elsewhere
+            view = await runtime.submit(
+                request("kandinsky", {"prompt": "cat", "steps": 3, "w": 64, "h": 64})
+            )
+            ids.append(view.id)
+        a1111 = await runtime.submit(
+            request("automatic1111", {"prompt": "x", "steps": 2, "width": 64, "height": 64})
+        )
+        for job_id in ids:
+            done = await runtime.wait(job_id, timeout=60)
+            assert done.state is JobState.succeeded and done.backend == "kandinsky"
+        assert (await runtime.wait(a1111.id, timeout=60)).state is JobState.succeeded
+        with pytest.raises(Unsupported, match="plain does not run kandinsky payloads"):
+            await runtime.submit(request("kandinsky", {"prompt": "cat"}, backend="plain"))
+        shown = {b.name: b for b in await runtime.fleet.describe()}
+        assert shown["kandinsky"].executors == ["automatic1111", "kandinsky"]
+        assert shown["plain"].executors == ["automatic1111"]

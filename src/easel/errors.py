@@ -10,6 +10,7 @@ class here (and to :data:`ERRORS`), never a ``code=`` on a generic one.
     EaselError                  500 error
     ├── InvalidRequest          422 invalid_request
     │   ├── Unsupported         422 unsupported
+    │   │   └── NoBackend       422 no_backend          (nothing deployed runs it: add a backend)
     │   ├── InvalidJson         400 invalid_json
     │   ├── PromptRejected      422 prompt_rejected     (moderation said no)
     │   ├── PipelineBusy        400 pipeline_busy       (pipeline API: a run is unfinished)
@@ -82,6 +83,13 @@ class InvalidRequest(EaselError):
 
 class Unsupported(InvalidRequest):
     code = "unsupported"
+
+
+class NoBackend(Unsupported):
+    """Nothing in the deployment can run the request at all (an engine payload no backend
+    runs): adding such a backend, not changing the request's numbers, is the fix."""
+
+    code = "no_backend"
 
 
 class InvalidJson(InvalidRequest):
@@ -295,6 +303,7 @@ CATALOGUE: tuple[type[EaselError], ...] = (
     EaselError,
     InvalidRequest,
     Unsupported,
+    NoBackend,
     InvalidJson,
     PromptRejected,
     PipelineBusy,

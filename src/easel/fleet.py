@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from easel.payloads import Executor
+
 if TYPE_CHECKING:
     from easel.config import Settings
 
@@ -74,6 +76,11 @@ class BackendSpec(BaseModel):
     )
     capabilities: list[str] | None = Field(
         default=None, description="Replaces what the backend declares (txt2img, img2img...)."
+    )
+    executors: list[Executor] | None = Field(
+        default=None,
+        description="Engine payloads it runs (automatic1111, kandinsky, comfyui); replaces "
+        "what the backend declares (a Kandinsky server behind a remote kind, say).",
     )
     tags: list[str] = Field(
         default_factory=list, description="Free labels a request may ask for (gpu, fast...)."

@@ -590,7 +590,11 @@ class Job(BaseModel):
     created_at: float = Field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
-    attempts: int = Field(default=0, description="Runs started, including the current one.")
+    attempts: int = Field(
+        default=0,
+        description="Runs started, including the current one: how many; each one's record "
+        "(backend, worker, started_at, ended_at, error) is in ``runs``.",
+    )
     service: str | None = Field(default=None, description="The service that submitted it.")
     worker_id: str | None = None
     images: list[ImageRef] = Field(default_factory=list)
@@ -602,7 +606,8 @@ class Job(BaseModel):
     webhook: WebhookDelivery | None = None
     runs: list[Attempt] = Field(
         default_factory=list,
-        description="Every attempt so far (backend, worker, started_at, ended_at, error).",
+        description="Every attempt so far, oldest first: [{backend, worker, started_at, "
+        "ended_at, error}] (``attempts`` is their count, the current run included).",
     )
 
     @property

@@ -58,6 +58,10 @@ class BackendStatus(BaseModel):
     slots: int
     slots_in_use: int
     capabilities: list[str]
+    executors: list[str] = Field(
+        default_factory=list,
+        description="Engine payloads it runs (executor + payload): automatic1111, kandinsky...",
+    )
     models: list[str]
     loaded_models: list[str]
     loading: str | None = Field(

@@ -81,6 +81,14 @@ class GenerationResult:
     audio: list[AudioClip] = field(default_factory=list)
 
 
+EXECUTOR_PREFIX = "executor:"
+"""The router sees "runs this engine's payloads" as a capability: ``executor:kandinsky``."""
+
+
+def executor_capabilities(executors: frozenset[Executor]) -> frozenset[str]:
+    return frozenset(EXECUTOR_PREFIX + str(executor) for executor in executors)
+
+
 def needed_capabilities(request: GenerationRequest) -> set[Capability]:
     """What a backend must be able to do to run the request (the router filters on it)."""
     needed = {Capability(request.kind.value)}
@@ -102,9 +110,11 @@ class Backend(ABC):
     capabilities: frozenset[Capability] = frozenset()
     batches: bool = False
     """Whether ``generate_batch`` runs compatible requests as one call (faster than each)."""
-    executors: frozenset[Executor] = frozenset({Executor.automatic1111, Executor.kandinsky})
+    executors: frozenset[Executor] = frozenset({Executor.automatic1111})
     """Engine payloads this backend runs: as they are (an engine of that kind) or through the
-    easel fields read from them (an A1111 payload is also a plain txt2img/img2img)."""
+    easel fields read from them (an A1111 payload is also a plain txt2img/img2img, which any
+    backend runs). A Kandinsky payload runs only where Kandinsky does: a diffusers backend
+    with a Kandinsky 2.2/3 pipeline, FusionBrain, or a fleet entry declaring it."""
 
     preloads: bool = False
     """Whether :meth:`load` loads a model ahead of its jobs (model pressure)."""

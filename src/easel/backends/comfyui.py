@@ -104,7 +104,7 @@ def placeholders_in(template: Any) -> set[str]:
 
 class ComfyUIBackend(RemoteBackend):
     kind = "comfyui"
-    executors = frozenset({Executor.comfyui, Executor.automatic1111, Executor.kandinsky})
+    executors = frozenset({Executor.comfyui, Executor.automatic1111})
 
     def __init__(
         self,

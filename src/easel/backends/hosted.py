@@ -36,6 +36,7 @@ from easel.backends._remote import RemoteBackend, poll_delays, secret_from_env
 from easel.backends.base import Capability, GenerationResult, RunContext
 from easel.errors import Cancelled, EngineError, EngineRefused, InvalidRequest
 from easel.jobs import GenerationRequest
+from easel.payloads import Executor
 
 Service = Literal["fal", "replicate", "fusionbrain"]
 _STEP = re.compile(r"(\d+)\s*/\s*(\d+)")
@@ -92,6 +93,7 @@ class HostedBackend(RemoteBackend):
         self.poll_max_seconds = poll_max_seconds
         if service == "fusionbrain":
             self.capabilities = frozenset({Capability.txt2img, Capability.negative_prompt})
+            self.executors = frozenset({Executor.automatic1111, Executor.kandinsky})
 
     def auth_headers(self) -> dict[str, str]:
         if self.api_key is None:

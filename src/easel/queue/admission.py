@@ -8,9 +8,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 
-from easel.backends.base import Backend, needed_capabilities
+from easel.backends.base import (
+    EXECUTOR_PREFIX,
+    Backend,
+    executor_capabilities,
+    needed_capabilities,
+)
 from easel.config import Limits
-from easel.errors import BackendUnavailable, EaselError, InvalidRequest, ModelNotFound, Unsupported
+from easel.errors import (
+    BackendUnavailable,
+    EaselError,
+    InvalidRequest,
+    ModelNotFound,
+    NoBackend,
+    Unsupported,
+)
 from easel.images import decode_base64_image
 from easel.jobs import GenerationRequest, JobKind, random_seed
 from easel.queue.routing import BackendView, Policy, Want, capable, choose
@@ -156,8 +168,11 @@ def want_of(request: GenerationRequest, *, moving: bool = False) -> Want:
             named = frozenset({request.backend, *request.fallback})
         else:
             named = frozenset({request.backend})
+    needed = frozenset(str(c) for c in needed_capabilities(request))
+    if request.executor is not None:  # an engine payload: a backend that runs that engine's
+        needed |= executor_capabilities(frozenset({request.executor}))
     return Want(
-        capabilities=frozenset(str(c) for c in needed_capabilities(request)),
+        capabilities=needed,
         model=request.model,
         tags=frozenset(request.tags),
         backends=named,
@@ -194,6 +209,14 @@ def route_request(
                 f"backend {name!r} is not served here; served backends are: {', '.join(names)}"
             )
     want = want_of(request)
+    if request.executor is not None:
+        runs = EXECUTOR_PREFIX + str(request.executor)
+        if not any(runs in view.capabilities for view in views):
+            raise NoBackend(
+                f"no backend of this deployment runs {request.executor} payloads; send "
+                "easel's own fields instead, or add a backend that runs them"
+                + _HOW_TO_RUN.get(str(request.executor), "")
+            )
     fits = [view for view in views if capable(want, view)]
     if not fits:
         raise _why_not(request, want, views)
@@ -220,6 +243,24 @@ def route_request(
     return chosen.name
 
 
+def _lacks(name: str, missing: frozenset[str]) -> str:
+    """ "gpu cannot do img2img" / "plain does not run kandinsky payloads"."""
+    engines = sorted(
+        c.removeprefix(EXECUTOR_PREFIX) for c in missing if c.startswith(EXECUTOR_PREFIX)
+    )
+    skills = sorted(c for c in missing if not c.startswith(EXECUTOR_PREFIX))
+    said = [f"cannot do {', '.join(skills)}"] if skills else []
+    said += [f"does not run {', '.join(engines)} payloads"] if engines else []
+    return f"{name} {' and '.join(said)}" if said else ""
+
+
+_HOW_TO_RUN = {
+    "kandinsky": " (a diffusers backend with a Kandinsky 2.2/3 model, a hosted fusionbrain "
+    'backend, or a fleet entry declaring executors = ["kandinsky"])',
+    "comfyui": " (a comfyui backend)",
+}
+
+
 def _why_not(request: GenerationRequest, want: Want, views: Sequence[BackendView]) -> EaselError:
     named = [v for v in views if want.backends is None or v.name in want.backends]
     if want.model is not None and not any(v.serves(want.model) for v in named):
@@ -235,12 +276,8 @@ def _why_not(request: GenerationRequest, want: Want, views: Sequence[BackendView
             f"no backend carries the tags {', '.join(sorted(want.tags))}; tags in this fleet: "
             f"{', '.join(tags) or 'none'}"
         )
-    reasons = [
-        f"{v.name} cannot do {', '.join(sorted(want.capabilities - v.capabilities))}"
-        for v in named
-        if not want.capabilities <= v.capabilities
-    ]
+    reasons = [_lacks(v.name, want.capabilities - v.capabilities) for v in named]
     return Unsupported(
         "no backend of this fleet can run this request: "
-        + ("; ".join(reasons) or "none serves its model with its tags")
+        + ("; ".join(r for r in reasons if r) or "none serves its model with its tags")
     )

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from easel.backends.base import executor_capabilities
 from easel.constants import WORKER_TTL_BEATS
 from easel.effects.deliveries import DELIVERED_TYPES
 from easel.effects.metrics import Metrics
@@ -290,7 +291,9 @@ def info_of(worker: Worker, started_at: float) -> WorkerInfo:
         pipelines = [model for model in backend.models() if model.kind == "pipeline"]
         served = frozenset(model.name for model in pipelines)
         loaded = frozenset(model.name for model in pipelines if model.loaded)
-        capabilities = sorted(backend.capabilities)
+        capabilities = sorted(
+            {str(c) for c in backend.capabilities} | executor_capabilities(backend.executors)
+        )
     return WorkerInfo(
         id=worker.id,
         backend=backend.name,

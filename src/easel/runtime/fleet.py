@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from easel.backends import registry as backend_kinds
-from easel.backends.base import Backend, Capability
+from easel.backends.base import EXECUTOR_PREFIX, Backend, Capability, executor_capabilities
 from easel.errors import EaselError
 from easel.fleet import BackendSpec, Routing
 from easel.jobs import GenerationRequest, Job, JobState
@@ -52,9 +52,12 @@ class Member:
 
     @property
     def capabilities(self) -> frozenset[str]:
+        """What it can do, and the engine payloads it runs (``executor:kandinsky``)."""
         if self.spec.capabilities is not None:
-            return frozenset(self.spec.capabilities)
-        return frozenset(str(c) for c in self.backend.capabilities)
+            declared = frozenset(self.spec.capabilities)
+        else:
+            declared = frozenset(str(c) for c in self.backend.capabilities)
+        return declared | executor_capabilities(self.backend.executors)
 
     def models(self) -> tuple[frozenset[str], frozenset[str]]:
         """(served, loaded) pipeline models; a model being loaded counts as loaded, so the
@@ -75,6 +78,8 @@ def build_backends(specs: Iterable[BackendSpec]) -> dict[str, Backend]:
         backend.name = spec.name
         if spec.capabilities is not None:
             backend.capabilities = frozenset(Capability(c) for c in spec.capabilities)
+        if spec.executors is not None:
+            backend.executors = frozenset(spec.executors)
         built[spec.name] = backend
     return built
 
@@ -481,7 +486,8 @@ class Fleet:
                     where="local",
                     slots=member.spec.slots,
                     slots_in_use=min(member.in_use, member.spec.slots),
-                    capabilities=sorted(member.capabilities),
+                    capabilities=_skills(member.capabilities),
+                    executors=_engines(member.capabilities),
                     models=sorted(served),
                     loaded_models=sorted(loaded),
                     loading=member.loading,
@@ -511,7 +517,8 @@ class Fleet:
                     where="workers",
                     slots=view.slots,
                     slots_in_use=sum(1 for i in infos if i.current_jobs),
-                    capabilities=sorted(view.capabilities),
+                    capabilities=_skills(view.capabilities),
+                    executors=_engines(view.capabilities),
                     models=sorted(view.models),
                     loaded_models=sorted(view.loaded),
                     tags=sorted(view.tags),
@@ -528,6 +535,17 @@ _RUNNING_COST = 5.0
 """Work units counted for a job running now (about 512x512 x 20 steps); its own cost is
 not at hand where only the count is known."""
 _WATCH_SECONDS = 0.5
+
+
+def _skills(capabilities: Collection[str]) -> list[str]:
+    return sorted(c for c in capabilities if not c.startswith(EXECUTOR_PREFIX))
+
+
+def _engines(capabilities: Collection[str]) -> list[str]:
+    """The engine payloads among the router's capabilities (``executor:kandinsky``)."""
+    return sorted(
+        c.removeprefix(EXECUTOR_PREFIX) for c in capabilities if c.startswith(EXECUTOR_PREFIX)
+    )
 
 
 def _kind_of(backend: Backend) -> str:

@@ -65,8 +65,10 @@ from easel.errors import (
     GenerationError,
     InvalidRequest,
     ModelNotFound,
+    Unsupported,
 )
 from easel.jobs import GenerationRequest
+from easel.payloads import Executor
 
 
 @dataclass
@@ -149,6 +151,7 @@ class DiffusersBackend(Backend):
         self.preview_vae = settings.preview_vae
         self.warmup = tuple(settings.warmup)
         self.device: str | None = None
+        self._executors: frozenset[Executor] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -262,9 +265,36 @@ class DiffusersBackend(Backend):
     def _family(self, entry: ModelEntry) -> Family:
         return family_for(entry)
 
+    @property
+    def executors(self) -> frozenset[Executor]:
+        """A1111 payloads (as easel fields) always; Kandinsky payloads while a Kandinsky
+        2.2/3 pipeline is here (they run on it)."""
+        if self._executors is not None:
+            return self._executors
+        if self._kandinsky_models():
+            return frozenset({Executor.automatic1111, Executor.kandinsky})
+        return frozenset({Executor.automatic1111})
+
+    @executors.setter
+    def executors(self, value: frozenset[Executor]) -> None:
+        self._executors = value
+
+    def _kandinsky_models(self) -> list[str]:
+        entries = self.registry.entries(ModelKind.pipeline)
+        return [e.name for e in entries if self._family(e).name.startswith("kandinsky")]
+
     def _plan(self, request: GenerationRequest) -> Plan:
         """Everything admission can refuse, without loading anything."""
         default = self._default
+        if request.executor is Executor.kandinsky:  # a Kandinsky payload runs on Kandinsky
+            kandinsky = self._kandinsky_models()
+            if request.model is not None and request.model not in kandinsky:
+                raise Unsupported(
+                    f"a kandinsky payload runs on a Kandinsky model; {request.model!r} is not "
+                    f"one (Kandinsky models here: {', '.join(kandinsky) or 'none'})"
+                )
+            if default not in kandinsky:
+                default = kandinsky[0] if kandinsky else default
         if default is None:  # the first model found (no rescan: this runs at admission)
             default = next((e.name for e in self.registry.entries(ModelKind.pipeline)), None)
         return plan_request(request, self.registry, default, self.options)
