@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import pytest
@@ -92,3 +95,22 @@ def engine_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc
     data = tmp_path_factory.mktemp("engine-peer") / "data"
     with easel_serve(data, "--backend", "mock", "--grpc-port", str(port), env=env) as process:
         yield process, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
+    """``imageservice_pb2`` and ``imageservice_pb2_grpc``, made by protoc from the proto now."""
+    from easel.proto import _generate
+
+    out = tmp_path_factory.mktemp("stubs")
+    _generate.generate(out, grpc=True)
+    sys.path.insert(0, str(out))
+    try:
+        yield (
+            importlib.import_module("imageservice_pb2"),
+            importlib.import_module("imageservice_pb2_grpc"),
+        )
+    finally:
+        sys.path.remove(str(out))
+        sys.modules.pop("imageservice_pb2", None)
+        sys.modules.pop("imageservice_pb2_grpc", None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from easel.api import create_app
@@ -39,10 +40,18 @@ def settings_for(data_dir: Path, redis_url: str | None = None, **extra: object) 
     return Settings.model_validate(fields | extra)
 
 
+@dataclass(frozen=True)
+class Deployment:
+    url: str
+    grpc: str
+    """host:port of its gRPC door."""
+
+
 @contextmanager
 def two_services_server(
     data_dir: Path, redis_url: str | None = None, **extra: object
-) -> Iterator[str]:
-    """uvicorn on loopback serving :func:`settings_for`; yields the base URL."""
-    with serve(create_app(settings_for(data_dir, redis_url, **extra))) as url:
-        yield url
+) -> Iterator[Deployment]:
+    """uvicorn on loopback serving :func:`settings_for`, with its gRPC door."""
+    app = create_app(settings_for(data_dir, redis_url, **extra), grpc_port=0)
+    with serve(app) as url:
+        yield Deployment(url, f"127.0.0.1:{app.state.grpc_port}")

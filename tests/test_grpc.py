@@ -4,10 +4,8 @@ and through easel's own DrawThingsClient; plus the FlatBuffers and tensor codecs
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import struct
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,23 +34,6 @@ from easel.proto.drawthings import (
 from easel.runtime.facade import Runtime
 from tests._backends import PreviewMock
 from tests.servers import easel_serve, free_port, serve
-
-
-@pytest.fixture(scope="module")
-def stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
-    """``imageservice_pb2`` and ``imageservice_pb2_grpc``, made by protoc from the proto now."""
-    out = tmp_path_factory.mktemp("stubs")
-    _generate.generate(out, grpc=True)
-    sys.path.insert(0, str(out))
-    try:
-        yield (
-            importlib.import_module("imageservice_pb2"),
-            importlib.import_module("imageservice_pb2_grpc"),
-        )
-    finally:
-        sys.path.remove(str(out))
-        sys.modules.pop("imageservice_pb2", None)
-        sys.modules.pop("imageservice_pb2_grpc", None)
 
 
 @pytest.fixture

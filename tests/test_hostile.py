@@ -22,8 +22,8 @@ from tests.tenants import ALPHA, SMALL, bearer, two_services_server
 
 @pytest.fixture(scope="module")
 def two_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with two_services_server(tmp_path_factory.mktemp("hostile") / "data") as url:
-        yield url
+    with two_services_server(tmp_path_factory.mktemp("hostile") / "data") as deployment:
+        yield deployment.url
 
 
 def test_a_binary_frame_gets_a_close_frame_with_a_reason(two_services: str) -> None:

@@ -244,8 +244,8 @@ def test_queue_line_hides_prompts_and_only_admin_moves(tmp_path: Path) -> None:
             reply = httpx.get(f"{url}/v1/queue/jobs?user_id=u1", headers=bearer(token))
             return {job["id"]: job["prompt"] for job in reply.json()["jobs"]}
 
-        assert line(BOT) == {first["id"]: "bot secret one", second["id"]: "bot secret two",
-                             theirs["id"]: None}  # fmt: skip
+        assert line(BOT) == {first["id"]: "bot secret one", second["id"]: "bot secret two"}
+        assert line(SHOP) == {theirs["id"]: None}  # its own line: another user's prompt hidden
         assert line(ADMIN)[theirs["id"]] == "shop secret"
         moved = httpx.post(
             f"{url}/v1/jobs/{theirs['id']}/move", json={"to": "front"}, headers=bearer(BOT)

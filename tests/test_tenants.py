@@ -1,5 +1,6 @@
-"""Two services on one deployment: neither reads, counts or stops the other's jobs, on any
-door, embedded and on Redis; their tokens never reach a log line.
+"""Two services on one deployment: neither reads, counts, watches or stops the other's jobs
+or users on any door (native, SSE, websocket, OpenAI, A1111, pipeline, gRPC), embedded and
+on Redis; their tokens never reach a log line.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -17,13 +19,207 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from tests.servers import easel_serve
-from tests.tenants import ADMIN, ALPHA, BRAVO, SMALL, TOKENS, bearer, two_services_server
+from tests.tenants import (
+    ADMIN,
+    ALPHA,
+    BRAVO,
+    SMALL,
+    TOKENS,
+    Deployment,
+    bearer,
+    two_services_server,
+)
 
 
-@pytest.fixture(scope="module")
-def two_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with two_services_server(tmp_path_factory.mktemp("tenants") / "data") as url:
-        yield url
+@pytest.fixture(scope="module", params=["embedded", "redis"])
+def deployment(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    """One deployment per module and store: SQLite in-process, or Redis (a real
+    redis-server) with the workers in the same process."""
+    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    data_dir = tmp_path_factory.mktemp(f"tenants-{request.param}") / "data"
+    with two_services_server(data_dir, redis_url) as served:
+        yield served
+
+
+@pytest.fixture
+def two_services(deployment: Deployment) -> str:
+    return deployment.url
+
+
+def wait_until_final(url: str, job_id: str, token: str, timeout: float = 60) -> dict[str, Any]:
+    """Follow the job's SSE stream (as its own service) to its final event; its record."""
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", headers=bearer(token),
+                      timeout=timeout) as events:  # fmt: skip
+        for _ in events.iter_lines():
+            pass
+    job: dict[str, Any] = httpx.get(f"{url}/v1/jobs/{job_id}", headers=bearer(token)).json()
+    assert job["state"] in {"succeeded", "failed", "cancelled"}, job
+    return job
+
+
+def submit(url: str, token: str, **fields: Any) -> dict[str, Any]:
+    answer = httpx.post(f"{url}/v1/jobs", json={**SMALL, **fields}, headers=bearer(token))
+    assert answer.status_code == 202, answer.text
+    job: dict[str, Any] = answer.json()
+    return job
+
+
+def test_every_native_route_as_the_other_service(two_services: str) -> None:
+    """Alpha tries every native route on bravo's jobs and users: a 404 (as if they did not
+    exist) for each job route, empty lists and counts, and nothing of bravo's changes."""
+    url = two_services
+    done = submit(url, BRAVO, prompt="bravo's secret", user_id="native-user", steps=1)
+    assert wait_until_final(url, done["id"], BRAVO)["state"] == "succeeded"
+    live = submit(url, BRAVO, prompt="bravo's secret, still going", user_id="native-user",
+                  steps=150)  # fmt: skip
+    try:
+        for method, path in (
+            ("GET", f"/v1/jobs/{done['id']}"),
+            ("GET", f"/v1/jobs/{done['id']}/images/0"),
+            ("GET", f"/v1/jobs/{done['id']}/events"),
+            ("GET", f"/v1/jobs/{live['id']}"),
+            ("GET", f"/v1/jobs/{live['id']}/events"),
+            ("DELETE", f"/v1/jobs/{live['id']}"),
+        ):
+            answer = httpx.request(method, f"{url}{path}", headers=bearer(ALPHA))
+            assert answer.status_code == 404, (method, path, answer.status_code)
+            assert answer.json()["error"]["code"] == "job_not_found", path
+        moved = httpx.post(f"{url}/v1/jobs/{live['id']}/move", json={"to": "front"},
+                           headers=bearer(ALPHA))  # fmt: skip
+        assert moved.status_code == 403  # only admin reorders the line
+        ids = {done["id"], live["id"]}
+        for query in ({}, {"user_id": "native-user"}, {"q": "secret"}, {"state": "succeeded"}):
+            listed = httpx.get(f"{url}/v1/jobs", params=query, headers=bearer(ALPHA)).json()
+            assert not ids & {job["id"] for job in listed["jobs"]}, query
+        cancelled = httpx.delete(f"{url}/v1/jobs", params={"user_id": "native-user"},
+                                 headers=bearer(ALPHA))  # fmt: skip
+        assert cancelled.status_code == 200 and cancelled.json()["jobs"] == []
+        line = httpx.get(f"{url}/v1/queue/jobs", params={"user_id": "native-user"},
+                         headers=bearer(ALPHA)).json()  # fmt: skip
+        assert not ids & {job["id"] for job in line["jobs"]}
+        assert (
+            "native-user" not in httpx.get(f"{url}/v1/queue", headers=bearer(ALPHA)).json()["users"]
+        )
+        mine = httpx.get(f"{url}/v1/jobs/{live['id']}", headers=bearer(BRAVO)).json()
+        assert mine["state"] in {"queued", "running"}  # nothing alpha did reached it
+        assert httpx.get(f"{url}/v1/jobs/{live['id']}", headers=bearer(ADMIN)).status_code == 200
+    finally:
+        httpx.delete(f"{url}/v1/jobs/{live['id']}", headers=bearer(BRAVO))
+
+
+def test_event_streams_carry_only_the_callers_events(two_services: str) -> None:
+    """Both services' sse-user run a job; alpha's streams of every event (SSE and websocket,
+    replayed from the start, all users or sse-user) carry alpha's job and none of bravo's."""
+    url = two_services
+    theirs = submit(url, BRAVO, prompt="bravo's", user_id="sse-user", steps=1)
+    wait_until_final(url, theirs["id"], BRAVO)
+    mine = submit(url, ALPHA, prompt="alpha's", user_id="sse-user", steps=1)
+    wait_until_final(url, mine["id"], ALPHA)
+    for query in ("after=0", "after=0&user_id=sse-user"):
+        seen: list[dict[str, Any]] = []
+        with httpx.stream("GET", f"{url}/v1/events?{query}", headers=bearer(ALPHA),
+                          timeout=30) as stream:  # fmt: skip
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    if seen[-1]["job_id"] == mine["id"] and seen[-1]["type"] == "succeeded":
+                        break
+        ws = url.replace("http", "ws")
+        with connect(f"{ws}/v1/events?{query}&token={ALPHA}") as events:
+            while True:
+                seen.append(json.loads(events.recv(timeout=30)))
+                if seen[-1]["job_id"] == mine["id"] and seen[-1]["type"] == "succeeded":
+                    break
+        assert theirs["id"] not in {event["job_id"] for event in seen}, query
+        assert {event.get("service") for event in seen} == {"alpha"}, query
+
+
+def test_openai_door_per_service(two_services: str) -> None:
+    """The official openai client with each service's key: each service's job is its own
+    (listed for it, a 404 for the other), and a wrong key is refused."""
+    import openai
+
+    def client(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{two_services}/v1", api_key=key, max_retries=0)
+
+    for key, prompt in ((ALPHA, "alpha's openai fox"), (BRAVO, "bravo's openai fox")):
+        result = client(key).images.generate(prompt=prompt, size="64x64", user="openai-user")
+        assert result.data and result.data[0].b64_json
+    with pytest.raises(openai.AuthenticationError):
+        client("wrong-token-0123456789").images.generate(prompt="x", size="64x64")
+    for own, other, prompt in ((ALPHA, BRAVO, "alpha's openai fox"),
+                               (BRAVO, ALPHA, "bravo's openai fox")):  # fmt: skip
+        query = {"user_id": "openai-user"}
+        jobs = httpx.get(f"{two_services}/v1/jobs", params=query, headers=bearer(own)).json()
+        assert [job["request"]["prompt"] for job in jobs["jobs"]] == [prompt]
+        hidden = httpx.get(f"{two_services}/v1/jobs/{jobs['jobs'][0]['id']}", headers=bearer(other))
+        assert hidden.status_code == 404
+
+
+def test_pipeline_state_is_per_caller_within_its_service(two_services: str) -> None:
+    """Alpha's pipe-user runs; bravo's pipe-user is not busy, sees no job and no image, and
+    runs its own; then each sees its own latest job."""
+    url = two_services
+    alpha = bearer(ALPHA, **{"X-Easel-User": "pipe-user"})
+    bravo = bearer(BRAVO, **{"X-Easel-User": "pipe-user"})
+    run = {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 150}
+    started = httpx.post(f"{url}/pipeline/run", json=run, headers=alpha).json()
+    try:
+        assert httpx.get(f"{url}/pipeline/status", headers=alpha).json()["running"] is True
+        other = httpx.get(f"{url}/pipeline/status", headers=bravo).json()
+        assert other == {**other, "running": False, "completed": False, "job_id": None}
+        image = httpx.get(f"{url}/pipeline/image", headers=bravo)
+        assert image.status_code == 400 and image.json()["error"]["code"] == "pipeline_not_done"
+        short = {**run, "num_inference_steps": 1}
+        own = httpx.post(f"{url}/pipeline/run", json=short, headers=bravo)
+        assert own.status_code == 200, own.text  # not busy: alpha's run is not bravo's
+        httpx.delete(f"{url}/v1/jobs/{started['job_id']}", headers=bearer(ALPHA))  # make way
+        wait_until_final(url, own.json()["job_id"], BRAVO)
+        assert (
+            httpx.get(f"{url}/pipeline/status", headers=bravo).json()["job_id"]
+            == own.json()["job_id"]
+        )
+        assert httpx.get(f"{url}/pipeline/image", headers=bravo).status_code == 200
+        assert (
+            httpx.get(f"{url}/pipeline/status", headers=alpha).json()["job_id"] == started["job_id"]
+        )
+    finally:
+        httpx.delete(f"{url}/v1/jobs/{started['job_id']}", headers=bearer(ALPHA))
+
+
+def test_grpc_door_per_service(
+    deployment: Deployment, stubs: tuple[ModuleType, ModuleType]
+) -> None:
+    """Draw Things' generated stubs: no token or a wrong one is UNAUTHENTICATED; bravo's
+    GenerateImage is bravo's job (listed for bravo, a 404 for alpha)."""
+    import grpc
+
+    from easel.proto.drawthings import Configuration, encode_configuration
+
+    pb, pb_grpc = stubs
+    config = encode_configuration(Configuration(width=64, height=64, steps=1, seed=1))
+    request = pb.ImageGenerationRequest(prompt="bravo's grpc fox", configuration=config,
+                                        user="grpc-user")  # fmt: skip
+    with grpc.insecure_channel(deployment.grpc) as channel:
+        stub = pb_grpc.ImageGenerationServiceStub(channel)
+        for metadata in ((), (("authorization", "Bearer wrong-token-0123456789"),)):
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.GenerateImage(request, metadata=metadata, timeout=30))
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        replies = list(stub.GenerateImage(request, metadata=(("authorization", f"Bearer {BRAVO}"),),
+                                          timeout=60))  # fmt: skip
+    assert any(reply.generated_images for reply in replies)
+    query = {"user_id": "grpc-user"}
+    jobs = httpx.get(f"{deployment.url}/v1/jobs", params=query, headers=bearer(BRAVO)).json()
+    assert [(job["service"], job["state"]) for job in jobs["jobs"]] == [("bravo", "succeeded")]
+    assert (
+        httpx.get(f"{deployment.url}/v1/jobs", params=query, headers=bearer(ALPHA)).json()["jobs"]
+        == []
+    )
+    hidden = httpx.get(f"{deployment.url}/v1/jobs/{jobs['jobs'][0]['id']}", headers=bearer(ALPHA))
+    assert hidden.status_code == 404
 
 
 def test_an_idempotency_key_never_crosses_services(two_services: str) -> None:

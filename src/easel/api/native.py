@@ -143,15 +143,17 @@ async def queue_line(
 ) -> Line:
     """Running jobs, then queued ones in serving order with their tier and position.
 
-    Other users' prompts are hidden unless the token has the admin scope.
+    A service's token lists its own service's jobs only (positions still count every job
+    ahead), with the prompts of ``user_id``'s jobs; an admin token lists all, prompts too.
     """
     caller = current_service.get()
     admin = caller is not None and caller.is_admin
     jobs = await runtime_of(request).line(limit)
     return Line(
         jobs=[
-            _line_entry(job, admin or (may_see(job.service) and job.user_id == user_id))
+            _line_entry(job, admin or job.user_id == user_id)
             for job in jobs
+            if may_see(job.service)
         ]
     )
 
