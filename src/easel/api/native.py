@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, WebSocket, WebSocketDisconnect
@@ -19,6 +18,8 @@ from easel.events.bus import Subscription, event_json
 from easel.events.pacing import pacer
 from easel.jobs import (
     AUDIO_MEDIA_TYPES,
+    AudioRef,
+    Event,
     EventType,
     GenerationRequest,
     ImageFormat,
@@ -27,6 +28,7 @@ from easel.jobs import (
     JobState,
     JobView,
 )
+from easel.results.files import LocalStorage
 from easel.runtime.facade import Runtime
 from easel.runtime.registry import WorkerInfo
 from easel.safety.services import current_service, may_see
@@ -275,7 +277,7 @@ async def events(
     await websocket.accept()
     subscription = runtime.bus.subscribe(job_id=job_id, user_id=user_id, after=after)
     async with subscription:
-        inline = runtime.storage.inline if include_images else None
+        inline = runtime.storage if include_images else None
         sender = asyncio.create_task(_forward(subscription, websocket, inline))
         receiver = asyncio.create_task(_until_disconnect(websocket))
         done, pending = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
@@ -289,24 +291,28 @@ async def events(
 
 
 async def _forward(
-    subscription: Subscription,
-    websocket: WebSocket,
-    inline: Callable[[list[ImageRef]], list[str] | None] | None = None,
+    subscription: Subscription, websocket: WebSocket, inline: LocalStorage | None = None
 ) -> None:
     turn = pacer().turn  # 100 subscribers' sends spread over loop iterations
     async for event in subscription:
         if not may_see(event.service):  # a service sees only its own jobs' events
             continue
         await turn()
-        if inline is not None and event.type is EventType.succeeded and event.content is None:
-            refs = event.images or []
-            with contextlib.suppress(EaselError):  # files gone: the URLs remain
-                content = await asyncio.to_thread(inline, refs)
-                if content is not None:  # this subscriber's own copy, encoded for it alone
-                    with_content = event.model_copy(update={"content": content})
-                    await websocket.send_text(with_content.model_dump_json(exclude_none=True))
-                    continue
-        await websocket.send_text(event_json(event))
+        await websocket.send_text(await subscriber_json(event, inline))
+
+
+async def subscriber_json(event: Event, inline: LocalStorage | None) -> str:
+    """The event as JSON for one subscriber. ``inline`` (a subscription's ``include_images``):
+    a ``succeeded`` event carries its result files (images or audio), base64, in ``content``
+    while they fit the inline limit together, else its URLs only, as for everyone."""
+    if inline is not None and event.type is EventType.succeeded and event.content is None:
+        refs: list[ImageRef | AudioRef] = [*(event.images or []), *(event.audio or [])]
+        with contextlib.suppress(EaselError, OSError):  # files gone: the URLs remain
+            content = await asyncio.to_thread(inline.inline, refs)
+            if content is not None:  # this subscriber's own copy, encoded for it alone
+                with_content = event.model_copy(update={"content": content})
+                return with_content.model_dump_json(exclude_none=True)
+    return event_json(event)
 
 
 async def _until_disconnect(websocket: WebSocket) -> None:

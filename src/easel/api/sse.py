@@ -20,10 +20,11 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from easel.api.errors import ErrorResponse
-from easel.api.native import runtime_of
-from easel.events.bus import Subscription, event_json
+from easel.api.native import runtime_of, subscriber_json
+from easel.events.bus import Subscription
 from easel.events.pacing import pacer
 from easel.jobs import FINAL_EVENTS, Event, Job, final_event
+from easel.results.files import LocalStorage
 from easel.runtime.facade import Runtime
 from easel.safety.services import may_see
 
@@ -56,10 +57,12 @@ async def job_events(
     job_id: str,
     request: Request,
     after: int | None = None,
+    include_images: bool = False,
     last_event_id: Annotated[int | None, Header(description="The last id seen.")] = None,
 ) -> Response:
     """One job's events as Server-Sent Events, from its start (or after the last id seen),
-    ending with its final event."""
+    ending with its final event. ``include_images``: its ``succeeded`` event carries the
+    result files, base64, in ``content`` (when small enough; else the URLs only)."""
     runtime = runtime_of(request)
     start = _resume_point(after, last_event_id)
     job = await runtime.get(job_id)  # 404 before any stream starts
@@ -72,7 +75,8 @@ async def job_events(
             if start:
                 return Response(status_code=204)
             synthesize = True
-    stream = _job_stream(runtime, job, start or 0, synthesize)
+    inline = runtime.storage if include_images else None
+    stream = _job_stream(runtime, job, start or 0, synthesize, inline)
     return StreamingResponse(stream, media_type="text/event-stream", headers=_HEADERS)
 
 
@@ -81,16 +85,20 @@ async def all_events(
     request: Request,
     user_id: str | None = None,
     after: int | None = None,
+    include_images: bool = False,
     last_event_id: Annotated[int | None, Header(description="The last id seen.")] = None,
 ) -> Response:
     """Every event (or one user's) as Server-Sent Events, live or from after the last id
-    seen, until the client leaves. The websocket at the same path serves the same events."""
+    seen, until the client leaves. The websocket at the same path serves the same events.
+    ``include_images``: ``succeeded`` events carry the result files, base64, in
+    ``content`` (when small enough), as if every job had asked for them."""
     runtime = runtime_of(request)
     start = _resume_point(after, last_event_id)
+    inline = runtime.storage if include_images else None
 
     async def stream() -> AsyncIterator[str]:
         async with runtime.bus.subscribe(user_id=user_id, after=start) as subscription:
-            async for frame in _frames(subscription, until_final=False):
+            async for frame in _frames(subscription, until_final=False, inline=inline):
                 yield frame
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=_HEADERS)
@@ -102,17 +110,20 @@ def _resume_point(after: int | None, last_event_id: int | None) -> int | None:
 
 
 async def _job_stream(
-    runtime: Runtime, job: Job, start: int, synthesize: bool
+    runtime: Runtime, job: Job, start: int, synthesize: bool, inline: LocalStorage | None
 ) -> AsyncIterator[str]:
     if synthesize:  # ended so long ago that the bus forgot it: its record says how
-        yield _frame(final_event(job), with_id=False)
+        event = final_event(job)
+        yield _frame(event, await subscriber_json(event, inline), with_id=False)
         return
     async with runtime.bus.subscribe(job_id=job.id, after=start) as subscription:
-        async for frame in _frames(subscription, until_final=True):
+        async for frame in _frames(subscription, until_final=True, inline=inline):
             yield frame
 
 
-async def _frames(subscription: Subscription, *, until_final: bool) -> AsyncIterator[str]:
+async def _frames(
+    subscription: Subscription, *, until_final: bool, inline: LocalStorage | None = None
+) -> AsyncIterator[str]:
     """SSE frames of the subscription's events, with a keep-alive comment when idle."""
     yield "retry: 1000\n\n"
     while True:
@@ -126,7 +137,7 @@ async def _frames(subscription: Subscription, *, until_final: bool) -> AsyncIter
         if not may_see(event.service):  # a service sees only its own jobs' events
             continue
         await pacer().turn()  # many streams' writes spread over loop iterations
-        yield _frame(event)
+        yield _frame(event, await subscriber_json(event, inline))
         if until_final and event.type in FINAL_EVENTS:
             return
 
@@ -144,7 +155,7 @@ async def _next(
         return None
 
 
-def _frame(event: Event, *, with_id: bool = True) -> str:
+def _frame(event: Event, data: str, *, with_id: bool = True) -> str:
     lines = [f"id: {event.id}"] if with_id else []
-    lines += [f"event: {event.type}", f"data: {event_json(event)}"]
+    lines += [f"event: {event.type}", f"data: {data}"]
     return "\n".join(lines) + "\n\n"

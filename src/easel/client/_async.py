@@ -316,16 +316,26 @@ class AsyncClient(AsyncResource):
     # -- events ---------------------------------------------------------------------------
 
     async def events(
-        self, job_id: str | None = None, user_id: str | None = None, after: int | None = None
+        self,
+        job_id: str | None = None,
+        user_id: str | None = None,
+        after: int | None = None,
+        *,
+        include_images: bool = False,
     ) -> AsyncGenerator[Event, None]:
         """Events as they happen: all, one user's, or one job's (replayed from its start and
         ending with its final event). Handlers are not called; see :meth:`listen`.
+        ``include_images``: ``succeeded`` events carry the results, base64, in ``content``
+        (when small enough; else only their URLs) for every job, not only those that asked.
 
         A dropped connection is resumed after the last id seen, with backoff, so no event is
         lost or repeated; ``max_reconnects`` failures in a row raise ``server_unreachable``.
         A stream of all events that drops before its first event resumes live.
         """
-        async for item in self._stream(job_id=job_id, user_id=user_id, after=after):
+        stream = self._stream(
+            job_id=job_id, user_id=user_id, after=after, include_images=include_images
+        )
+        async for item in stream:
             if item is not None:
                 yield item
 
@@ -339,12 +349,22 @@ class AsyncClient(AsyncResource):
             await self._dispatch_event(event)
 
     async def _stream(
-        self, *, job_id: str | None = None, user_id: str | None = None, after: int | None = None
+        self,
+        *,
+        job_id: str | None = None,
+        user_id: str | None = None,
+        after: int | None = None,
+        include_images: bool = False,
     ) -> AsyncGenerator[Event | None, None]:
         """Events, and ``None`` each time the websocket (re)connects."""
         last, failures = after, 0
         while True:
-            query = {"job_id": job_id, "user_id": user_id, "after": last}
+            query = {
+                "job_id": job_id,
+                "user_id": user_id,
+                "after": last,
+                "include_images": "true" if include_images else None,
+            }
             url = f"{self._ws_url}/v1/events?" + urlencode(
                 {key: value for key, value in query.items() if value is not None}
             )

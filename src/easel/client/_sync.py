@@ -151,9 +151,14 @@ class Client(Blocking[AsyncClient]):
         self._portal.call(self._async.listen, user_id, after)
 
     def events(
-        self, job_id: str | None = None, user_id: str | None = None, after: int | None = None
+        self,
+        job_id: str | None = None,
+        user_id: str | None = None,
+        after: int | None = None,
+        *,
+        include_images: bool = False,
     ) -> Iterator[Event]:
-        stream = self._async.events(job_id, user_id, after)
+        stream = self._async.events(job_id, user_id, after, include_images=include_images)
         try:
             while (event := self._portal.call(_next, stream)) is not None:
                 yield event

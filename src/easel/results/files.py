@@ -43,12 +43,16 @@ class LocalStorage:
     def format_of(self, job: Job) -> ImageFormat:
         return job.request.output_format or ImageFormat(self.output.format)
 
+    inline_max_bytes: int = INLINE_CONTENT_MAX_BYTES
+    """The most result bytes an event carries inline (``include_images``); past it, URLs."""
+
     def inline(
-        self, refs: Sequence[ImageRef | AudioRef], max_bytes: int = INLINE_CONTENT_MAX_BYTES
+        self, refs: Sequence[ImageRef | AudioRef], max_bytes: int | None = None
     ) -> list[str] | None:
         """The files of ``refs``, base64, when they fit in ``max_bytes`` together; else None."""
         paths = [self.path(ref) for ref in refs]
-        if sum(path.stat().st_size for path in paths) > max_bytes:
+        limit = self.inline_max_bytes if max_bytes is None else max_bytes
+        if sum(path.stat().st_size for path in paths) > limit:
             return None
         return [base64.b64encode(path.read_bytes()).decode() for path in paths]
 
