@@ -238,16 +238,19 @@ def test_without_server_url_the_project_runs_embedded(tmp_path: Path) -> None:
 
 @pytest.fixture
 def paced_server(tmp_path: Path) -> Iterator[str]:
-    """A mock backend at 0.1 s a step, one job at a time: a run's display has time to show."""
+    """A mock backend at 0.1 s a step, one job at a time, that takes a second to load its
+    model before the first job: a run's display has time to show each phase."""
     from easel.api import create_app
 
-    settings = Settings(data_dir=tmp_path / "paced", mock_step_delay=0.1, backend="mock")
+    settings = Settings(
+        data_dir=tmp_path / "paced", mock_step_delay=0.1, mock_load_seconds=1.0, backend="mock"
+    )
     with serve(create_app(settings)) as url:
         yield url
 
 
 @pytest.mark.slow
-def test_the_display_in_a_terminal_moves_through_queued_steps_and_done(
+def test_the_display_in_a_terminal_moves_through_queued_loading_steps_and_done(
     paced_server: str, tmp_path: Path
 ) -> None:
     """A real terminal (tmux): the run's display as a user sees it, screen by screen."""
@@ -280,5 +283,6 @@ def test_the_display_in_a_terminal_moves_through_queued_steps_and_done(
     screens = "\n".join(seen)
     assert "EXIT=0" in seen[-1], seen[-1]
     assert "job 2 queued position 0" in screens  # next in line behind the running job
+    assert "job 1 loading model" in screens  # the backend loads its model first
     assert re.search(r"job \d steps .*\d+/10", screens)
     assert "job 2 succeeded" in seen[-1] and "jobs done" in seen[-1] and "2/2" in seen[-1]

@@ -375,7 +375,14 @@ class Settings(BaseSettings):
 
 
 OTHER_ENV_VARS = frozenset(
-    {"EASEL_CONFIG", "EASEL_SERVER", "EASEL_GRPC_PORT", "EASEL_REDIS_URL", "EASEL_MODELS_DIR"}
+    {
+        "EASEL_CONFIG",
+        "EASEL_SERVER",
+        "EASEL_TOKEN",
+        "EASEL_GRPC_PORT",
+        "EASEL_REDIS_URL",
+        "EASEL_MODELS_DIR",
+    }
 )
 """``EASEL_*`` variables that are not settings: read by the command line."""
 _IGNORED_ENV_PREFIXES = ("EASEL_TEST_",)

@@ -29,34 +29,40 @@ def job_display(name: str, jobs: int) -> Iterator[EventCallback]:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console) as progress:
-        total = progress.add_task(f"{name}: jobs done", total=jobs)
-        lines: dict[str, Any] = {}
-        ended: set[str] = set()
+    progress = Progress(*columns, console=console)
+    total = progress.add_task(f"{name}: jobs done", total=jobs)
+    lines: dict[str, Any] = {}
+    ended: set[str] = set()
 
-        def on_event(event: Event) -> None:
-            if event.job_id not in lines:
-                label = f"  job {len(lines) + 1}"
-                lines[event.job_id] = (label, progress.add_task(f"{label} submitted", total=None))
-            label, task = lines[event.job_id]
-            if event.job_id in ended:
-                return  # a replayed event after the end
-            if event.type is EventType.queued:
-                where = f" position {event.position}" if event.position is not None else ""
-                eta = f" eta {event.eta_seconds:.0f}s" if event.eta_seconds is not None else ""
-                progress.update(task, description=f"{label} queued{where}{eta}")
-            elif event.type is EventType.started:
-                progress.update(task, description=f"{label} loading model")
-            elif event.type is EventType.progress:
-                progress.update(
-                    task, description=f"{label} steps", completed=event.step, total=event.total
-                )
-            elif event.type in FINAL_EVENTS:
-                ended.add(event.job_id)
-                done = progress.tasks[task].total or 1
-                progress.update(
-                    task, description=f"{label} {event.type.value}", completed=done, total=done
-                )
-                progress.advance(total)
+    def on_event(event: Event) -> None:
+        if not progress.live.is_started:  # drawn from the first event: a job that never
+            progress.start()  # got submitted leaves only its error line
+        if event.job_id not in lines:
+            label = f"  job {len(lines) + 1}"
+            lines[event.job_id] = (label, progress.add_task(f"{label} submitted", total=None))
+        label, task = lines[event.job_id]
+        if event.job_id in ended:
+            return  # a replayed event after the end
+        if event.type is EventType.queued:
+            where = f" position {event.position}" if event.position is not None else ""
+            eta = f" eta {event.eta_seconds:.0f}s" if event.eta_seconds is not None else ""
+            progress.update(task, description=f"{label} queued{where}{eta}")
+        elif event.type is EventType.started:
+            progress.update(task, description=f"{label} loading model")
+        elif event.type is EventType.progress:
+            progress.update(
+                task, description=f"{label} steps", completed=event.step, total=event.total
+            )
+        elif event.type in FINAL_EVENTS:
+            ended.add(event.job_id)
+            done = progress.tasks[task].total or 1
+            progress.update(
+                task, description=f"{label} {event.type.value}", completed=done, total=done
+            )
+            progress.advance(total)
 
+    try:
         yield on_event
+    finally:
+        if progress.live.is_started:
+            progress.stop()

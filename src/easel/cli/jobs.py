@@ -26,7 +26,9 @@ from easel.jobs import Event, Job, JobState, JobView
 
 jobs_app = typer.Typer(help="Jobs on a server: list, show, cancel, watch.", no_args_is_help=True)
 
-JobId = Annotated[str, typer.Argument(help="The job's id (easel jobs list shows them).")]
+JobId = Annotated[
+    str, typer.Argument(metavar="JOB_ID", help="The job's id (easel jobs list shows them).")
+]
 
 
 @jobs_app.command("list")
@@ -147,6 +149,10 @@ def watch_job(
 
     Example: easel jobs watch 01J9ZQ...
     """
+    from easel.client import Client
+
+    with errors(), Client(server, token=token, retries=1) as client:
+        client.get(job_id)  # an unknown id or a server down: one line, no display drawn
     if as_json:
 
         def print_event(event: Event) -> None:
@@ -164,7 +170,6 @@ async def _watch(server: str, token: str | None, job_id: str, on_event: EventCal
     from easel.client import AsyncClient
 
     async with AsyncClient(server, token=token, retries=1) as client:
-        await client.get(job_id)  # an unknown id is refused before any stream opens
         for name in HANDLER_FOR_EVENT.values():
             client.on(name, on_event)
         return await client.wait(job_id)

@@ -31,6 +31,14 @@ ConfigFile = Annotated[
         help="A TOML settings file, e.g. easel.toml with [[backends]] (the fleet).",
     ),
 ]
+LogFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        help="text (a line per record) or json (an object per line) [default: text]",
+        show_default=False,
+    ),
+]
 RedisUrl = Annotated[
     str | None,
     typer.Option(
@@ -166,10 +174,14 @@ def serve(
     ] = None,
     redis: RedisUrl = None,
     config: ConfigFile = None,
+    log_format: LogFormat = None,
 ) -> None:
     """Run the server: HTTP API, queue and workers in one process.
 
-    Options override EASEL_* environment variables, which override the defaults.
+    Options override EASEL_* environment variables, which override the file (--config),
+    which overrides the defaults. Logs one line per job state change.
+
+    Example: easel serve --model models/sd15 --port 8000 --log-format json
     """
     import uvicorn
 
@@ -187,6 +199,7 @@ def serve(
         "device": device,
         "concurrency": concurrency,
         "redis_url": redis,
+        "log_format": log_format,
     }
     if (grpc_tls_cert is None) != (grpc_tls_key is None):
         usage("--grpc-tls-cert and --grpc-tls-key go together")
@@ -239,11 +252,14 @@ def worker(
         str | None,
         typer.Option(help="Run only these backends of the fleet file, e.g. gpu0,gpu1."),
     ] = None,
+    log_format: LogFormat = None,
 ) -> None:
     """Run jobs from a shared Redis queue: no HTTP, one process per GPU host (or per GPU).
 
     SIGTERM stops claiming at once; running jobs get the grace period, then go back to the
     queue without spending an attempt.
+
+    Example: easel worker --redis redis://127.0.0.1:6379/0 --model models/sd15
     """
     from easel.runtime.process import run_worker_process
 
@@ -258,6 +274,7 @@ def worker(
         "heartbeat_seconds": heartbeat_seconds,
         "lease_seconds": lease_seconds,
         "shutdown_grace_seconds": grace_seconds,
+        "log_format": log_format,
         "only": [name.strip() for name in only.split(",") if name.strip()] if only else None,
     }
     settings = _settings(config, given)
