@@ -38,6 +38,7 @@ class here (and to :data:`ERRORS`), never a ``code=`` on a generic one.
     ├── StoreError              500 store_error         (the store answered an error)
     │   └── StoreInUse          500 store_in_use        (another process owns the SQLite file)
     ├── StoreUnavailable        503 store_unavailable   (transient)
+    ├── ShuttingDown            503 shutting_down       (this server stops; the job is kept)
     ├── ModerationUnavailable   503 moderation_unavailable
     ├── ServerUnreachable       503 server_unreachable  (client side: no answer at all)
     ├── UnexpectedResponse      502 unexpected_response (client side: not easel's answer)
@@ -231,6 +232,15 @@ class StoreUnavailable(EaselError):
     retryable = True
 
 
+class ShuttingDown(EaselError):
+    """A request waiting for its job while this server shuts down: the job is kept (queued
+    again, or still running elsewhere); follow it by id on another replica or later."""
+
+    code = "shutting_down"
+    status = 503
+    retryable = True
+
+
 class ModerationUnavailable(EaselError):
     code = "moderation_unavailable"
     status = 503
@@ -331,6 +341,7 @@ CATALOGUE: tuple[type[EaselError], ...] = (
     StoreError,
     StoreInUse,
     StoreUnavailable,
+    ShuttingDown,
     ModerationUnavailable,
     ServerUnreachable,
     UnexpectedResponse,

@@ -275,7 +275,7 @@ async def events(
     if after is None:
         after = last_event_id if last_event_id is not None else (0 if job_id else None)
     await websocket.accept()
-    subscription = runtime.bus.subscribe(job_id=job_id, user_id=user_id, after=after)
+    subscription = runtime.subscribe(job_id=job_id, user_id=user_id, after=after)
     async with subscription:
         inline = runtime.storage if include_images else None
         sender = asyncio.create_task(_forward(subscription, websocket, inline))

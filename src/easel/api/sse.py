@@ -69,7 +69,7 @@ async def job_events(
     synthesize = False
     if job.state.is_final:
         # the job's events may be forgotten by now; see whether any come back
-        async with runtime.bus.subscribe(job_id=job_id, after=start or 0) as probe:
+        async with runtime.subscribe(job_id=job_id, after=start or 0) as probe:
             replayed = await _next(probe, REPLAY_GRACE)
         if replayed is None:
             if start:
@@ -97,7 +97,7 @@ async def all_events(
     inline = runtime.storage if include_images else None
 
     async def stream() -> AsyncIterator[str]:
-        async with runtime.bus.subscribe(user_id=user_id, after=start) as subscription:
+        async with runtime.subscribe(user_id=user_id, after=start) as subscription:
             async for frame in _frames(subscription, until_final=False, inline=inline):
                 yield frame
 
@@ -116,7 +116,7 @@ async def _job_stream(
         event = final_event(job)
         yield _frame(event, await subscriber_json(event, inline), with_id=False)
         return
-    async with runtime.bus.subscribe(job_id=job.id, after=start) as subscription:
+    async with runtime.subscribe(job_id=job.id, after=start) as subscription:
         async for frame in _frames(subscription, until_final=True, inline=inline):
             yield frame
 

@@ -183,10 +183,9 @@ def serve(
 
     Example: easel serve --model models/sd15 --port 8000 --log-format json
     """
-    import uvicorn
-
     from easel.api import create_app
     from easel.api.limits import WebSocketProtocol
+    from easel.api.server import run as run_server
 
     given: dict[str, Any] = {
         "host": host,
@@ -212,8 +211,9 @@ def serve(
             own(settings.resolved_db_path)
     _configure_logging(settings)
     log.info(serving_line(settings))
-    uvicorn.run(
+    run_server(  # SIGTERM: the grace for running jobs, then streams end (api/server.py)
         create_app(settings, grpc_port=grpc_port, grpc_tls=tls),
+        grace=settings.shutdown_grace_seconds,
         host=settings.host,
         port=settings.port,
         ws=WebSocketProtocol,  # every handshake answered, refused ones included

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -26,8 +27,9 @@ from easel.errors import (
     InvalidRequest,
     JobFinished,
     JobNotFound,
+    ShuttingDown,
 )
-from easel.events.bus import EventBus
+from easel.events.bus import EventBus, Subscription
 from easel.jobs import (
     FINAL_EVENTS,
     FINAL_STATES,
@@ -88,6 +90,10 @@ class Runtime:
         self.timings = SharedTimings(
             parts.store, parts.run_times, interval=settings.eta_update_seconds
         )
+        self.closing = asyncio.Event()
+        """Set when a shutdown begins (:meth:`drain`)."""
+        self._streams: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self._streams_ended = False
         self.etas = Etas(self, interval=settings.eta_update_seconds)
 
     @property
@@ -123,8 +129,35 @@ class Runtime:
     def worker_for(self, backend: Backend) -> Worker:
         return worker_for(self.parts, backend)
 
+    async def drain(self, grace: float) -> None:
+        """The first step of a shutdown: stop claiming, give running jobs ``grace`` seconds
+        and put the rest back unspent, then end every client's event stream and wait
+        (their last events are out by then; clients resume elsewhere or after a restart,
+        and a request waiting for a job gets ``shutting_down``)."""
+        self.closing.set()
+        await self.supervisor.stop_workers(grace)
+        self._streams_ended = True
+        for subscription in list(self._streams):
+            subscription.close()
+
+    def subscribe(
+        self,
+        *,
+        job_id: str | None = None,
+        user_id: str | None = None,
+        after: int | None = None,
+    ) -> Subscription:
+        """A client's event stream (websocket, SSE, a request waiting for its job): the bus's,
+        ended by :meth:`drain` so that a shutdown never waits for a job to end."""
+        subscription = self.bus.subscribe(job_id=job_id, user_id=user_id, after=after)
+        self._streams.add(subscription)
+        if self._streams_ended:  # too late: it ends at once
+            subscription.close()
+        return subscription
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop claiming, give running jobs ``grace`` seconds, put the rest back unspent."""
+        await self.drain(grace)
         await self.supervisor.stop(grace)
         for backend in self.backends.values():
             await backend.close()
@@ -331,14 +364,20 @@ class Runtime:
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Until the job ends; returns its final record."""
         async with asyncio.timeout(timeout):
-            async with self.bus.subscribe(job_id=job_id) as events:
+            async with self.subscribe(job_id=job_id) as events:
                 job = await self.store.get(job_id)
                 if job.state in FINAL_STATES:
                     return job
                 async for event in events:
                     if event.type in FINAL_EVENTS:
                         break
-            return await self.store.get(job_id)
+            job = await self.store.get(job_id)
+            if job.state not in FINAL_STATES and self.closing.is_set():
+                raise ShuttingDown(
+                    f"this server is shutting down; job {job_id} is kept ({job.state}): "
+                    f"follow it with GET /v1/jobs/{job_id} on another replica or after the restart"
+                )
+            return job
 
     async def image_path(self, job_id: str, index: int) -> Path:
         job = await self._visible(job_id)

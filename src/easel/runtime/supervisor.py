@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from easel.errors import EaselError
 from easel.events.bus import EventBus
+from easel.jobs import Event, EventType
 from easel.queue.backoff import retry_delay
 from easel.runtime.extensions import Extension
 from easel.runtime.worker import Worker
@@ -71,6 +72,17 @@ class Supervisor:
     async def stop(self, grace: float) -> None:
         """Stop claiming, give running jobs ``grace`` seconds, put the rest back unspent;
         then stop the extensions, newest first."""
+        await self.stop_workers(grace)
+        for extension in reversed(self.extensions):
+            try:
+                await extension.stop(grace)
+            except Exception:
+                log.exception("%s did not stop cleanly", extension.name)
+        self.extensions.clear()
+
+    async def stop_workers(self, grace: float) -> None:
+        """Stop claiming, give running jobs ``grace`` seconds, put the rest back unspent
+        (their final events are out when this returns). Once stopped, returns at once."""
         for worker in self.workers:
             worker.stop()
         tasks = list(self._tasks)
@@ -79,16 +91,13 @@ class Supervisor:
             for worker in self.workers:
                 for job in worker.current:
                     with contextlib.suppress(Exception):
-                        await self.store.requeue(job.id, worker_id=worker.id, spend_attempt=False)
+                        back = await self.store.requeue(
+                            job.id, worker_id=worker.id, spend_attempt=False
+                        )
+                        await self.bus.publish(Event.of(back, EventType.queued))
                 worker.cancel_current()
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         self._tasks.clear()
-        for extension in reversed(self.extensions):
-            try:
-                await extension.stop(grace)
-            except Exception:
-                log.exception("%s did not stop cleanly", extension.name)
-        self.extensions.clear()
         self.workers.clear()

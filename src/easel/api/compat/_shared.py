@@ -91,7 +91,7 @@ async def submitted(runtime: Runtime, request: GenerationRequest) -> AsyncIterat
     The subscription (to the user's events) opens before the submission, so no event of the
     job is missed and no history has to be replayed; other jobs of the user are skipped.
     """
-    async with runtime.bus.subscribe(user_id=request.user_id) as subscription:
+    async with runtime.subscribe(user_id=request.user_id) as subscription:
         view = await runtime.submit(request)
         yield Run(view, _events_of(runtime, subscription, view.id))
 
