@@ -33,7 +33,8 @@ from tests.test_webhooks import SECRET, Receiver
 pytestmark = pytest.mark.slow
 
 TOKEN = "contract-token-0123456789"
-CAP = 2
+CAP = 8
+"""Above what the other tests have active at once; the cap test fills it from both replicas."""
 BUCKET = "contract"
 QUICK = {"prompt": "a kite", "width": 8, "height": 8, "steps": 1}
 LONG_STEPS = 150  # x 50 ms a step: a job that stays active while a test looks at it
@@ -107,8 +108,8 @@ class Deployment:
         response = httpx.post(
             f"{self.urls[replica]}/v1/jobs", json={**QUICK, **body}, headers=headers, timeout=30
         )
-        if response.status_code >= 500:
-            raise AssertionError(response.text)
+        if response.status_code not in {202, 429}:
+            raise AssertionError(f"{response.status_code} {response.text}")
         return response
 
     def job(self, job_id: str, replica: int = 0) -> dict[str, Any]:
@@ -225,7 +226,7 @@ def test_service_caps_are_shared_and_a_resend_at_the_cap_returns_the_job(
     deployment: Deployment,
 ) -> None:
     held = [
-        deployment.submit(i, key=f"long-{i}-{uuid.uuid4().hex}", steps=LONG_STEPS)
+        deployment.submit(i % 2, key=f"long-{i}-{uuid.uuid4().hex}", steps=LONG_STEPS)
         for i in range(CAP)
     ]
     try:
