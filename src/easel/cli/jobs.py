@@ -35,8 +35,8 @@ JobId = Annotated[
 def list_jobs(
     server: RemoteServer = DEFAULT_SERVER,
     token: Token = None,
-    user_id: str | None = None,
-    state: JobState | None = None,
+    user_id: Annotated[str | None, typer.Option(help="Only this user's jobs.")] = None,
+    state: Annotated[JobState | None, typer.Option(help="Only jobs in this state.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="Jobs listed at most.")] = 20,
     as_json: AsJson = False,
 ) -> None:

@@ -175,6 +175,18 @@ def serve(
     redis: RedisUrl = None,
     config: ConfigFile = None,
     log_format: LogFormat = None,
+    mock_step_delay: Annotated[
+        float | None,
+        typer.Option(min=0, help="The mock backend's seconds per step [default: 0.02]"),
+    ] = None,
+    mock_load_seconds: Annotated[
+        float | None,
+        typer.Option(min=0, help="The mock's seconds to load a model it switches to [default: 0]"),
+    ] = None,
+    mock_preview_every: Annotated[
+        int | None,
+        typer.Option(min=0, help="The mock sends a preview every K steps [default: 0, none]"),
+    ] = None,
 ) -> None:
     """Run the server: HTTP API, queue and workers in one process.
 
@@ -199,6 +211,9 @@ def serve(
         "concurrency": concurrency,
         "redis_url": redis,
         "log_format": log_format,
+        "mock_step_delay": mock_step_delay,
+        "mock_load_seconds": mock_load_seconds,
+        "mock_preview_every": mock_preview_every,
     }
     if (grpc_tls_cert is None) != (grpc_tls_key is None):
         usage("--grpc-tls-cert and --grpc-tls-key go together")
