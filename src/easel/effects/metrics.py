@@ -60,8 +60,16 @@ class Metrics:
         self._queued_at: dict[str, float] = {}
         self._labels: dict[str, tuple[str, str]] = {}
 
-    def label(self, job_id: str, backend: str, model: str | None) -> None:
+    def label(
+        self, job_id: str, backend: str, model: str | None, *, queued_at: float | None = None
+    ) -> None:
+        """A job's labels (and, for a job queued elsewhere, when it was queued)."""
         self._labels[job_id] = (backend, model or "")
+        if queued_at is not None:
+            self._queued_at.setdefault(job_id, queued_at)
+
+    def knows(self, job_id: str) -> bool:
+        return job_id in self._labels
 
     def observe(self, event: Event) -> None:
         """Count one event; wait and run times come from the event timestamps."""

@@ -125,7 +125,7 @@ def extensions_for(parts: Parts, workers: Callable[[], Sequence[Worker]]) -> lis
     extensions: list[Extension] = [
         LeaseReaper(parts.store, parts.bus, parts.doorbell, settings.lease_seconds),
         GateClose(parts.gate),
-        MetricsFollower(parts.metrics, parts.bus),
+        MetricsFollower(parts.metrics, parts.bus, parts.store),
         RegistryBeats(parts.registry, workers, settings.heartbeat_seconds),
         FleetUpkeep(parts.fleet, parts.doorbell),
     ]

@@ -103,16 +103,26 @@ class Follower(_Loop):
 
 
 class MetricsFollower(Follower):
-    """Prometheus counters and histograms from every event."""
+    """Prometheus counters and histograms from every event, labelled from the job record
+    (a job submitted through another replica has the same labels as one of this one's)."""
 
     name = "metrics"
     follows = ALL_EVENTS
 
-    def __init__(self, metrics: Metrics, bus: EventBus) -> None:
+    def __init__(self, metrics: Metrics, bus: EventBus, store: JobStore) -> None:
         super().__init__(bus)
         self.metrics = metrics
+        self.store = store
 
     async def on_event(self, event: Event) -> None:
+        if event.type is not EventType.progress and not self.metrics.knows(event.job_id):
+            try:
+                job = await self.store.get(event.job_id)
+            except EaselError:
+                pass  # gone or the store is down: counted as "unknown"
+            else:
+                queued_at = None if event.type is EventType.queued else job.created_at
+                self.metrics.label(job.id, job.backend, job.request.model, queued_at=queued_at)
         self.metrics.observe(event)
 
 
