@@ -266,6 +266,7 @@ def test_easel_serve_logs_one_line_per_job_state_change(tmp_path: Path) -> None:
     assert text[0].endswith("(position 0)") or "(position 0, eta " in text[0]
     assert text[2].endswith("succeeded (1 file)")
     assert text[5].endswith("failed (mock_failure: the mock backend was asked to fail)")
+    assert "connection open" not in text_log.read_text()  # nor closed: jobs are logged
     ok, failed = jobs[json_url]
     records = [json.loads(line) for line in json_log.read_text().splitlines()]
     states = [

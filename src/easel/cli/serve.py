@@ -126,6 +126,7 @@ def _check_devices(settings: Settings) -> None:
 
 def _configure_logging(settings: Settings) -> None:
     logs.configure(settings.log_format)
+    logs.quiet_connection_lines()
 
 
 def serving_line(settings: Settings) -> str:

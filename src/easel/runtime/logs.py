@@ -50,6 +50,24 @@ def protect_server_loggers() -> None:
             logger.addFilter(RedactSecrets())
 
 
+_CONNECTION_LINES = ("connection open", "connection closed")
+
+
+class DropConnectionLines(logging.Filter):
+    """The websockets library's two info lines around every connection, which say nothing
+    the ``"WebSocket /path" [accepted]`` line does not: easel's log is one line per job
+    state change, not three per client watching one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and record.msg in _CONNECTION_LINES)
+
+
+def quiet_connection_lines() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, DropConnectionLines) for f in logger.filters):
+        logger.addFilter(DropConnectionLines())
+
+
 class LineFormatter(logging.Formatter):
     """One line per record, tracebacks included, so log collectors never split a record."""
 
