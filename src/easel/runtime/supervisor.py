@@ -79,6 +79,7 @@ class Supervisor:
             except Exception:
                 log.exception("%s did not stop cleanly", extension.name)
         self.extensions.clear()
+        self.workers.clear()  # after the extensions: the registry's says they left
 
     async def stop_workers(self, grace: float) -> None:
         """Stop claiming, give running jobs ``grace`` seconds, put the rest back unspent
@@ -100,4 +101,3 @@ class Supervisor:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         self._tasks.clear()
-        self.workers.clear()
