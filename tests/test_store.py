@@ -619,3 +619,24 @@ async def test_timings_are_kept_per_key_and_survive_a_restart(
         ("load", '["mock", "flux"]'): [2.5],
         ("gap", '"mock"'): [0.01],
     }
+
+
+async def test_serving_order_is_the_order_jobs_are_claimed(store: JobStore) -> None:
+    """For ETA projections: the queued jobs in the order the store will hand them out
+    (tiers, fair share between users), each with what prices it and what it needs."""
+    jobs = [job("alice"), job("alice"), job("bob"), job("carol", priority=10), job("bob")]
+    for new in jobs:
+        await store.enqueue(new, user_cap=10)
+    order = await store.serving_order(100)
+    assert order is not None
+    assert [e.job_id for e in order] == [jobs[i].id for i in (3, 0, 2, 1, 4)]
+    assert order[0].user_id == "carol" and order[0].priority == 10
+    assert all(e.shape is not None and e.want is not None and e.route == "mock" for e in order)
+    assert [e.job_id for e in await store.serving_order(2) or []] == [e.job_id for e in order[:2]]
+    assert await store.reroute(jobs[2].id, "other") is not None
+    moved = await store.serving_order(100)
+    assert moved is not None and [e.job_id for e in moved] == [e.job_id for e in order]
+    assert next(e.route for e in moved if e.job_id == jobs[2].id) == "other"
+    claimed = [*await drain(store, ("mock", "other"))]
+    assert [j.id for j in claimed] == [e.job_id for e in order]
+    assert await store.serving_order(100) == []

@@ -90,9 +90,9 @@ async def test_serving_order_and_places_match_the_fair_queue(
     redis_url: str, ops: list[tuple[object, ...]]
 ) -> None:
     """Random arrivals, claims (routes, batches), put-backs, cancels and time: RedisStore
-    serves in exactly FairQueue's order and gives the same places (positions and cost ahead),
-    aging, tiers, weights, routes and accounts (service, user) included. FairQueue is what
-    SqliteStore runs."""
+    serves in exactly FairQueue's order, tells it (``serving_order``, for ETAs) and gives
+    the same places (positions and cost ahead), aging, tiers, weights, routes and accounts
+    (service, user) included. FairQueue is what SqliteStore runs."""
     policy = Policy(aging_seconds=AGING, weights={"a": 2.0, "s/b": 3.0}, aged_every=3)
     clock = Clock()
     store = RedisStore(redis_url, prefix=f"diff:{uuid.uuid4().hex}:", policy=policy, clock=clock)
@@ -136,6 +136,10 @@ async def test_serving_order_and_places_match_the_fair_queue(
             elif kind == "tick":
                 clock.now += float(op[1])  # type: ignore[arg-type]
             await _same_places(store, model)
+        model.age(clock.now)  # the store's serving order ages the queue at its clock
+        served = await store.serving_order(len(model) + 1)
+        assert served is not None
+        assert [(e.job_id, e.route) for e in served] == [(e.job_id, e.route) for e in model.order()]
         stats = await store.stats()
         assert stats.tiers == model.tier_counts() and stats.users == model.user_counts()
     finally:

@@ -32,7 +32,7 @@ import json
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -376,21 +376,8 @@ class FairQueue:
     def order(self) -> Iterator[Entry]:
         """Every queued entry in the order it would be served if nothing new arrived (and
         a starving tier stayed starving)."""
-        above, starving, below = self._split()
-        ahead = (t for p in above for t in self._tiers[p].order)
-        boosted = iter(starving.order) if starving is not None else iter(())
-        since, every = self._since_boost, self.policy.aged_every
-        for head in ahead:
-            if since >= every - 1 and (tagged := next(boosted, None)) is not None:
-                yield tagged.entry
-                since = 0
-            yield head.entry
-            since = min(since + 1, every - 1)
-        for tagged in boosted:
-            yield tagged.entry
-        for priority in below:
-            for tagged in self._tiers[priority].order:
-                yield tagged.entry
+        tiers = [(p, (t.entry for t in self._tiers[p].order)) for p in self._priorities]
+        return serving_order(tiers, self._starving, self._since_boost, self.policy.aged_every)
 
     def place(self, job_id: str) -> Place | None:
         """Where a job stands, without walking the queue: O(tiers + log n)."""
@@ -433,6 +420,32 @@ class FairQueue:
         """How many queued jobs run before this one (0: it is next); None if not queued."""
         place = self.place(job_id)
         return None if place is None else place.position
+
+
+def serving_order(
+    tiers: Sequence[tuple[int, Iterable[Entry]]], starving: int | None, since: int, every: int
+) -> Iterator[Entry]:
+    """The order the fair queue serves in, from its state: each tier's entries in start
+    order (highest tier first), the starving tier if any, and the decisions ``since`` it
+    was last served; a starving tier gets one decision in ``every``. Stores whose queue
+    state lives elsewhere (Redis) rebuild the order with it."""
+    by_tier = dict(tiers)
+    if starving is None or starving not in by_tier:
+        for _, entries in tiers:
+            yield from entries
+        return
+    ahead = (entry for p, entries in tiers if p > starving for entry in entries)
+    boosted = iter(by_tier[starving])
+    for head in ahead:
+        if since >= every - 1 and (entry := next(boosted, None)) is not None:
+            yield entry
+            since = 0
+        yield head
+        since = min(since + 1, every - 1)
+    yield from boosted
+    for p, entries in tiers:
+        if p < starving:
+            yield from entries
 
 
 def _first(tier: _Tier, routes: Collection[str] | None) -> _Tagged | None:

@@ -5,8 +5,8 @@ facts: the queued jobs in serving order (the store's fair queue), the worker lan
 each runs now, what model it has loaded) and the measured costs. A background loop
 projects the whole queue every ``interval`` seconds and announces a ``queued`` event for
 each job whose position or ETA moved materially, at most once per ``min_gap`` seconds
-per job. Stores that cannot tell their serving order (Redis, for now) fall back to the
-position and the cost ahead (``JobStore.place``).
+per job. Both stores tell their serving order (``JobStore.serving_order``); one that
+could not would fall back to the position and the cost ahead (``JobStore.place``).
 """
 
 from __future__ import annotations
@@ -88,13 +88,17 @@ class Etas(Extension):
             for job in worker.running:
                 busy = self._left(job, now)
             lanes.append(Lane(route=worker.backend.name, free_in=busy, model=worker.model))
-        for info in await self.runtime.fleet.workers():
-            if info.id in mine or info.state == "down":
+        others = [info for info in await self.runtime.fleet.workers() if info.id not in mine]
+        running: dict[str | None, list[Job]] = {}
+        if others:  # what they run, from the store (their advertisements lag a beat)
+            for job in await self.runtime.store.list_jobs(state=JobState.running, limit=1000):
+                running.setdefault(job.worker_id, []).append(job)
+        for info in others:
+            if info.state == "down":
                 continue
             busy = ZERO
-            for job_id in info.current_jobs:
-                with contextlib.suppress(EaselError):
-                    busy = self._left(await self.runtime.store.get(job_id), now)
+            for job in running.get(info.id, []):
+                busy = self._left(job, now)
             model = info.loaded[0] if len(info.loaded) == 1 else None
             lanes.append(Lane(route=info.backend, free_in=busy, model=model))
         if not lanes:  # nothing works yet: assume one free lane per local backend

@@ -617,3 +617,26 @@ local version = redis.call('GET', KEYS[2]) or '0'
 if version == ARGV[1] then return {version} end
 return {version, redis.call('HGETALL', KEYS[1])}
 """
+
+
+ORDER = _script("""
+-- 8 limit. FairQueue.order's inputs, read from one consistent snapshot: the aging state
+-- and the first ``limit`` jobs of each tier, highest tier first:
+-- {starving tier or '', since, tier, {id, route, batch key, ...}, tier, {...}, ...}
+release_due()
+local starving = age() or ''
+local out = {starving, redis.call('HGET', K_SCHED, 'since') or '0'}
+for _, tier in ipairs(redis.call('ZREVRANGE', K_TIERS, 0, -1)) do
+  local rows = {}
+  for _, m in ipairs(redis.call('ZRANGE', tier_key(tier), 0, tonumber(ARGV[8]) - 1)) do
+    local id = id_of(m)
+    local f = redis.call('HMGET', job_key(id), 'backend', 'batch_key')
+    rows[#rows + 1] = id
+    rows[#rows + 1] = f[1]
+    rows[#rows + 1] = f[2] or ''
+  end
+  out[#out + 1] = tier
+  out[#out + 1] = rows
+end
+return out
+""")

@@ -13,9 +13,11 @@ either because ``appendfsync always`` fsyncs before Redis replies, or by ``WAITA
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import TypeAdapter
@@ -36,7 +38,16 @@ from easel.errors import (
     UserQueueFull,
 )
 from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
-from easel.queue.scheduler import Place, Policy, QueueStats, account, batch_key, entry_for
+from easel.queue.scheduler import (
+    Entry,
+    Place,
+    Policy,
+    QueueStats,
+    account,
+    batch_key,
+    entry_for,
+    serving_order,
+)
 from easel.store import _redis_lua as lua
 from easel.store.base import (
     TIMINGS_KEEP,
@@ -68,6 +79,9 @@ _CHANGING = frozenset(
 )
 """Job fields the scripts change, each a hash field; the rest is stored once as JSON."""
 _NOTE = keys.JOB_NOTE
+_ENTRY_CACHE = 20_000
+"""Queued jobs whose fixed facts a store remembers for ``serving_order`` (then it forgets
+them all and reads again)."""
 _UNAVAILABLE_REPLIES = ("MISCONF", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS")
 
 
@@ -127,6 +141,7 @@ class RedisStore(JobStore):
         self._waitaof = False
         self._redis: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        self._entries: dict[str, Entry] = {}  # queued jobs' fixed facts, for serving_order
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -135,6 +150,7 @@ class RedisStore(JobStore):
         self._scripts["ANNOTATE"] = self._redis.register_script(lua.ANNOTATE)
         for name in ("TIMINGS_RECORD", "TIMINGS_READ"):  # keys passed in, no header
             self._scripts[name] = self._redis.register_script(getattr(lua, name))
+        self._scripts["ORDER"] = self._redis.register_script(lua.ORDER)
         for name in ("ENQUEUE", "CLAIM", "HEARTBEAT", "COMPLETE", "FAIL", "REQUEUE", "CANCEL",
                      "EXPIRE", "PLACE", "STATS", "REROUTE", "REORDER"):  # fmt: skip
             self._scripts[name] = self._redis.register_script(getattr(lua, name))
@@ -490,6 +506,42 @@ class RedisStore(JobStore):
     async def backlog(self) -> dict[str, float]:
         costs = await self._read(lambda r: r.hgetall(self._key(keys.ROUTE_COST)))
         return {route: float(cost) for route, cost in costs.items() if float(cost) > 1e-9}
+
+    async def serving_order(self, limit: int) -> list[Entry] | None:
+        reply = await self._run("ORDER", max(limit, 0))
+        starving = int(reply[0]) if reply[0] != "" else None
+        tiers: list[tuple[int, list[tuple[str, str, str]]]] = []
+        for i in range(2, len(reply), 2):
+            rows = reply[i + 1]
+            tiers.append((int(reply[i]), [tuple(rows[j : j + 3]) for j in range(0, len(rows), 3)]))
+        missing = [
+            job_id for _, rows in tiers for job_id, *_ in rows if job_id not in self._entries
+        ]
+        if missing:
+            await self._remember_entries(missing)
+        ordered = [
+            (tier, [replace(self._entries[job_id], route=route, batch_key=key or None)
+                    for job_id, route, key in rows if job_id in self._entries])
+            for tier, rows in tiers
+        ]  # fmt: skip
+        order = serving_order(ordered, starving, int(reply[1]), self.policy.aged_every)
+        return list(itertools.islice(order, limit))
+
+    async def _remember_entries(self, job_ids: list[str]) -> None:
+        """What never changes of a queued job (user, tier, cost, shape, needs), read once."""
+        if len(self._entries) > _ENTRY_CACHE:
+            self._entries.clear()
+
+        async def read(r: Redis) -> list[Any]:
+            async with r.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hgetall(self._key(keys.JOB + job_id))
+                return list(await pipe.execute())
+
+        for flat in await self._read(read):
+            if flat:
+                job = _from_fields(flat)
+                self._entries[job.id] = entry_for(job)
 
     def _timing_keys(self) -> list[str]:
         return [self._key(keys.TIMINGS), self._key(keys.TIMINGS_VERSION)]
