@@ -22,6 +22,7 @@ from easel.config import Settings
 from easel.events.bus import InProcessEventBus, Subscription
 from easel.jobs import Event, EventType, GenerationRequest, ImageRef, Job, JobState
 from easel.results.files import LocalStorage
+from easel.runtime._ahead import Ahead
 from easel.runtime._finisher import in_results_thread
 from easel.runtime.facade import Runtime
 
@@ -118,8 +119,9 @@ async def test_the_next_job_runs_while_results_are_in_flight(
         assert await gated.saving.get() == first
         # the backend is free: the second job runs while the first one's results wait
         await _until(watch, second, EventType.progress)
-        # depth 1: the second call's results wait for the first's; nothing else is claimed
-        assert (await runtime.store.get(third)).state is JobState.queued
+        # depth 1: the second call's results wait for the first's; the third may be
+        # claimed ahead, but nothing else starts
+        assert (third, EventType.started) not in {(e.job_id, e.type) for e in _drain(watch)}
         gated.release(first)
         assert await gated.saving.get() == second
         gated.release_all()
@@ -324,3 +326,123 @@ async def test_previews_from_the_loop_are_encoded_off_it_and_published_in_order(
     assert [event.step for event in events] == [1, 2, 3]
     assert all(event.preview for event in events)
     assert encoded_on and all(name.startswith("easel-results") for name in encoded_on)
+
+
+class HeldBackend(MockBackend):
+    """The mock, but a prompt in ``hold`` waits in the backend after its last step until
+    the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold: dict[str, asyncio.Event] = {}
+        self.ran: list[str] = []
+        self.running: asyncio.Queue[str] = asyncio.Queue()
+
+    async def generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:
+        self.ran.append(request.prompt)
+        self.running.put_nowait(request.prompt)
+        result = await super().generate(request, context)  # every step reported
+        if (gate := self.hold.get(request.prompt)) is not None:
+            await gate.wait()
+        return result
+
+
+async def _holding_ahead(tmp_path: Path, **settings: object) -> tuple[Runtime, HeldBackend, str]:
+    """A runtime whose worker runs "hold" (held in the backend) and has claimed the job
+    "next" ahead, not started; returns it, its backend and the id of "next"."""
+    backend = HeldBackend()
+    backend.hold["hold"] = asyncio.Event()
+    runtime = Runtime(
+        Settings(data_dir=tmp_path / "data", backend="mock", **settings),  # type: ignore[arg-type]
+        backends={"mock": backend},
+    )
+    await runtime.start()
+    worker = runtime.workers[0]
+    claimed = asyncio.Event()
+    claim_ahead = worker._claim_ahead
+
+    async def signalling() -> object:
+        held = await claim_ahead()
+        if held is not None:
+            claimed.set()
+        return held
+
+    worker._ahead = Ahead(signalling)  # type: ignore[arg-type]
+    await runtime.submit(_request("hold"))
+    next_id = (await runtime.submit(_request("next"))).id
+    assert await backend.running.get() == "hold"
+    await asyncio.wait_for(claimed.wait(), 30)
+    assert [job.id for job in worker._held_ahead] == [next_id]
+    return runtime, backend, next_id
+
+
+async def test_a_job_claimed_ahead_and_cancelled_never_runs(tmp_path: Path) -> None:
+    runtime, backend, next_id = await _holding_ahead(tmp_path)
+    try:
+        everything = runtime.bus.subscribe(job_id=next_id, after=0)
+        await runtime.cancel(next_id)
+        backend.hold["hold"].set()
+        await runtime.workers[0].finisher.drain()
+        after = (await runtime.submit(_request("after"))).id
+        assert (await runtime.wait(after, timeout=30)).state is JobState.succeeded
+        record = await runtime.store.get(next_id)
+        events = [event.type for event in _drain(everything)]
+    finally:
+        backend.hold["hold"].set()
+        await runtime.stop()
+    assert record.state is JobState.cancelled
+    assert "next" not in backend.ran
+    assert EventType.started not in events
+
+
+async def test_a_lease_lost_while_claimed_ahead_is_honoured(tmp_path: Path) -> None:
+    """The reaper took the job back while it waited to start: it is not started from the
+    stale claim; it runs once, from the queue."""
+    runtime, backend, next_id = await _holding_ahead(tmp_path, heartbeat_seconds=0.05)
+    try:
+        events = runtime.bus.subscribe(job_id=next_id, after=0)
+        worker = runtime.workers[0]
+        flag = worker._cancels[next_id]
+        await runtime.store.requeue(next_id, worker_id=worker.id)  # as expire_leases would
+        assert await asyncio.to_thread(flag.wait, 30)  # the heartbeat saw it
+        backend.hold["hold"].set()
+        done = await runtime.wait(next_id, timeout=30)
+        await worker.finisher.drain()
+        types = [event.type for event in _drain(events)]
+    finally:
+        backend.hold["hold"].set()
+        await runtime.stop()
+    assert done.state is JobState.succeeded
+    assert types.count(EventType.started) == 1 and types.count(EventType.succeeded) == 1
+    assert backend.ran.count("next") == 1
+
+
+async def test_a_crash_while_a_job_is_claimed_ahead_runs_it_again(tmp_path: Path) -> None:
+    first, backend, next_id = await _holding_ahead(tmp_path)
+    await _crash(first)
+    backend.hold["hold"].set()  # the orphaned backend call ends; nothing commits it
+
+    second = Runtime(_settings(tmp_path))
+    await second.start()
+    try:
+        done = await second.wait(next_id, timeout=60)
+    finally:
+        await second.stop()
+    assert done.state is JobState.succeeded
+    assert second.storage.path(done.images[0]).is_file()
+
+
+async def test_stopping_gives_a_job_claimed_ahead_back_unspent(tmp_path: Path) -> None:
+    runtime, backend, next_id = await _holding_ahead(tmp_path)
+    stopping = asyncio.create_task(runtime.stop(grace=30))
+    await asyncio.sleep(0)  # the worker is told to stop while "hold" still runs
+    backend.hold["hold"].set()
+    await stopping
+    again = Runtime(_settings(tmp_path))
+    await again.start(workers=False)
+    try:
+        record = await again.store.get(next_id)
+    finally:
+        await again.stop()
+    assert record.state is JobState.queued and record.attempts == 0
+    assert "next" not in backend.ran

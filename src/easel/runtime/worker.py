@@ -8,8 +8,10 @@ stops at the next step; in a batch, the others go on. A store outage never fails
 final writes and events wait for the store to come back (:mod:`easel.runtime._outage`).
 
 Results are finished off the backend's critical path (:mod:`easel.runtime._finisher`):
-once a backend call returns, the worker claims and starts its next job while the previous
-results are encoded, written, committed and announced, ``results_depth`` calls at most.
+once a backend call returns, the worker starts its next job while the previous results
+are encoded, written, committed and announced, ``results_depth`` calls at most; that next
+job was claimed when the call reported its last step (:mod:`easel.runtime._ahead`), so
+no store round trip separates two calls either.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from easel.queue.backoff import retry_delay
 from easel.queue.scheduler import RunTimes
 from easel.results.files import LocalStorage
 from easel.results.s3 import Ref, Uploads
+from easel.runtime._ahead import Ahead
 from easel.runtime._finisher import Finisher, in_results_future, in_results_thread
 from easel.runtime._outage import announce, try_announce, until_stored
 from easel.store.base import JobStore
@@ -100,7 +103,17 @@ class WorkerOptions:
     batch_limit: int = 1
     retry_base_seconds: float = 2.0
     results_depth: int = 2
-    """Backend calls whose results may be in flight (encoding, writing) at once."""
+    """Backend calls whose results may be in flight (encoding, writing) at once; above 0
+    the next job is also claimed when the running call reports its last step."""
+
+
+@dataclass
+class _Held:
+    """Claimed jobs, leased to this worker: their cancel flags and lease heartbeat."""
+
+    jobs: list[Job]
+    cancels: dict[str, threading.Event]
+    heartbeat: asyncio.Task[None]
 
 
 @dataclass
@@ -148,6 +161,8 @@ class Worker:
         self.job_timeout = member.spec.timeouts.job_seconds if member is not None else None
         self._running: list[Job] = []  # on the backend
         self._finishing: dict[str, Job] = {}  # results in flight
+        self._ahead: Ahead[_Held] = Ahead(self._claim_ahead)
+        self._held_ahead: list[Job] = []  # claimed ahead, not started
         self._cancels: dict[str, threading.Event] = {}
         self._stopping = False
         self.model: str | None = None
@@ -162,8 +177,8 @@ class Worker:
 
     @property
     def current(self) -> list[Job]:
-        """Jobs this worker holds: on the backend, or their results being finished."""
-        return [*self._running, *self._finishing.values()]
+        """Jobs this worker holds: claimed ahead, on the backend, or being finished."""
+        return [*self._held_ahead, *self._running, *self._finishing.values()]
 
     async def run(self, *, burst: bool = False) -> int:
         """Process jobs until stopped (``burst``: until the queue is empty); returns jobs run."""
@@ -173,23 +188,23 @@ class Worker:
             try:
                 while not self._stopping:
                     self.wakeup.clear()
-                    jobs = await self.store.claim_batch(
-                        self.id,
-                        [self.backend.name],
-                        lease_seconds=self.lease_seconds,
-                        limit=self.batch_limit,
-                    )
-                    if not jobs:
+                    held = await self._ahead.take()
+                    self._held_ahead = []
+                    if held is None:
+                        held = await self._claim()
+                    if held is None:
                         self._ended = None  # idle: the next gap is not overhead
                         if burst:
                             break
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self.wakeup.wait(), self.poll_seconds)
                         continue
-                    await self.process(jobs)
-                    done += len(jobs)
+                    await self.process(held.jobs, held)
+                    done += len(held.jobs)
+                await self._give_back(await self._ahead.take())
                 await self.finisher.drain()
             except asyncio.CancelledError:
+                self._ahead.cancel()  # what it holds is left to its lease, like the rest
                 self.finisher.cancel()  # leases expire: the jobs run again, or stay committed
                 raise
             except Exception:
@@ -200,9 +215,58 @@ class Worker:
         return done
 
     def stop(self) -> None:
-        """Stop claiming; the jobs in hand finish (or are cancelled by the caller)."""
+        """Stop claiming; the jobs in hand finish (or are cancelled by the caller); a job
+        claimed ahead goes back to the queue."""
         self._stopping = True
+        self._ahead.now()
         self.wakeup.set()
+
+    async def _claim(self) -> _Held | None:
+        jobs = await self.store.claim_batch(
+            self.id, [self.backend.name], lease_seconds=self.lease_seconds, limit=self.batch_limit
+        )
+        if not jobs:
+            return None
+        for job in jobs:
+            if (stale := self._cancels.get(job.id)) is not None:
+                stale.set()  # our earlier run of it lost its lease: its results are void
+        cancels = {job.id: threading.Event() for job in jobs}
+        self._cancels.update(cancels)
+        return _Held(jobs, cancels, asyncio.create_task(self._heartbeat(jobs, cancels)))
+
+    async def _claim_ahead(self) -> _Held | None:
+        """The next job, claimed while the backend runs (see ``_ahead.py``)."""
+        if self._stopping:
+            return None
+        held = await self._claim()
+        if held is None:
+            return None
+        self._held_ahead = held.jobs
+        for job in held.jobs:  # a cancel that landed between the claim and its flag
+            try:
+                fresh = await self.store.get(job.id)
+            except EaselError:
+                continue  # the heartbeat finds out soon enough
+            if fresh.state is not JobState.running or fresh.worker_id != self.id:
+                held.cancels[job.id].set()
+        return held
+
+    async def _give_back(self, held: _Held | None) -> None:
+        """Jobs claimed ahead but not started: back to the queue, no attempt spent."""
+        if held is None:
+            return
+        self._held_ahead = []
+        held.heartbeat.cancel()
+        for job in held.jobs:
+            del self._cancels[job.id]
+            if held.cancels[job.id].is_set():
+                continue  # cancelled or no longer ours
+            try:
+                after = await self.store.requeue(job.id, worker_id=self.id, spend_attempt=False)
+            except (LeaseLost, JobFinished):
+                continue
+            await try_announce(self.bus, Event.of(after, EventType.queued))
+            self.wakeup.set()
 
     @property
     def stopping(self) -> bool:
@@ -217,16 +281,20 @@ class Worker:
             if (cancel := self._cancels.get(event.job_id)) is not None:
                 cancel.set()
 
-    async def process(self, jobs: list[Job]) -> None:
+    async def process(self, jobs: list[Job], held: _Held) -> None:
         """Run claimed jobs (one backend call); returns once the call returned and its
         results are handed to the finisher. Never raises for the jobs' failures."""
+        cancels, heartbeat = held.cancels, held.heartbeat
+        if any(cancels[job.id].is_set() for job in jobs):  # while claimed ahead
+            void = [job for job in jobs if cancels[job.id].is_set()]
+            for job in void:
+                log.info("job %s was cancelled before it started; not run", job.id)
+            jobs = [job for job in jobs if not cancels[job.id].is_set()]
+            if not jobs:
+                self._release(void, heartbeat, cancels)
+                return
+            self._release(void, None, cancels)
         self._running = jobs
-        for job in jobs:
-            if (stale := self._cancels.get(job.id)) is not None:
-                stale.set()  # our earlier run of it lost its lease: its results are void
-        cancels = {job.id: threading.Event() for job in jobs}
-        self._cancels.update(cancels)
-        heartbeat = asyncio.create_task(self._heartbeat(jobs, cancels))
         handed_over = False
         try:
             for job in jobs:
@@ -240,14 +308,18 @@ class Worker:
             cold = (not self._ran or model != self.model) and (ready is None or ready != model)
             self.model, self._ran = model, True
             began = time.monotonic()
+            if self.finisher.depth > 0 and not self._stopping:
+                self._ahead.start()  # claimed when this call reports its last step
             try:
                 results = await self._generate_timed(jobs, cancels)
             except Exception as exc:
+                self._ahead.now()
                 self._report(exc)
                 for job in jobs:
                     await self._failed(job, exc, cancels[job.id])
                 return
             self._ended = time.monotonic()
+            self._ahead.now()  # the backend is free: its next job now, if not in hand yet
             seconds = (self._ended - began) / len(jobs)
             if self.fleet is not None:
                 self.fleet.succeeded(self.backend.name)
@@ -287,9 +359,13 @@ class Worker:
             self._release(jobs, heartbeat, cancels)
 
     def _release(
-        self, jobs: list[Job], heartbeat: asyncio.Task[None], cancels: dict[str, threading.Event]
+        self,
+        jobs: list[Job],
+        heartbeat: asyncio.Task[None] | None,
+        cancels: dict[str, threading.Event],
     ) -> None:
-        heartbeat.cancel()
+        if heartbeat is not None:
+            heartbeat.cancel()
         for job in jobs:
             if self._cancels.get(job.id) is cancels[job.id]:  # not a newer run's
                 del self._cancels[job.id]
@@ -363,6 +439,8 @@ class Worker:
         async def pump() -> None:
             while (item := await pending.get()) is not None:
                 event = item if isinstance(item, Event) else await item
+                if event.total and event.step is not None and event.step >= event.total - 1:
+                    self._ahead.now()  # the last step: the next job is claimed meanwhile
                 await try_announce(self.bus, event)
 
         publisher = asyncio.create_task(pump())
