@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -308,3 +309,22 @@ def test_generate_with_the_tiny_pipeline_prints_no_third_party_warnings(
     assert len(result.stdout.split()) == 2  # the PNG and its sidecar
     for noise in ("torchvision", "Warning", "warn", "deprecated", "Traceback"):
         assert noise not in result.stderr, result.stderr
+
+
+def test_ctrl_c_while_watching_exits_130_with_one_line(slow_server: str) -> None:
+    with Client(slow_server) as client:
+        job = client.submit("the long one", steps=150, width=64, height=64)
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "easel", "jobs", "watch", job.id, "--url", slow_server,
+             "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert watcher.stdout is not None
+        first = json.loads(watcher.stdout.readline())  # it is following the job's events now
+        assert first["job_id"] == job.id
+        watcher.send_signal(signal.SIGINT)
+        _, stderr = watcher.communicate(timeout=60)
+        assert watcher.returncode == 130
+        (line,) = stderr.strip().splitlines()
+        assert line.startswith("interrupted; jobs already submitted to a server keep running")
+        assert client.get(job.id).state is not JobState.cancelled  # only the watch ended

@@ -2,7 +2,7 @@
 one line on stderr, and the exit codes scripts rely on.
 
 Exit codes: 0 ok, 1 a job failed (or the server refused it), 2 a usage or config error,
-3 the server cannot be reached. No command ends in a traceback.
+3 the server cannot be reached, 130 stopped by Ctrl-C. No command ends in a traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class ExitCode(IntEnum):
     job_failed = 1
     usage = 2
     unreachable = 3
+    interrupted = 130  # what shells report for a command stopped by Ctrl-C (128 + SIGINT)
 
 
 console = Console(stderr=True, highlight=False)
@@ -74,9 +75,17 @@ def usage(message: str) -> NoReturn:
 
 @contextmanager
 def errors() -> Iterator[None]:
-    """easel's errors (refusals, failures) exit 1; an unreachable server exits 3."""
+    """easel's errors (refusals, failures) exit 1; an unreachable server exits 3; Ctrl-C
+    exits 130 with one line."""
     try:
         yield
+    except KeyboardInterrupt:
+        console.print(
+            "interrupted; jobs already submitted to a server keep running there "
+            "(easel jobs list, easel jobs cancel JOB_ID)",
+            soft_wrap=True,
+        )
+        raise typer.Exit(ExitCode.interrupted) from None
     except ServerUnreachable as exc:
         fail(exc.code, exc.message, ExitCode.unreachable)
     except EaselError as exc:
