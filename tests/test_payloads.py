@@ -80,6 +80,15 @@ def test_a_comfyui_workflow_gives_prompt_size_and_seed() -> None:
             "given both",
         ),
         ({"executor": "comfyui", "payload": {"a": 1}}, "API-format workflow"),
+        (  # the one sampler table (easel.samplers), whatever backend would run it
+            {"executor": "automatic1111", "payload": {"prompt": "x", "sampler_name": "Foo"}},
+            "unknown sampler 'Foo'",
+        ),
+        (
+            {"executor": "automatic1111",
+             "payload": {"prompt": "x", "sampler_name": "Euler", "scheduler": "wobbly"}},
+            "unknown schedule 'wobbly'",
+        ),  # fmt: skip
     ],
 )
 def test_bad_payloads_are_refused(body: dict[str, object], words: str) -> None:

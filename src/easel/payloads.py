@@ -17,6 +17,9 @@ import binascii
 from enum import StrEnum
 from typing import Any
 
+from easel import samplers
+from easel.errors import InvalidRequest
+
 SEED_RANGE = 2**32
 """easel's seeds are 0..2**32-1 (as ``jobs.MAX_SEED``)."""
 
@@ -29,34 +32,14 @@ class Executor(StrEnum):
     comfyui = "comfyui"
 
 
-A1111_SCHEDULER_MODIFIERS: dict[str, str | None] = {
-    "automatic": None,
-    "uniform": None,
-    "simple": None,
-    "normal": None,
-    "karras": "Karras",
-    "exponential": "Exponential",
-    "beta": "Beta",
-    "sgm_uniform": "SGM Uniform",
-    "align_your_steps": "Align Your Steps",
-}
-"""A1111 ``scheduler`` -> the modifier easel's scheduler names carry (None: none)."""
-
-
 def a1111_sampler(sampler: str | None, scheduler: str | None) -> str | None:
-    """A1111's ``sampler_name`` + ``scheduler`` -> easel's one name ("DPM++ 2M Karras")."""
-    if not sampler:
-        return None
-    key = (scheduler or "automatic").strip().lower().replace(" ", "_")
-    if key not in A1111_SCHEDULER_MODIFIERS:
-        raise ValueError(
-            f"unknown scheduler {scheduler!r}; valid schedulers are: "
-            + ", ".join(A1111_SCHEDULER_MODIFIERS)
-        )
-    modifier = A1111_SCHEDULER_MODIFIERS[key]
-    if modifier is None or sampler.casefold().endswith(modifier.casefold()):
-        return sampler
-    return f"{sampler} {modifier}"
+    """A1111's ``sampler_name`` + ``scheduler`` -> easel's one name ("DPM++ 2M Karras"),
+    through :mod:`easel.samplers`' one table; unknown ones are a ``ValueError`` (a
+    payload's validation error)."""
+    try:
+        return samplers.a1111_sampler(sampler, scheduler)
+    except InvalidRequest as exc:
+        raise ValueError(exc.message) from None
 
 
 def fields_from(executor: Executor, payload: dict[str, Any]) -> dict[str, Any]:

@@ -288,6 +288,39 @@ def parse_sampler(name: str) -> SamplerName:
     )
 
 
+A1111_SCHEDULERS: tuple[str, ...] = (
+    "automatic",
+    "uniform",
+    "simple",
+    "normal",
+    "karras",
+    "exponential",
+    "beta",
+    "sgm_uniform",
+    "align_your_steps",
+)
+"""A1111's ``scheduler`` values easel reads (``/sdapi/v1/schedulers``): each is one of
+the schedule aliases above, spelt as A1111 sends it."""
+
+
+def a1111_sampler(sampler: str | None, scheduler: str | None) -> str | None:
+    """A1111's ``sampler_name`` + ``scheduler`` -> easel's one name ("DPM++ 2M Karras"),
+    read through this module's one table: an unknown sampler or schedule is
+    ``invalid_request`` (A1111's own doors answer it in A1111's shape)."""
+    if not sampler:
+        return None
+    return parse_sampler(join_sampler(sampler, scheduler)).name
+
+
+def known_sampler(name: str) -> bool:
+    """Whether any tool's spelling of ``name`` is a sampler easel knows."""
+    try:
+        parse_sampler(name)
+    except InvalidRequest:
+        return False
+    return True
+
+
 def join_sampler(sampler: str, schedule: str | None) -> str:
     """A sampler and a separate schedule (A1111's ``scheduler``, ComfyUI's ``scheduler``)
     as one name: ("DPM++ 2M", "Karras") -> "DPM++ 2M Karras"; a default schedule adds

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from easel.api.compat._shared import caller, png_bytes, submitted
 from easel.api.errors import ErrorResponse
 from easel.api.native import runtime_of
-from easel.backends.diffusers.schedulers import SCHEDULERS, lookup_scheduler
+from easel.backends.diffusers.schedulers import SCHEDULERS
 from easel.constants import VERSION
 from easel.errors import InvalidRequest, JobFinished, ModelNotFound, Unsupported
 from easel.images import strip_data_url
@@ -55,10 +55,10 @@ from easel.jobs import (
     check_json_shape,
     job_error,
 )
-from easel.payloads import A1111_SCHEDULER_MODIFIERS, a1111_sampler
 from easel.results.metadata import infotext, parse_infotext, read_embedded, read_parameters
 from easel.runtime.facade import Runtime
 from easel.safety.services import current_service
+from easel.samplers import A1111_SCHEDULERS, a1111_sampler, known_sampler
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 internal = APIRouter(prefix="/internal", tags=["automatic1111"])
@@ -68,9 +68,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorResponse, "description": "The caller's queue is full"},
     500: {"model": ErrorResponse, "description": "The generation failed"},
 }
-
-SCHEDULER_MODIFIERS = A1111_SCHEDULER_MODIFIERS
-"""A1111 ``scheduler`` -> the modifier easel's scheduler table reads (None: none)."""
 
 MAX_CALLERS = 10_000
 """Callers whose latest job ``/progress`` remembers; the oldest is forgotten first."""
@@ -406,16 +403,15 @@ async def sd_models(request: Request) -> list[SDModel]:
 
 @router.get("/samplers", response_model=list[Sampler])
 async def samplers() -> list[Sampler]:
-    """easel's scheduler names (A1111's, with their modifiers: "DPM++ 2M Karras")."""
+    """easel's sampler names as A1111 <= 1.8 listed them (with their schedule: "DPM++ 2M
+    Karras"); every one is read by ``easel.samplers``, the table requests are checked by."""
     return [Sampler(name=name, aliases=[], options={}) for name in SCHEDULERS]
 
 
 @router.get("/schedulers", response_model=list[Scheduler])
 async def schedulers() -> list[Scheduler]:
     """The A1111 ``scheduler`` values easel maps onto its samplers."""
-    return [
-        Scheduler(name=name, label=name.replace("_", " ").title()) for name in SCHEDULER_MODIFIERS
-    ]
+    return [Scheduler(name=name, label=name.replace("_", " ").title()) for name in A1111_SCHEDULERS]
 
 
 @router.get("/scripts", response_model=dict[str, list[str]])
@@ -466,7 +462,7 @@ def _sampler_not_found(body: Txt2ImgRequest) -> JSONResponse | None:
     sampler = body.sampler_name or (
         body.sampler_index if "sampler_index" in body.model_fields_set else None
     )
-    if not sampler or _known_sampler(sampler):
+    if not sampler or known_sampler(sampler):
         return None
     detail = "Sampler not found"
     return JSONResponse(
@@ -480,26 +476,11 @@ def _sampler_not_found(body: Txt2ImgRequest) -> JSONResponse | None:
     )
 
 
-def _known_sampler(name: str) -> bool:
-    for flow in (False, True):
-        try:
-            lookup_scheduler(name, flow=flow)
-        except Unsupported:  # known, but not runnable here (a missing package...)
-            return True
-        except InvalidRequest:
-            continue
-        return True
-    return False
-
-
 def _scheduler(body: Txt2ImgRequest) -> str | None:
     sampler = body.sampler_name or (
         body.sampler_index if "sampler_index" in body.model_fields_set else None
     )
-    try:
-        return a1111_sampler(sampler, body.scheduler)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
+    return a1111_sampler(sampler, body.scheduler)
 
 
 def _translate(
