@@ -85,10 +85,12 @@ def test_a_comfyui_workflow_gives_prompt_size_and_seed() -> None:
             "unknown sampler 'Foo'",
         ),
         (
-            {"executor": "automatic1111",
-             "payload": {"prompt": "x", "sampler_name": "Euler", "scheduler": "wobbly"}},
+            {
+                "executor": "automatic1111",
+                "payload": {"prompt": "x", "sampler_name": "Euler", "scheduler": "wobbly"},
+            },
             "unknown schedule 'wobbly'",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_bad_payloads_are_refused(body: dict[str, object], words: str) -> None:
