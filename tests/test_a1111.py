@@ -197,3 +197,42 @@ def test_an_unknown_sampler_is_refused_as_a1111_does(server: str) -> None:
         api.txt2img(prompt="x", sampler_name="Wobbly 3M", steps=1)
     known = api.txt2img(prompt="x", sampler_name="UniPC", scheduler="karras", steps=1)
     assert len(known.images) == 1
+
+
+def test_another_replica_shows_and_interrupts_the_callers_job(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The current job is read from the store: an API-only replica that did not take the
+    txt2img call shows its caller's job and interrupts it."""
+    import uuid
+
+    common = {"redis_url": redis_url, "redis_prefix": f"a1111:{uuid.uuid4().hex[:8]}:",
+              "backend": "mock"}  # fmt: skip
+    first = Settings(data_dir=tmp_path / "a", concurrency=1, **common)
+    runtime = Runtime(first, backends={"mock": PreviewMock(step_delay=0.03)})
+    second = Settings(data_dir=tmp_path / "b", concurrency=0, **common)
+    with serve(create_app(runtime=runtime)) as a, serve(create_app(second)) as b:
+        api = _api(a, username="ann", password="x")
+        elsewhere = _api(b, username="ann", password="x")
+        done: dict[str, Any] = {}
+
+        def generate() -> None:
+            try:
+                done["result"] = api.txt2img(prompt="slow fox", width=64, height=64, steps=100)
+            except Exception as exc:  # surfaced below, not as an unhandled thread error
+                done["error"] = exc
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while (progress := elsewhere.get_progress())["state"]["job_count"] != 1:
+            assert thread.is_alive() and time.monotonic() < deadline, (progress, done)
+            time.sleep(0.02)
+        assert progress["state"]["sampling_steps"] == 100
+        assert progress["state"]["job"].startswith("task(")
+        assert _api(b, username="bob", password="x").get_progress()["state"]["job_count"] == 0
+        elsewhere.interrupt()
+        thread.join(20)
+    assert "error" not in done, done
+    assert done["result"].images == [] and done["result"].info["interrupted"] is True
+    assert progress["state"]["job"] == f"task({done['result'].info['job_id']})"

@@ -319,7 +319,10 @@ async def progress(request: Request, skip_current_image: bool = False) -> Progre
     idle = ProgressResponse(
         progress=0, eta_relative=0, state=ProgressState(), textinfo="Waiting..."
     )
-    if live is None or live.finished:
+    if live is None:  # another replica took the call (or this one restarted since)
+        stored = await _stored_current(request)
+        return idle if stored is None else await _stored_progress(request, stored)
+    if live.finished:
         return idle
     state = ProgressState(
         job=f"task({live.job_id})",
@@ -357,6 +360,9 @@ async def interrupt(request: Request) -> dict[str, Any]:
         live.interrupted = True
         with contextlib.suppress(JobFinished):
             await runtime_of(request).cancel(live.job_id)
+    elif live is None and (stored := await _stored_current(request)) is not None:
+        with contextlib.suppress(JobFinished):  # the replica running the call ends it
+            await runtime_of(request).cancel(stored.id)
     return {}
 
 
@@ -511,6 +517,39 @@ def _translate(
         if body.denoising_strength is not None:
             fields["strength"] = body.denoising_strength
     return GenerationRequest.model_validate(fields)
+
+
+async def _stored_current(request: Request) -> Job | None:
+    """The caller's current job read from the store: its newest A1111 job, if still queued
+    or running. What a replica answers for a call another replica holds (the live step
+    and preview stay with the replica that streams them)."""
+    service = current_service.get()
+    owner = service.name if service is not None else None
+    for job in await runtime_of(request).list_jobs(user_id=caller(request), limit=20):
+        if job.service == owner and job.request.metadata.get("api") == "a1111":
+            return None if job.state.is_final else job
+    return None
+
+
+async def _stored_progress(request: Request, job: Job) -> ProgressResponse:
+    view = await runtime_of(request).get(job.id)
+    state = ProgressState(
+        job=f"task({job.id})",
+        job_count=1,
+        job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.created_at)),
+        sampling_steps=job.request.steps,
+    )
+    if view.state is JobState.queued:
+        ahead = view.position or 0
+        textinfo = f"In queue: {ahead} job(s) ahead"
+        done = 0.0
+    else:  # running: how far, from the measured run time and what is left of it
+        left, whole = view.run_eta_seconds, view.average_seconds
+        done = min(max(1 - left / whole, 0.0), 0.99) if left is not None and whole else 0.0
+        textinfo = "Sampling"
+    return ProgressResponse(
+        progress=done, eta_relative=view.eta_seconds or 0, state=state, textinfo=textinfo
+    )
 
 
 def _account(request: Request, user: str | None = None) -> str:
