@@ -82,6 +82,23 @@ def test_quality_and_compress_level_are_applied() -> None:
     assert len(packed) < len(stored)
 
 
+def test_png_strategy_is_applied_and_lossless() -> None:
+    """rle (the default) and zlib's default strategy: other bytes, the same pixels."""
+    from easel.results.files import encode_image
+
+    flat = Image.new("RGB", (256, 256), "white")
+    flat.paste(Image.effect_noise((64, 64), 40).convert("RGB"), (96, 96))
+    meta = {"infotext": "x", "request": {}}
+    assert OutputSettings().png_strategy == "rle"
+    rle = encode_image(flat, meta, ImageFormat.png)
+    zlib = encode_image(flat, meta, ImageFormat.png, OutputSettings(png_strategy="default"))
+    assert rle != zlib
+    for data in (rle, zlib):
+        with Image.open(io.BytesIO(data)) as decoded:
+            assert decoded.tobytes() == flat.tobytes()
+            assert decoded.info["parameters"] == "x"
+
+
 async def test_per_request_and_server_default_formats_through_a_server(tmp_path: Path) -> None:
     settings = Settings(
         data_dir=tmp_path / "data", backend="mock", mock_step_delay=0.0,

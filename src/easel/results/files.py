@@ -141,7 +141,7 @@ def encode_image(
     go of the GIL, so other threads, and the event loop, run meanwhile)."""
     output = output or OutputSettings()
     if format is ImageFormat.png:
-        return encode_png(image, metadata, output.png_compress_level)
+        return encode_png(image, metadata, output.png_compress_level, output.png_strategy)
     exif = PILImage.Exif()
     exif.get_ifd(EXIF_IFD)[USER_COMMENT] = user_comment(metadata["infotext"])
     options: dict[str, Any] = {
@@ -159,13 +159,25 @@ def encode_image(
     return buffer.getvalue()
 
 
-def encode_png(image: Image, metadata: dict[str, Any], compress_level: int = 1) -> bytes:
+PNG_STRATEGIES = {"default": 0, "filtered": 1, "huffman_only": 2, "rle": 3, "fixed": 4}
+"""zlib's strategies (``Z_DEFAULT_STRATEGY`` ... ``Z_FIXED``), as Pillow's ``compress_type``."""
+
+
+def encode_png(
+    image: Image, metadata: dict[str, Any], compress_level: int = 1, strategy: str = "rle"
+) -> bytes:
     """PNG bytes carrying the infotext (``parameters``) and the request as JSON (``easel``)."""
     info = PngInfo()
     info.add_text("parameters", metadata["infotext"])
     info.add_text("easel", json.dumps(metadata["request"], sort_keys=True))
     buffer = io.BytesIO()
-    image.save(buffer, "PNG", pnginfo=info, compress_level=compress_level)
+    image.save(
+        buffer,
+        "PNG",
+        pnginfo=info,
+        compress_level=compress_level,
+        compress_type=PNG_STRATEGIES[strategy],
+    )
     return buffer.getvalue()
 
 
