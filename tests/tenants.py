@@ -25,15 +25,20 @@ def bearer(token: str, **headers: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}", **headers}
 
 
-def settings_for(data_dir: Path, redis_url: str | None = None, **extra: object) -> Settings:
+def settings_for(
+    data_dir: Path,
+    redis_url: str | None = None,
+    safety: dict[str, object] | None = None,
+    **extra: object,
+) -> Settings:
     """The mock backend, every token; ``redis_url``: the Redis store and bus (a keyspace of
-    its own) with the workers in this process."""
+    its own) with the workers in this process; ``safety``: more safety settings."""
     fields: dict[str, object] = {
         "data_dir": data_dir,
         "backend": "mock",
         "mock_step_delay": 0.05,
         "heartbeat_seconds": 0.5,  # the registry (GET /v1/workers) is fed by heartbeats
-        "safety": Safety.model_validate({"tokens": WITH_ADMIN}),
+        "safety": Safety.model_validate({"tokens": WITH_ADMIN, **(safety or {})}),
     }
     if redis_url:
         fields |= {"redis_url": redis_url, "redis_prefix": f"tenants:{uuid.uuid4().hex}:"}
@@ -49,9 +54,12 @@ class Deployment:
 
 @contextmanager
 def two_services_server(
-    data_dir: Path, redis_url: str | None = None, **extra: object
+    data_dir: Path,
+    redis_url: str | None = None,
+    safety: dict[str, object] | None = None,
+    **extra: object,
 ) -> Iterator[Deployment]:
     """uvicorn on loopback serving :func:`settings_for`, with its gRPC door."""
-    app = create_app(settings_for(data_dir, redis_url, **extra), grpc_port=0)
+    app = create_app(settings_for(data_dir, redis_url, safety, **extra), grpc_port=0)
     with serve(app) as url:
         yield Deployment(url, f"127.0.0.1:{app.state.grpc_port}")

@@ -5,8 +5,14 @@ request ever runs a job. Each corpus prints its size and result.
 
 from __future__ import annotations
 
+import base64
+import functools
+import io
 import json
+import re
+import struct
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +25,19 @@ from websockets.sync.client import connect
 from tests.servers import easel_serve, free_port
 from tests.tenants import ALPHA, SMALL, bearer, two_services_server
 
+BODY_LIMIT = 4 * 1024 * 1024
+IMAGE_LIMIT = 1024 * 1024
+
 
 @pytest.fixture(scope="module")
 def two_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with two_services_server(tmp_path_factory.mktemp("hostile") / "data") as deployment:
+    """Smaller body and image limits than the defaults (32 MiB, 20 MiB): the same checks,
+    exercised with smaller uploads."""
+    with two_services_server(
+        tmp_path_factory.mktemp("hostile") / "data",
+        safety={"max_body_bytes": BODY_LIMIT},
+        limits={"max_init_image_bytes": IMAGE_LIMIT},
+    ) as deployment:
         yield deployment.url
 
 
@@ -185,7 +200,9 @@ def test_hostile_json_is_refused_before_any_job(two_services: str) -> None:
     corpus: list[tuple[str, str, dict[str, Any]]] = [
         ("native, metadata 300 deep", "/v1/jobs", {"prompt": "x", "metadata": _nested(300)}),
         ("native, 20,000 metadata keys", "/v1/jobs", {"prompt": "x", "metadata": many}),
-        ("native, 5 MB metadata", "/v1/jobs", {"prompt": "x", "metadata": {"s": "x" * 5_000_000}}),
+        ("native, 1 MB metadata", "/v1/jobs", {"prompt": "x", "metadata": {"s": "x" * 1_000_000}}),
+        ("native, a body over the limit", "/v1/jobs",
+         {"prompt": "x", "metadata": {"s": "x" * BODY_LIMIT}}),
         ("native, payload 300 deep", "/v1/jobs",
          {"executor": "automatic1111", "payload": {"prompt": "x", "extra": _nested(300)}}),
         ("A1111, a field 300 deep", "/sdapi/v1/txt2img", {"prompt": "x", "deep": _nested(300)}),
@@ -200,3 +217,181 @@ def test_hostile_json_is_refused_before_any_job(two_services: str) -> None:
     after = len(httpx.get(f"{two_services}/v1/jobs", headers=bearer(ALPHA)).json()["jobs"])
     assert after == before
     print(f"JSON corpus: {len(corpus)} inputs, each a 4xx with a code, no job run")
+
+
+def _png(width: int, height: int, mode: str = "RGB", noise: bool = False) -> bytes:
+    from PIL import Image
+
+    image = (
+        Image.effect_noise((width, height), 64).convert(mode)
+        if noise
+        else Image.new(mode, (width, height))
+    )
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _declared_png(width: int, height: int, *, rows: int = 1) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` (1 bit per pixel), with ``rows``
+    rows of zeros as its data: rows=height is a real decompression bomb (a few hundred KB
+    that would decode to width x height pixels); fewer rows, a header that lies."""
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    row = b"\0" * (1 + (width + 7) // 8)
+    data = zlib.compress(row * rows, 1)
+    signature = b"\x89PNG\r\n\x1a\n"
+    return signature + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+@functools.cache
+def _hostile_images() -> list[tuple[str, bytes]]:
+    from PIL import Image
+
+    gif = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(gif, "GIF")
+    noisy = _png(64, 64, noise=True)
+    return [
+        ("header declaring 100000x100000", _declared_png(100_000, 100_000)),
+        ("header declaring 12000x12000", _declared_png(12_000, 12_000)),
+        ("decompression bomb, 20000x20000", _declared_png(20_000, 20_000, rows=20_000)),
+        ("decompression bomb, 9000x9000", _declared_png(9_000, 9_000, rows=9_000)),
+        ("text", b"this is not an image at all"),
+        ("truncated PNG", noisy[: len(noisy) // 2]),
+        ("PNG signature only", noisy[:8]),
+        ("a GIF", gif.getvalue()),
+        ("empty", b""),
+    ]
+
+
+def _job_count(url: str) -> int:
+    return len(httpx.get(f"{url}/v1/jobs", headers=bearer(ALPHA)).json()["jobs"])
+
+
+def _refused(name: str, answer: httpx.Response) -> None:
+    assert 400 <= answer.status_code < 500, (name, answer.status_code, answer.text[:300])
+    error = answer.json()["error"]
+    assert error["code"], name
+    message = error["message"]
+    assert not re.search(r"0x[0-9a-f]{6,}|object at|Traceback|/work/|/tmp/", message), message
+
+
+def test_hostile_uploads_are_refused_before_any_job(two_services: str) -> None:
+    """Multipart image uploads (OpenAI's edits) and base64 ones (A1111's img2img, easel's
+    img2img): lying headers, decompression bombs, non-images, truncated files, formats not
+    taken, wrong parts and malformed multipart bodies each get a 4xx with a code, and no
+    job is made."""
+    url = two_services
+    before = _job_count(url)
+    good = _png(64, 64)
+    form = {"prompt": "x", "size": "64x64"}
+    multipart: list[tuple[str, dict[str, Any]]] = [
+        (f"edits: {name}", {"data": form, "files": {"image": ("a.png", raw, "image/png")}})
+        for name, raw in _hostile_images()
+    ]
+    multipart += [
+        ("edits: text sent as text/plain", {"data": form,
+         "files": {"image": ("a.txt", b"not an image", "text/plain")}}),
+        ("edits: no image", {"data": form}),
+        ("edits: two images", {"data": form, "files": [("image", ("a.png", good, "image/png")),
+                                                       ("image[]", ("b.png", good, "image/png"))]}),
+        ("edits: a mask", {"data": form, "files": [("image", ("a.png", good, "image/png")),
+                                                   ("mask", ("m.png", good, "image/png"))]}),
+        ("edits: size not WxH", {"data": {**form, "size": "huge"},
+                                 "files": {"image": ("a.png", good, "image/png")}}),
+        ("edits: 1,100 form fields", {"data": {**form, **{f"f{i}": "v" for i in range(1_100)}},
+                                      "files": {"image": ("a.png", good, "image/png")}}),
+        ("edits: a file over the body limit", {"data": form, "files": {
+            "image": ("a.png", b"\0" * (BODY_LIMIT + 1), "image/png")}}),
+        ("edits: multipart without a boundary", {"content": b"--x\r\n\r\n",
+         "headers": {"content-type": "multipart/form-data"}}),
+        ("edits: a cut multipart body", {
+            "content": b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx',
+            "headers": {"content-type": "multipart/form-data; boundary=x"}}),
+        ("edits: JSON instead of a form", {"json": {"prompt": "x", "image": "aGk="}}),
+    ]  # fmt: skip
+    http = httpx.Client(base_url=url, timeout=30)  # one connection for the whole corpus
+    for name, request in multipart:
+        headers = {**bearer(ALPHA), **request.pop("headers", {})}
+        _refused(name, http.post("/v1/images/edits", headers=headers, **request))
+    base64_doors: list[tuple[str, str, dict[str, Any]]] = []
+    for name, raw in _hostile_images():
+        encoded = base64.b64encode(raw).decode()
+        base64_doors += [
+            (f"A1111 img2img: {name}", "/sdapi/v1/img2img",
+             {"prompt": "x", **SMALL, "init_images": [encoded]}),
+            (f"native img2img: {name}", "/v1/jobs",
+             {"prompt": "x", **SMALL, "kind": "img2img", "init_image": encoded}),
+        ]  # fmt: skip
+    base64_doors += [
+        ("A1111 img2img: not base64", "/sdapi/v1/img2img",
+         {"prompt": "x", **SMALL, "init_images": ["%%% not base64 %%%"]}),
+        ("A1111 img2img: a data URL of text", "/sdapi/v1/img2img",
+         {"prompt": "x", **SMALL, "init_images": ["data:image/png;base64,aGVsbG8="]}),
+        ("A1111 img2img: a bomb as the mask", "/sdapi/v1/img2img",
+         {"prompt": "x", **SMALL, "init_images": [base64.b64encode(good).decode()],
+          "mask": base64.b64encode(dict(_hostile_images())[
+              "decompression bomb, 20000x20000"]).decode()}),
+        ("A1111 img2img: no image", "/sdapi/v1/img2img", {"prompt": "x", **SMALL}),
+        ("native img2img: base64 over the image limit", "/v1/jobs",
+         {"prompt": "x", **SMALL, "kind": "img2img", "init_image": "A" * (IMAGE_LIMIT * 2)}),
+        ("A1111 img2img: base64 over the image limit", "/sdapi/v1/img2img",
+         {"prompt": "x", **SMALL, "init_images": ["A" * (IMAGE_LIMIT * 2)]}),
+    ]  # fmt: skip
+    for name, path, body in base64_doors:
+        _refused(name, http.post(path, json=body, headers=bearer(ALPHA)))
+    http.close()
+    assert _job_count(url) == before
+    total = len(multipart) + len(base64_doors)
+    print(f"upload corpus: {total} inputs ({len(multipart)} multipart, {len(base64_doors)} "
+          "base64), each a 4xx with a code, no job run")  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["embedded", "redis"])
+def stores(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The deployment on each store: resume points reach the Redis bus as stream ids."""
+    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    data_dir = tmp_path_factory.mktemp(f"hostile-{request.param}") / "data"
+    with two_services_server(data_dir, redis_url) as deployment:
+        yield deployment.url
+
+
+def test_hostile_event_streams_are_refused_before_streaming(stores: str) -> None:
+    """SSE (and the websocket) with bad resume points (Last-Event-ID, after), huge queries
+    and unknown jobs: a 4xx with a code before any stream starts, on both stores alike."""
+    url = stores
+    job = httpx.post(f"{url}/v1/jobs", json={**SMALL, "prompt": "x"}, headers=bearer(ALPHA))
+    job_id = job.json()["id"]
+    streams = (f"/v1/jobs/{job_id}/events", "/v1/events")
+    corpus: list[tuple[str, str, dict[str, str]]] = []
+    for path in streams:
+        corpus += [
+            (f"{path}: Last-Event-ID {value!r}", path, {"last-event-id": value})
+            for value in ("abc", "-1", "1.5", "", "9" * 30, "9" * 5_000, "1" * 100_000)
+        ]
+        corpus += [
+            (f"{path}: after={value[:12]}", f"{path}?after={value}", {})
+            for value in ("abc", "-5", "9" * 30, "0x10")
+        ]
+        corpus.append((f"{path}: a 5,000-byte query", f"{path}?user_id={'u' * 5_000}", {}))
+    corpus += [
+        ("an unknown job", "/v1/jobs/no-such-job/events", {}),
+        ("a path climbing out", "/v1/jobs/%2e%2e%2f%2e%2e%2fetc/events", {}),
+    ]
+    for name, path, headers in corpus:
+        with httpx.stream("GET", f"{url}{path}", headers={**bearer(ALPHA), **headers},
+                          timeout=30) as answer:  # fmt: skip
+            answer.read()
+            _refused(name, answer)
+    ws = url.replace("http", "ws")
+    sockets = [f"{ws}/v1/events?token={ALPHA}&after={value}" for value in ("-1", "9" * 30)]
+    for socket in sockets:
+        with pytest.raises(InvalidStatus) as refused:
+            connect(socket, open_timeout=10).close()
+        assert refused.value.response.status_code == 422
+    print(f"event stream corpus: {len(corpus) + len(sockets)} inputs, each a 4xx with a code")

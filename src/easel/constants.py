@@ -121,6 +121,11 @@ MAX_QUERY_BYTES = 4096
 """A URL's query string, at most (HTTP and websocket handshakes): 414 ``query_too_long``
 above it. easel's own queries are short (filters, a token); this keeps a request line well
 under the websocket handshake parser's 8 KiB line."""
+
 SHUTDOWN_STRAGGLERS_SECONDS = 3
 """``easel serve`` on SIGTERM: after the grace period for running jobs and the end of every
 event stream, connections still open get this long before uvicorn cancels them."""
+
+MAX_EVENT_ID = 2**63 - 1
+"""The largest event id a client may resume after (``after``, ``Last-Event-ID``): ids are
+64-bit everywhere (Redis stream ids too); a negative or larger one is a 422."""

@@ -19,6 +19,7 @@ from easel.api.compat import a1111, openai, openai_audio, pipeline
 from easel.api.limits import QueryLimit
 from easel.config import Settings
 from easel.constants import VERSION
+from easel.images import refuse_bombs
 from easel.runtime.facade import Runtime
 from easel.runtime.logs import protect_server_loggers
 from easel.safety.gate import service_tokens
@@ -39,6 +40,7 @@ def create_app(
     """
     settings = settings or (runtime.settings if runtime else Settings())
     protect_server_loggers()  # tokens in websocket URLs never reach uvicorn's log lines
+    refuse_bombs()  # an image Pillow warns about is refused, never decoded
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

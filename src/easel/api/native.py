@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from easel.api.errors import ErrorResponse
-from easel.constants import VERSION
+from easel.constants import MAX_EVENT_ID, VERSION
 from easel.errors import EaselError, UnsupportedMediaType
 from easel.events.bus import Subscription, event_json
 from easel.events.pacing import pacer
@@ -43,6 +43,15 @@ from easel.views import (
     Models,
     QueueState,
 )
+
+AfterId = Annotated[
+    int | None,
+    Query(ge=0, le=MAX_EVENT_ID, description="Resume after this event id (the last one seen)."),
+]
+LastEventId = Annotated[
+    int | None, Header(ge=0, le=MAX_EVENT_ID, description="The last event id seen.")
+]
+"""Resume points of the event streams (websocket and SSE): 64-bit, never negative."""
 
 router = APIRouter()
 
@@ -260,9 +269,9 @@ async def events(
     websocket: WebSocket,
     job_id: str | None = None,
     user_id: str | None = None,
-    after: int | None = None,
+    after: AfterId = None,
     include_images: bool = False,
-    last_event_id: Annotated[int | None, Header()] = None,
+    last_event_id: LastEventId = None,
 ) -> None:
     """Every event (or one job's, or one user's) as JSON text frames, in order.
 

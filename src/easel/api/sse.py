@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from easel.api.errors import ErrorResponse
-from easel.api.native import runtime_of, subscriber_json
+from easel.api.native import AfterId, LastEventId, runtime_of, subscriber_json
 from easel.events.bus import Subscription
 from easel.events.pacing import pacer
 from easel.jobs import FINAL_EVENTS, Event, Job, final_event
@@ -56,9 +56,9 @@ _STREAM: dict[int | str, dict[str, Any]] = {
 async def job_events(
     job_id: str,
     request: Request,
-    after: int | None = None,
+    after: AfterId = None,
     include_images: bool = False,
-    last_event_id: Annotated[int | None, Header(description="The last id seen.")] = None,
+    last_event_id: LastEventId = None,
 ) -> Response:
     """One job's events as Server-Sent Events, from its start (or after the last id seen),
     ending with its final event. ``include_images``: its ``succeeded`` event carries the
@@ -84,9 +84,9 @@ async def job_events(
 async def all_events(
     request: Request,
     user_id: str | None = None,
-    after: int | None = None,
+    after: AfterId = None,
     include_images: bool = False,
-    last_event_id: Annotated[int | None, Header(description="The last id seen.")] = None,
+    last_event_id: LastEventId = None,
 ) -> Response:
     """Every event (or one user's) as Server-Sent Events, live or from after the last id
     seen, until the client leaves. The websocket at the same path serves the same events.

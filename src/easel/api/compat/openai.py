@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import re
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
@@ -33,7 +32,6 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
@@ -41,6 +39,7 @@ from easel.api.compat._errors import OpenAIError, openai_response, to_openai
 from easel.api.compat._shared import caller, pngs_base64, run_to_end
 from easel.api.native import runtime_of
 from easel.errors import EaselError, InvalidRequest, Unsupported, error_for_status
+from easel.images import image_size
 from easel.jobs import MAX_SEED, GenerationRequest, JobKind, JobState, job_error
 
 DEFAULT_SIZE = (1024, 1024)
@@ -202,7 +201,7 @@ async def edits(
     if len(uploads) != 1:
         raise InvalidRequest(f"send exactly one image to edit (got {len(uploads)})")
     raw = await uploads[0].read()
-    own_size = await asyncio.to_thread(_image_size, raw)
+    own_size = await asyncio.to_thread(image_size, raw)
     width, height = _size(size) or (own_size[0] - own_size[0] % 8, own_size[1] - own_size[1] % 8)
     extra = {"seed": seed, "negative_prompt": negative_prompt, "steps": steps, "strength": strength}
     init = await asyncio.to_thread(lambda: base64.b64encode(raw).decode())
@@ -230,14 +229,6 @@ def _size(size: str | None) -> tuple[int, int] | None:
     if match is None:
         raise InvalidRequest(f"size must be WIDTHxHEIGHT, e.g. 1024x1024, or auto (got {size!r})")
     return int(match[1]), int(match[2])
-
-
-def _image_size(raw: bytes) -> tuple[int, int]:
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            return image.size
-    except (OSError, ValueError, Image.DecompressionBombError):
-        raise InvalidRequest("the image could not be read; send a PNG, JPEG or WebP") from None
 
 
 def _request(
