@@ -84,3 +84,65 @@ async def test_a_dead_server_is_backend_unavailable(tmp_path: Path) -> None:
         job, _ = await run_job(runtime, GenerationRequest(prompt="x", width=64, height=64))
     assert job.state is JobState.failed and job.error is not None
     assert job.error.code == "backend_unavailable" and job.attempts == 2
+
+
+PEER_WITH_LORAS = """
+[[backends]]
+name = "mock"
+kind = "mock"
+capabilities = ["txt2img", "img2img", "negative_prompt", "seed", "scheduler", "lora", "controlnet"]
+"""
+
+
+async def test_loras_and_a_controlnet_go_on_the_wire(tmp_path: Path) -> None:
+    """The LoRAs (configuration ``loras``) and the ControlNet (``controls`` plus its image
+    as a ``hints`` tensor) reach the engine: a peer easel whose mock declares both reads
+    them back into its own job."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from easel.api import create_app
+    from easel.fleet import load_settings
+    from tests.servers import serve
+
+    config = tmp_path / "peer.toml"
+    config.write_text(PEER_WITH_LORAS)
+    app = create_app(load_settings(config, data_dir=tmp_path / "peer"), grpc_port=0)
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (250, 10, 10)).save(buffer, "PNG")
+    control = {
+        "name": "sd15-depth", "image": base64.b64encode(buffer.getvalue()).decode(),
+        "scale": 0.8, "start": 0.1, "end": 0.9,
+    }  # fmt: skip
+    with serve(app) as url:
+        backend = registry.create("drawthings", address=f"127.0.0.1:{app.state.grpc_port}")
+        async with runtime_with(tmp_path, backend) as runtime:
+            request = GenerationRequest(
+                prompt="inked", width=64, height=64, steps=2, user_id="lora-user",
+                loras=[{"name": "ink-style", "weight": 0.7}, {"name": "grain", "weight": -0.5}],
+                controlnet=control,
+            )  # fmt: skip
+            job, _ = await run_job(runtime, request)
+        assert job.state is JobState.succeeded, job.error
+        [remote] = httpx.get(f"{url}/v1/jobs", params={"user_id": "lora-user"}).json()["jobs"]
+    sent = remote["request"]
+    assert sent["loras"] == [
+        {"name": "ink-style", "weight": 0.7},
+        {"name": "grain", "weight": -0.5},
+    ]
+    got = sent["controlnet"]
+    assert (got["name"], got["scale"], got["start"], got["end"]) == ("sd15-depth", 0.8, 0.1, 0.9)
+    with Image.open(io.BytesIO(base64.b64decode(got["image"]))) as image:
+        assert image.size == (64, 64)  # at the request's size, as Draw Things takes hints
+        red, green, _ = image.convert("RGB").getpixel((10, 10))  # type: ignore[misc]
+        assert red > 240 and green < 20
+
+
+def test_hint_types_follow_the_control_s_name() -> None:
+    from easel.backends.drawthings import hint_type
+
+    assert hint_type("sd15-depth") == "depth" and hint_type("xl_openpose") == "pose"
+    assert hint_type("control_v11p_sd15_scribble") == "scribble"
+    assert hint_type("xl-canny") == "custom"  # Draw Things makes canny maps itself

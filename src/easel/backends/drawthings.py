@@ -45,6 +45,8 @@ from easel.proto.drawthings import (
     SAMPLERS,
     SIZE_UNIT,
     Configuration,
+    Control,
+    LoRA,
     decode_preview,
     decode_tensor,
     encode_configuration,
@@ -78,6 +80,22 @@ def sampler_name(name: str) -> str:
     return SAMPLERS[index]
 
 
+HINT_TYPES = (
+    "depth", "scribble", "pose", "color", "lineart", "softedge", "seg", "inpaint", "ip2p",
+    "shuffle", "mlsd", "tile", "blur", "lowquality", "gray",
+)  # fmt: skip
+"""The ``hint_type`` values of Draw Things' control inputs (its ``ControlInputType``
+names, lower-case); any other control image is ``custom``."""
+
+
+def hint_type(control: str) -> str:
+    """The hint type for a ControlNet, from the kind its name says ("sd15-depth" ->
+    "depth", "xl-openpose" -> "pose"; a canny map is a custom image, as Draw Things makes
+    its own canny)."""
+    name = control.casefold()
+    return next((kind for kind in HINT_TYPES if kind in name), "custom")
+
+
 class DrawThingsBackend(Backend):
     kind = "drawthings"
     capabilities = frozenset(
@@ -88,6 +106,8 @@ class DrawThingsBackend(Backend):
             Capability.seed,
             Capability.scheduler,
             Capability.preview,
+            Capability.lora,
+            Capability.controlnet,
         }
     )
 
@@ -195,6 +215,19 @@ class DrawThingsBackend(Backend):
             model=request.model,
             sampler=sampler_name(request.scheduler) if request.scheduler else SAMPLERS[0],
             batch_size=request.batch_size,
+            loras=tuple(LoRA(file=lora.name, weight=lora.weight) for lora in request.loras),
+            controls=(
+                ()
+                if request.controlnet is None
+                else (
+                    Control(
+                        file=request.controlnet.name,
+                        weight=request.controlnet.scale,
+                        guidance_start=request.controlnet.start,
+                        guidance_end=request.controlnet.end,
+                    ),
+                )
+            ),
         )
         message = pb.ImageGenerationRequest(
             prompt=request.prompt,
@@ -218,6 +251,18 @@ class DrawThingsBackend(Backend):
             message.image = await asyncio.to_thread(
                 lambda: encode_tensor(
                     decode_base64_image(init).resize((request.width, request.height))
+                )
+            )
+        if (control := request.controlnet) is not None:  # its input image: a hint
+            hint = await asyncio.to_thread(
+                lambda: encode_tensor(
+                    decode_base64_image(control.image).resize((request.width, request.height))
+                )
+            )
+            message.hints.append(
+                pb.HintProto(
+                    hint_type=hint_type(control.name),
+                    tensors=[pb.TensorAndWeight(tensor=hint, weight=1.0)],
                 )
             )
         async with self._slots:

@@ -48,11 +48,48 @@ class FIELDS:
     batch_size = 10  # uint, default 1
     seed_mode = 17  # SeedMode (byte)
     clip_skip = 18  # uint, default 1
+    controls = 19  # [Control]
+    loras = 20  # [LoRA]
     shift = 49  # float, default 1.0
+
+
+class LORA_FIELDS:
+    """Field ids of the ``LoRA`` table."""
+
+    file = 0  # string
+    weight = 1  # float, default 0.6
+
+
+class CONTROL_FIELDS:
+    """Field ids of the ``Control`` table (the ones easel uses)."""
+
+    file = 0  # string
+    weight = 1  # float, default 1
+    guidance_start = 2  # float, default 0
+    guidance_end = 3  # float, default 1
 
 
 SAMPLERS = DRAWTHINGS_SAMPLERS
 """``SamplerType`` values in enum order: the one table in ``easel.samplers``."""
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """One ``LoRA`` entry: a LoRA file of the server's and its weight."""
+
+    file: str
+    weight: float = 0.6
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ``Control`` entry: a ControlNet file, its weight and the part of the steps it
+    guides. Its input image travels in the request's ``hints``."""
+
+    file: str
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +108,8 @@ class Configuration:
     batch_size: int = 1
     clip_skip: int = 1
     shift: float = 1.0
+    loras: tuple[LoRA, ...] = ()
+    controls: tuple[Control, ...] = ()
 
 
 def _vtable(field_id: int) -> int:
@@ -91,6 +130,39 @@ def decode_configuration(data: bytes) -> Configuration:
             # float32 -> the short decimal it was written as (0.6, not 0.6000000238)
             return float(f"{value:.6g}") if isinstance(value, float) else value
 
+        def tables(field_id: int) -> Iterator[table.Table]:
+            offset = root.Offset(_vtable(field_id))
+            if not offset:
+                return
+            start = root.Vector(offset)
+            for index in range(root.VectorLen(offset)):
+                yield table.Table(buffer, root.Indirect(start + 4 * index))
+
+        def field(entry: table.Table, field_id: int, flags: Any, default: Any) -> Any:
+            offset = entry.Offset(_vtable(field_id))
+            value = entry.Get(flags, entry.Pos + offset) if offset else default
+            return float(f"{value:.6g}") if isinstance(value, float) else value
+
+        def text(entry: table.Table, field_id: int) -> str:
+            offset = entry.Offset(_vtable(field_id))
+            return entry.String(entry.Pos + offset).decode() if offset else ""
+
+        loras = tuple(
+            LoRA(
+                text(e, LORA_FIELDS.file),
+                field(e, LORA_FIELDS.weight, number_types.Float32Flags, 0.6),
+            )
+            for e in tables(FIELDS.loras)
+        )
+        controls = tuple(
+            Control(
+                text(e, CONTROL_FIELDS.file),
+                field(e, CONTROL_FIELDS.weight, number_types.Float32Flags, 1.0),
+                field(e, CONTROL_FIELDS.guidance_start, number_types.Float32Flags, 0.0),
+                field(e, CONTROL_FIELDS.guidance_end, number_types.Float32Flags, 1.0),
+            )
+            for e in tables(FIELDS.controls)
+        )
         model_offset = root.Offset(_vtable(FIELDS.model))
         model = root.String(root.Pos + model_offset).decode() if model_offset else None
         sampler = scalar(FIELDS.sampler, number_types.Int8Flags, 0)
@@ -107,6 +179,8 @@ def decode_configuration(data: bytes) -> Configuration:
             batch_size=scalar(FIELDS.batch_size, number_types.Uint32Flags, 1),
             clip_skip=scalar(FIELDS.clip_skip, number_types.Uint32Flags, 1),
             shift=scalar(FIELDS.shift, number_types.Float32Flags, 1.0),
+            loras=loras,
+            controls=controls,
         )
     except (IndexError, struct.error, UnicodeDecodeError, TypeError, ValueError):
         raise InvalidRequest(
@@ -131,6 +205,8 @@ def encode_configuration(config: Configuration) -> bytes:
         )
     builder = flatbuffers.Builder(256)
     model = builder.CreateString(config.model) if config.model else None
+    loras = _vector(builder, [_lora(builder, lora) for lora in config.loras])
+    controls = _vector(builder, [_control(builder, control) for control in config.controls])
     builder.StartObject(FIELDS.shift + 1)
     builder.PrependUint16Slot(FIELDS.start_width, config.width // SIZE_UNIT, 0)
     builder.PrependUint16Slot(FIELDS.start_height, config.height // SIZE_UNIT, 0)
@@ -144,9 +220,41 @@ def encode_configuration(config: Configuration) -> bytes:
     builder.PrependUint32Slot(FIELDS.batch_count, config.batch_count, 1)
     builder.PrependUint32Slot(FIELDS.batch_size, config.batch_size, 1)
     builder.PrependUint32Slot(FIELDS.clip_skip, config.clip_skip, 1)
+    if controls is not None:
+        builder.PrependUOffsetTRelativeSlot(FIELDS.controls, controls, 0)
+    if loras is not None:
+        builder.PrependUOffsetTRelativeSlot(FIELDS.loras, loras, 0)
     builder.PrependFloat32Slot(FIELDS.shift, config.shift, 1.0)
     builder.Finish(builder.EndObject())
     return bytes(builder.Output())
+
+
+def _lora(builder: flatbuffers.Builder, lora: LoRA) -> int:
+    file = builder.CreateString(lora.file)
+    builder.StartObject(LORA_FIELDS.weight + 1)
+    builder.PrependUOffsetTRelativeSlot(LORA_FIELDS.file, file, 0)
+    builder.PrependFloat32Slot(LORA_FIELDS.weight, lora.weight, 0.6)
+    return int(builder.EndObject())
+
+
+def _control(builder: flatbuffers.Builder, control: Control) -> int:
+    file = builder.CreateString(control.file)
+    builder.StartObject(CONTROL_FIELDS.guidance_end + 1)
+    builder.PrependUOffsetTRelativeSlot(CONTROL_FIELDS.file, file, 0)
+    builder.PrependFloat32Slot(CONTROL_FIELDS.weight, control.weight, 1.0)
+    builder.PrependFloat32Slot(CONTROL_FIELDS.guidance_start, control.guidance_start, 0.0)
+    builder.PrependFloat32Slot(CONTROL_FIELDS.guidance_end, control.guidance_end, 1.0)
+    return int(builder.EndObject())
+
+
+def _vector(builder: flatbuffers.Builder, offsets: list[int]) -> int | None:
+    """A vector of tables (built before the table that holds it, as FlatBuffers wants)."""
+    if not offsets:
+        return None
+    builder.StartVector(4, len(offsets), 4)
+    for offset in reversed(offsets):
+        builder.PrependUOffsetTRelative(offset)
+    return int(builder.EndVector())
 
 
 # -- tensors -------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ code), with the message classes protoc made from that file.
 - ``FilesExist`` answers true for every file: easel runs a model it does not serve on its
   default model, and a Draw Things client that thinks a model is missing uploads it.
 - The user is the request's ``user``, else ``x-easel-user`` or ``authorization`` metadata,
-  else the peer address (:func:`easel.api.compat._shared.identify`). Masks are refused; control
-  hints, LoRAs and other configuration fields are ignored.
+  else the peer address (:func:`easel.api.compat._shared.identify`). Masks are refused. The
+  configuration's ``loras`` become the job's LoRAs; its first ``controls`` entry, with the
+  first hint tensor as its image, the job's ControlNet. Other configuration fields are
+  ignored.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from easel.images import decode_base64_image, encode_png_base64
 from easel.jobs import Event, EventType, GenerationRequest, JobKind, JobState, job_error
 from easel.proto import imageservice_pb2 as pb
 from easel.proto.drawthings import (
+    Configuration,
     decode_configuration,
     decode_tensor,
     encode_tensor,
@@ -194,10 +197,44 @@ class ImageGenerationService:
                     lambda: encode_png_base64(decode_tensor(tensor, most))
                 )
             fields["strength"] = config.strength
+        fields["loras"] = [{"name": lora.file, "weight": lora.weight} for lora in config.loras]
+        if config.controls:
+            fields["controlnet"] = await self._control(request, config)
         try:
             return GenerationRequest.model_validate(fields)
         except ValidationError as exc:
             raise validation_error(exc.errors()) from None
+
+    async def _control(
+        self, request: pb.ImageGenerationRequest, config: Configuration
+    ) -> dict[str, Any]:
+        """The first ``Control`` of the configuration and its hint image (easel runs one
+        ControlNet a job: more are refused, as is a control without an image)."""
+        if len(config.controls) > 1:
+            raise Unsupported("easel runs one ControlNet a job; send one control")
+        tensors = [t.tensor for hint in request.hints for t in hint.tensors if t.tensor]
+        if not tensors:
+            raise InvalidRequest(
+                f"control {config.controls[0].file!r} has no input image; send it in hints"
+            )
+        tensor = _unwrap(tensors[0], request.contents)
+        most = self._init_pixels(config.width, config.height)
+        width, height, _ = tensor_shape(tensor)
+        if width * height > most:
+            raise InvalidRequest(
+                f"the hint tensor is {width}x{height}; a {config.width}x{config.height} "
+                f"request takes a hint of at most {most} pixels"
+            )
+        async with self._decoding:
+            image = await asyncio.to_thread(lambda: encode_png_base64(decode_tensor(tensor, most)))
+        control = config.controls[0]
+        return {
+            "name": control.file,
+            "image": image,
+            "scale": control.weight,
+            "start": control.guidance_start,
+            "end": control.guidance_end,
+        }
 
 
 UNIMPLEMENTED = {
