@@ -317,11 +317,21 @@ async def subscriber_json(event: Event, inline: LocalStorage | None) -> str:
     if inline is not None and event.type is EventType.succeeded and event.content is None:
         refs: list[ImageRef | AudioRef] = [*(event.images or []), *(event.audio or [])]
         with contextlib.suppress(EaselError, OSError):  # files gone: the URLs remain
-            content = await asyncio.to_thread(inline.inline, refs)
-            if content is not None:  # this subscriber's own copy, encoded for it alone
-                with_content = event.model_copy(update={"content": content})
-                return with_content.model_dump_json(exclude_none=True)
+            text = await asyncio.to_thread(_with_content, event, inline, refs)
+            if text is not None:
+                return text
     return event_json(event)
+
+
+def _with_content(
+    event: Event, inline: LocalStorage, refs: list[ImageRef | AudioRef]
+) -> str | None:
+    """This subscriber's own copy, with the files base64 inside, as JSON; blocks (megabytes
+    of base64 are read, encoded and dumped here, not on the event loop)."""
+    content = inline.inline(refs)
+    if content is None:
+        return None
+    return event.model_copy(update={"content": content}).model_dump_json(exclude_none=True)
 
 
 async def _until_disconnect(websocket: WebSocket) -> None:
