@@ -253,3 +253,12 @@ async def test_a_kandinsky_payload_runs_on_a_kandinsky_model(
     assert Executor.kandinsky not in plain.executors  # an SD model only
     with pytest.raises(Unsupported, match="cannot run kandinsky payloads"):
         plain.check(sent)
+
+
+async def test_a_model_loads_ahead_of_its_jobs(backend: DiffusersBackend) -> None:
+    """Model pressure: the fleet asks an idle backend to load a model before its jobs."""
+    assert backend.preloads
+    backend.cache.clear()  # whatever earlier tests left loaded
+    assert not {m.name: m.loaded for m in backend.models()}[model("sd3")]
+    await backend.load(model("sd3"))
+    assert {m.name: m.loaded for m in backend.models()}[model("sd3")]
