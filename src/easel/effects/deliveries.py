@@ -2,8 +2,9 @@
 
 A :class:`Delivery` is one event for one job's webhook. The queue hands it to one sender,
 keeps it through restarts until the sender settles it (delivered, retry later, or dead),
-and records the job's :class:`~easel.jobs.WebhookDelivery` summary in the same step, so
-every replica shows the same counters:
+and records the job's :class:`~easel.jobs.WebhookDelivery` summary on its record as it
+settles, one at a time per deployment, so every replica shows the same counters
+(``tests/test_deliveries.py`` holds both implementations to one contract):
 
 - :class:`SqliteDeliveries` (embedded): a table next to the job database; the dispatcher
   adds the events of the in-process bus; one job's events go out in order.
@@ -120,10 +121,6 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_by_job ON deliveries(job_id, state, seq);
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, due);
-CREATE TABLE IF NOT EXISTS webhook_state (
-    job_id TEXT PRIMARY KEY,
-    data TEXT NOT NULL
-);
 """
 _NEXT = """
 SELECT d.id, d.event, d.attempts FROM deliveries d
@@ -179,6 +176,8 @@ class SqliteDeliveries(DeliveryQueue):
         return self._conn
 
     async def add(self, event: Event) -> None:
+        if event.type not in DELIVERED_TYPES:
+            return
         conn = self._db()
         row = (uuid.uuid4().hex, event.job_id, event.model_dump_json(), time.time())
         await asyncio.to_thread(
@@ -225,57 +224,43 @@ class SqliteDeliveries(DeliveryQueue):
         retry_in: float = 0.0,
     ) -> WebhookDelivery:
         conn = self._db()
-        summary: WebhookDelivery
+        job_id = delivery.event.job_id
         async with self._settling:  # one summary update at a time: counters never regress
-            summary = await asyncio.to_thread(
-                self._locked, self._settle, conn, delivery, url, outcome, error, retry_in
+            await asyncio.to_thread(
+                self._locked, self._settle, conn, delivery, outcome, error, retry_in
             )
             self._taken.discard(delivery.id)
             if self._added is not None:
                 self._added.set()  # the job's next event may go now
-            try:
-                await self.store.annotate(delivery.event.job_id, webhook=summary)
+            try:  # the summary lives on the job's record (this process owns the store)
+                before = (await self.store.get(job_id)).webhook or WebhookDelivery(url=url)
+                summary = _next_summary(before, url, outcome, error)
+                await self.store.annotate(job_id, webhook=summary)
             except EaselError as exc:
                 log.warning("webhook of job %s: state not recorded on the job: %s",
-                            delivery.event.job_id, exc)  # fmt: skip
+                            job_id, exc)  # fmt: skip
+                summary = _next_summary(WebhookDelivery(url=url), url, outcome, error)
         return summary
 
     @staticmethod
     def _settle(
         conn: sqlite3.Connection,
         delivery: Delivery,
-        url: str,
         outcome: Outcome,
         error: str | None,
         retry_in: float,
-    ) -> WebhookDelivery:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if outcome is Outcome.delivered:
-                conn.execute("DELETE FROM deliveries WHERE id = ?", (delivery.id,))
-            else:
-                state = "pending" if outcome is Outcome.retry else "dead"
-                conn.execute(
-                    "UPDATE deliveries SET attempts = attempts + 1, due = ?, state = ?, "
-                    "last_error = ? WHERE id = ?",
-                    (time.time() + retry_in, state, error, delivery.id),
-                )
-            row = conn.execute(
-                "SELECT data FROM webhook_state WHERE job_id = ?", (delivery.event.job_id,)
-            ).fetchone()
-            before = (
-                WebhookDelivery.model_validate_json(row[0]) if row else WebhookDelivery(url=url)
-            )
-            summary = _next_summary(before, url, outcome, error)
-            conn.execute(
-                "INSERT OR REPLACE INTO webhook_state (job_id, data) VALUES (?, ?)",
-                (delivery.event.job_id, summary.model_dump_json()),
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return summary
+    ) -> None:
+        """Delivered rows go; a retry is due later; a dead letter stays (pruned after
+        ``DEAD_KEPT_SECONDS``)."""
+        if outcome is Outcome.delivered:
+            conn.execute("DELETE FROM deliveries WHERE id = ?", (delivery.id,))
+            return
+        state = "pending" if outcome is Outcome.retry else "dead"
+        conn.execute(
+            "UPDATE deliveries SET attempts = attempts + 1, due = ?, state = ?, "
+            "last_error = ? WHERE id = ?",
+            (time.time() + retry_in, state, error, delivery.id),
+        )
 
     async def release(self, delivery: Delivery) -> None:
         self._taken.discard(delivery.id)  # the row is still pending: taken again later
