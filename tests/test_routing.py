@@ -214,3 +214,20 @@ def test_an_idle_backend_steals_sooner_than_arrivals_move() -> None:
     assert choose(want, [warm, cold], policy) == warm  # 100 s < 16 x 20 s: stays warm
     idle = replace(cold, outstanding=0)  # out of work: 100 s > 4 x 10 s, it takes them
     assert take("cold", [(want, "warm")] * 3, [warm, idle], policy)
+
+
+@settings(max_examples=40, deadline=None)
+@given(fleets(), st.lists(st.tuples(wants, st.sampled_from([f"b{i}" for i in range(6)]))))
+def test_a_claim_loads_only_a_missing_wanted_model_and_takes_what_it_can_run(
+    fleet: list[BackendView], queued: list[tuple[Want, str]]
+) -> None:
+    idle = fleet[0]
+    model, taken = claim(idle.name, queued, fleet)
+    if model is not None:
+        assert idle.up and idle.serves(model)
+        assert model not in {m for b in fleet if b.up for m in b.loaded}
+        assert any(want.model == model for want, _ in queued)
+    assert len({queued[i][0].model for i in taken}) <= 1
+    for index in taken:
+        want, owner = queued[index]
+        assert owner != idle.name and capable(want, idle)
