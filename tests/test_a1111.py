@@ -208,9 +208,9 @@ def test_another_replica_shows_and_interrupts_the_callers_job(
 
     common = {"redis_url": redis_url, "redis_prefix": f"a1111:{uuid.uuid4().hex[:8]}:",
               "backend": "mock"}  # fmt: skip
-    first = Settings(data_dir=tmp_path / "a", concurrency=1, **common)
+    first = Settings.model_validate({"data_dir": tmp_path / "a", "concurrency": 1, **common})
     runtime = Runtime(first, backends={"mock": PreviewMock(step_delay=0.03)})
-    second = Settings(data_dir=tmp_path / "b", concurrency=0, **common)
+    second = Settings.model_validate({"data_dir": tmp_path / "b", "concurrency": 0, **common})
     with serve(create_app(runtime=runtime)) as a, serve(create_app(second)) as b:
         api = _api(a, username="ann", password="x")
         elsewhere = _api(b, username="ann", password="x")

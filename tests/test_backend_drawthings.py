@@ -10,7 +10,7 @@ import pytest
 
 from easel.backends import registry
 from easel.errors import Unsupported
-from easel.jobs import GenerationRequest, JobState
+from easel.jobs import ControlNetSpec, GenerationRequest, JobState, LoraSpec
 from tests.engines import cancel_on, eventually, progress_of, run_job, runtime_with
 from tests.servers import Process, free_port
 
@@ -112,16 +112,16 @@ async def test_loras_and_a_controlnet_go_on_the_wire(tmp_path: Path) -> None:
     app = create_app(load_settings(config, data_dir=tmp_path / "peer"), grpc_port=0)
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (250, 10, 10)).save(buffer, "PNG")
-    control = {
+    control = ControlNetSpec.model_validate({
         "name": "sd15-depth", "image": base64.b64encode(buffer.getvalue()).decode(),
         "scale": 0.8, "start": 0.1, "end": 0.9,
-    }  # fmt: skip
+    })  # fmt: skip
     with serve(app) as url:
         backend = registry.create("drawthings", address=f"127.0.0.1:{app.state.grpc_port}")
         async with runtime_with(tmp_path, backend) as runtime:
             request = GenerationRequest(
                 prompt="inked", width=64, height=64, steps=2, user_id="lora-user",
-                loras=[{"name": "ink-style", "weight": 0.7}, {"name": "grain", "weight": -0.5}],
+                loras=[LoraSpec(name="ink-style", weight=0.7), LoraSpec(name="grain", weight=-0.5)],
                 controlnet=control,
             )  # fmt: skip
             job, _ = await run_job(runtime, request)

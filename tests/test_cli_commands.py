@@ -20,7 +20,7 @@ from typer.testing import CliRunner, Result
 
 from easel.cli import app
 from easel.client import Client
-from easel.config import Settings
+from easel.config import Safety, Settings
 from easel.jobs import JobState
 from easel.tiny import TINY_FAMILIES
 from tests.servers import free_port, serve
@@ -120,7 +120,7 @@ def token_server(tmp_path: Path) -> Iterator[str]:
     settings = Settings(
         data_dir=tmp_path / "tokens",
         mock_step_delay=0.0,
-        safety={"tokens": [{"service": "cli", "token": TOKEN}]},
+        safety=Safety.model_validate({"tokens": [{"service": "cli", "token": TOKEN}]}),
     )
     with serve(create_app(settings)) as url:
         yield url
@@ -242,13 +242,13 @@ def test_easel_serve_logs_one_line_per_job_state_change(tmp_path: Path) -> None:
             )  # fmt: skip
         servers.append((process, f"http://127.0.0.1:{port}", tmp_path / f"{log_format}.log"))
     try:
-        jobs = {}
+        jobs: dict[str, tuple[str, str]] = {}
         for process, url, log_path in servers:
             _until_healthy(process, url, log_path)
             with Client(url, user_id="ann") as client:
-                ok = client.generate("a fox", width=64, height=64, steps=2)
-                failed = client.generate("[mock:fail]", width=64, height=64, steps=2)
-            jobs[url] = (ok.id, failed.id)
+                done = client.generate("a fox", width=64, height=64, steps=2)
+                broken = client.generate("[mock:fail]", width=64, height=64, steps=2)
+            jobs[url] = (done.id, broken.id)
     finally:
         for process, _, _ in servers:
             process.terminate()

@@ -29,8 +29,8 @@ def test_a_job_submitted_through_another_replica_keeps_its_labels(
     record (backend, model), never ``unknown``, and measures its wait and run too."""
     common = {"redis_url": redis_url, "redis_prefix": f"metrics:{uuid.uuid4().hex[:8]}:",
               "backend": "mock", "mock_step_delay": 0.0}  # fmt: skip
-    first = Settings(data_dir=tmp_path / "a", concurrency=1, **common)
-    second = Settings(data_dir=tmp_path / "b", concurrency=0, **common)
+    first = Settings.model_validate({"data_dir": tmp_path / "a", "concurrency": 1, **common})
+    second = Settings.model_validate({"data_dir": tmp_path / "b", "concurrency": 0, **common})
     finished = 'easel_jobs_finished_total{backend="mock",state="succeeded"}'
     with serve(create_app(first)) as a, serve(create_app(second)) as b:
         body = {"prompt": "a kite", "width": 64, "height": 64, "steps": 2}
