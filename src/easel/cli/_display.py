@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -21,8 +22,12 @@ EventCallback = Callable[[Event], None]
 
 
 @contextmanager
-def job_display(name: str, jobs: int) -> Iterator[EventCallback]:
-    """A rich display of ``jobs`` jobs called ``name``; yields the event callback."""
+def job_display(name: str, jobs: int, starting: str | None = None) -> Iterator[EventCallback]:
+    """A rich display of ``jobs`` jobs called ``name``; yields the event callback.
+
+    Drawn from the first event (a job never submitted leaves only its error line), or at
+    once with ``starting`` as the total line's text: easel embedded in the command starts
+    (and loads its model) before any job exists."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -30,13 +35,18 @@ def job_display(name: str, jobs: int) -> Iterator[EventCallback]:
         TimeElapsedColumn(),
     )
     progress = Progress(*columns, console=console)
-    total = progress.add_task(f"{name}: jobs done", total=jobs)
+    done_text = f"{name}: jobs done"
+    total = progress.add_task(f"{name}: {starting}" if starting else done_text, total=jobs)
+    if starting:
+        progress.start()
     lines: dict[str, Any] = {}
     ended: set[str] = set()
 
     def on_event(event: Event) -> None:
-        if not progress.live.is_started:  # drawn from the first event: a job that never
-            progress.start()  # got submitted leaves only its error line
+        if not progress.live.is_started:
+            progress.start()
+        if not lines:
+            progress.update(total, description=done_text)
         if event.job_id not in lines:
             label = f"  job {len(lines) + 1}"
             lines[event.job_id] = (label, progress.add_task(f"{label} submitted", total=None))
@@ -66,3 +76,10 @@ def job_display(name: str, jobs: int) -> Iterator[EventCallback]:
     finally:
         if progress.live.is_started:
             progress.stop()
+
+
+def starting_text(server: str | None, model: str | None) -> str | None:
+    """What the display of a run embedded in the command says before its jobs exist."""
+    if server is not None:
+        return None
+    return f"loading model {Path(model).name}" if model else "starting"

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from easel.cli._display import job_display
+from easel.cli._display import job_display, starting_text
 from easel.cli._output import AsJson, Server, Token, emit, errors, exit_for, usage
 from easel.cli.serve import Backend, Model
 from easel.jobs import JobState
@@ -102,7 +102,7 @@ def generate(
         params["init_image"] = base64.b64encode(init_image.read_bytes()).decode()
     with errors():
         output_dir.mkdir(parents=True, exist_ok=True)
-    with errors(), job_display("generate", 1) as on_event:
+    with errors(), job_display("generate", 1, starting_text(server, model)) as on_event:
         job, paths = asyncio.run(
             generate_files(
                 params,

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from easel.cli._display import job_display
+from easel.cli._display import job_display, starting_text
 from easel.cli._output import AsJson, ExitCode, Token, console, emit, errors, exit_for, usage
 from easel.projects.files import Project, ProjectFileError, PromptSet, load_project
 from easel.projects.run import Finished, Planned, Target, run_jobs
@@ -203,7 +203,8 @@ def _run_set(
         diffusers=resolved.diffusers,
         not_applied=resolved.not_applied,
     )
-    with errors(), job_display(prompt_set.name, batch) as on_event:
+    starting = starting_text(server, model)
+    with errors(), job_display(prompt_set.name, batch, starting) as on_event:
         return asyncio.run(run_jobs(target, planned, on_event))
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from easel.cli._display import job_display
+from easel.cli._display import job_display, starting_text
 from easel.cli._output import AsJson, Token, console, emit, errors, exit_for
 
 
@@ -60,7 +60,7 @@ def reproduce(
     target = output_dir / "reproduced" / f"{image.stem}-{time.strftime('%Y%m%d_%H%M%S')}.png"
     with errors():
         target.parent.mkdir(parents=True, exist_ok=True)
-    with errors(), job_display(image.name, 1) as on_event:
+    with errors(), job_display(image.name, 1, starting_text(server, chosen_model)) as on_event:
         job, paths = asyncio.run(
             generate_files(
                 found.request,
