@@ -31,16 +31,21 @@ from tests.test_worker import GatedStorage, _drain, _request
 class Outage:
     """A real store that a test can take down (``down``) and bring back. ``lose_reply``
     makes the next call of that name land, then fail as if the reply was lost with the
-    connection. ``refused`` counts the calls refused, per method; ``refusing`` is set when
-    a method named in ``watch`` was refused."""
+    connection. ``refused`` counts the calls refused, per method (:meth:`until` awaits
+    a count)."""
 
-    def __init__(self, inner: JobStore, watch: str = "complete") -> None:
+    def __init__(self, inner: JobStore) -> None:
         self.inner = inner
         self.down = False
         self.lose_reply: str | None = None
         self.refused: Counter[str] = Counter()
-        self.watch = watch
-        self.refusing = asyncio.Event()
+        self._refusing = asyncio.Event()
+
+    async def until(self, **counts: int) -> None:
+        """Until each named method was refused at least that many times."""
+        while any(self.refused[name] < count for name, count in counts.items()):
+            self._refusing.clear()
+            await self._refusing.wait()
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self.inner, name)
@@ -50,8 +55,7 @@ class Outage:
         async def call(*args: Any, **kwargs: Any) -> Any:
             if self.down:
                 self.refused[name] += 1
-                if name == self.watch:
-                    self.refusing.set()
+                self._refusing.set()
                 raise StoreUnavailable(f"the store is down (test outage, {name})")
             result = await attribute(*args, **kwargs)
             if self.lose_reply == name:
@@ -117,9 +121,7 @@ async def _down_while_committing(
     assert await gated.saving.get() == job_id  # the backend produced its image
     outage.down = True
     gated.release(job_id)
-    while outage.refused["complete"] < 2:
-        outage.refusing.clear()
-        await outage.refusing.wait()
+    await outage.until(complete=2)
     return job_id
 
 
@@ -136,6 +138,29 @@ async def test_a_job_whose_commit_meets_an_outage_succeeds_once_the_store_is_bac
     assert runtime.storage.path(done.images[0]).is_file()
     types = _types(events, job_id)
     assert types.count(EventType.succeeded) == 1 and EventType.failed not in types
+
+
+async def test_leases_that_ran_out_during_the_outage_are_not_reaped_from_live_workers(
+    tmp_path: Path, outage: Outage, gated: GatedStorage
+) -> None:
+    """The outage lasts several leases: every lease looks run out when the store is back.
+    The reaper gives the workers a lease first; this one renews and commits: one run."""
+    settings = Settings(  # as easel worker's: beats every 1/1.2 lease, reaps every 1/2 lease
+        data_dir=tmp_path / "data", backend="mock", lease_seconds=1.0, heartbeat_seconds=0.8
+    )
+    runtime = Runtime(settings, store=outage, storage=gated)  # type: ignore[arg-type]
+    await runtime.start()
+    try:
+        events = runtime.bus.subscribe()
+        job_id = await _down_while_committing(runtime, outage, gated, "outlives its lease")
+        await outage.until(heartbeat=3, expire_leases=1)  # 3 beats: over 2 leases long
+        outage.down = False
+        done = await _final(runtime, job_id)
+    finally:
+        outage.down = False
+        await runtime.stop()
+    assert done.state is JobState.succeeded and done.attempts == 1 and len(done.runs) == 1
+    assert _types(events, job_id).count(EventType.started) == 1  # it never ran again
 
 
 async def test_a_lease_lost_during_the_outage_runs_the_job_again(
@@ -197,14 +222,11 @@ async def test_a_retry_recorded_during_an_outage_lands_when_the_store_is_back(
     """A transient backend failure while the store is down: the requeue is kept and tried
     until it lands; the job runs again and succeeds (no ``failed``, nothing stranded)."""
     backend = runtime.workers[0].backend
-    outage.watch = "requeue"
     backend.generate = _FailOnce(outage).wrap(backend.generate)  # type: ignore[method-assign]
     gated.release_all()
     events = runtime.bus.subscribe()
     job_id = (await runtime.submit(_request("requeue through the outage"))).id
-    while outage.refused["requeue"] < 2:
-        outage.refusing.clear()
-        await outage.refusing.wait()
+    await outage.until(requeue=2)
     outage.down = False
     done = await _final(runtime, job_id)
     assert done.state is JobState.succeeded and done.attempts == 2

@@ -25,7 +25,7 @@ from easel.constants import WORKER_TTL_BEATS
 from easel.effects.deliveries import DELIVERED_TYPES
 from easel.effects.metrics import Metrics
 from easel.effects.webhooks import Webhooks
-from easel.errors import EaselError
+from easel.errors import EaselError, StoreUnavailable
 from easel.events.bus import EventBus
 from easel.jobs import EVENT_FOR_STATE, FINAL_EVENTS, Event, EventType
 from easel.results.s3 import Uploads
@@ -231,7 +231,13 @@ class UploadFlush(Extension):
 
 
 class LeaseReaper(_Loop):
-    """Puts back jobs whose worker stopped renewing its lease (a hung or killed worker)."""
+    """Puts back jobs whose worker stopped renewing its lease (a hung or killed worker).
+
+    A store outage silences every worker's heartbeats at once, so right after one every
+    lease looks run out: the reaper then waits one more lease before it reaps, and the
+    workers, alive all along, renew their leases (or commit their results) first. Only
+    the jobs of workers that really went away are put back, a lease later.
+    """
 
     name = "reaper"
 
@@ -240,16 +246,28 @@ class LeaseReaper(_Loop):
     ) -> None:
         super().__init__()
         self.store, self.bus, self.doorbell = store, bus, doorbell
+        self.lease_seconds = lease_seconds
         self.interval = max(lease_seconds / 2, 0.5)
 
     async def run(self) -> None:
+        outage = False
         while not self.stopping:
             await asyncio.sleep(self.interval)
             try:
+                if outage:
+                    await self.store.stats()  # back? then give the workers a lease
+                    outage = False
+                    log.info("the store is back; leases are reaped again in %.1fs",
+                             self.lease_seconds)  # fmt: skip
+                    await asyncio.sleep(self.lease_seconds)
                 for job in await self.store.expire_leases():
                     type = EVENT_FOR_STATE[job.state]
                     await self.bus.publish(Event.of(job, type, error=job.error))
                     self.doorbell.set()
+            except StoreUnavailable as exc:
+                outage = True
+                log.warning("could not expire leases (%s); trying again in %.1fs",
+                            exc.message, self.interval)  # fmt: skip
             except Exception:
                 log.exception("could not expire leases; trying again in %.0fs", self.interval)
 

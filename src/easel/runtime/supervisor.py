@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 
 from easel.errors import EaselError
@@ -23,19 +24,23 @@ from easel.runtime.worker import Worker
 from easel.store.base import JobStore
 
 log = logging.getLogger("easel")
+_RECONNECT_CAP_SECONDS = 10.0
 
 
 async def keep_running(worker: Worker) -> int:
     """``worker.run()``, started again after a store or bus outage until it is stopped."""
     done = failures = 0
     while True:
+        began = time.monotonic()
         try:
             return done + await worker.run()
         except Exception as exc:
             if worker.stopping:
                 return done
+            if time.monotonic() - began > _RECONNECT_CAP_SECONDS:
+                failures = 0  # it ran fine for a while: this is a new outage
             failures += 1
-            delay = retry_delay(failures, base=0.2, cap=10.0)
+            delay = retry_delay(failures, base=0.2, cap=_RECONNECT_CAP_SECONDS)
             if isinstance(exc, EaselError):
                 log.warning("worker %s: %s; reconnecting in %.1fs", worker.id, exc.message, delay)
             else:
