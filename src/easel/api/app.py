@@ -73,6 +73,7 @@ def create_app(
         ),
         lifespan=lifespan,
         responses={
+            400: {"model": errors.ErrorResponse, "description": "Malformed request (not JSON)"},
             422: {"model": errors.ErrorResponse, "description": "Invalid request"},
         },
     )

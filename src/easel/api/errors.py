@@ -95,7 +95,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(error_for_status(exc.status_code, str(exc.detail)))
+        response = error_response(error_for_status(exc.status_code, str(exc.detail)))
+        response.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110), for one
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

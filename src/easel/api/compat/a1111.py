@@ -63,8 +63,23 @@ from easel.samplers import A1111_SCHEDULERS, a1111_sampler, known_sampler
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 internal = APIRouter(prefix="/internal", tags=["automatic1111"])
 """A1111's per-task progress (its web UI's own route), for clients that set force_task_id."""
+
+
+class A1111HTTPError(BaseModel):
+    """A1111's own error shape, which its clients match on (an unknown sampler)."""
+
+    error: str = Field(examples=["HTTPException"])
+    detail: str
+    body: str
+    errors: str
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "Model not served here"},
+    404: {
+        "model": ErrorResponse | A1111HTTPError,
+        "description": "Model not served here (easel's error), or a sampler A1111 does not "
+        "know (A1111's own shape)",
+    },
     429: {"model": ErrorResponse, "description": "The caller's queue is full"},
     500: {"model": ErrorResponse, "description": "The generation failed"},
 }
