@@ -16,7 +16,6 @@ from easel.api import create_app
 from easel.config import Limits, Settings
 from tests.servers import serve
 
-
 CHECKS = (
     "not_a_server_error",
     "status_code_conformance",  # every status answered is documented (400, 422, ...)
