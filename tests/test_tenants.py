@@ -39,7 +39,7 @@ def deployment(
     redis-server) with the workers in the same process."""
     redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
     data_dir = tmp_path_factory.mktemp(f"tenants-{request.param}") / "data"
-    with two_services_server(data_dir, redis_url) as served:
+    with two_services_server(data_dir, redis_url, mock_models=["mock-xl"]) as served:
         yield served
 
 
@@ -64,6 +64,26 @@ def submit(url: str, token: str, **fields: Any) -> dict[str, Any]:
     assert answer.status_code == 202, answer.text
     job: dict[str, Any] = answer.json()
     return job
+
+
+def test_a1111_options_are_each_services_own(two_services: str) -> None:
+    """Bravo switches its A1111 model; alpha's stays the default, and alpha's txt2img runs
+    on it (A1111's /options is a server setting: here each service has its own)."""
+    url = two_services
+    options = f"{url}/sdapi/v1/options"
+    switched = httpx.post(options, json={"sd_model_checkpoint": "mock-xl"}, headers=bearer(BRAVO))
+    assert switched.status_code == 200 and switched.json()["sd_model_checkpoint"] == "mock-xl"
+    assert httpx.get(options, headers=bearer(ALPHA)).json()["sd_model_checkpoint"] == "mock"
+    assert httpx.get(options, headers=bearer(BRAVO)).json()["sd_model_checkpoint"] == "mock-xl"
+    body = {"prompt": "which model", "width": 64, "height": 64, "steps": 1}
+    for token, models in ((ALPHA, {None, "mock"}), (BRAVO, {"mock-xl"})):
+        headers = bearer(token, **{"X-Easel-User": "options-user"})
+        answer = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, headers=headers, timeout=60)
+        assert answer.status_code == 200, answer.text
+        jobs = httpx.get(f"{url}/v1/jobs", params={"user_id": "options-user"},
+                         headers=bearer(token)).json()["jobs"]  # fmt: skip
+        assert len(jobs) == 1 and jobs[0]["request"]["model"] in models, (token, jobs)
+    httpx.post(options, json={"sd_model_checkpoint": "mock"}, headers=bearer(BRAVO))
 
 
 def test_every_native_route_as_the_other_service(two_services: str) -> None:

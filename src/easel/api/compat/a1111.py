@@ -235,12 +235,23 @@ class _Live:
 
 
 class A1111State:
-    """The server-wide A1111 state: the model set by ``/options``, each caller's latest job."""
+    """The A1111 state: the model each service set by ``/options`` (an A1111 server's own
+    setting: here each service has its own, so one cannot switch another's model), each
+    caller's latest job."""
 
     def __init__(self) -> None:
-        self.model: str | None = None
+        self.models: dict[str, str] = {}  # service ('' when no tokens) -> model
         self.live: OrderedDict[str, _Live] = OrderedDict()
         self.tasks: OrderedDict[str, _Live] = OrderedDict()
+
+    @property
+    def model(self) -> str | None:
+        """The calling service's model, if it chose one."""
+        return self.models.get(_service_name())
+
+    @model.setter
+    def model(self, name: str) -> None:
+        self.models[_service_name()] = name
 
     def track(self, who: str, job_id: str, task_id: str | None = None) -> _Live:
         live = _Live(job_id, time.time(), owner=who)
@@ -567,11 +578,15 @@ async def _stored_progress(request: Request, job: Job) -> ProgressResponse:
     )
 
 
+def _service_name() -> str:
+    service = current_service.get()
+    return service.name if service else ""
+
+
 def _account(request: Request, user: str | None = None) -> str:
     """Whose "current job" a call means: the caller within its service, so that two
     services' users of the same name never see or interrupt each other's jobs."""
-    service = current_service.get()
-    return f"{service.name if service else ''}\0{user or caller(request)}"
+    return f"{_service_name()}\0{user or caller(request)}"
 
 
 async def _generate(request: Request, body: Txt2ImgRequest) -> A1111Images:
