@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import AsyncIterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -337,6 +338,7 @@ class HeldBackend(MockBackend):
         self.hold: dict[str, asyncio.Event] = {}
         self.ran: list[str] = []
         self.running: asyncio.Queue[str] = asyncio.Queue()
+        self.held_ahead: list[Any] = []  # what the worker claimed ahead (set by the test)
 
     async def generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:
         self.ran.append(request.prompt)
@@ -364,6 +366,7 @@ async def _holding_ahead(tmp_path: Path, **settings: object) -> tuple[Runtime, H
     async def signalling() -> object:
         held = await claim_ahead()
         if held is not None:
+            backend.held_ahead.append(held)
             claimed.set()
         return held
 
@@ -420,6 +423,9 @@ async def test_a_lease_lost_while_claimed_ahead_is_honoured(tmp_path: Path) -> N
 async def test_a_crash_while_a_job_is_claimed_ahead_runs_it_again(tmp_path: Path) -> None:
     first, backend, next_id = await _holding_ahead(tmp_path)
     await _crash(first)
+    [held] = backend.held_ahead
+    await asyncio.wait([held.heartbeat], timeout=30)
+    assert held.heartbeat.cancelled()  # the dead worker's lease is left to expire
     backend.hold["hold"].set()  # the orphaned backend call ends; nothing commits it
 
     second = Runtime(_settings(tmp_path))

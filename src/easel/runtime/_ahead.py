@@ -61,8 +61,13 @@ class Ahead(Generic[H]):
         self._go.set()
         return await task
 
-    def cancel(self) -> None:
-        """Abandon it (the process is going down: what it holds is left to its lease)."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+    def cancel(self) -> H | None:
+        """Abandon it (the process is going down); returns what it holds if its claim had
+        finished, for the caller to let go of (the jobs are left to their leases)."""
+        task, self._task = self._task, None
+        if task is None:
+            return None
+        if task.done():
+            return None if task.cancelled() or task.exception() else task.result()
+        task.cancel()
+        return None

@@ -204,7 +204,8 @@ class Worker:
                 await self._give_back(await self._ahead.take())
                 await self.finisher.drain()
             except asyncio.CancelledError:
-                self._ahead.cancel()  # what it holds is left to its lease, like the rest
+                if (ahead := self._ahead.cancel()) is not None:
+                    ahead.heartbeat.cancel()  # left to its lease, like the rest
                 self.finisher.cancel()  # leases expire: the jobs run again, or stay committed
                 raise
             except Exception:
@@ -242,13 +243,17 @@ class Worker:
         if held is None:
             return None
         self._held_ahead = held.jobs
-        for job in held.jobs:  # a cancel that landed between the claim and its flag
-            try:
-                fresh = await self.store.get(job.id)
-            except EaselError:
-                continue  # the heartbeat finds out soon enough
-            if fresh.state is not JobState.running or fresh.worker_id != self.id:
-                held.cancels[job.id].set()
+        try:
+            for job in held.jobs:  # a cancel that landed between the claim and its flag
+                try:
+                    fresh = await self.store.get(job.id)
+                except EaselError:
+                    continue  # the heartbeat finds out soon enough
+                if fresh.state is not JobState.running or fresh.worker_id != self.id:
+                    held.cancels[job.id].set()
+        except BaseException:
+            held.heartbeat.cancel()  # abandoned (the worker is going down): leases expire
+            raise
         return held
 
     async def _give_back(self, held: _Held | None) -> None:
@@ -258,7 +263,8 @@ class Worker:
         self._held_ahead = []
         held.heartbeat.cancel()
         for job in held.jobs:
-            del self._cancels[job.id]
+            if self._cancels.get(job.id) is held.cancels[job.id]:
+                del self._cancels[job.id]
             if held.cancels[job.id].is_set():
                 continue  # cancelled or no longer ours
             try:
