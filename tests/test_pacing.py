@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 
+import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from easel.events.pacing import Pacer, pacer
+from tests.tenants import SMALL
 
 
 async def test_at_most_per_turn_sends_per_iteration_first_come_first_served() -> None:
@@ -46,3 +50,34 @@ async def test_one_pacer_per_loop() -> None:
 def test_per_turn_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Pacer(per_turn=0)
+
+
+async def test_forty_websocket_subscribers_each_get_every_event_in_order(server: str) -> None:
+    """A burst to more subscribers than one iteration's sends: paced, nothing lost or
+    reordered (a real server, real websocket clients)."""
+    url = server.replace("http", "ws") + "/v1/events?user_id=pace&after=0"
+    async with httpx.AsyncClient(base_url=server, timeout=30) as http:
+        ids = []
+        for n in range(3):
+            body = {"prompt": f"pace {n}", "user_id": "pace", **SMALL}
+            ids.append((await http.post("/v1/jobs", json=body)).json()["id"])
+
+    async def follow() -> list[tuple[str, str, int | None, int]]:
+        seen = []
+        async with connect(url, max_size=None) as ws:
+            done = 0
+            while done < len(ids):
+                event = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                seen.append((event["job_id"], event["type"], event.get("step"), event["id"]))
+                done += event["type"] == "succeeded"
+        return seen
+
+    views = await asyncio.gather(*(follow() for _ in range(40)))
+    assert all(view == views[0] for view in views)
+    event_ids = [event_id for *_, event_id in views[0]]
+    assert event_ids == sorted(event_ids)
+    for job_id in ids:
+        assert [(kind, step) for job, kind, step, _ in views[0] if job == job_id] == [
+            ("queued", None), ("started", None), ("progress", 1), ("progress", 2),
+            ("succeeded", None),
+        ]  # fmt: skip
