@@ -97,6 +97,21 @@ def test_weights_give_users_proportional_shares() -> None:
     assert Counter(j[0] for j in first) == {"g": 30, "s": 10}
 
 
+def test_accounts_are_per_service_and_weights_name_one_or_every_service() -> None:
+    """Two services' carol are two accounts (equal jobs alternate between them, each
+    counted apart); ``bot/carol`` weighs bot's carol only, a bare ``dave`` every dave."""
+    policy = Policy(aging_seconds=None, weights={"bot/carol": 3.0, "dave": 2.0})
+    assert policy.weight("bot", "carol") == 3.0 and policy.weight("web", "carol") == 1.0
+    assert policy.weight("bot", "dave") == policy.weight(None, "dave") == 2.0
+    queue = FairQueue(NO_AGING)
+    for i in range(3):
+        queue.push(Entry(f"b{i}", "carol", 0, "mock", service="bot"))
+    queue.push(Entry("w0", "carol", 0, "mock", service="web"))
+    assert queue.user_counts() == {"bot/carol": 3, "web/carol": 1}
+    assert queue.queued_for("carol", "web") == 1 and queue.queued_for("carol") == 0
+    assert served(queue) == ["b0", "w0", "b1", "b2"]  # not behind bot's carol's backlog
+
+
 def test_aging_gives_a_starving_tier_one_decision_in_four() -> None:
     queue = FairQueue(Policy(aging_seconds=60, aged_every=4))
     for i in range(3):
