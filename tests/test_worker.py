@@ -21,7 +21,7 @@ from easel.backends.base import GenerationResult, RunContext
 from easel.backends.mock import MockBackend
 from easel.config import Settings
 from easel.events.bus import InProcessEventBus, Subscription
-from easel.jobs import Event, EventType, GenerationRequest, ImageRef, Job, JobState
+from easel.jobs import Event, EventType, GenerationRequest, ImageRef, Job, JobState, Phase
 from easel.results.files import LocalStorage
 from easel.runtime._ahead import Ahead
 from easel.runtime._finisher import in_results_thread
@@ -452,3 +452,29 @@ async def test_stopping_gives_a_job_claimed_ahead_back_unspent(tmp_path: Path) -
         await again.stop()
     assert record.state is JobState.queued and record.attempts == 0
     assert "next" not in backend.ran
+
+
+async def test_a_job_whose_model_must_load_first_says_so_when_it_starts(tmp_path: Path) -> None:
+    """The signal the progress display shows: a cold backend's first job starts with the
+    phase ``loading_model`` and the model's name; the next job for that model (in memory
+    now) starts without it; a job for another model loads again."""
+    settings = Settings(
+        data_dir=tmp_path / "data", backend="mock", mock_load_seconds=0.05, mock_models=["other"]
+    )
+    async with Runtime(settings) as runtime:
+        events = runtime.bus.subscribe()
+        jobs = []
+        for model in (None, "mock", "other"):
+            view = await runtime.submit(_request("p").model_copy(update={"model": model}))
+            assert (await runtime.wait(view.id, timeout=30)).state is JobState.succeeded
+            jobs.append(view.id)
+        seen = _drain(events)
+    started = {e.job_id: (e.phase, e.model) for e in seen if e.type is EventType.started}
+    assert started == {
+        jobs[0]: (Phase.loading_model, "mock"),
+        jobs[1]: (None, None),
+        jobs[2]: (Phase.loading_model, "other"),
+    }
+    first = [e.type for e in seen if e.job_id == jobs[0]]
+    assert first == [EventType.queued, EventType.started, *[EventType.progress] * 3,
+                     EventType.succeeded]  # fmt: skip

@@ -234,7 +234,7 @@ class Settings(BaseSettings):
     )
     mock_overhead_seconds: float = Field(default=0.0, ge=0, description="Per mock call.")
     mock_load_seconds: float = Field(
-        default=0.0, ge=0, description="What switching the mock's model costs."
+        default=0.0, ge=0, description="Seconds the mock takes to load a model (its first too)."
     )
     mock_models: list[str] = Field(
         default_factory=list, description="More model names the mock serves (with 'mock')."

@@ -658,6 +658,13 @@ class EventType(StrEnum):
     upload_failed = "upload_failed"
 
 
+class Phase(StrEnum):
+    """What a running job waits for before its first step, said on its ``started`` event."""
+
+    loading_model = "loading_model"
+    """The backend loads the job's model first (it is not in memory, or is being loaded)."""
+
+
 FINAL_EVENTS = frozenset({EventType.succeeded, EventType.failed, EventType.cancelled})
 """The events that end a job: exactly one of them is its last."""
 
@@ -696,6 +703,12 @@ class Event(BaseModel):
     content: list[str] | None = Field(
         default=None, description="succeeded, with include_images: each result file, base64."
     )
+    phase: Phase | None = Field(
+        default=None,
+        description="started: what the job waits for before its first step (loading_model: "
+        "its backend loads the model first); the first progress event ends it.",
+    )
+    model: str | None = Field(default=None, description="The model the phase is about.")
 
     service: str | None = None
 

@@ -113,7 +113,7 @@ class MockBackend(Backend):
                 name=name,
                 backend=self.name,
                 family="mock",
-                loaded=not self.load_seconds or name == (self.loaded or MOCK_MODEL),
+                loaded=not self.load_seconds or name == self.loaded,  # loads on its first job
             )
             for name in self.model_names
         ]

@@ -1,9 +1,9 @@
 """The progress display of every command that waits for jobs: one line per job (queued with
 its position and ETA, loading model, steps, done) and a total line, fed by the jobs' events.
 
-A job's ``started`` event comes before the backend has its model ready; until its first
-step the line says ``loading model`` (the seconds a cold model takes to load), then shows
-the steps.
+A job whose backend must load its model first says so on its ``started`` event (phase
+``loading_model``): its line says ``loading model NAME`` until the first step, then shows
+the steps. A job on a backend with its model in memory goes from ``started`` to its steps.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from easel.cli._output import console
-from easel.jobs import FINAL_EVENTS, Event, EventType
+from easel.jobs import FINAL_EVENTS, Event, EventType, Phase
 
 EventCallback = Callable[[Event], None]
 
@@ -58,7 +59,9 @@ def job_display(name: str, jobs: int, starting: str | None = None) -> Iterator[E
             eta = f" eta {event.eta_seconds:.0f}s" if event.eta_seconds is not None else ""
             progress.update(task, description=f"{label} queued{where}{eta}")
         elif event.type is EventType.started:
-            progress.update(task, description=f"{label} loading model")
+            loading = event.phase is Phase.loading_model
+            what = f"loading model {escape(event.model or '')}" if loading else "started"
+            progress.update(task, description=f"{label} {what}")
         elif event.type is EventType.progress:
             progress.update(
                 task, description=f"{label} steps", completed=event.step, total=event.total

@@ -182,7 +182,9 @@ def serve(
     ] = None,
     mock_load_seconds: Annotated[
         float | None,
-        typer.Option(min=0, help="The mock's seconds to load a model it switches to [default: 0]"),
+        typer.Option(
+            min=0, help="The mock's seconds to load a model (its first, each switch) [default: 0]"
+        ),
     ] = None,
     mock_preview_every: Annotated[
         int | None,

@@ -1,11 +1,13 @@
 """The worker: lease jobs, run their backend, store the results, then announce them.
 
 Order matters and is kept for every job: ``started``, ``progress`` 1..N, then exactly one
-of ``succeeded`` / ``failed`` (or ``queued`` again for a retry); results are on disk before
-``succeeded`` is published, and final store writes run under ``asyncio.shield`` so a
-cancel cannot half-write them. A cancelled job (``cancelled`` on the bus, or a lost lease)
-stops at the next step; in a batch, the others go on. A store outage never fails a run:
-final writes and events wait for the store to come back (:mod:`easel.runtime._outage`).
+of ``succeeded`` / ``failed`` (or ``queued`` again for a retry). ``started`` has the phase
+``loading_model`` when the backend loads the job's model first (not in memory there, or
+being loaded ahead of it). Results are on disk before ``succeeded`` is published, and final
+store writes run under ``asyncio.shield`` so a cancel cannot half-write them. A cancelled
+job (``cancelled`` on the bus, or a lost lease) stops at the next step; in a batch, the
+others go on. A store outage never fails a run: final writes and events wait for the store
+to come back (:mod:`easel.runtime._outage`).
 
 Results are finished off the backend's critical path (:mod:`easel.runtime._finisher`):
 once a backend call returns, the worker starts its next job while the previous results
@@ -42,7 +44,17 @@ from easel.errors import (
     StoreUnavailable,
 )
 from easel.events.bus import EventBus
-from easel.jobs import Attempt, AudioRef, Event, EventType, ImageRef, Job, JobError, JobState
+from easel.jobs import (
+    Attempt,
+    AudioRef,
+    Event,
+    EventType,
+    ImageRef,
+    Job,
+    JobError,
+    JobState,
+    Phase,
+)
 from easel.queue.backoff import retry_delay
 from easel.queue.scheduler import RunTimes
 from easel.results.files import LocalStorage
@@ -303,8 +315,12 @@ class Worker:
         self._running = jobs
         handed_over = False
         try:
+            loading = self._must_load(jobs[0].request.model)
+            phase = Phase.loading_model if loading is not None else None
             for job in jobs:
-                await try_announce(self.bus, Event.of(job, EventType.started))
+                await try_announce(
+                    self.bus, Event.of(job, EventType.started, phase=phase, model=loading)
+                )
             if self._ended is not None:  # back to back: what a job costs besides its run
                 self.run_times.observe_gap(self.backend.name, time.monotonic() - self._ended)
             ready = None  # a model loaded ahead of these jobs (model pressure): loaded first
@@ -343,6 +359,18 @@ class Worker:
             self._running = []
             if not handed_over:
                 self._release(jobs, heartbeat, cancels)
+
+    def _must_load(self, model: str | None) -> str | None:
+        """The model a run of ``model`` waits for while the backend loads it (not loaded
+        there, or being loaded ahead of its jobs); None when it is in memory, or when the
+        backend does not say what it has loaded."""
+        pipelines = self.backend.pipelines()
+        name = model or (pipelines[0].name if pipelines else None)  # the default first
+        member = self.fleet.members.get(self.backend.name) if self.fleet is not None else None
+        if name is None or (member is not None and member.loading == name):
+            return name
+        listed = next((m for m in pipelines if m.name == name), None)
+        return name if listed is not None and not listed.loaded else None
 
     async def _finish_all(
         self,
