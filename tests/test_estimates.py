@@ -25,6 +25,7 @@ from easel.queue.estimates import (
     Shape,
     Waiting,
     material,
+    overtaking,
     project,
     spread,
 )
@@ -176,6 +177,60 @@ def test_prices_on_other_backends_scale_by_measured_speed() -> None:
     book.observe(slow, 5.0)  # its own measurement wins over the speed ratio
     assert book.prices(fast, ["slow"], speeds) == {"slow": Estimate(5.0, 5.0, 5.0)}
     assert book.prices(fast, ["unknown"], {}) == {"unknown": Estimate(2.0, 2.0, 2.0)}
+
+
+@given(st.lists(st.floats(0.1, 10), min_size=2, max_size=30))
+def test_the_range_of_a_wait_sums_the_spreads_of_the_runs_ahead(runs: list[float]) -> None:
+    """Each run spread +-20%: the wait's p10-p90 widens like the square root of the runs
+    ahead (independent times), not like their sum, and always holds the mid."""
+    jobs = [Waiting(str(i), "gpu", None, Estimate(0.8 * r, r, 1.2 * r)) for i, r in enumerate(runs)]
+    projected = project(jobs, [Lane("gpu")], lambda route, model: 0.0)
+    last = projected[-1]
+    ahead = runs[:-1]
+    assert last.wait.mid == pytest.approx(sum(ahead))
+    width = last.wait.high - last.wait.low
+    assert width == pytest.approx(0.4 * sum(r * r for r in ahead) ** 0.5, rel=1e-6)
+    assert width <= 0.4 * sum(ahead) + 1e-9
+    total = last.total
+    assert total.low <= total.mid <= total.high and total.mid == pytest.approx(sum(runs))
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from("abc"), st.floats(0.1, 5)), min_size=1, max_size=30),
+    st.sets(st.sampled_from("abcde")),
+)
+def test_overtaking_is_what_fair_share_lets_other_active_users_put_first(
+    jobs: list[tuple[str, float]], active: set[str]
+) -> None:
+    waiting = [(str(i), user, seconds) for i, (user, seconds) in enumerate(jobs)]
+    bound = overtaking(waiting, active)
+    for i, (user, _) in enumerate(jobs):
+        everyone = active | {u for u, _ in jobs[: i + 1]}
+        mine = sum(s for u, s in jobs[: i + 1] if u == user)
+        theirs = {v: sum(s for u, s in jobs[:i] if u == v) for v in everyone - {user}}
+        expected = sum(max(mine - t, 0.0) for t in theirs.values())
+        assert bound[str(i)] == pytest.approx(expected)
+        assert bound[str(i)] <= mine * len(everyone - {user}) + 1e-9
+    if active | {user for user, _ in jobs} == {jobs[0][0]}:
+        assert all(v == 0 for v in bound.values())  # nobody else: nobody overtakes
+
+
+def test_cold_runs_price_a_shape_less_the_load_its_model_takes() -> None:
+    """A deployment's first runs of a model load it: kept apart, the load is what cold
+    runs take over warm ones (or over the warm curve's price), and cold-only shapes are
+    priced without it."""
+    book = CostBook()
+    for steps, side in ((5, 64), (10, 64), (5, 256), (10, 256)):
+        warm = _shape(steps, side, model="a")
+        for _ in range(3):
+            book.observe(warm, _true_cost(warm))
+    cold_only = _shape(20, 512, model="b")
+    for _ in range(3):
+        book.observe_cold(cold_only, _true_cost(cold_only) + 3.0)
+    assert book.load("gpu", "b") == pytest.approx(3.0, rel=0.05)
+    priced = book.price(cold_only)
+    assert priced is not None and priced.mid == pytest.approx(_true_cost(cold_only), rel=0.1)
+    assert book.samples(cold_only) == 0
 
 
 def test_material_changes_are_position_or_a_real_move() -> None:

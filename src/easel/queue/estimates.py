@@ -138,9 +138,11 @@ class CostBook:
 
     keep: int = KEEP
     _runs: dict[tuple[object, ...], deque[float]] = field(default_factory=dict)
+    _cold: dict[tuple[object, ...], deque[float]] = field(default_factory=dict)
     _shapes: dict[tuple[object, ...], Shape] = field(default_factory=dict)
     _loads: dict[tuple[str, str | None], deque[float]] = field(default_factory=dict)
     _curves: dict[str, tuple[np.ndarray, float] | None] = field(default_factory=dict)
+    _derived: dict[tuple[str, str | None], list[float]] | None = None
 
     def observe(self, shape: Shape, seconds: float) -> None:
         """A warm run (its model was loaded already) took ``seconds``."""
@@ -149,45 +151,92 @@ class CostBook:
         samples = self._runs.setdefault(shape.key, deque(maxlen=self.keep))
         samples.append(seconds)
         self._shapes[shape.key] = shape
-        self._curves.pop(shape.backend, None)  # refit on next use
+        self._changed(shape.backend)
 
     def observe_cold(self, shape: Shape, seconds: float) -> None:
-        """A run that loaded its model first: the load is what it took over a warm run."""
-        warm = self.price(shape)
-        if warm is None:  # nothing to subtract yet: a first sample beats none (the median
-            self.observe(shape, seconds)  # of later warm runs soon outweighs it)
+        """A run that loaded its model first. Kept apart: a model's load is what its
+        shapes' cold runs take over their warm ones, and until a shape has warm runs its
+        cold ones price it less that load."""
+        if not math.isfinite(seconds) or seconds <= 0:
             return
-        self.observe_load(shape.backend, shape.model, seconds - warm.mid)
+        self._cold.setdefault(shape.key, deque(maxlen=self.keep)).append(seconds)
+        self._shapes[shape.key] = shape
+        self._changed(shape.backend)
 
     def observe_load(self, backend: str, model: str | None, seconds: float) -> None:
-        """Loading ``model`` on ``backend`` took ``seconds``."""
+        """Loading ``model`` on ``backend`` took ``seconds`` (measured apart)."""
         if seconds > 0:
             self._loads.setdefault((backend, model), deque(maxlen=self.keep)).append(seconds)
+            self._derived = None
+
+    def _changed(self, backend: str) -> None:
+        self._curves.pop(backend, None)  # refit on next use
+        self._derived = None
+
+    def _load_samples(self) -> dict[tuple[str, str | None], list[float]]:
+        """Per (backend, model): each shape's cold median over its warm median (or over
+        the warm curve's price of it), and the loads measured apart."""
+        if self._derived is None:
+            derived: dict[tuple[str, str | None], list[float]] = {
+                key: list(samples) for key, samples in self._loads.items()
+            }
+            for key, cold in self._cold.items():
+                shape = self._shapes[key]
+                warm = self._runs.get(key)
+                if warm:
+                    base = statistics.median(warm)
+                elif (curve := self._curve(shape.backend)) is not None:
+                    base = float(np.dot(curve[0], shape.features()))  # the warm curve's price
+                else:
+                    continue
+                extra = statistics.median(cold) - base
+                derived.setdefault((shape.backend, shape.model), []).append(max(extra, 0.0))
+            self._derived = derived
+        return self._derived
 
     def load(self, backend: str, model: str | None) -> float:
         """Seconds a load of ``model`` takes on ``backend`` (median; 0 if never seen)."""
-        samples = self._loads.get((backend, model)) or self._loads_of(backend)
-        return statistics.median(samples) if samples else 0.0
+        return self._known_load(backend, model) or 0.0
 
-    def _loads_of(self, backend: str) -> list[float]:
-        return [s for (b, _), samples in self._loads.items() if b == backend for s in samples]
+    def _known_load(self, backend: str, model: str | None) -> float | None:
+        loads = self._load_samples()
+        samples = loads.get((backend, model)) or [
+            s for (b, _), listed in loads.items() if b == backend for s in listed
+        ]
+        return statistics.median(samples) if samples else None
 
     def samples(self, shape: Shape) -> int:
         return len(self._runs.get(shape.key, ()))
 
-    def price(self, shape: Shape) -> Estimate | None:
-        """One run of ``shape``: measured, else from the backend's curve; None if unknown."""
-        samples = self._runs.get(shape.key)
-        if samples:
+    def _measured(self, key: tuple[object, ...]) -> Estimate | None:
+        """A shape's own runs: warm ones, else cold ones less the model's load."""
+        if samples := self._runs.get(key):
             return spread(list(samples))
+        cold = self._cold.get(key)
+        if not cold:
+            return None
+        shape = self._shapes[key]
+        load = self._known_load(shape.backend, shape.model)
+        if load is None:
+            return None
+        est = spread(list(cold))
+        floor = 0.05 * est.low
+        return Estimate(*(max(est.at(i) - load, floor) for i in range(3)))
+
+    def price(self, shape: Shape) -> Estimate | None:
+        """One run of ``shape``: measured, else from the backend's curve, else its cold
+        runs as they are; None if unknown."""
+        if (measured := self._measured(shape.key)) is not None:
+            return measured
         curve = self._curve(shape.backend)
-        if curve is None:
-            return None
-        coefficients, ratio = curve
-        mid = float(np.dot(coefficients, shape.features()))
-        if mid <= 0:
-            return None
-        return Estimate(mid / ratio, mid, mid * ratio)
+        if curve is not None:
+            coefficients, ratio = curve
+            mid = float(np.dot(coefficients, shape.features()))
+            if mid > 0:
+                return Estimate(mid / ratio, mid, mid * ratio)
+        if cold := self._cold.get(shape.key):
+            return spread(list(cold))
+        return None
 
     def prices(
         self, shape: Shape, routes: Iterable[str], speeds: Mapping[str, float]
@@ -223,17 +272,18 @@ class CostBook:
         and the typical spread ratio (p90 / p50) of its samples."""
         if backend in self._curves:
             return self._curves[backend]
-        shapes = [s for s in self._shapes.values() if s.backend == backend]
+        measured = [  # warm runs only: cold ones are priced from the curve, not into it
+            (s, spread(list(self._runs[key])))
+            for key, s in self._shapes.items()
+            if s.backend == backend and self._runs.get(key)
+        ]
         curve = None
-        if len(shapes) >= MIN_SHAPES_TO_FIT:
-            x = np.array([s.features() for s in shapes])
-            y = np.array([statistics.median(self._runs[s.key]) for s in shapes])
+        if len(measured) >= MIN_SHAPES_TO_FIT:
+            x = np.array([s.features() for s, _ in measured])
+            y = np.array([est.mid for _, est in measured])
             coefficients = _fit_non_negative(x, y)
-            ratios = [
-                max(est.high / est.mid, est.mid / max(est.low, 1e-9))
-                for s in shapes
-                if (est := spread(list(self._runs[s.key]))).mid > 0
-            ]
+            ratios = [max(est.high / est.mid, est.mid / max(est.low, 1e-9))
+                      for _, est in measured if est.mid > 0]  # fmt: skip
             curve = (coefficients, max(statistics.median(ratios), 1.0) if ratios else 1.0)
         self._curves[backend] = curve
         return curve
@@ -241,8 +291,11 @@ class CostBook:
     def averages(self) -> list[dict[str, object]]:
         """Per shape: the median and spread measured (``GET /v1/queue``)."""
         rows: list[dict[str, object]] = []
-        for key, samples in sorted(self._runs.items(), key=str):
-            shape, est = self._shapes[key], spread(list(samples))
+        for key in sorted(self._shapes, key=str):
+            shape, est = self._shapes[key], self.price(self._shapes[key])
+            if est is None:
+                continue
+            samples = self._runs.get(key) or self._cold.get(key) or ()
             row: dict[str, object] = {
                 "backend": shape.backend,
                 "model": shape.model,
@@ -305,10 +358,31 @@ class Projection:
     position: int
     wait: Estimate
     run: Estimate
+    wait_var: float = 0.0
+    """Variance of the wait: the runs ahead on its lane, each with its own spread, summed
+    as independent times add (the p10-p90 of a sum is narrower than the sum of theirs)."""
 
     @property
     def total(self) -> Estimate:
-        return self.wait + self.run
+        """When it is done: the wait's and its own run's spreads combined."""
+        if self.wait_var <= 0 and self.wait.low == self.wait.high:
+            return self.wait + self.run
+        return _spread_of(self.wait.mid + self.run.mid, self.wait_var + variance(self.run))
+
+
+Z90 = 1.2816
+"""The 90th percentile of a standard normal: p10-p90 is the mean +- Z90 sd."""
+
+
+def variance(estimate: Estimate) -> float:
+    """Of one time, from its p10-p90 spread (normal approximation)."""
+    sd = (estimate.high - estimate.low) / (2 * Z90)
+    return sd * sd
+
+
+def _spread_of(mid: float, var: float) -> Estimate:
+    sd = math.sqrt(max(var, 0.0))
+    return Estimate(max(mid - Z90 * sd, 0.0), mid, mid + Z90 * sd)
 
 
 def project(
@@ -327,7 +401,7 @@ def project(
     another model pays ``load(route, model)``. Stops after ``until`` when given. A job no
     lane serves is projected after everything (wait: the whole projected backlog).
     """
-    free = [[lane.free_in.at(level) for level in range(3)] for lane in lanes]
+    free = [[lane.free_in.mid, variance(lane.free_in)] for lane in lanes]  # mean, variance
     models = [lane.model for lane in lanes]
     out = []
     for position, job in enumerate(waiting):
@@ -336,23 +410,44 @@ def project(
             candidates = [i for i, lane in enumerate(lanes) if lane.route == route]
             if not candidates:
                 continue
-            best = min(candidates, key=lambda i: (free[i][1], models[i] != job.model, i))
+            best = min(candidates, key=lambda i: (free[i][0], models[i] != job.model, i))
             switch = job.model is not None and models[best] not in (None, job.model)
             extra = load(route, job.model) if switch else 0.0
             priced = Estimate(run.low + extra, run.mid + extra, run.high + extra)
-            options.append((free[best][1] + priced.mid, route != job.route, best, priced))
+            options.append((free[best][0] + priced.mid, route != job.route, best, priced))
         if not options:
-            horizon = max((max(f) for f in free), default=0.0)
+            horizon = max((f[0] for f in free), default=0.0)
             behind = Estimate(horizon, horizon, horizon)
             out.append(Projection(job.job_id, position, behind, job.run))
         else:
             _, _, best, run = min(options, key=lambda o: o[:3])
-            wait = Estimate(*free[best])
-            free[best] = [wait.at(level) + run.at(level) for level in range(3)]
+            mid, var = free[best]
+            wait = _spread_of(mid, var)
+            free[best] = [mid + run.mid, var + variance(run)]
             models[best] = job.model if job.model is not None else models[best]
-            out.append(Projection(job.job_id, position, wait, run))
+            out.append(Projection(job.job_id, position, wait, run, var))
         if job.job_id == until:
             break
+    return out
+
+
+def overtaking(
+    waiting: Iterable[tuple[str, str, float]], active: Iterable[str]
+) -> dict[str, float]:
+    """Who may still arrive: per queued job, the run time other users' later jobs may
+    take before it under fair share. ``waiting`` is (job id, user, its run seconds) in
+    serving order; ``active`` the users with jobs queued. Fair share serves every
+    backlogged user alike, so each other active user may get as much work in before a job
+    as its own user has queued up to and including it, less what it has ahead already.
+    (An upper bound for the users there are now: new users and premium work add more.)"""
+    users = set(active)
+    own: dict[str, float] = {}
+    out = {}
+    for job_id, user, seconds in waiting:
+        users.add(user)
+        own[user] = own.get(user, 0.0) + seconds
+        mine = own[user]
+        out[job_id] = sum(max(mine - own.get(other, 0.0), 0.0) for other in users - {user})
     return out
 
 

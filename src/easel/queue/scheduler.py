@@ -536,6 +536,8 @@ class RunTimes:
         match kind:
             case "run":
                 self._warm(Shape(*what), seconds)
+            case "cold":
+                self.book.observe_cold(Shape(*what), seconds)
             case "load":
                 self.book.observe_load(what[0], what[1], seconds)
             case "gap":
@@ -550,18 +552,17 @@ class RunTimes:
     def observe(
         self, backend: str, request: GenerationRequest, seconds: float, *, cold: bool = False
     ) -> None:
-        """One run took ``seconds``; ``cold``: it loaded its model first (what it took over
-        a warm run is the load; with no warm run measured yet it counts as one)."""
+        """One run took ``seconds``; ``cold``: it loaded its model first (kept apart: the
+        book derives the model's load from its shapes' cold and warm runs)."""
         if not math.isfinite(seconds) or seconds <= 0:
             return
         shape = Shape.of(backend, request)
-        warm = self.book.price(shape) if cold else None
-        if warm is None:
+        if cold:
+            self.book.observe_cold(shape, seconds)
+            self._record("cold", dataclasses.astuple(shape), seconds)
+        else:
             self._warm(shape, seconds)
             self._record("run", dataclasses.astuple(shape), seconds)
-        elif (load := seconds - warm.mid) > 0:
-            self.book.observe_load(backend, request.model, load)
-            self._record("load", [backend, request.model], load)
 
     def _warm(self, shape: Shape, seconds: float) -> None:
         self.book.observe(shape, seconds)

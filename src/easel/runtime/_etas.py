@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from easel.errors import EaselError
@@ -28,6 +28,7 @@ from easel.queue.estimates import (
     Projection,
     Waiting,
     material,
+    overtaking,
     project,
 )
 from easel.queue.routing import BackendView, eligible
@@ -54,6 +55,9 @@ class Projected:
     unknown: set[str]
     """Jobs never measured (priced at 0 in the simulation, shown without an ETA)."""
     routes: dict[str, str]
+    users: dict[str, str] = field(default_factory=dict)
+    overtake: dict[str, float] = field(default_factory=dict)
+    """Per job: seconds other users' later jobs may take before it (``overtaking``)."""
 
 
 @dataclass
@@ -74,6 +78,11 @@ class Etas(Extension):
         self.min_gap = min_gap
         self._said: dict[str, _Said] = {}
         self._latest: Projected | None = None
+        self._pushed: dict[str, float] = {}
+        """Per user: seconds its waiting jobs were pushed back per second waited, lately
+        (smoothed): later arrivals that overtook them."""
+        self._last: tuple[float, Projected] | None = None
+        self._recent: tuple[float, set[str]] = (0.0, set())
 
     # -- the facts --------------------------------------------------------------------
 
@@ -145,6 +154,17 @@ class Etas(Extension):
         gap = self.runtime.run_times.gap(route)
         return Estimate(gap, gap, gap)
 
+    async def _recent_users(self) -> set[str]:
+        """Users who submitted lately (``RECENT_SECONDS``): who may well submit again
+        while a job waits. Read from the store at most once per ``interval``."""
+        now = time.time()
+        at, users = self._recent
+        if now - at > self.interval:
+            jobs = await self.runtime.store.list_jobs(since=now - RECENT_SECONDS, limit=2000)
+            users = {job.user_id for job in jobs}
+            self._recent = (now, users)
+        return users
+
     async def projections(self, limit: int = PROJECT_LIMIT) -> Projected | None:
         """The first ``limit`` queued jobs' projections; None: the store cannot tell."""
         await self._synced()
@@ -156,8 +176,23 @@ class Etas(Extension):
         waiting = self._waiting(entries, unknown, views)
         lanes = await self.lanes(time.time())
         projected = project(waiting, lanes, self.runtime.run_times.book.load)
+        active = set((await self.runtime.store.stats()).users) | await self._recent_users()
+        runs = [(w.job_id, e.user_id, w.run.mid) for w, e in zip(waiting, entries, strict=True)]
+        lanes_of: dict[str, int] = {}
+        for lane in lanes:
+            lanes_of[lane.route] = lanes_of.get(lane.route, 0) + 1
+        overtake = {
+            job_id: seconds / max(lanes_of.get(route, 1), 1)
+            for (job_id, seconds), route in zip(
+                overtaking(runs, active).items(), (e.route for e in entries), strict=True
+            )
+        }
         result = Projected(
-            {p.job_id: p for p in projected}, unknown, {e.job_id: e.route for e in entries}
+            {p.job_id: p for p in projected},
+            unknown,
+            {e.job_id: e.route for e in entries},
+            {e.job_id: e.user_id for e in entries},
+            overtake,
         )
         if limit == PROJECT_LIMIT:
             self._latest = result
@@ -211,7 +246,15 @@ class Etas(Extension):
         """The ETA fields of one job of a projection (empty: it was never measured)."""
         if projection.job_id in projected.unknown:
             return {}
-        return _eta_fields(projection.wait, self._own(projected, projection))
+        own = self._own(projected, projection)
+        total = replace(projection, run=own).total
+        # who arrives: a user whose waiting jobs kept being overtaken lately (other users'
+        # fair share, premium work) can expect more of it while this one waits
+        user = projected.users.get(projection.job_id)
+        pushed = self._pushed.get(user, 0.0) * projection.wait.mid if user is not None else 0.0
+        may = projected.overtake.get(projection.job_id, 0.0)
+        total = Estimate(total.low, total.mid, total.high + max(pushed, may))
+        return _eta_fields(projection.wait, own, total)
 
     def _own(self, projected: Projected, projection: Projection) -> Estimate:
         """A job's own run, ending when its results are committed."""
@@ -256,12 +299,40 @@ class Etas(Extension):
             except Exception:
                 log.exception("could not update ETAs")
 
+    def _measure_pushes(self, projected: Projected, now: float) -> None:
+        """How far each user's waiting jobs were pushed back since the last round, per
+        second: a job's wait should have shrunk by the time that passed; what it did not
+        is work that arrived and went ahead of it."""
+        last, self._last = self._last, (now, projected)
+        if last is None or now - last[0] <= 0:
+            return
+        before, elapsed = last[1], now - last[0]
+        pushes: dict[str, list[float]] = {}
+        for job_id, projection in projected.by_id.items():
+            old = before.by_id.get(job_id)
+            user = projected.users.get(job_id)
+            if old is None or user is None or job_id in projected.unknown:
+                continue
+            grown = projection.wait.mid - max(old.wait.mid - elapsed, 0.0)
+            pushes.setdefault(user, []).append(min(max(grown / elapsed, 0.0), 10.0))
+        for user in pushes.keys() | self._pushed.keys():
+            rates = pushes.get(user, [0.0])
+            rate = sum(rates) / len(rates)
+            smoothed = self._pushed.get(user, rate) + PUSH_ALPHA * (
+                rate - self._pushed.get(user, rate)
+            )
+            if smoothed < 1e-3 and user not in pushes:
+                self._pushed.pop(user, None)
+            else:
+                self._pushed[user] = smoothed
+
     async def announce(self) -> int:
         """One round of updates; returns the events published."""
         projected = await self.projections()
         if projected is None:
             return 0
         now = time.monotonic()
+        self._measure_pushes(projected, now)
         for gone in self._said.keys() - projected.by_id.keys():
             del self._said[gone]
         published = 0
@@ -289,8 +360,14 @@ class Etas(Extension):
         return published
 
 
-def _eta_fields(wait: Estimate, run: Estimate) -> dict[str, float]:
-    total = wait + run
+RECENT_SECONDS = 600.0
+"""Users who submitted within this many seconds count as ones who may submit again."""
+PUSH_ALPHA = 0.3
+"""Smoothing of the per-user push-back rate, per update round."""
+
+
+def _eta_fields(wait: Estimate, run: Estimate, total: Estimate | None = None) -> dict[str, float]:
+    total = total or wait + run
     return {
         "eta_seconds": round(total.mid, 3),
         "wait_eta_seconds": round(wait.mid, 3),
