@@ -272,11 +272,17 @@ class CostBook:
         and the typical spread ratio (p90 / p50) of its samples."""
         if backend in self._curves:
             return self._curves[backend]
-        measured = [  # warm runs only: cold ones are priced from the curve, not into it
+        measured = [  # warm runs: cold ones are priced from the curve, not into it...
             (s, spread(list(self._runs[key])))
             for key, s in self._shapes.items()
             if s.backend == backend and self._runs.get(key)
         ]
+        if len(measured) < MIN_SHAPES_TO_FIT:  # ...unless too few shapes ran warm yet
+            measured += [
+                (s, spread(list(self._cold[key])))
+                for key, s in self._shapes.items()
+                if s.backend == backend and not self._runs.get(key) and self._cold.get(key)
+            ]
         curve = None
         if len(measured) >= MIN_SHAPES_TO_FIT:
             x = np.array([s.features() for s, _ in measured])
