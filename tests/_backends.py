@@ -7,6 +7,7 @@ from PIL import Image
 from easel.backends.base import GenerationResult, RunContext
 from easel.backends.mock import MockBackend
 from easel.jobs import GenerationRequest
+from easel.samplers import DRAWTHINGS_SAMPLERS, SamplerName
 
 
 class PreviewMock(MockBackend):
@@ -20,3 +21,14 @@ class PreviewMock(MockBackend):
 
         own = RunContext(on_progress=with_preview, cancel_event=context.cancel_event)
         return await super().generate(request, own)
+
+
+class DrawThingsSamplersMock(MockBackend):
+    """The mock, running only Draw Things' samplers: a local engine that lacks some of
+    A1111's (as the diffusers backend lacks "DPM fast"), without loading a pipeline."""
+
+    def sampler_refusal(self, sampler: SamplerName, model: str | None) -> str | None:
+        return None if sampler.drawthings is not None else "not one of Draw Things' samplers"
+
+    def samplers(self, model: str | None = None) -> list[str]:
+        return list(DRAWTHINGS_SAMPLERS)

@@ -10,7 +10,8 @@ class here (and to :data:`ERRORS`), never a ``code=`` on a generic one.
     EaselError                  500 error
     ├── InvalidRequest          422 invalid_request
     │   ├── Unsupported         422 unsupported
-    │   │   └── NoBackend       422 no_backend          (nothing deployed runs it: add a backend)
+    │   │   ├── NoBackend       422 no_backend          (nothing deployed runs it: add a backend)
+    │   │   └── SamplerUnsupported 422 sampler_unsupported (a known sampler no backend runs)
     │   ├── InvalidJson         400 invalid_json
     │   ├── PromptRejected      422 prompt_rejected     (moderation said no)
     │   ├── PipelineBusy        400 pipeline_busy       (pipeline API: a run is unfinished)
@@ -91,6 +92,13 @@ class NoBackend(Unsupported):
     runs): adding such a backend, not changing the request's numbers, is the fix."""
 
     code = "no_backend"
+
+
+class SamplerUnsupported(Unsupported):
+    """A sampler easel knows, which the backends the request may go to cannot run (the
+    message names what each runs). A1111's doors answer it as A1111 does: 404."""
+
+    code = "sampler_unsupported"
 
 
 class InvalidJson(InvalidRequest):
@@ -314,6 +322,7 @@ CATALOGUE: tuple[type[EaselError], ...] = (
     InvalidRequest,
     Unsupported,
     NoBackend,
+    SamplerUnsupported,
     InvalidJson,
     PromptRejected,
     PipelineBusy,

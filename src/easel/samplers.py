@@ -35,6 +35,10 @@ class Schedule(StrEnum):
     """NVIDIA's Align Your Steps sigmas (A1111 "Align Your Steps")."""
     substep = "Substep"
     """Draw Things' sub-step sampling; no other tool has it."""
+    polyexponential = "Polyexponential"
+    """A1111's "Polyexponential" (k-diffusion's polyexponential sigmas)."""
+    kl_optimal = "KL Optimal"
+    """A1111's "KL Optimal" (ComfyUI ``kl_optimal``)."""
 
 
 SAMPLERS: tuple[str, ...] = (
@@ -49,8 +53,13 @@ SAMPLERS: tuple[str, ...] = (
     "DPM++ 3M SDE",
     "DPM++ SDE",
     "DPM++ 2S",
+    "DPM++ 2S a",
+    "DPM fast",
+    "DPM adaptive",
+    "Restart",
     "LMS",
     "DDIM",
+    "DDIM CFG++",
     "DDPM",
     "PLMS",
     "PNDM",
@@ -61,6 +70,33 @@ SAMPLERS: tuple[str, ...] = (
 )
 """Every sampler easel knows, in Automatic1111's spelling (the canonical one)."""
 
+A1111_SAMPLERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "DPM++ 2M": ("k_dpmpp_2m",),
+        "DPM++ SDE": ("k_dpmpp_sde",),
+        "DPM++ 2M SDE": ("k_dpmpp_2m_sde",),
+        "DPM++ 2M SDE Heun": ("k_dpmpp_2m_sde_heun",),
+        "DPM++ 2S a": ("k_dpmpp_2s_a",),
+        "DPM++ 3M SDE": ("k_dpmpp_3m_sde",),
+        "Euler a": ("k_euler_a", "k_euler_ancestral"),
+        "Euler": ("k_euler",),
+        "LMS": ("k_lms",),
+        "Heun": ("k_heun",),
+        "DPM2": ("k_dpm_2",),
+        "DPM2 a": ("k_dpm_2_a",),
+        "DPM fast": ("k_dpm_fast",),
+        "DPM adaptive": ("k_dpm_ad",),
+        "Restart": ("restart",),
+        "DDIM": ("ddim",),
+        "DDIM CFG++": ("ddim_cfgpp",),
+        "PLMS": ("plms",),
+        "UniPC": ("unipc",),
+        "LCM": ("lcm",),
+    }
+)
+"""Automatic1111's own samplers (1.10, ``/sdapi/v1/samplers``) in its order, with the
+aliases it lists: what an ``automatic1111`` engine runs. Every name and alias parses."""
+
 A1111_SCHEDULE_TYPES: Mapping[Schedule, str] = MappingProxyType(
     {
         Schedule.karras: "Karras",
@@ -68,6 +104,8 @@ A1111_SCHEDULE_TYPES: Mapping[Schedule, str] = MappingProxyType(
         Schedule.beta: "Beta",
         Schedule.trailing: "SGM Uniform",
         Schedule.ays: "Align Your Steps",
+        Schedule.polyexponential: "Polyexponential",
+        Schedule.kl_optimal: "KL Optimal",
     }
 )
 """A1111's "Schedule type" for each modifier (Substep has none)."""
@@ -85,6 +123,9 @@ COMFYUI_SAMPLERS: Mapping[str, str] = MappingProxyType(
         "DPM++ 3M SDE": "dpmpp_3m_sde",
         "DPM++ SDE": "dpmpp_sde",
         "LMS": "lms",
+        "DPM fast": "dpm_fast",
+        "DPM adaptive": "dpm_adaptive",
+        "DPM++ 2S a": "dpmpp_2s_ancestral",
         "DDIM": "ddim",
         "DDPM": "ddpm",
         "DEIS": "deis",
@@ -99,6 +140,7 @@ COMFYUI_SCHEDULERS: Mapping[Schedule | None, str] = MappingProxyType(
         Schedule.exponential: "exponential",
         Schedule.beta: "beta",
         Schedule.trailing: "sgm_uniform",
+        Schedule.kl_optimal: "kl_optimal",
     }
 )
 
@@ -180,6 +222,9 @@ _SAMPLER_ALIASES: Mapping[str, str] = MappingProxyType(
         "dpm++2msdegpu": "DPM++ 2M SDE",
         "dpm++2msdeheungpu": "DPM++ 2M SDE Heun",
         "dpm++3msdegpu": "DPM++ 3M SDE",
+        "dpm++2sancestral": "DPM++ 2S a",
+        "dpmad": "DPM adaptive",
+        "ddimcfgpp": "DDIM CFG++",
         # diffusers servers' ``scheduler_type`` values
         "dpmsolver++": "DPM++ 2M",
         "dpmsolvermultistep": "DPM++ 2M",
@@ -199,6 +244,7 @@ _BY_KEY: Mapping[str, str] = MappingProxyType(
     {_key(n): n for n in SAMPLERS}
     | dict(_SAMPLER_ALIASES)
     | {_key(c): s for c, s in DIFFUSERS_CLASSES.items()}
+    | {_key(alias): n for n, aliases in A1111_SAMPLERS.items() for alias in aliases}
 )
 _CLASS_KEYS = frozenset(_key(c) for c in DIFFUSERS_CLASSES)
 
@@ -213,9 +259,12 @@ _SCHEDULE_ALIASES: Mapping[str, Schedule | None] = MappingProxyType(
         "ays": Schedule.ays,
         "alignyoursteps": Schedule.ays,
         "substep": Schedule.substep,
+        "polyexponential": Schedule.polyexponential,
+        "kloptimal": Schedule.kl_optimal,
         "normal": None,
         "simple": None,
         "ddimuniform": None,
+        "ddim": None,
         "uniform": None,
         "automatic": None,
         "default": None,
@@ -247,6 +296,22 @@ class SamplerName:
         the schedule is "Automatic" for none (and for Substep, which A1111 lacks)."""
         schedule = A1111_SCHEDULE_TYPES.get(self.schedule) if self.schedule else None
         return self.sampler, schedule or "Automatic"
+
+    @property
+    def a1111_label(self) -> str:
+        """The one name A1111 takes as ``sampler_name`` in every version: "DPM++ 2M Karras",
+        "UniPC Align Your Steps" (1.9+ splits the schedule type off; older ones knew the
+        Karras names whole)."""
+        sampler, schedule = self.a1111
+        return sampler if schedule == "Automatic" else f"{sampler} {schedule}"
+
+    @property
+    def in_a1111(self) -> bool:
+        """Whether Automatic1111 itself has this sampler and schedule type (a diffusers
+        class runs there as the sampler it implements)."""
+        if self.sampler not in A1111_SAMPLERS:
+            return False
+        return self.schedule is None or self.schedule in A1111_SCHEDULE_TYPES
 
     @property
     def comfyui(self) -> tuple[str, str] | None:
@@ -288,19 +353,25 @@ def parse_sampler(name: str) -> SamplerName:
     )
 
 
-A1111_SCHEDULERS: tuple[str, ...] = (
-    "automatic",
-    "uniform",
-    "simple",
-    "normal",
-    "karras",
-    "exponential",
-    "beta",
-    "sgm_uniform",
-    "align_your_steps",
+A1111_SCHEDULERS: Mapping[str, str] = MappingProxyType(
+    {
+        "automatic": "Automatic",
+        "uniform": "Uniform",
+        "karras": "Karras",
+        "exponential": "Exponential",
+        "polyexponential": "Polyexponential",
+        "sgm_uniform": "SGM Uniform",
+        "kl_optimal": "KL Optimal",
+        "align_your_steps": "Align Your Steps",
+        "simple": "Simple",
+        "normal": "Normal",
+        "ddim": "DDIM",
+        "beta": "Beta",
+    }
 )
-"""A1111's ``scheduler`` values easel reads (``/sdapi/v1/schedulers``): each is one of
-the schedule aliases above, spelt as A1111 sends it."""
+"""A1111's ``scheduler`` values (name -> label, ``/sdapi/v1/schedulers``, 1.10's list):
+each is one of the schedule aliases above ("uniform", "simple", "normal" and "ddim" are
+the model's own spacing here)."""
 
 
 def a1111_sampler(sampler: str | None, scheduler: str | None) -> str | None:
@@ -334,9 +405,18 @@ def join_sampler(sampler: str, schedule: str | None) -> str:
             f"unknown schedule {schedule!r}; valid schedules are: {valid}, AYS, Trailing"
         )
     modifier = _SCHEDULE_ALIASES[key]
-    if modifier is None or _key(sampler).endswith(_key(modifier.value)):
+    if modifier is None or _already(sampler, modifier):
         return sampler
     return f"{sampler} {modifier.value}"
+
+
+def _already(sampler: str, modifier: Schedule) -> bool:
+    """Whether ``sampler`` names ``modifier`` itself ("DPM++ 2M Karras" + Karras, "UniPC
+    Align Your Steps" + AYS: A1111 clients send both)."""
+    try:
+        return parse_sampler(sampler).schedule is modifier
+    except InvalidRequest:
+        return False
 
 
 def from_diffusers_style(

@@ -28,6 +28,7 @@ from easel.errors import EngineError
 from easel.images import decode_base64_image
 from easel.jobs import GenerationRequest, JobKind
 from easel.payloads import Executor
+from easel.samplers import SamplerName, parse_sampler
 
 
 class Automatic1111Backend(RemoteBackend):
@@ -50,6 +51,10 @@ class Automatic1111Backend(RemoteBackend):
         super().__init__(**options)
         self.user_header = user_header
         self._internal_progress = True
+
+    def sampler_refusal(self, sampler: SamplerName, model: str | None) -> str | None:
+        """Automatic1111 runs its own samplers with its own schedule types."""
+        return None if sampler.in_a1111 else "Automatic1111 has no such sampler or schedule"
 
     async def refresh(self) -> None:
         models = (await self.call("GET", "/sdapi/v1/sd-models")).json()
@@ -93,7 +98,10 @@ class Automatic1111Backend(RemoteBackend):
                 "save_images": False,
             }
             if request.scheduler:
-                payload["sampler_name"] = request.scheduler
+                sampler = parse_sampler(request.scheduler)
+                payload["sampler_name"] = sampler.a1111_label
+                if (schedule := sampler.a1111[1]) != "Automatic":
+                    payload["scheduler"] = schedule
             if request.kind in (JobKind.img2img, JobKind.inpaint):
                 payload["init_images"] = [request.init_image]
                 payload["denoising_strength"] = request.strength

@@ -18,10 +18,11 @@ from typing import Any
 from PIL.Image import Image
 
 from easel.audio import AudioClip
-from easel.errors import Cancelled, Unsupported
+from easel.errors import Cancelled, SamplerUnsupported, Unsupported
 from easel.jobs import Capability as Capability  # backends declare what they can do
 from easel.jobs import GenerationRequest
 from easel.payloads import Executor
+from easel.samplers import SAMPLERS, SamplerName, parse_sampler
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,30 @@ class Backend(ABC):
                 f"backend {self.name!r} cannot do {', '.join(sorted(missing))}; it can do "
                 f"{', '.join(sorted(self.capabilities))}"
             )
+        # a ComfyUI workflow names its own sampler; anything else is checked here
+        if request.scheduler is not None and request.executor is not Executor.comfyui:
+            self.check_sampler(request.scheduler, request.model)
+
+    def check_sampler(self, name: str, model: str | None = None) -> None:
+        """Refuse at admission a sampler this backend cannot run: ``invalid_request`` for a
+        name no tool has, ``sampler_unsupported`` (naming what it runs) for one it lacks."""
+        why = self.sampler_refusal(parse_sampler(name), model)
+        if why is not None:
+            runs = self.samplers(model)
+            raise SamplerUnsupported(
+                f"backend {self.name!r} cannot run sampler {name!r} ({why}); it runs "
+                f"{', '.join(runs) or 'no sampler'}"
+            )
+
+    def sampler_refusal(self, sampler: SamplerName, model: str | None) -> str | None:
+        """Why this backend cannot run ``sampler`` (on ``model``, None: its default), or
+        None when it can. Default: every sampler easel parses (the mock does)."""
+        return None
+
+    def samplers(self, model: str | None = None) -> list[str]:
+        """The samplers it runs (A1111's spelling, without a schedule), for
+        ``/sdapi/v1/samplers`` and for refusals to name the alternatives."""
+        return [s for s in SAMPLERS if self.sampler_refusal(SamplerName(s), model) is None]
 
     @abstractmethod
     async def generate(self, request: GenerationRequest, context: RunContext) -> GenerationResult:

@@ -47,7 +47,7 @@ from easel.errors import (
 from easel.images import decode_base64_image
 from easel.jobs import GenerationRequest, JobKind
 from easel.payloads import SAMPLER_NODES, SEED_INPUTS, Executor, comfyui_nodes
-from easel.samplers import parse_sampler
+from easel.samplers import SamplerName, parse_sampler
 
 PLACEHOLDERS = (
     "prompt",
@@ -167,8 +167,10 @@ class ComfyUIBackend(RemoteBackend):
                 f"backend {self.name!r} has no workflow template; send a ComfyUI workflow "
                 "(executor comfyui, payload) or give the backend a workflow"
             )
-        if request.scheduler is not None and request.executor is not Executor.comfyui:
-            comfy_sampler(request.scheduler)
+
+    def sampler_refusal(self, sampler: SamplerName, model: str | None) -> str | None:
+        """ComfyUI runs the samplers with a KSampler name and scheduler."""
+        return None if sampler.comfyui is not None else "ComfyUI's KSampler has no equivalent"
 
     async def workflow_for(self, request: GenerationRequest) -> dict[str, Any]:
         if request.executor is Executor.comfyui and request.payload is not None:

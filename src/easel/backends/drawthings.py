@@ -52,7 +52,7 @@ from easel.proto.drawthings import (
     encode_configuration,
     encode_tensor,
 )
-from easel.samplers import parse_sampler
+from easel.samplers import DRAWTHINGS_SAMPLERS, SamplerName, parse_sampler
 
 SERVICE = "/ImageGenerationService/"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -193,8 +193,14 @@ class DrawThingsBackend(Backend):
                 raise Unsupported(
                     f"backend {self.name!r} (Draw Things) needs {side} a multiple of {SIZE_UNIT}"
                 )
-        if request.scheduler is not None:
-            sampler_name(request.scheduler)
+
+    def sampler_refusal(self, sampler: SamplerName, model: str | None) -> str | None:
+        """Draw Things runs the samplers of its ``SamplerType`` enum."""
+        return None if sampler.drawthings is not None else "Draw Things has no such sampler"
+
+    def samplers(self, model: str | None = None) -> list[str]:
+        """Its ``SamplerType`` samplers, schedule included ("DPM++ 2M Karras")."""
+        return list(DRAWTHINGS_SAMPLERS)
 
     def error_for(self, exc: grpc.aio.AioRpcError) -> GenerationError:
         message = f"backend {self.name!r} ({self.address}): {exc.details() or exc.code().name}"

@@ -21,6 +21,7 @@ from easel.errors import (
     InvalidRequest,
     ModelNotFound,
     NoBackend,
+    SamplerUnsupported,
     Unsupported,
 )
 from easel.images import decode_base64_image
@@ -140,9 +141,9 @@ def choose_backend(
             return backend
     if len(refusals) == 1:
         raise refusals[0]
-    raise Unsupported(
-        "no backend served here can run this request: "
-        + "; ".join(f"{b.name}: {r.message}" for b, r in zip(candidates, refusals, strict=True))
+    raise _refused(
+        "no backend served here can run this request",
+        [(b.name, r) for b, r in zip(candidates, refusals, strict=True)],
     )
 
 
@@ -233,14 +234,20 @@ def route_request(
     if not passing:
         if len(refusals) == 1:
             raise refusals[0][1]
-        raise Unsupported(
-            "no backend of this fleet can run this request: "
-            + "; ".join(f"{name}: {refusal.message}" for name, refusal in refusals)
-        )
+        raise _refused("no backend of this fleet can run this request", refusals)
     chosen = choose(want, passing, policy)
     if chosen is None:  # all down: wait where the wait is shortest
         chosen = min(passing, key=lambda view: (view.wait(), view.name))
     return chosen.name
+
+
+def _refused(lead: str, refusals: Sequence[tuple[str, EaselError]]) -> Unsupported:
+    """Every backend's refusal in one 4xx; ``sampler_unsupported`` when each refused only
+    the sampler (so A1111's doors can answer it as A1111 does)."""
+    said = "; ".join(f"{name}: {refusal.message}" for name, refusal in refusals)
+    if all(isinstance(refusal, SamplerUnsupported) for _, refusal in refusals):
+        return SamplerUnsupported(f"{lead}: {said}")
+    return Unsupported(f"{lead}: {said}")
 
 
 def _lacks(name: str, missing: frozenset[str]) -> str:

@@ -40,12 +40,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from easel.api.compat._shared import caller, png_bytes, submitted
 from easel.api.errors import ErrorResponse
 from easel.api.native import runtime_of
-from easel.backends.diffusers.schedulers import SCHEDULERS
 from easel.constants import VERSION
-from easel.errors import InvalidRequest, JobFinished, ModelNotFound, Unsupported
+from easel.errors import (
+    EaselError,
+    InvalidRequest,
+    JobFinished,
+    ModelNotFound,
+    SamplerUnsupported,
+    Unsupported,
+)
 from easel.images import strip_data_url
 from easel.jobs import (
     MAX_SEED,
+    Capability,
     Event,
     EventType,
     GenerationRequest,
@@ -58,7 +65,15 @@ from easel.jobs import (
 from easel.results.metadata import infotext, parse_infotext, read_embedded, read_parameters
 from easel.runtime.facade import Runtime
 from easel.safety.services import current_service
-from easel.samplers import A1111_SCHEDULERS, a1111_sampler, known_sampler
+from easel.samplers import (
+    A1111_SAMPLERS,
+    A1111_SCHEDULERS,
+    SAMPLERS,
+    SamplerName,
+    Schedule,
+    a1111_sampler,
+    known_sampler,
+)
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 internal = APIRouter(prefix="/internal", tags=["automatic1111"])
@@ -278,7 +293,7 @@ def state_of(request: Request) -> A1111State:
 @router.post("/txt2img", response_model=A1111Images, responses=_ERRORS)
 async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Images | JSONResponse:
     """Generate from a prompt; waits for the images."""
-    return _sampler_not_found(body) or await _generate(request, body)
+    return _sampler_not_found(body) or await _generate_or_404(request, body)
 
 
 @router.post("/img2img", response_model=A1111Images, responses=_ERRORS)
@@ -288,7 +303,7 @@ async def img2img(body: Img2ImgRequest, request: Request) -> A1111Images | JSONR
         return refusal
     if body.mask:
         raise Unsupported("mask (inpainting) is not supported yet; send init_images alone")
-    return await _generate(request, body)
+    return await _generate_or_404(request, body)
 
 
 class PngInfoRequest(BaseModel):
@@ -434,16 +449,19 @@ async def sd_models(request: Request) -> list[SDModel]:
 
 
 @router.get("/samplers", response_model=list[Sampler])
-async def samplers() -> list[Sampler]:
-    """easel's sampler names as A1111 <= 1.8 listed them (with their schedule: "DPM++ 2M
-    Karras"); every one is read by ``easel.samplers``, the table requests are checked by."""
-    return [Sampler(name=name, aliases=[], options={}) for name in SCHEDULERS]
+async def samplers(request: Request) -> list[Sampler]:
+    """The samplers this deployment runs, by A1111's names (A1111's own first, with its
+    aliases): the union over its backends. Schedule types are ``/schedulers``."""
+    return [
+        Sampler(name=name, aliases=list(A1111_SAMPLERS.get(name, ())), options={})
+        for name in await runnable_samplers(runtime_of(request))
+    ]
 
 
 @router.get("/schedulers", response_model=list[Scheduler])
 async def schedulers() -> list[Scheduler]:
     """The A1111 ``scheduler`` values easel maps onto its samplers."""
-    return [Scheduler(name=name, label=name.replace("_", " ").title()) for name in A1111_SCHEDULERS]
+    return [Scheduler(name=name, label=label) for name, label in A1111_SCHEDULERS.items()]
 
 
 @router.get("/scripts", response_model=dict[str, list[str]])
@@ -471,6 +489,32 @@ async def set_options(options: Options, request: Request) -> Options:
 # -- translation -------------------------------------------------------------------------
 
 
+async def runnable_samplers(runtime: Runtime) -> list[str]:
+    """Samplers some backend of this deployment runs (with some schedule), A1111's own
+    first. A backend only other processes run is not asked: it may run any of them."""
+    try:
+        elsewhere = set(await runtime.fleet.views()) - set(runtime.backends)
+    except EaselError:  # the store is out: say what the local backends run
+        elsewhere = set()
+    order = [*A1111_SAMPLERS, *(s for s in SAMPLERS if s not in A1111_SAMPLERS)]
+    if elsewhere:
+        return order
+    schedules = (None, *Schedule)
+    runs: set[str] = set()
+    for backend in runtime.backends.values():
+        if Capability.scheduler not in backend.capabilities:
+            continue
+        by_family = {m.family: m.name for m in backend.pipelines()}
+        for model in [None, *by_family.values()]:
+            why = backend.sampler_refusal
+            runs.update(
+                s
+                for s in order
+                if s not in runs and any(why(SamplerName(s, h), model) is None for h in schedules)
+            )
+    return [s for s in order if s in runs]
+
+
 def _options(runtime: Runtime, state: A1111State) -> Options:
     model = state.model or runtime.backends[runtime.default_backend].default_model
     return Options(sd_model_checkpoint=model)
@@ -496,16 +540,23 @@ def _sampler_not_found(body: Txt2ImgRequest) -> JSONResponse | None:
     )
     if not sampler or known_sampler(sampler):
         return None
-    detail = "Sampler not found"
-    return JSONResponse(
-        status_code=404,
-        content={
-            "error": "HTTPException",
-            "detail": detail,
-            "body": "",
-            "errors": f"404: {detail}",
-        },
-    )
+    return _not_found_404()
+
+
+def _not_found_404(why: str | None = None) -> JSONResponse:
+    """A1111's 404 for a sampler, in its shape; ``why`` (a sampler A1111 has that no backend
+    here runs) follows its words, naming what the backends run."""
+    detail = "Sampler not found" if why is None else f"Sampler not found here: {why}"
+    body = {"error": "HTTPException", "detail": detail, "body": "", "errors": f"404: {detail}"}
+    return JSONResponse(status_code=404, content=body)
+
+
+async def _generate_or_404(request: Request, body: Txt2ImgRequest) -> A1111Images | JSONResponse:
+    """A sampler A1111 has, which no backend here runs, is A1111's 404 too."""
+    try:
+        return await _generate(request, body)
+    except SamplerUnsupported as exc:
+        return _not_found_404(exc.message)
 
 
 def _scheduler(body: Txt2ImgRequest) -> str | None:

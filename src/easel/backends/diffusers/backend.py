@@ -58,7 +58,7 @@ from easel.backends.diffusers.models import (
     inspect_path,
     refuse_pickles,
 )
-from easel.backends.diffusers.schedulers import build_scheduler, sampler_record
+from easel.backends.diffusers.schedulers import build_scheduler, resolve_sampler, sampler_record
 from easel.errors import (
     Cancelled,
     EaselError,
@@ -69,6 +69,7 @@ from easel.errors import (
 )
 from easel.jobs import GenerationRequest
 from easel.payloads import Executor
+from easel.samplers import SamplerName, known_sampler
 
 
 @dataclass
@@ -261,6 +262,29 @@ class DiffusersBackend(Backend):
     def check(self, request: GenerationRequest) -> None:
         super().check(request)
         self._plan(request)
+
+    def check_sampler(self, name: str, model: str | None = None) -> None:
+        """An unknown name is refused listing what the model's family runs."""
+        if not known_sampler(name):
+            resolve_sampler(name, self._family_of(model))
+        super().check_sampler(name, model)
+
+    def sampler_refusal(self, sampler: SamplerName, model: str | None) -> str | None:
+        """What the model's family can drive (:func:`resolve_sampler`); a model it does
+        not serve is refused by the plan, not here."""
+        try:
+            resolve_sampler(sampler.name, self._family_of(model))
+        except InvalidRequest as exc:
+            return exc.message
+        return None
+
+    def _family_of(self, model: str | None) -> Family | None:
+        """The family of ``model`` (None: the default one), None when it is not here."""
+        name = model or self._default
+        if name is None:
+            name = next((e.name for e in self.registry.entries(ModelKind.pipeline)), None)
+        entry = None if name is None else self.registry.find(name)
+        return None if entry is None else self._family(entry)
 
     def _family(self, entry: ModelEntry) -> Family:
         return family_for(entry)
