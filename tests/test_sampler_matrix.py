@@ -19,7 +19,7 @@ from easel.backends.diffusers.backend import create as diffusers_backend
 from easel.backends.diffusers.schedulers import FLOW_SCHEDULERS, SCHEDULERS
 from easel.errors import EaselError
 from easel.jobs import GenerationRequest
-from easel.samplers import DIFFUSERS_CLASSES, DRAWTHINGS_SAMPLERS
+from easel.samplers import A1111_SAMPLERS, DIFFUSERS_CLASSES, DRAWTHINGS_SAMPLERS
 
 pytest.importorskip("diffusers")
 
@@ -43,7 +43,17 @@ DRAWTHINGS_SPELLINGS = (
     "DPMPP2MKarras",
     "EulerAAYS",
 )
-A1111_NAMES = ("DPM++ 2M Karras", "DPM++ SDE Karras", "LMS Karras", "DPM2 a Karras", "Euler a")
+A1111_NAMES = (
+    "DPM++ 2M Karras",
+    "DPM++ SDE Karras",
+    "LMS Karras",
+    "DPM2 a Karras",
+    "Euler a",
+    *A1111_SAMPLERS,  # A1111's whole list: diffusers lacks "DPM fast", "Restart"... (refused)
+    "Euler KL Optimal",
+    "DPM++ 2M Polyexponential",
+    "k_dpmpp_2s_a",
+)
 COMFYUI_PAIRS = (
     "euler_ancestral_karras",
     "dpmpp_2m_sde_gpu_exponential",
