@@ -156,6 +156,28 @@ def test_event_streams_carry_only_the_callers_events(two_services: str) -> None:
         assert {event.get("service") for event in seen} == {"alpha"}, query
 
 
+def test_a_websocket_to_another_services_job_is_refused_as_sse_refuses_it(
+    two_services: str,
+) -> None:
+    """Alpha subscribes by websocket to bravo's job, and to a job that does not exist: the
+    handshake is refused with SSE's answer (404 ``job_not_found``), never an open silent
+    stream; bravo's own subscription to its job opens and replays it."""
+    url = two_services
+    theirs = submit(url, BRAVO, prompt="bravo's", user_id="ws-user", steps=1)
+    wait_until_final(url, theirs["id"], BRAVO)
+    ws = url.replace("http", "ws")
+    for job_id in (theirs["id"], "no-such-job"):
+        sse = httpx.get(f"{url}/v1/jobs/{job_id}/events", headers=bearer(ALPHA))
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"{ws}/v1/events?job_id={job_id}&token={ALPHA}").close()
+        answer = refused.value.response
+        assert answer.status_code == sse.status_code == 404, job_id
+        assert json.loads(answer.body or b"")["error"] == sse.json()["error"], job_id
+    with connect(f"{ws}/v1/events?job_id={theirs['id']}&token={BRAVO}") as events:
+        while (event := json.loads(events.recv(timeout=30)))["type"] != "succeeded":
+            assert event["job_id"] == theirs["id"]
+
+
 def test_openai_door_per_service(two_services: str) -> None:
     """The official openai client with each service's key: each service's job is its own
     (listed for it, a 404 for the other), and a wrong key is refused."""

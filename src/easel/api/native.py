@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from easel.api.errors import ErrorResponse
+from easel.api.errors import ErrorResponse, refuse_websocket
 from easel.constants import MAX_EVENT_ID, VERSION
 from easel.errors import EaselError, UnsupportedMediaType
 from easel.events.bus import Subscription, event_json
@@ -283,6 +283,12 @@ async def events(
     runtime = runtime_of(websocket)
     if after is None:
         after = last_event_id if last_event_id is not None else (0 if job_id else None)
+    if job_id is not None:
+        try:  # another service's job, or none: refused as SSE refuses it (404), not silence
+            await runtime.get(job_id)
+        except EaselError as refused:  # job_not_found (404); store_unavailable (503)
+            await refuse_websocket(websocket.scope, websocket.receive, websocket.send, refused)
+            return
     await websocket.accept()
     subscription = runtime.subscribe(job_id=job_id, user_id=user_id, after=after)
     async with subscription:
