@@ -79,15 +79,20 @@ def test_generate_via_a_server(server: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("where", ["embedded", "server"])
-def test_a_refused_request_exits_1_with_its_code(where: str, server: str, tmp_path: Path) -> None:
+def test_a_refused_request_exits_2_with_its_code(where: str, server: str, tmp_path: Path) -> None:
+    """A refusal is a usage error (exit 2), whether the server or embedded admission says no;
+    only a job that ran and failed exits 1."""
     target = ["--server", server] if where == "server" else ["--data-dir", str(tmp_path / "d")]
     result = runner.invoke(
         app, ["generate", "a fox", "--width", "100", *target, "--output-dir", str(tmp_path)]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "invalid_request" in result.output
     assert "multiple of 8" in result.output
     assert "Traceback" not in result.output
+    out = ["--output-dir", str(tmp_path)]
+    unknown = runner.invoke(app, ["generate", "a fox", *SMALL, "--model", "nope", *target, *out])
+    assert unknown.exit_code == 2 and "model_not_found" in unknown.output
 
 
 def test_a_failed_job_exits_1(server: str, tmp_path: Path) -> None:
@@ -111,9 +116,9 @@ def test_jobs_and_models_commands(server: str, tmp_path: Path) -> None:
     assert shown.exit_code == 0
     assert json.loads(shown.output)["state"] == "succeeded"
     finished = runner.invoke(app, ["jobs", "cancel", job_id, "--server", server])
-    assert finished.exit_code == 1 and "job_finished" in finished.output
+    assert finished.exit_code == 2 and "job_finished" in finished.output  # a refusal
     missing = runner.invoke(app, ["jobs", "get", "no-such-job", "--server", server])
-    assert missing.exit_code == 1 and "job_not_found" in missing.output
+    assert missing.exit_code == 2 and "job_not_found" in missing.output
 
     models = runner.invoke(app, ["models", "list", "--server", server])
     assert models.exit_code == 0 and "mock" in models.output

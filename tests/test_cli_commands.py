@@ -70,7 +70,7 @@ def test_jobs_show_watch_list_and_json(server: str, tmp_path: Path) -> None:
     assert watched_failure.exit_code == 1 and "mock_failure" in watched_failure.stderr
 
     missing = easel("jobs", "show", "no-such-job", "--url", server)
-    assert missing.exit_code == 1 and "job_not_found" in missing.stderr
+    assert missing.exit_code == 2 and "job_not_found" in missing.stderr  # refused: 404
 
 
 def test_health_backends_and_models_as_json(server: str) -> None:
@@ -128,7 +128,7 @@ def token_server(tmp_path: Path) -> Iterator[str]:
 
 def test_token_from_the_option_or_easel_token(token_server: str) -> None:
     refused = easel("jobs", "list", "--url", token_server)
-    assert refused.exit_code == 1 and "unauthorized" in refused.stderr
+    assert refused.exit_code == 2 and "unauthorized" in refused.stderr  # a config error
     assert easel("jobs", "list", "--url", token_server, "--token", TOKEN).exit_code == 0
     assert easel("queue", "--url", token_server, env={"EASEL_TOKEN": TOKEN}).exit_code == 0
 
@@ -237,7 +237,8 @@ def test_easel_serve_logs_one_line_per_job_state_change(tmp_path: Path) -> None:
         with (tmp_path / f"{log_format}.log").open("w") as log:  # the child keeps its copy
             process = subprocess.Popen(
                 [sys.executable, "-m", "easel", "serve", "--port", str(port), "--log-format",
-                 log_format, "--data-dir", str(tmp_path / log_format)],
+                 log_format, "--data-dir", str(tmp_path / log_format),
+                 "--mock-load-seconds", "0.01"],
                 stdout=subprocess.DEVNULL, stderr=log, env=env,
             )  # fmt: skip
         servers.append((process, f"http://127.0.0.1:{port}", tmp_path / f"{log_format}.log"))
@@ -265,7 +266,9 @@ def test_easel_serve_logs_one_line_per_job_state_change(tmp_path: Path) -> None:
         f"INFO easel.jobs: job {failed} failed",
     ]
     assert text[0].endswith("(position 0)") or "(position 0, eta " in text[0]
+    assert text[1].endswith("started (loading model mock)")  # the first job loads it
     assert text[2].endswith("succeeded (1 file)")
+    assert text[4].endswith("started")  # in memory since
     assert text[5].endswith("failed (mock_failure: the mock backend was asked to fail)")
     assert "connection open" not in text_log.read_text()  # nor closed: jobs are logged
     ok, failed = jobs[json_url]

@@ -209,10 +209,11 @@ def test_reproduce_gives_identical_pixels(tiny_server: str, tmp_path: Path) -> N
     assert _pixels(tmp_path / report["images"][0]) == _pixels(second)
 
 
-def test_reproduce_of_an_image_without_parameters_exits_1(tmp_path: Path) -> None:
+def test_reproduce_of_an_image_without_parameters_exits_2(tmp_path: Path) -> None:
+    """Nothing ran: the image given cannot be reproduced, a usage error."""
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     result = easel("reproduce", "plain.png", cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "carries no generation parameters" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -1,8 +1,9 @@
 """What every command shares: its options for reaching a server, ``--json`` output, errors as
 one line on stderr, and the exit codes scripts rely on.
 
-Exit codes: 0 ok, 1 a job failed (or the server refused it), 2 a usage or config error,
-3 the server cannot be reached, 130 stopped by Ctrl-C. No command ends in a traceback.
+Exit codes: 0 ok, 1 a job ran and failed, 2 a usage or config error (a request the server
+refused with a 4xx is one: invalid, unknown model or job, no token, queue full), 3 the
+server cannot be reached, 130 stopped by Ctrl-C. No command ends in a traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from easel.errors import EaselError, ServerUnreachable
+from easel.errors import EaselError, GenerationError, ServerUnreachable
 from easel.jobs import Job, JobState
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -75,8 +76,8 @@ def usage(message: str) -> NoReturn:
 
 @contextmanager
 def errors() -> Iterator[None]:
-    """easel's errors (refusals, failures) exit 1; an unreachable server exits 3; Ctrl-C
-    exits 130 with one line."""
+    """A refusal (a 4xx: what was asked is wrong, or not allowed now) exits 2; a failure
+    exits 1; an unreachable server exits 3; Ctrl-C exits 130 with one line."""
     try:
         yield
     except KeyboardInterrupt:
@@ -89,7 +90,7 @@ def errors() -> Iterator[None]:
     except ServerUnreachable as exc:
         fail(exc.code, exc.message, ExitCode.unreachable)
     except EaselError as exc:
-        fail(exc.code, exc.message)
+        fail(exc.code, exc.message, exit_code_of(exc))
     except (httpx.TransportError, ConnectionError) as exc:
         fail(
             "server_unreachable",
@@ -98,6 +99,14 @@ def errors() -> Iterator[None]:
         )
     except OSError as exc:  # a file or folder given that cannot be read or written
         fail("os_error", f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 2)
+
+
+def exit_code_of(exc: EaselError) -> ExitCode:
+    """2 for a refusal (a 4xx answer, or what embedded admission refuses), 1 for the rest:
+    a job's own failure (cancelled, an engine's refusal of the run) and server faults."""
+    if isinstance(exc, GenerationError) or not 400 <= exc.status < 500:
+        return ExitCode.job_failed
+    return ExitCode.usage
 
 
 def emit(data: Any) -> None:

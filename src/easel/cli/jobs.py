@@ -123,7 +123,7 @@ def cancel_job(
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Cancel a queued job at once, or a running one at its next step (exit 1 if it ended).
+    """Cancel a queued job at once, or a running one at its next step (exit 2 if it had ended).
 
     Example: easel jobs cancel 01J9ZQ...
     """

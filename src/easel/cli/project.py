@@ -1,7 +1,8 @@
 """``easel project list|run``: projects (config.yaml, prompts.yaml) from the terminal.
 
 A project file that does not validate exits 2 with the file, the key path and what is
-wrong; a run's failed jobs exit 1; an unreachable server exits 3.
+wrong; a run's failed jobs exit 1, a request the server refuses exits 2; an unreachable
+server exits 3.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from easel.effects.metrics import Metrics
 from easel.effects.webhooks import Webhooks
 from easel.errors import EaselError, StoreUnavailable
 from easel.events.bus import EventBus
-from easel.jobs import EVENT_FOR_STATE, FINAL_EVENTS, Event, EventType
+from easel.jobs import EVENT_FOR_STATE, FINAL_EVENTS, Event, EventType, Phase
 from easel.results.s3 import Uploads
 from easel.runtime.registry import WorkerInfo, WorkerRegistry
 from easel.safety.gate import Gate
@@ -175,6 +175,8 @@ def _detail(event: Event) -> str:
     if event.type is EventType.queued and event.position is not None:
         eta = f", eta {event.eta_seconds:.0f}s" if event.eta_seconds is not None else ""
         return f" (position {event.position}{eta})"
+    if event.type is EventType.started and event.phase is Phase.loading_model:
+        return f" (loading model {event.model})"
     if event.type is EventType.succeeded:
         files = len(event.images or ()) + len(event.audio or ())
         return f" ({files} file{'s' if files != 1 else ''})"
