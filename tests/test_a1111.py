@@ -237,3 +237,33 @@ def test_another_replica_shows_and_interrupts_the_callers_job(
     assert "error" not in done, done
     assert done["result"].images == [] and done["result"].info["interrupted"] is True
     assert progress["state"]["job"] == f"task({done['result'].info['job_id']})"
+
+
+def test_options_are_in_the_store_for_every_replica(tmp_path: Path, redis_url: str) -> None:
+    """Two API replicas on one Redis: bravo's ``/options`` model, set on one, is what the
+    other reports and runs bravo's txt2img on; alpha keeps its own (the default) on both."""
+    import uuid
+
+    from tests.tenants import ALPHA, BRAVO, settings_for
+
+    def as_service(url: str, token: str) -> webuiapi.WebUIApi:
+        api = _api(url)
+        api.session.headers["authorization"] = f"Bearer {token}"  # easel's service token
+        return api
+
+    shared = {"redis_prefix": f"a1111:{uuid.uuid4().hex[:8]}:", "mock_models": ["mock-xl"]}
+    first = settings_for(tmp_path / "a", redis_url, concurrency=1, **shared)
+    second = settings_for(tmp_path / "b", redis_url, concurrency=1, **shared)
+    with serve(create_app(first)) as a, serve(create_app(second)) as b:
+        bravo_a, bravo_b, alpha_b = as_service(a, BRAVO), as_service(b, BRAVO), as_service(b, ALPHA)
+        assert bravo_b.get_options()["sd_model_checkpoint"] == "mock"
+        assert bravo_a.set_options({"sd_model_checkpoint": "mock-xl"})["sd_model_checkpoint"] == (
+            "mock-xl"
+        )
+        assert bravo_b.get_options()["sd_model_checkpoint"] == "mock-xl"
+        assert alpha_b.get_options()["sd_model_checkpoint"] == "mock"
+        for api, models in ((bravo_b, {"mock-xl"}), (alpha_b, {None, "mock"})):
+            result = api.txt2img(prompt="which model", width=64, height=64, steps=1)
+            answer = httpx.get(f"{b}/v1/jobs/{result.info['job_id']}",
+                               headers=dict(api.session.headers))  # fmt: skip
+            assert answer.json()["request"]["model"] in models, answer.text

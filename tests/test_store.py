@@ -126,6 +126,22 @@ async def test_enqueued_job_survives_a_restart(
     assert [j.id for j in await drain(reopened)] == [accepted.id]
 
 
+async def test_a_setting_is_per_scope_replaced_and_survives_a_restart(
+    store: JobStore, store_factory: StoreFactory
+) -> None:
+    """A1111's /options model per service: another scope never sees it, a second put
+    replaces it, and a second process (or a restart) reads what the first wrote."""
+    assert await store.get_setting("alpha", "a1111:model") is None
+    await store.put_setting("alpha", "a1111:model", "first")
+    await store.put_setting("alpha", "a1111:model", "mock-xl")
+    await store.put_setting("bravo", "a1111:model", "mock")
+    other = await store_factory()  # a second process on the same store
+    assert await other.get_setting("alpha", "a1111:model") == "mock-xl"
+    assert await other.get_setting("bravo", "a1111:model") == "mock"
+    assert await other.get_setting("", "a1111:model") is None
+    assert await other.get_setting("alpha", "another") is None
+
+
 async def test_claim_leases_in_priority_then_round_robin_order(store: JobStore) -> None:
     a1 = await store.enqueue(job("alice"), user_cap=10)
     a2 = await store.enqueue(job("alice"), user_cap=10)

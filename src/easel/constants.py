@@ -66,6 +66,10 @@ TIMINGS = "timings"
 TIMINGS_VERSION = "timings:version"
 """String: a counter raised by every sample recorded (readers reload when it moves)."""
 
+# -- settings users chose ---------------------------------------------------------------
+SETTINGS = "settings:"
+"""Hash per scope (``settings:<service>``): key -> value (``JobStore.put_setting``)."""
+
 # -- events and workers ---------------------------------------------------------------
 EVENTS = "events"
 """Stream: every event of every job; stream ids are the event ids."""

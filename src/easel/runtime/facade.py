@@ -234,6 +234,15 @@ class Runtime:
             await self.bus.publish(_queued(job, view))
         return view
 
+    async def setting(self, key: str) -> str | None:
+        """The calling service's setting ``key`` (A1111's ``/options`` model), from the
+        store: every replica answers the same, and it outlives a restart."""
+        return await self.store.get_setting(_scope(), key)
+
+    async def set_setting(self, key: str, value: str) -> None:
+        """Set the calling service's setting ``key`` for every replica."""
+        await self.store.put_setting(_scope(), key, value)
+
     async def _visible(self, job_id: str) -> Job:
         """The job, if the calling service may see it; else as if it did not exist."""
         job = await self.store.get(job_id)
@@ -427,3 +436,9 @@ def _users_seen(accounts: dict[str, int]) -> dict[str, int]:
         return dict(accounts)
     prefix = account(caller.name, "")
     return {name[len(prefix) :]: n for name, n in accounts.items() if name.startswith(prefix)}
+
+
+def _scope() -> str:
+    """Whose settings a call reads: its service's ('' when no tokens are configured)."""
+    service = current_service.get()
+    return service.name if service is not None else ""

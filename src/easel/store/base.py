@@ -225,3 +225,13 @@ class JobStore(ABC):
     @abstractmethod
     async def timings(self, known: int | None = None) -> Timings | None:
         """Every kept sample; None when nothing was recorded since version ``known``."""
+
+    @abstractmethod
+    async def get_setting(self, scope: str, key: str) -> str | None:
+        """A setting a user chose (A1111's ``/options`` model, per service: ``scope``), as
+        stored by :meth:`put_setting`; None when never set. Kept in the store so that every
+        replica, and a restarted server, answers the same."""
+
+    @abstractmethod
+    async def put_setting(self, scope: str, key: str, value: str) -> None:
+        """Set (replace) one setting of ``scope``, durably, for every process."""

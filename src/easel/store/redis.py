@@ -371,6 +371,13 @@ class RedisStore(JobStore):
         if not found:
             raise JobNotFound(f"no job with id {job_id!r}")
 
+    async def get_setting(self, scope: str, key: str) -> str | None:
+        value = await self._read(lambda r: r.hget(self._key(keys.SETTINGS + scope), key))
+        return None if value is None else str(value)
+
+    async def put_setting(self, scope: str, key: str, value: str) -> None:
+        await self._read(lambda r: r.hset(self._key(keys.SETTINGS + scope), key, value))
+
     async def get(self, job_id: str) -> Job:
         fields = await self._read(lambda r: r.hgetall(self._key(keys.JOB + job_id)))
         if not fields:

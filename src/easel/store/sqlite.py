@@ -74,6 +74,12 @@ CREATE TABLE IF NOT EXISTS timings (
     seconds REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS timings_by_key ON timings(kind, key, id);
+CREATE TABLE IF NOT EXISTS settings (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (scope, key)
+);
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY,
     job_id TEXT NOT NULL,
@@ -734,6 +740,25 @@ class SqliteStore(JobStore):
         if read is not None:
             self._timings_version = read.version
         return read
+
+    async def get_setting(self, scope: str, key: str) -> str | None:
+        def op(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT value FROM settings WHERE scope = ? AND key = ?", (scope, key)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._writer.run(op)
+
+    async def put_setting(self, scope: str, key: str, value: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO settings (scope, key, value) VALUES (?, ?, ?)"
+                " ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value",
+                (scope, key, value),
+            )
+
+        await self._writer.run(op)
 
     def _put_back(self, conn: sqlite3.Connection, job: Job) -> Job:
         return _requeue(

@@ -16,8 +16,9 @@ scheduler) with ``scheduler`` appended as a modifier (``karras``, ``exponential`
 ``normal`` add none), ``seed`` (-1: random), ``width``/``height`` (rounded down to multiples
 of 8, as A1111 does), ``denoising_strength`` (img2img), ``override_settings.
 sd_model_checkpoint``. Ignored: hires fix, restore faces, tiling, subseeds, scripts, styles.
-``/options`` POST with ``sd_model_checkpoint`` sets the model of this server's later A1111
-requests that do not name one (the native API keeps choosing per request).
+``/options`` POST with ``sd_model_checkpoint`` sets the model of the calling service's later
+A1111 requests that do not name one (the native API keeps choosing per request); it is kept
+in the store, so every replica uses it and it outlives a restart.
 """
 
 from __future__ import annotations
@@ -249,24 +250,19 @@ class _Live:
             self.finished = True
 
 
+MODEL_SETTING = "a1111:sd_model_checkpoint"
+"""The store setting (per service) that ``POST /options`` sets: an A1111 server's own
+setting, here each service's own (one cannot switch another's model), and in the store so
+that every API replica runs a service's A1111 requests on the same model."""
+
+
 class A1111State:
-    """The A1111 state: the model each service set by ``/options`` (an A1111 server's own
-    setting: here each service has its own, so one cannot switch another's model), each
-    caller's latest job."""
+    """This process's A1111 state: each caller's latest job (its live step and preview,
+    streamed here; other replicas read the job from the store)."""
 
     def __init__(self) -> None:
-        self.models: dict[str, str] = {}  # service ('' when no tokens) -> model
         self.live: OrderedDict[str, _Live] = OrderedDict()
         self.tasks: OrderedDict[str, _Live] = OrderedDict()
-
-    @property
-    def model(self) -> str | None:
-        """The calling service's model, if it chose one."""
-        return self.models.get(_service_name())
-
-    @model.setter
-    def model(self, name: str) -> None:
-        self.models[_service_name()] = name
 
     def track(self, who: str, job_id: str, task_id: str | None = None) -> _Live:
         live = _Live(job_id, time.time(), owner=who)
@@ -473,17 +469,18 @@ async def scripts() -> dict[str, list[str]]:
 @router.get("/options", response_model=Options)
 async def get_options(request: Request) -> Options:
     """The options A1111 clients read; ``sd_model_checkpoint`` is the model in use."""
-    return _options(runtime_of(request), state_of(request))
+    return await _options(runtime_of(request))
 
 
 @router.post("/options", response_model=Options, responses=_ERRORS)
 async def set_options(options: Options, request: Request) -> Options:
     """Switch the model of later A1111 requests (``sd_model_checkpoint``); other options are
     accepted and ignored."""
-    runtime, state = runtime_of(request), state_of(request)
+    runtime = runtime_of(request)
     if options.sd_model_checkpoint is not None:
-        state.model = _served_model(runtime, options.sd_model_checkpoint)
-    return _options(runtime, state)
+        model = _served_model(runtime, options.sd_model_checkpoint)
+        await runtime.set_setting(MODEL_SETTING, model)
+    return await _options(runtime)
 
 
 # -- translation -------------------------------------------------------------------------
@@ -515,8 +512,10 @@ async def runnable_samplers(runtime: Runtime) -> list[str]:
     return [s for s in order if s in runs]
 
 
-def _options(runtime: Runtime, state: A1111State) -> Options:
-    model = state.model or runtime.backends[runtime.default_backend].default_model
+async def _options(runtime: Runtime) -> Options:
+    model = await runtime.setting(MODEL_SETTING)
+    if model is None and (local := runtime.backends.get(runtime.default_backend)) is not None:
+        model = local.default_model  # an API-only replica has none: null until one is set
     return Options(sd_model_checkpoint=model)
 
 
@@ -567,13 +566,14 @@ def _scheduler(body: Txt2ImgRequest) -> str | None:
 
 
 def _translate(
-    body: Txt2ImgRequest, user: str, runtime: Runtime, state: A1111State
+    body: Txt2ImgRequest, user: str, runtime: Runtime, chosen: str | None
 ) -> GenerationRequest:
-    """A1111's request -> easel's one vocabulary."""
+    """A1111's request -> easel's one vocabulary; ``chosen``: the service's ``/options``
+    model."""
     if not body.prompt.strip():
         raise InvalidRequest("prompt is empty; easel needs a prompt")
     override = (body.override_settings or {}).get("sd_model_checkpoint")
-    model = _served_model(runtime, str(override)) if override else state.model
+    model = _served_model(runtime, str(override)) if override else chosen
     fields: dict[str, Any] = {
         "prompt": body.prompt,
         "negative_prompt": body.negative_prompt,
@@ -643,7 +643,7 @@ def _account(request: Request, user: str | None = None) -> str:
 async def _generate(request: Request, body: Txt2ImgRequest) -> A1111Images:
     runtime, state = runtime_of(request), state_of(request)
     who = caller(request)
-    generation = _translate(body, who, runtime, state)
+    generation = _translate(body, who, runtime, await runtime.setting(MODEL_SETTING))
     async with submitted(runtime, generation) as run:
         live = state.track(_account(request, who), run.view.id, body.force_task_id)
         async for event in run.events:
