@@ -251,9 +251,11 @@ def test_options_are_in_the_store_for_every_replica(tmp_path: Path, redis_url: s
         api.session.headers["authorization"] = f"Bearer {token}"  # easel's service token
         return api
 
-    shared = {"redis_prefix": f"a1111:{uuid.uuid4().hex[:8]}:", "mock_models": ["mock-xl"]}
-    first = settings_for(tmp_path / "a", redis_url, concurrency=1, **shared)
-    second = settings_for(tmp_path / "b", redis_url, concurrency=1, **shared)
+    prefix = f"a1111:{uuid.uuid4().hex[:8]}:"
+    first, second = (
+        settings_for(tmp_path / name, redis_url, redis_prefix=prefix, mock_models=["mock-xl"])
+        for name in ("a", "b")
+    )
     with serve(create_app(first)) as a, serve(create_app(second)) as b:
         bravo_a, bravo_b, alpha_b = as_service(a, BRAVO), as_service(b, BRAVO), as_service(b, ALPHA)
         assert bravo_b.get_options()["sd_model_checkpoint"] == "mock"
