@@ -11,6 +11,7 @@ at a gate, so the outage starts exactly between "the backend produced the images
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from easel.config import Settings
+from easel.config import S3Settings, Settings
 from easel.errors import StoreUnavailable
 from easel.events.bus import Subscription
 from easel.jobs import EventType, JobState
@@ -31,21 +32,31 @@ from tests.test_worker import GatedStorage, _drain, _request
 class Outage:
     """A real store that a test can take down (``down``) and bring back. ``lose_reply``
     makes the next call of that name land, then fail as if the reply was lost with the
-    connection. ``refused`` counts the calls refused, per method (:meth:`until` awaits
-    a count)."""
+    connection; ``down_after``: the store goes down once a call of that name landed.
+    ``refused`` and ``served`` count the calls refused and answered, per method
+    (:meth:`until` and :meth:`until_served` await a count)."""
 
     def __init__(self, inner: JobStore) -> None:
         self.inner = inner
         self.down = False
         self.lose_reply: str | None = None
+        self.down_after: str | None = None
         self.refused: Counter[str] = Counter()
+        self.served: Counter[str] = Counter()
         self._refusing = asyncio.Event()
+        self._serving = asyncio.Event()
 
     async def until(self, **counts: int) -> None:
         """Until each named method was refused at least that many times."""
         while any(self.refused[name] < count for name, count in counts.items()):
             self._refusing.clear()
             await self._refusing.wait()
+
+    async def until_served(self, **counts: int) -> None:
+        """Until each named method was answered at least that many times."""
+        while any(self.served[name] < count for name, count in counts.items()):
+            self._serving.clear()
+            await self._serving.wait()
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self.inner, name)
@@ -58,6 +69,10 @@ class Outage:
                 self._refusing.set()
                 raise StoreUnavailable(f"the store is down (test outage, {name})")
             result = await attribute(*args, **kwargs)
+            self.served[name] += 1
+            self._serving.set()
+            if self.down_after == name:
+                self.down_after, self.down = None, True
             if self.lose_reply == name:
                 self.lose_reply = None
                 raise StoreUnavailable(f"the connection dropped before the reply ({name})")
@@ -234,3 +249,38 @@ async def test_a_retry_recorded_during_an_outage_lands_when_the_store_is_back(
     assert codes == ["backend_unavailable", None]
     types = _types(events, job_id)
     assert EventType.failed not in types and types.count(EventType.succeeded) == 1
+
+
+async def test_an_upload_error_noted_during_an_outage_lands_when_the_store_is_back(
+    tmp_path: Path, outage: Outage
+) -> None:
+    """``sync_with_s3`` with S3 unreachable (a closed port: boto3 is refused), and the store
+    goes down right after the commit: the job succeeded, its event carries the upload error
+    at once, and the note on its record is tried again until the store is back, then lands
+    (every replica and a restart see it)."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    s3 = S3Settings.model_validate(
+        {"bucket": "results", "endpoint_url": f"http://127.0.0.1:{closed}", "region": "us-east-1",
+         "access_key_id": "testing", "secret_access_key": "testing", "max_attempts": 1}
+    )  # fmt: skip
+    settings = Settings(data_dir=tmp_path / "data", backend="mock", mock_step_delay=0.0, s3=s3)
+    runtime = Runtime(settings, store=outage)  # type: ignore[arg-type]
+    await runtime.start()
+    try:
+        events = runtime.bus.subscribe(types={EventType.succeeded})
+        outage.down_after = "complete"
+        request = _request("upload error").model_copy(update={"sync_with_s3": True})
+        job_id = (await runtime.submit(request)).id
+        succeeded = await asyncio.wait_for(events.queue.get(), 60)  # not held for the note
+        assert succeeded is not None and succeeded.job_id == job_id and succeeded.upload_error
+        await asyncio.wait_for(outage.until(annotate=2), 60)  # refused, and tried again
+        assert (await outage.inner.get(job_id)).upload_error is None
+        outage.down = False
+        await asyncio.wait_for(outage.until_served(annotate=1), 60)
+        record = await outage.inner.get(job_id)
+    finally:
+        outage.down = False
+        await runtime.stop()
+    assert record.state is JobState.succeeded and record.upload_error == succeeded.upload_error

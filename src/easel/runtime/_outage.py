@@ -65,6 +65,28 @@ async def until_stored(
             await asyncio.sleep(delay)
 
 
+async def until_noted(write: Callable[[], Awaitable[object]], *, job_id: str, what: str) -> None:
+    """A note on a job's record (its upload error) tried again through store outages until
+    it lands. Unbounded here: the caller bounds it (a task it cancels when it ends). Any
+    other refusal (the job expired meanwhile) ends it, logged."""
+    failures = 0
+    while True:
+        try:
+            await write()
+            return
+        except StoreUnavailable as exc:
+            failures += 1
+            delay = retry_delay(failures, base=RETRY_BASE_SECONDS, cap=RETRY_CAP_SECONDS)
+            log.warning(
+                "job %s: the store is unavailable (%s); %s is recorded once it is back, "
+                "trying again in %.1fs (try %d)", job_id, exc.message, what, delay, failures,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+        except EaselError as exc:
+            log.error("job %s: %s was not recorded: %s", job_id, what, exc.message)
+            return
+
+
 async def _landed(store: JobStore, job_id: str, run: Attempt) -> Job | None:
     try:
         job = await store.get(job_id)

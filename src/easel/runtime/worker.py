@@ -61,7 +61,7 @@ from easel.results.files import LocalStorage
 from easel.results.s3 import Ref, Uploads
 from easel.runtime._ahead import Ahead
 from easel.runtime._finisher import Finisher, in_results_future, in_results_thread
-from easel.runtime._outage import announce, try_announce, until_stored
+from easel.runtime._outage import announce, try_announce, until_noted, until_stored
 from easel.store.base import JobStore
 
 if TYPE_CHECKING:
@@ -176,6 +176,7 @@ class Worker:
         self._ahead: Ahead[_Held] = Ahead(self._claim_ahead)
         self._held_ahead: list[Job] = []  # claimed ahead, not started
         self._cancels: dict[str, threading.Event] = {}
+        self._notes: dict[str, asyncio.Task[None]] = {}  # notes waiting out a store outage
         self._stopping = False
         self.model: str | None = None
         """The model of the last run here: a run of another one loads it first."""
@@ -225,6 +226,7 @@ class Worker:
                 raise
             finally:
                 watcher.cancel()
+                await self._drop_notes()
         return done
 
     def stop(self) -> None:
@@ -545,13 +547,30 @@ class Worker:
 
     async def _note_upload_error(self, job: Job, error: str) -> None:
         """On the record (every replica, after a restart); the succeeded event carries it
-        too, so a store that is down loses only the note."""
-        try:
+        too. A store that is down gets it once it is back: tried again with backoff in the
+        background while this worker lives, so the event is not held for it."""
+
+        async def write() -> None:
             await self.store.annotate(job.id, upload_error=error)
+
+        try:
+            await write()
+        except StoreUnavailable:
+            note = asyncio.create_task(until_noted(write, job_id=job.id, what="its upload error"))
+            self._notes[job.id] = note
+            note.add_done_callback(lambda _: self._notes.pop(job.id, None))
         except Exception as exc:
             log.error(
                 "job %s: could not record its upload error (%s)", job.id, exc, extra=_ids(job)
             )
+
+    async def _drop_notes(self) -> None:
+        """The worker ends: notes still waiting for the store are given up, logged."""
+        notes = dict(self._notes)
+        for job_id, note in notes.items():
+            note.cancel()
+            log.error("job %s: its upload error was not recorded (the store is away)", job_id)
+        await asyncio.gather(*notes.values(), return_exceptions=True)
 
     async def _failed(self, job: Job, exc: Exception, lost: threading.Event) -> None:
         """Record a failure: retry it later if it was transient, else fail it with its reason
