@@ -283,3 +283,22 @@ async def test_every_field_of_a_job_round_trips(redis_url: str) -> None:
         )
     finally:
         await store.close()
+
+
+async def test_one_process_leads_a_duty_until_its_lease_ends(redis_url: str) -> None:
+    """ETA updates are announced by one process of a deployment: the store's ``lead``."""
+    prefix = f"lead:{uuid.uuid4().hex}:"
+    one, two = RedisStore(redis_url, prefix=prefix), RedisStore(redis_url, prefix=prefix)
+    await one.open()
+    await two.open()
+    try:
+        assert await one.lead("etas", "a", 0.3)
+        assert not await two.lead("etas", "b", 0.3)
+        assert await one.lead("etas", "a", 0.05)  # renewed by its holder
+        async with asyncio.timeout(5):
+            while not await two.lead("etas", "b", 5.0):  # taken once the lease ran out
+                await asyncio.sleep(0.05)
+        assert not await one.lead("etas", "a", 5.0)
+    finally:
+        await one.close()
+        await two.close()

@@ -65,6 +65,9 @@ TIMINGS = "timings"
 """Hash: ``<kind>|<key>`` -> JSON list of the last samples (seconds), oldest first."""
 TIMINGS_VERSION = "timings:version"
 """String: a counter raised by every sample recorded (readers reload when it moves)."""
+LEADER = "leader:"
+"""String per duty (``leader:etas``): the process that does it for the deployment now;
+expires unless renewed."""
 
 # -- settings users chose ---------------------------------------------------------------
 SETTINGS = "settings:"

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,7 @@ class Etas(Extension):
         (smoothed): later arrivals that overtook them."""
         self._last: tuple[float, Projected] | None = None
         self._recent: tuple[float, set[str]] = (0.0, set())
+        self._holder = uuid.uuid4().hex
 
     # -- the facts --------------------------------------------------------------------
 
@@ -159,8 +161,8 @@ class Etas(Extension):
         while a job waits. Read from the store at most once per ``interval``."""
         now = time.time()
         at, users = self._recent
-        if now - at > self.interval:
-            jobs = await self.runtime.store.list_jobs(since=now - RECENT_SECONDS, limit=2000)
+        if now - at > max(self.interval, RECENT_EVERY):
+            jobs = await self.runtime.store.list_jobs(since=now - RECENT_SECONDS, limit=500)
             users = {job.user_id for job in jobs}
             self._recent = (now, users)
         return users
@@ -327,7 +329,11 @@ class Etas(Extension):
                 self._pushed[user] = smoothed
 
     async def announce(self) -> int:
-        """One round of updates; returns the events published."""
+        """One round of updates; returns the events published. One process of a
+        deployment announces (the store's ``lead``), so no update is sent twice."""
+        lease = max(3 * self.interval, 2.0)
+        if not await self.runtime.store.lead("etas", self._holder, lease):
+            return 0
         projected = await self.projections()
         if projected is None:
             return 0
@@ -362,6 +368,8 @@ class Etas(Extension):
 
 RECENT_SECONDS = 600.0
 """Users who submitted within this many seconds count as ones who may submit again."""
+RECENT_EVERY = 5.0
+"""Seconds between two reads of the recent users (the last 500 jobs' users)."""
 PUSH_ALPHA = 0.3
 """Smoothing of the per-user push-back rate, per update round."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from easel.errors import EaselError
 from easel.queue.scheduler import RunTimes
@@ -36,6 +37,7 @@ class SharedTimings(Extension):
         self.run_times = run_times
         self.interval = interval
         self._version: int | None = None
+        self._loaded = -1e9
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._flushed = asyncio.Event()
@@ -47,9 +49,10 @@ class SharedTimings(Extension):
         self._flushed.clear()
         self._wake.set()
 
-    async def sync(self, *, flush: bool = True) -> None:
+    async def sync(self, *, flush: bool = True, reload_after: float = 0.0) -> None:
         """Write what was measured here (``flush``), then reload if any process recorded
-        since (what is not written yet stays counted here)."""
+        since (what is not written yet stays counted here), unless the last reload is
+        less than ``reload_after`` seconds old."""
         async with self._lock:
             if flush:
                 pending, self.run_times.pending = self.run_times.pending, []
@@ -60,7 +63,10 @@ class SharedTimings(Extension):
                     raise
                 if not self.run_times.pending:
                     self._flushed.set()
+            if time.monotonic() - self._loaded < reload_after:
+                return
             read = await self.store.timings(self._version)
+            self._loaded = time.monotonic()
             if read is not None:
                 self.run_times.load(read)
                 self._version = read.version
@@ -90,8 +96,8 @@ class SharedTimings(Extension):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             await asyncio.sleep(FLUSH_GAP)
             self._wake.clear()
-            try:
-                await self.sync()
+            try:  # views reload when they need to; the loop at most once per interval
+                await self.sync(reload_after=self.interval)
             except EaselError as exc:
                 log.warning("measured times not shared yet: %s", exc.message)
                 await asyncio.sleep(self.interval)

@@ -640,3 +640,12 @@ for _, tier in ipairs(redis.call('ZREVRANGE', K_TIERS, 0, -1)) do
 end
 return out
 """)
+
+
+LEAD = """
+-- KEYS[1] the duty's key; ARGV[1] holder, ARGV[2] ttl ms: 1 if the holder has it now
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""

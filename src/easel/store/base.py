@@ -235,3 +235,9 @@ class JobStore(ABC):
     @abstractmethod
     async def put_setting(self, scope: str, key: str, value: str) -> None:
         """Set (replace) one setting of ``scope``, durably, for every process."""
+
+    async def lead(self, duty: str, holder: str, seconds: float) -> bool:
+        """Whether ``holder`` does ``duty`` for the deployment for the next ``seconds``
+        (taken if free or its own, renewed); one process per duty, so a deployment's
+        processes do not each do it. A store owned by one process: always."""
+        return True

@@ -151,6 +151,7 @@ class RedisStore(JobStore):
         for name in ("TIMINGS_RECORD", "TIMINGS_READ"):  # keys passed in, no header
             self._scripts[name] = self._redis.register_script(getattr(lua, name))
         self._scripts["ORDER"] = self._redis.register_script(lua.ORDER)
+        self._scripts["LEAD"] = self._redis.register_script(lua.LEAD)
         for name in ("ENQUEUE", "CLAIM", "HEARTBEAT", "COMPLETE", "FAIL", "REQUEUE", "CANCEL",
                      "EXPIRE", "PLACE", "STATS", "REROUTE", "REORDER"):  # fmt: skip
             self._scripts[name] = self._redis.register_script(getattr(lua, name))
@@ -549,6 +550,12 @@ class RedisStore(JobStore):
             if flat:
                 job = _from_fields(flat)
                 self._entries[job.id] = entry_for(job)
+
+    async def lead(self, duty: str, holder: str, seconds: float) -> bool:
+        script = self._scripts["LEAD"]
+        key = self._key(keys.LEADER + duty)
+        ttl = max(int(seconds * 1000), 1)
+        return bool(await self._read(lambda r: script(keys=[key], args=[holder, ttl], client=r)))
 
     def _timing_keys(self) -> list[str]:
         return [self._key(keys.TIMINGS), self._key(keys.TIMINGS_VERSION)]
