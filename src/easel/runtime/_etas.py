@@ -85,6 +85,9 @@ class Etas(Extension):
         self._last: tuple[float, Projected] | None = None
         self._recent: tuple[float, set[str]] = (0.0, set())
         self._holder = uuid.uuid4().hex
+        self.announcing = True
+        """False in a process that only runs jobs (``easel worker``): nobody reads views
+        there, and the API replicas announce the updates."""
 
     # -- the facts --------------------------------------------------------------------
 
@@ -332,7 +335,7 @@ class Etas(Extension):
         """One round of updates; returns the events published. One process of a
         deployment announces (the store's ``lead``), so no update is sent twice."""
         lease = max(3 * self.interval, 2.0)
-        if not await self.runtime.store.lead("etas", self._holder, lease):
+        if not self.announcing or not await self.runtime.store.lead("etas", self._holder, lease):
             return 0
         projected = await self.projections()
         if projected is None:

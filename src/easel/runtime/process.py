@@ -47,6 +47,7 @@ async def _start(settings: Settings, stop: asyncio.Event) -> Runtime | None:
     failures = 0
     while not stop.is_set():
         runtime = Runtime(settings, bus=redis_bus(settings, workers_only=True))
+        runtime.etas.announcing = False  # the API replicas announce ETA updates
         try:
             await runtime.start()
         except EaselError as exc:

@@ -546,10 +546,12 @@ class RedisStore(JobStore):
                     pipe.hgetall(self._key(keys.JOB + job_id))
                 return list(await pipe.execute())
 
-        for flat in await self._read(read):
-            if flat:
-                job = _from_fields(flat)
-                self._entries[job.id] = entry_for(job)
+        def parse(rows: list[Any]) -> list[Entry]:
+            return [entry_for(_from_fields(flat)) for flat in rows if flat]
+
+        # thousands of records: parsed off the event loop (heartbeats must not wait)
+        for entry in await asyncio.to_thread(parse, await self._read(read)):
+            self._entries[entry.job_id] = entry
 
     async def lead(self, duty: str, holder: str, seconds: float) -> bool:
         script = self._scripts["LEAD"]
