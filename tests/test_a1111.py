@@ -252,10 +252,12 @@ def test_options_are_in_the_store_for_every_replica(tmp_path: Path, redis_url: s
         return api
 
     prefix = f"a1111:{uuid.uuid4().hex[:8]}:"
-    first, second = (
-        settings_for(tmp_path / name, redis_url, redis_prefix=prefix, mock_models=["mock-xl"])
-        for name in ("a", "b")
-    )
+    # b: an API-only replica (no backend; the models a's worker serves); the results
+    # directory is shared, as it is in a real deployment
+    shared: dict[str, Any] = {"redis_prefix": prefix, "mock_models": ["mock-xl"],
+                              "output_dir": tmp_path / "outputs"}  # fmt: skip
+    first = settings_for(tmp_path / "a", redis_url, concurrency=1, **shared)
+    second = settings_for(tmp_path / "b", redis_url, concurrency=0, **shared)
     with serve(create_app(first)) as a, serve(create_app(second)) as b:
         bravo_a, bravo_b, alpha_b = as_service(a, BRAVO), as_service(b, BRAVO), as_service(b, ALPHA)
         assert bravo_b.get_options()["sd_model_checkpoint"] == "mock"
@@ -264,6 +266,9 @@ def test_options_are_in_the_store_for_every_replica(tmp_path: Path, redis_url: s
         )
         assert bravo_b.get_options()["sd_model_checkpoint"] == "mock-xl"
         assert alpha_b.get_options()["sd_model_checkpoint"] == "mock"
+        assert {"mock", "mock-xl"} <= {m["model_name"] for m in alpha_b.get_sd_models()}
+        bravo_b.set_options({"sd_model_checkpoint": "MOCK-XL"})  # set on the API-only one
+        assert bravo_a.get_options()["sd_model_checkpoint"] == "mock-xl"
         for api, models in ((bravo_b, {"mock-xl"}), (alpha_b, {None, "mock"})):
             result = api.txt2img(prompt="which model", width=64, height=64, steps=1)
             answer = httpx.get(f"{b}/v1/jobs/{result.info['job_id']}",

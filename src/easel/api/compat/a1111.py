@@ -16,9 +16,10 @@ scheduler) with ``scheduler`` appended as a modifier (``karras``, ``exponential`
 ``normal`` add none), ``seed`` (-1: random), ``width``/``height`` (rounded down to multiples
 of 8, as A1111 does), ``denoising_strength`` (img2img), ``override_settings.
 sd_model_checkpoint``. Ignored: hires fix, restore faces, tiling, subseeds, scripts, styles.
-``/options`` POST with ``sd_model_checkpoint`` sets the model of the calling service's later
-A1111 requests that do not name one (the native API keeps choosing per request); it is kept
-in the store, so every replica uses it and it outlives a restart.
+``/options`` POST with ``sd_model_checkpoint`` (any model of the deployment, its workers'
+included) sets the model of the calling service's later A1111 requests that do not name one
+(the native API keeps choosing per request); it is kept in the store, so every replica uses
+it and it outlives a restart.
 """
 
 from __future__ import annotations
@@ -437,11 +438,8 @@ async def task_progress(body: TaskProgressRequest, request: Request) -> TaskProg
 
 @router.get("/sd-models", response_model=list[SDModel])
 async def sd_models(request: Request) -> list[SDModel]:
-    """Every model easel serves, by name."""
-    return [
-        SDModel(title=m.name, model_name=m.name, filename=m.path or m.name)
-        for m in runtime_of(request).served_models()
-    ]
+    """Every model the deployment serves, by name (this process's and its workers')."""
+    return await _models(runtime_of(request))
 
 
 @router.get("/samplers", response_model=list[Sampler])
@@ -478,7 +476,7 @@ async def set_options(options: Options, request: Request) -> Options:
     accepted and ignored."""
     runtime = runtime_of(request)
     if options.sd_model_checkpoint is not None:
-        model = _served_model(runtime, options.sd_model_checkpoint)
+        model = await _served_model(runtime, options.sd_model_checkpoint)
         await runtime.set_setting(MODEL_SETTING, model)
     return await _options(runtime)
 
@@ -515,14 +513,34 @@ async def runnable_samplers(runtime: Runtime) -> list[str]:
 async def _options(runtime: Runtime) -> Options:
     model = await runtime.setting(MODEL_SETTING)
     if model is None and (local := runtime.backends.get(runtime.default_backend)) is not None:
-        model = local.default_model  # an API-only replica has none: null until one is set
+        model = local.default_model
+    if model is None:  # an API-only replica: a model the default route's workers serve
+        with contextlib.suppress(EaselError):
+            view = (await runtime.fleet.views()).get(runtime.default_backend)
+            model = min(view.models) if view is not None and view.models else None
     return Options(sd_model_checkpoint=model)
 
 
-def _served_model(runtime: Runtime, title: str) -> str:
+async def _models(runtime: Runtime) -> list[SDModel]:
+    """The models of this process's backends, then those the deployment's other workers
+    advertise (all of them on an API-only replica, which runs no backend itself)."""
+    models = [
+        SDModel(title=m.name, model_name=m.name, filename=m.path or m.name)
+        for m in runtime.served_models()
+    ]
+    try:
+        views = await runtime.fleet.views()
+    except EaselError:  # the store is out: what this process serves
+        return models
+    known = {m.model_name for m in models}
+    remote = sorted({name for view in views.values() for name in view.models} - known)
+    return [*models, *(SDModel(title=name, model_name=name, filename=name) for name in remote)]
+
+
+async def _served_model(runtime: Runtime, title: str) -> str:
     """A model by A1111 title (``name [hash]``) or name, case-insensitive."""
     wanted = title.split(" [")[0].strip().casefold()
-    names = [m.name for m in runtime.served_models()]
+    names = [m.model_name for m in await _models(runtime)]
     for name in names:
         if name.casefold() == wanted:
             return name
@@ -565,15 +583,18 @@ def _scheduler(body: Txt2ImgRequest) -> str | None:
     return a1111_sampler(sampler, body.scheduler)
 
 
-def _translate(
-    body: Txt2ImgRequest, user: str, runtime: Runtime, chosen: str | None
-) -> GenerationRequest:
-    """A1111's request -> easel's one vocabulary; ``chosen``: the service's ``/options``
-    model."""
+async def _model_of(body: Txt2ImgRequest, runtime: Runtime) -> str | None:
+    """The request's ``override_settings`` model, else the service's ``/options`` one."""
+    override = (body.override_settings or {}).get("sd_model_checkpoint")
+    if override:
+        return await _served_model(runtime, str(override))
+    return await runtime.setting(MODEL_SETTING)
+
+
+def _translate(body: Txt2ImgRequest, user: str, model: str | None) -> GenerationRequest:
+    """A1111's request -> easel's one vocabulary."""
     if not body.prompt.strip():
         raise InvalidRequest("prompt is empty; easel needs a prompt")
-    override = (body.override_settings or {}).get("sd_model_checkpoint")
-    model = _served_model(runtime, str(override)) if override else chosen
     fields: dict[str, Any] = {
         "prompt": body.prompt,
         "negative_prompt": body.negative_prompt,
@@ -643,7 +664,7 @@ def _account(request: Request, user: str | None = None) -> str:
 async def _generate(request: Request, body: Txt2ImgRequest) -> A1111Images:
     runtime, state = runtime_of(request), state_of(request)
     who = caller(request)
-    generation = _translate(body, who, runtime, await runtime.setting(MODEL_SETTING))
+    generation = _translate(body, who, await _model_of(body, runtime))
     async with submitted(runtime, generation) as run:
         live = state.track(_account(request, who), run.view.id, body.force_task_id)
         async for event in run.events:
