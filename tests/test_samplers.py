@@ -19,10 +19,13 @@ from hypothesis import strategies as st
 
 from easel.api import create_app
 from easel.backends import registry
+from easel.backends.base import sampler_capabilities
 from easel.backends.mock import MockBackend
 from easel.config import Settings
 from easel.errors import InvalidRequest, SamplerUnsupported
 from easel.jobs import GenerationRequest, JobState
+from easel.queue.admission import route_request
+from easel.queue.routing import BackendView
 from easel.runtime.facade import Runtime
 from easel.samplers import (
     A1111_SAMPLERS,
@@ -154,7 +157,7 @@ async def test_a_sampler_goes_only_to_a_backend_that_runs_it(peer: Process, tmp_
             assert job.state is JobState.succeeded, job.error
             ran[name] = job.backend
         named = GenerationRequest(prompt="x", scheduler="DPM fast", backend="local")
-        with pytest.raises(SamplerUnsupported, match="it runs DPM\\+\\+ 2M Karras, Euler a"):
+        with pytest.raises(SamplerUnsupported, match=r"local does not run sampler DPM fast \(it"):
             await runtime.submit(named)
     # A1111 has no Substep: that one ran here; the engine got A1111's own names
     assert ran == {"DPM fast": "a1111", "k_dpm_ad": "a1111", "DPM++ SDE Substep": "local"}
@@ -173,8 +176,8 @@ async def test_a_sampler_no_backend_runs_is_refused_naming_what_they_run(
             await runtime.submit(GenerationRequest(prompt="x", scheduler="Wobbly 3M"))
     assert refused.value.code == "sampler_unsupported" and refused.value.status == 422
     message = refused.value.message
-    assert "backend 'one' cannot run sampler 'DPM fast'" in message
-    assert "backend 'two'" in message and "UniPC AYS" in message
+    assert "one does not run sampler DPM fast (it runs: DDIM, DDIM Trailing" in message
+    assert "two does not run sampler DPM fast" in message and "UniPC AYS" in message
 
 
 @pytest.fixture
@@ -201,7 +204,8 @@ def test_sdapi_refuses_a_sampler_no_backend_runs_as_a1111_does(picky_server: str
     assert answer.status_code == 404
     body = answer.json()
     assert set(body) == {"error", "detail", "body", "errors"}
-    assert body["detail"].startswith("Sampler not found here: backend 'local' cannot run")
+    assert body["detail"].startswith("Sampler not found here: no backend of this fleet runs")
+    assert "local does not run sampler DPM fast" in body["detail"]
     assert "Euler a" in body["detail"] and body["errors"] == f"404: {body['detail']}"
     api = _api(picky_server)
     with pytest.raises(RuntimeError, match="Sampler not found"):
@@ -230,6 +234,24 @@ def test_sdapi_lists_and_runs_what_the_fleet_runs(peer: Process, tmp_path: Path)
     assert "TCD" in names  # the local one runs it
     assert len(result.images) == 1
     assert {s["name"]: s["label"] for s in schedulers} == A1111_110_SCHEDULE_TYPES
+
+
+def test_routing_reads_the_samplers_workers_advertise() -> None:
+    """An API-only replica knows other processes' backends only by what their workers
+    advertise: a "DPM fast" job goes to one that lists it (or ``sampler:*``)."""
+    skills = frozenset({"txt2img", "scheduler", "seed"})
+    picky = DrawThingsSamplersMock(name="dt")
+    dt = BackendView("dt", skills | sampler_capabilities(picky), outstanding=0.0)
+    anything = BackendView("a1111", skills | sampler_capabilities(MockBackend()), outstanding=9)
+    older = BackendView("older", skills)  # lists no sampler: not filtered by them
+    assert sampler_capabilities(MockBackend()) == {"sampler:*"}
+    assert len(sampler_capabilities(picky)) == len(DRAWTHINGS_SAMPLERS)
+    fast = GenerationRequest(prompt="x", scheduler="k_dpm_fast")
+    assert route_request(fast, [dt, anything], {}) == "a1111"
+    assert route_request(GenerationRequest(prompt="x", scheduler="UniPC ays"), [dt], {}) == "dt"
+    assert route_request(fast, [dt, older], {}) == "older"
+    with pytest.raises(SamplerUnsupported, match=r"dt does not run sampler DPM fast \(it runs"):
+        route_request(fast, [dt], {})
 
 
 def test_the_mock_runs_every_sampler_easel_knows(tmp_path: Path) -> None:

@@ -22,6 +22,10 @@ from types import MappingProxyType
 
 from easel.errors import InvalidRequest
 
+CAPABILITY_PREFIX = "sampler:"
+"""The router sees "runs this sampler" as a capability: ``sampler:DPM++ 2M Karras``, or
+``sampler:*`` for every one; a backend listing none is not filtered by sampler."""
+
 
 class Schedule(StrEnum):
     """How the steps' noise levels are spread (A1111's "schedule type")."""

@@ -10,6 +10,7 @@ is spent.
 from __future__ import annotations
 
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,13 @@ from easel.errors import Cancelled, SamplerUnsupported, Unsupported
 from easel.jobs import Capability as Capability  # backends declare what they can do
 from easel.jobs import GenerationRequest
 from easel.payloads import Executor
-from easel.samplers import SAMPLERS, SamplerName, parse_sampler
+from easel.samplers import (
+    CAPABILITY_PREFIX,
+    SAMPLERS,
+    SamplerName,
+    Schedule,
+    parse_sampler,
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,38 @@ EXECUTOR_PREFIX = "executor:"
 
 def executor_capabilities(executors: frozenset[Executor]) -> frozenset[str]:
     return frozenset(EXECUTOR_PREFIX + str(executor) for executor in executors)
+
+
+SAMPLER_PREFIX = CAPABILITY_PREFIX
+"""A worker advertises the samplers its backend runs as ``sampler:DPM++ 2M Karras`` (or
+``sampler:*``, every one easel knows), so an API-only replica routes a sampler by them."""
+
+
+_SAMPLERS: weakref.WeakKeyDictionary[Backend, tuple[frozenset[str], frozenset[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def sampler_capabilities(backend: Backend) -> frozenset[str]:
+    """``sampler:NAME`` for every sampler x schedule ``backend`` runs on any of its models
+    (``sampler:*`` when that is all of them); nothing for a backend without samplers.
+    Worked out again only when its models' families change (routing asks every time)."""
+    if Capability.scheduler not in backend.capabilities:
+        return frozenset()
+    by_family = {m.family: m.name for m in backend.pipelines()}
+    known = _SAMPLERS.get(backend)
+    if known is None or known[0] != frozenset(by_family):
+        known = _SAMPLERS[backend] = (frozenset(by_family), _runs(backend, by_family))
+    return known[1]
+
+
+def _runs(backend: Backend, by_family: dict[str, str]) -> frozenset[str]:
+    models = [None, *by_family.values()]
+    names = [SamplerName(s, h) for s in SAMPLERS for h in (None, *Schedule)]
+    runs = {n.name for n in names if any(backend.sampler_refusal(n, m) is None for m in models)}
+    if len(runs) == len(names):
+        return frozenset({SAMPLER_PREFIX + "*"})
+    return frozenset(SAMPLER_PREFIX + name for name in runs)
 
 
 def needed_capabilities(request: GenerationRequest) -> set[Capability]:

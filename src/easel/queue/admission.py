@@ -5,11 +5,13 @@ The store enforces the per-user cap atomically at enqueue; everything here runs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 
 from easel.backends.base import (
     EXECUTOR_PREFIX,
+    SAMPLER_PREFIX,
     Backend,
     executor_capabilities,
     needed_capabilities,
@@ -26,7 +28,9 @@ from easel.errors import (
 )
 from easel.images import decode_base64_image
 from easel.jobs import GenerationRequest, JobKind, random_seed
+from easel.payloads import Executor
 from easel.queue.routing import BackendView, Policy, Want, capable, choose
+from easel.samplers import parse_sampler
 
 
 def check_limits(request: GenerationRequest, limits: Limits) -> None:
@@ -170,6 +174,11 @@ def want_of(request: GenerationRequest, *, moving: bool = False) -> Want:
         else:
             named = frozenset({request.backend})
     needed = frozenset(str(c) for c in needed_capabilities(request))
+    if request.scheduler is not None and request.executor is not Executor.comfyui:
+        with contextlib.suppress(InvalidRequest):  # an unknown name is refused elsewhere
+            sampler = parse_sampler(request.scheduler)
+            if sampler.diffusers_class is None:  # a class name: its backend's check decides
+                needed |= {SAMPLER_PREFIX + sampler.name}
     if request.executor is not None:  # an engine payload: a backend that runs that engine's
         needed |= executor_capabilities(frozenset({request.executor}))
     return Want(
@@ -250,14 +259,25 @@ def _refused(lead: str, refusals: Sequence[tuple[str, EaselError]]) -> Unsupport
     return Unsupported(f"{lead}: {said}")
 
 
-def _lacks(name: str, missing: frozenset[str]) -> str:
-    """ "gpu cannot do img2img" / "plain does not run kandinsky payloads"."""
+def _lacks(name: str, missing: frozenset[str], offered: frozenset[str] = frozenset()) -> str:
+    """ "gpu cannot do img2img" / "plain does not run kandinsky payloads" / "dt does not
+    run sampler DPM fast (it runs: Euler a, ...)"."""
     engines = sorted(
         c.removeprefix(EXECUTOR_PREFIX) for c in missing if c.startswith(EXECUTOR_PREFIX)
     )
-    skills = sorted(c for c in missing if not c.startswith(EXECUTOR_PREFIX))
+    samplers = sorted(
+        c.removeprefix(SAMPLER_PREFIX) for c in missing if c.startswith(SAMPLER_PREFIX)
+    )
+    skills = sorted(
+        c for c in missing if not c.startswith(EXECUTOR_PREFIX) and not c.startswith(SAMPLER_PREFIX)
+    )
     said = [f"cannot do {', '.join(skills)}"] if skills else []
     said += [f"does not run {', '.join(engines)} payloads"] if engines else []
+    if samplers:
+        runs = sorted(
+            c.removeprefix(SAMPLER_PREFIX) for c in offered if c.startswith(SAMPLER_PREFIX)
+        )
+        said += [f"does not run sampler {', '.join(samplers)} (it runs: {', '.join(runs)})"]
     return f"{name} {' and '.join(said)}" if said else ""
 
 
@@ -283,8 +303,19 @@ def _why_not(request: GenerationRequest, want: Want, views: Sequence[BackendView
             f"no backend carries the tags {', '.join(sorted(want.tags))}; tags in this fleet: "
             f"{', '.join(tags) or 'none'}"
         )
-    reasons = [_lacks(v.name, want.capabilities - v.capabilities) for v in named]
-    return Unsupported(
-        "no backend of this fleet can run this request: "
-        + ("; ".join(r for r in reasons if r) or "none serves its model with its tags")
-    )
+    missing = {v.name: _missing(want, v) for v in named}
+    reasons = [_lacks(v.name, missing[v.name], v.capabilities) for v in named]
+    said = "; ".join(r for r in reasons if r) or "none serves its model with its tags"
+    if all(m and all(c.startswith(SAMPLER_PREFIX) for c in m) for m in missing.values()):
+        return SamplerUnsupported(f"no backend of this fleet runs this sampler: {said}")
+    return Unsupported(f"no backend of this fleet can run this request: {said}")
+
+
+def _missing(want: Want, view: BackendView) -> frozenset[str]:
+    """What ``view`` lacks of ``want`` (a sampler only where it lists its samplers)."""
+    missing = want.capabilities - view.capabilities
+    if SAMPLER_PREFIX + "*" in view.capabilities or not any(
+        c.startswith(SAMPLER_PREFIX) for c in view.capabilities
+    ):
+        missing = frozenset(c for c in missing if not c.startswith(SAMPLER_PREFIX))
+    return missing

@@ -32,6 +32,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from easel.samplers import CAPABILITY_PREFIX
+
 
 @dataclass(frozen=True)
 class BackendView:
@@ -94,10 +96,20 @@ def capable(want: Want, backend: BackendView) -> bool:
     """Whether the backend could ever run the job (health aside): admission asks this."""
     return (
         (want.backends is None or backend.name in want.backends)
-        and want.capabilities <= backend.capabilities
+        and _can(want.capabilities, backend.capabilities)
         and backend.serves(want.model)
         and want.tags <= backend.tags
     )
+
+
+def _can(needed: frozenset[str], offered: frozenset[str]) -> bool:
+    missing = needed - offered
+    if not missing:
+        return True
+    if any(not c.startswith(CAPABILITY_PREFIX) for c in missing):
+        return False
+    lists = any(c.startswith(CAPABILITY_PREFIX) for c in offered)
+    return CAPABILITY_PREFIX + "*" in offered or not lists
 
 
 def eligible(want: Want, backends: Iterable[BackendView]) -> list[BackendView]:

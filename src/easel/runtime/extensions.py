@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from easel.backends.base import executor_capabilities
+from easel.backends.base import executor_capabilities, sampler_capabilities
 from easel.constants import WORKER_TTL_BEATS
 from easel.effects.deliveries import DELIVERED_TYPES
 from easel.effects.metrics import Metrics
@@ -316,13 +316,15 @@ def info_of(worker: Worker, started_at: float) -> WorkerInfo:
     member = fleet.members.get(backend.name) if fleet is not None else None
     if member is not None:
         served, loaded = member.models()
-        capabilities = sorted(member.capabilities)
+        capabilities = sorted(member.capabilities | sampler_capabilities(backend))
     else:
         pipelines = [model for model in backend.models() if model.kind == "pipeline"]
         served = frozenset(model.name for model in pipelines)
         loaded = frozenset(model.name for model in pipelines if model.loaded)
         capabilities = sorted(
-            {str(c) for c in backend.capabilities} | executor_capabilities(backend.executors)
+            {str(c) for c in backend.capabilities}
+            | executor_capabilities(backend.executors)
+            | sampler_capabilities(backend)
         )
     return WorkerInfo(
         id=worker.id,

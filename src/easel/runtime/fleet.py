@@ -17,7 +17,14 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from easel.backends import registry as backend_kinds
-from easel.backends.base import EXECUTOR_PREFIX, Backend, Capability, executor_capabilities
+from easel.backends.base import (
+    EXECUTOR_PREFIX,
+    SAMPLER_PREFIX,
+    Backend,
+    Capability,
+    executor_capabilities,
+    sampler_capabilities,
+)
 from easel.errors import EaselError
 from easel.fleet import BackendSpec, Routing
 from easel.jobs import GenerationRequest, Job, JobState
@@ -138,7 +145,7 @@ class Fleet:
             loading = load_seconds * speed if member.loading is not None else 0.0
             views[name] = BackendView(
                 name=name,
-                capabilities=member.capabilities,
+                capabilities=member.capabilities | sampler_capabilities(member.backend),
                 models=served,
                 loaded=loaded,
                 tags=frozenset(member.spec.tags),
@@ -538,7 +545,11 @@ _WATCH_SECONDS = 0.5
 
 
 def _skills(capabilities: Collection[str]) -> list[str]:
-    return sorted(c for c in capabilities if not c.startswith(EXECUTOR_PREFIX))
+    return sorted(
+        c
+        for c in capabilities
+        if not c.startswith(EXECUTOR_PREFIX) and not c.startswith(SAMPLER_PREFIX)
+    )
 
 
 def _engines(capabilities: Collection[str]) -> list[str]:
