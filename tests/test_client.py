@@ -141,6 +141,10 @@ async def test_http_errors_raise_the_matching_easel_error(server: str) -> None:
             await client.get("no-such-job")
         assert (missing.value.code, missing.value.status) == ("job_not_found", 404)
 
+        with pytest.raises(JobNotFound) as refused:  # the websocket handshake's answer
+            await client.wait("no-such-job", timeout=10)
+        assert "no-such-job" in refused.value.message
+
 
 async def test_an_unreachable_server_is_an_easel_error() -> None:
     async with AsyncClient("http://127.0.0.1:9", timeout=2) as client:

@@ -25,11 +25,12 @@ from easel.client._common import (
     Handler,
     HandlerName,
     backoff,
+    error_from_body,
     error_from_response,
     unreachable,
 )
 from easel.constants import VERSION
-from easel.errors import InvalidRequest, error_for_status
+from easel.errors import InvalidRequest
 from easel.jobs import (
     FINAL_EVENTS,
     Event,
@@ -385,7 +386,9 @@ class AsyncClient(AsyncResource):
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if 400 <= status < 500:
-                    raise error_for_status(status, f"{url} refused the websocket") from exc
+                    body = bytes(exc.response.body or b"")
+                    refused = f"{url} refused the websocket ({status})"
+                    raise error_from_body(status, body, refused) from exc
                 reason: Exception = exc
             except (OSError, ConnectionClosed, InvalidHandshake) as exc:
                 # OSError includes refused connections and the open timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -59,14 +60,20 @@ HANDLER_FOR_EVENT: dict[EventType, HandlerName] = {
 
 def error_from_response(response: httpx.Response) -> EaselError:
     """``{"error": {"code", "message"}}`` -> exception; anything else keeps its HTTP status."""
+    fallback = f"{response.request.method} {response.request.url} answered "
+    fallback += f"{response.status_code} {response.reason_phrase}: {response.text[:200]}"
+    return error_from_body(response.status_code, response.content, fallback)
+
+
+def error_from_body(status: int, body: bytes, fallback: str) -> EaselError:
+    """An error answer's body (HTTP, or a refused websocket handshake) -> the catalogue's
+    exception; a body that is not easel's error keeps ``status`` with ``fallback``."""
     try:
-        body = response.json()["error"]
-        code, message = str(body["code"]), str(body["message"])
+        error = json.loads(body)["error"]
+        code, message = str(error["code"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
-        message = f"{response.request.method} {response.request.url} answered "
-        message += f"{response.status_code} {response.reason_phrase}: {response.text[:200]}"
-        return error_for_status(response.status_code, message)
-    return error_for(code, message, response.status_code)
+        return error_for_status(status, fallback)
+    return error_for(code, message, status)
 
 
 def unreachable(base_url: str, exc: BaseException) -> EaselError:
