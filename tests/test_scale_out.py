@@ -27,6 +27,7 @@ import pytest
 import redis
 from websockets.sync.client import connect
 
+from easel.client import AsyncClient
 from easel.jobs import GenerationRequest, Job, JobState
 from easel.store.redis import RedisStore
 from tests.redis_server import RedisServer
@@ -188,17 +189,21 @@ def cluster(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 async def _submit_many(urls: list[str], bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Through easel's client, as a bot would: a submission whose connection broke (a busy
+    machine, a keep-alive closed under it) is sent again with its Idempotency-Key."""
     limits = asyncio.Semaphore(16)
-    async with httpx.AsyncClient(timeout=30) as client:
+    clients = [AsyncClient(url, retries=5) for url in urls]
+    try:
 
         async def one(i: int, body: dict[str, Any]) -> dict[str, Any]:
             async with limits:
-                response = await client.post(f"{urls[i % len(urls)]}/v1/jobs", json=body)
-                assert response.status_code == 202, response.text
-                accepted: dict[str, Any] = response.json()
-                return accepted
+                view = await clients[i % len(clients)].submit(**body)
+                return view.model_dump(mode="json")
 
         return await asyncio.gather(*(one(i, body) for i, body in enumerate(bodies)))
+    finally:
+        for client in clients:
+            await client.aclose()
 
 
 def _open_store(url: str, prefix: str) -> tuple[asyncio.Runner, RedisStore]:
