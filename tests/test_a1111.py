@@ -95,16 +95,7 @@ def test_img2img_uses_the_init_image(server: str) -> None:
 def test_progress_preview_and_interrupt_of_the_callers_own_job(preview_server: str) -> None:
     api = _api(preview_server, username="ann", password="x")
     other = _api(preview_server, username="bob", password="x")
-    done: dict[str, Any] = {}
-
-    def generate() -> None:
-        try:
-            done["result"] = api.txt2img(prompt="slow fox", width=64, height=64, steps=100)
-        except Exception as exc:  # surfaced below, not as an unhandled thread error
-            done["error"] = exc
-
-    thread = threading.Thread(target=generate)
-    thread.start()
+    done, thread = _slow_txt2img(api)
     deadline = time.monotonic() + 10
     while True:
         progress = api.get_progress()
@@ -215,16 +206,7 @@ def test_another_replica_shows_and_interrupts_the_callers_job(
     with serve(create_app(runtime=runtime)) as a, serve(create_app(second)) as b:
         api = _api(a, username="ann", password="x")
         elsewhere = _api(b, username="ann", password="x")
-        done: dict[str, Any] = {}
-
-        def generate() -> None:
-            try:
-                done["result"] = api.txt2img(prompt="slow fox", width=64, height=64, steps=100)
-            except Exception as exc:  # surfaced below, not as an unhandled thread error
-                done["error"] = exc
-
-        thread = threading.Thread(target=generate)
-        thread.start()
+        done, thread = _slow_txt2img(api)
         deadline = time.monotonic() + 20
         while (progress := elsewhere.get_progress())["state"]["job_count"] != 1:
             assert thread.is_alive() and time.monotonic() < deadline, (progress, done)
@@ -274,3 +256,18 @@ def test_options_are_in_the_store_for_every_replica(tmp_path: Path, redis_url: s
             answer = httpx.get(f"{b}/v1/jobs/{result.info['job_id']}",
                                headers=dict(api.session.headers))  # fmt: skip
             assert answer.json()["request"]["model"] in models, answer.text
+
+
+def _slow_txt2img(api: Any) -> tuple[dict[str, Any], threading.Thread]:
+    """A 100-step txt2img on a thread: its ``result`` (or ``error``) lands in the dict."""
+    done: dict[str, Any] = {}
+
+    def generate() -> None:
+        try:
+            done["result"] = api.txt2img(prompt="slow fox", width=64, height=64, steps=100)
+        except Exception as exc:  # surfaced by the caller, not as an unhandled thread error
+            done["error"] = exc
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    return done, thread
