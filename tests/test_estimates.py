@@ -7,6 +7,8 @@ get updated ETAs in ``queued`` events, and a premium arrival pushes standard ETA
 
 from __future__ import annotations
 
+import asyncio
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,21 @@ from easel.backends.mock import MockBackend
 from easel.config import Settings
 from easel.jobs import EventType, GenerationRequest, JobState
 from easel.queue.estimates import (
+    EVERYONE,
+    MIN_SPAN,
+    QUIET_FLOOR,
+    Arrival,
     CostBook,
     Estimate,
     Lane,
+    Overtaking,
+    Queued,
     Shape,
+    Submitted,
     Waiting,
+    arrivals,
     material,
-    overtaking,
+    overtaken,
     project,
     spread,
 )
@@ -195,24 +205,100 @@ def test_the_range_of_a_wait_sums_the_spreads_of_the_runs_ahead(runs: list[float
     assert total.low <= total.mid <= total.high and total.mid == pytest.approx(sum(runs))
 
 
-@given(
-    st.lists(st.tuples(st.sampled_from("abc"), st.floats(0.1, 5)), min_size=1, max_size=30),
-    st.sets(st.sampled_from("abcde")),
-)
-def test_overtaking_is_what_fair_share_lets_other_active_users_put_first(
-    jobs: list[tuple[str, float]], active: set[str]
+def _steady(gap: float, count: int, since: float, seconds: float = 1.0) -> list[Submitted]:
+    """``count`` submissions ``gap`` apart, the last ``since`` seconds before now (100)."""
+    last = 100.0 - since
+    return [Submitted(0, "bot", last - i * gap, seconds, 1.0) for i in range(count)]
+
+
+def test_a_steady_clients_next_submissions_are_foreseen() -> None:
+    bot = arrivals(_steady(gap=2.0, count=20, since=0.5), now=100.0)[(0, "bot")]
+    assert bot.gap == pytest.approx(2.0)
+    assert bot.expected(1.0) == 0  # its next one comes 1.5 s from now
+    assert bot.expected(1.6) == 1 and bot.expected(3.6) == 2 and bot.expected(5.4) == 2
+
+
+def test_bursts_lone_submissions_and_silence_are_not_rates() -> None:
+    burst = [Submitted(0, "batch", 99.9 + i * 1e-3, 1.0, 1.0) for i in range(30)]
+    new = arrivals(burst, now=100.0)[(0, "batch")]  # 30 at once: not 1,000 a second...
+    assert not new.steady
+    # ...so nothing of it is expected, but the range's high end counts what it may get in
+    # ahead of ann's second job: as much cost as ann has ahead (one job: one of its jobs)
+    order = [Queued("a1", 0, "ann", 1.0, wait=1.0), Queued("a2", 0, "ann", 1.0, wait=2.0)]
+    later = overtaken(order, arrivals(burst, now=100.0))
+    assert later["a1"] == Overtaking(0.0, 0.0, 0.0)
+    assert later["a2"] == Overtaking(0.0, 0.0, bound=1.0)
+    # a client that keeps bursting, 10 every 10 s: a rate, but spread over MIN_SPAN
+    bursts = [Submitted(0, "batch", 90.0 + i * 1e-3 + 10 * (i // 10), 1.0, 1.0)
+              for i in range(30)]  # fmt: skip
+    batch = arrivals(bursts, now=110.1)[(0, "batch")]
+    assert batch.gap >= MIN_SPAN / 30
+    assert arrivals(bursts, now=110.1 + 3 * 10 + QUIET_FLOOR) == {}  # it stopped
+    two = arrivals(_steady(gap=2.0, count=2, since=0.5), now=100.0)
+    assert not two[(0, "bot")].steady  # two: no rate
+    assert arrivals(_steady(gap=2.0, count=20, since=30.0), now=100.0) == {}  # gone quiet
+
+
+_ORDERS = st.lists(
+    st.tuples(st.sampled_from("abc"), st.sampled_from([0, 0, 0, 10]), st.floats(0.1, 2)),
+    min_size=1, max_size=12,
+)  # fmt: skip
+_RATES = st.dictionaries(
+    st.tuples(st.sampled_from([0, 10]), st.sampled_from(["a", "b", "c", "d", EVERYONE])),
+    st.tuples(st.floats(0.2, 5), st.floats(0, 3), st.floats(0.05, 2), st.floats(0.1, 2)),
+    max_size=5,
+)  # fmt: skip
+
+
+def _order(jobs: list[tuple[str, int, float]]) -> list[Queued]:
+    """Queued jobs in serving order (higher tier first), each waiting for those before."""
+    ranked = sorted(jobs, key=lambda job: -job[1])
+    return [Queued(str(i), tier, user, cost, wait=float(i)) for i, (user, tier, cost)
+            in enumerate(ranked)]  # fmt: skip
+
+
+def _rates(raw: dict[tuple[int, str], tuple[float, ...]]) -> dict[tuple[int, str], Arrival]:
+    return {key: Arrival(gaps=(gap,) * 5, since=since, seconds=seconds, square=seconds**2,
+                         cost=cost)
+            for key, (gap, since, seconds, cost) in raw.items()}  # fmt: skip
+
+
+@given(_ORDERS, _RATES)
+def test_only_arrivals_the_fair_queue_lets_ahead_are_counted(
+    jobs: list[tuple[str, int, float]], raw: dict[tuple[int, str], tuple[float, ...]]
 ) -> None:
-    waiting = [(str(i), user, seconds) for i, (user, seconds) in enumerate(jobs)]
-    bound = overtaking(waiting, active)
-    for i, (user, _) in enumerate(jobs):
-        everyone = active | {u for u, _ in jobs[: i + 1]}
-        mine = sum(s for u, s in jobs[: i + 1] if u == user)
-        theirs = {v: sum(s for u, s in jobs[:i] if u == v) for v in everyone - {user}}
-        expected = sum(max(mine - t, 0.0) for t in theirs.values())
-        assert bound[str(i)] == pytest.approx(expected)
-        assert bound[str(i)] <= mine * len(everyone - {user}) + 1e-9
-    if active | {user for user, _ in jobs} == {jobs[0][0]}:
-        assert all(v == 0 for v in bound.values())  # nobody else: nobody overtakes
+    order, rates = _order(jobs), _rates(raw)
+    extra = overtaken(order, rates)
+    for index, job in enumerate(order):
+        seconds, var = extra[job.job_id].expected, extra[job.job_id].variance
+        assert seconds >= 0 and var >= 0
+        behind = {(q.tier, q.account) for q in order[index + 1 :]}
+        # what may overtake: a higher tier, or another account of its tier with room
+        # (something of its own tier ahead of it) and nothing queued behind it
+        mine = any(q.account == job.account and q.tier == job.tier for q in order[:index])
+        may = {key for key in rates if (key[0] > job.tier and key[1] == EVERYONE)
+               or (key[0] == job.tier and key[1] not in (job.account, EVERYONE) and mine
+                   and key not in behind)}  # fmt: skip
+        alone = overtaken(order, {key: rates[key] for key in rates.keys() - may})
+        assert alone[job.job_id].expected == alone[job.job_id].variance == 0.0
+        # its wait is a fixed point: what arrives while it waits is what it is told
+        total = job.wait + seconds
+        arriving = sum(
+            min(rates[key].expected(total), math.inf) * rates[key].seconds for key in may
+        )
+        assert seconds <= arriving + 1e-6
+
+
+@given(_ORDERS, _RATES, st.floats(1.0, 4.0))
+def test_more_arrivals_never_make_a_wait_shorter(
+    jobs: list[tuple[str, int, float]], raw: dict[tuple[int, str], tuple[float, ...]], faster: float
+) -> None:
+    order, rates = _order(jobs), _rates(raw)
+    quicker = {key: replace(a, gaps=tuple(g / faster for g in a.gaps), since=a.since / faster)
+               for key, a in rates.items()}  # fmt: skip
+    before, after = overtaken(order, rates), overtaken(order, quicker)
+    for job in order:
+        assert after[job.job_id].expected >= before[job.job_id].expected - 1e-9
 
 
 def test_cold_runs_price_a_shape_less_the_load_its_model_takes() -> None:
@@ -311,6 +397,40 @@ async def test_a_premium_arrival_pushes_standard_etas_out_and_says_so(tmp_path: 
         await runtime.stop()
 
 
+async def test_a_steady_clients_next_jobs_are_counted_at_submit_where_they_will_run(
+    tmp_path: Path,
+) -> None:
+    """A bot submits every 0.35 s (its jobs gone already: cancelled here); ann queues
+    three. Fair share will let the bot's next jobs in ahead of ann's third, as many as ann
+    has ahead of it (two): her ETA at submit counts them. When the bot really submits
+    them, they are queued ahead of hers and her ETA stays what it said."""
+    runtime = _runtime(tmp_path)
+    await runtime.start(workers=False)
+    try:
+        small: dict[str, Any] = {"steps": 2, "width": 64, "height": 64}
+        for _ in range(3):  # measured: 2 s a run
+            runtime.run_times.observe("mock", GenerationRequest(prompt="m", **small), 2.0)
+        for i in range(10):  # for 3.5 s: MIN_SEEN
+            bot = await runtime.submit(GenerationRequest(prompt=f"b{i}", user_id="bot", **small))
+            await runtime.cancel(bot.id)
+            await asyncio.sleep(0.35)
+        ann = [await runtime.submit(GenerationRequest(prompt=f"a{i}", user_id="ann", **small))
+               for i in range(3)]  # fmt: skip
+        first, third = ann[0], ann[-1]
+        assert (first.position, first.eta_seconds) == (0, 2.0)  # nothing can go before it
+        assert third.position == 2 and third.run_eta_seconds == 2.0
+        assert third.wait_eta_seconds == 8.0  # her two, and the bot's two to come
+        assert third.eta_low_seconds is not None and third.eta_high_seconds is not None
+        assert third.eta_low_seconds < 10.0 < third.eta_high_seconds
+        for i in range(2):
+            await runtime.submit(GenerationRequest(prompt=f"n{i}", user_id="bot", **small))
+        later = await runtime.get(third.id)
+        assert later.position == 4 and later.wait_eta_seconds == 8.0
+        assert later.eta_seconds == third.eta_seconds == 10.0
+    finally:
+        await runtime.stop()
+
+
 async def test_etas_count_every_backend_that_may_run_a_job_at_its_measured_speed(
     tmp_path: Path,
 ) -> None:
@@ -367,8 +487,8 @@ async def test_an_api_only_replica_gives_the_etas_the_worker_measured(
     small: dict[str, Any] = {"steps": 2, "width": 64, "height": 64}
     async with api, worker:
         assert not api.backends and not api.workers
-        for i in range(3):
-            view = await api.submit(GenerationRequest(prompt=f"m{i}", **small))
+        for i in range(3):  # each its own user: nobody submits steadily (no arrivals)
+            view = await api.submit(GenerationRequest(prompt=f"m{i}", user_id=f"m{i}", **small))
             assert (await api.wait(view.id, 30)).state is JobState.succeeded
         await worker.timings.flushed()
         blocker = await api.submit(GenerationRequest(prompt="b", steps=150, width=64, height=64))

@@ -2,7 +2,9 @@
 
 The policy is pure (:mod:`easel.queue.estimates`); this module feeds it the moment's
 facts: the queued jobs in serving order (the store's fair queue), the worker lanes (what
-each runs now, what model it has loaded) and the measured costs. A background loop
+each runs now, what it claimed ahead, what model it has loaded), the measured costs and
+the recent submissions (read from the store every few seconds, topped up with the queued
+and running jobs every projection reads). A background loop
 projects the whole queue every ``interval`` seconds and announces a ``queued`` event for
 each job whose position or ETA moved materially, at most once per ``min_gap`` seconds
 per job. Both stores tell their serving order (``JobStore.serving_order``); one that
@@ -16,24 +18,30 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from easel.errors import EaselError
-from easel.jobs import Event, EventType, Job, JobState, JobView
+from easel.jobs import PREMIUM_PRIORITY, Event, EventType, Job, JobState, JobView
 from easel.queue.estimates import (
+    NONE,
+    WINDOW_SECONDS,
     ZERO,
     Estimate,
     Lane,
+    Overtaking,
     Projection,
+    Queued,
+    Submitted,
     Waiting,
+    arrivals,
     material,
-    overtaking,
+    overtaken,
     project,
 )
 from easel.queue.routing import BackendView, eligible
-from easel.queue.scheduler import Entry
+from easel.queue.scheduler import Entry, Policy, account
 from easel.runtime.extensions import Extension
 
 if TYPE_CHECKING:
@@ -56,9 +64,21 @@ class Projected:
     unknown: set[str]
     """Jobs never measured (priced at 0 in the simulation, shown without an ETA)."""
     routes: dict[str, str]
-    users: dict[str, str] = field(default_factory=dict)
-    overtake: dict[str, float] = field(default_factory=dict)
-    """Per job: seconds other users' later jobs may take before it (``overtaking``)."""
+    overtake: dict[str, Overtaking] = field(default_factory=dict)
+    """Per job: what later arrivals will run before it (:func:`overtaken`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Recent:
+    """One recent submission, before its expected model load is priced."""
+
+    backend: str
+    model: str | None
+    tier: int
+    account: str
+    at: float
+    seconds: float
+    cost: float
 
 
 @dataclass
@@ -79,11 +99,10 @@ class Etas(Extension):
         self.min_gap = min_gap
         self._said: dict[str, _Said] = {}
         self._latest: Projected | None = None
-        self._pushed: dict[str, float] = {}
-        """Per user: seconds its waiting jobs were pushed back per second waited, lately
-        (smoothed): later arrivals that overtook them."""
-        self._last: tuple[float, Projected] | None = None
-        self._recent: tuple[float, set[str]] = (0.0, set())
+        self._seen: dict[str, _Recent] = {}
+        """Submissions in the arrival model's window, by job id."""
+        self._read_at = -RECENT_EVERY
+        self._policy = Policy(weights=runtime.settings.user_weights)
         self._holder = uuid.uuid4().hex
         self.announcing = True
         """False in a process that only runs jobs (``easel worker``): nobody reads views
@@ -91,41 +110,65 @@ class Etas(Extension):
 
     # -- the facts --------------------------------------------------------------------
 
-    async def lanes(self, now: float) -> list[Lane]:
+    async def lanes(self, now: float, running: Sequence[Job] = ()) -> list[Lane]:
         """One lane per worker of the deployment: this process's, busy for what their
-        current runs have left, and (scaled out) the ones other processes advertise."""
+        current runs have left and the jobs they claimed ahead, and (scaled out) the ones
+        other processes advertise. ``running``: the store's running jobs (a claim this
+        process's worker has not taken in hand yet counts as claimed ahead)."""
+        by_worker: dict[str | None, list[Job]] = {}
+        for job in running:
+            by_worker.setdefault(job.worker_id, []).append(job)
         lanes = []
         mine = set()
         for worker in self.runtime.workers:
             mine.add(worker.id)
-            busy = ZERO
-            for job in worker.running:
-                busy = self._left(job, now)
-            lanes.append(Lane(route=worker.backend.name, free_in=busy, model=worker.model))
-        others = [info for info in await self.runtime.fleet.workers() if info.id not in mine]
-        running: dict[str | None, list[Job]] = {}
-        if others:  # what they run, from the store (their advertisements lag a beat)
-            for job in await self.runtime.store.list_jobs(state=JobState.running, limit=1000):
-                running.setdefault(job.worker_id, []).append(job)
-        for info in others:
-            if info.state == "down":
+            held = {job.id for job in worker.current}
+            claiming = [job for job in by_worker.get(worker.id, []) if job.id not in held]
+            lane = self._lane(worker.backend.name, worker.running, [*worker.ahead, *claiming],
+                              worker.model, now, cold=worker.cold)  # fmt: skip
+            lanes.append(lane)
+        for info in await self.runtime.fleet.workers():
+            if info.id in mine or info.state == "down":
                 continue
-            busy = ZERO
-            for job in running.get(info.id, []):
-                busy = self._left(job, now)
+            # what it holds ran back to back since the first was claimed (one finishing,
+            # one running, one claimed ahead): their runs less the time since
+            claimed = by_worker.get(info.id, [])
             model = info.loaded[0] if len(info.loaded) == 1 else None
-            lanes.append(Lane(route=info.backend, free_in=busy, model=model))
+            lanes.append(self._lane(info.backend, claimed, [], model, now))
         if not lanes:  # nothing works yet: assume one free lane per local backend
             lanes = [Lane(route=name) for name in self.runtime.backends]
         return lanes
 
-    def _left(self, job: Job, now: float) -> Estimate:
-        """What a running job's run has left."""
-        price = self.runtime.run_times.price(job.backend, job.request)
-        if price is None or job.state is not JobState.running:
-            return ZERO
-        elapsed = now - (job.started_at or now)
-        return Estimate(*(max(price.at(i) - elapsed, 0.0) for i in range(3)))
+    def _lane(
+        self,
+        route: str,
+        running: Sequence[Job],
+        ahead: Sequence[Job],
+        model: str | None,
+        now: float,
+        *,
+        cold: bool = False,
+    ) -> Lane:
+        """A worker's lane: free once the call on its backend ends (what its jobs' runs
+        have left, and the model's load when the call loads it) and the jobs it claimed
+        ahead ran, with the model the last of them leaves loaded."""
+        book = self.runtime.run_times.book
+        busy = ZERO
+        for job in running:
+            if (price := self.runtime.run_times.price(job.backend, job.request)) is not None:
+                busy = busy + price
+        if running:
+            if cold:
+                busy = busy + _fixed(book.load(route, running[0].request.model))
+            elapsed = now - min(job.started_at or now for job in running)
+            busy = Estimate(*(max(busy.at(i) - elapsed, 0.0) for i in range(3)))
+        for job in ahead:
+            price = self.runtime.run_times.price(job.backend, job.request) or ZERO
+            wants = job.request.model
+            switch = wants is not None and model not in (None, wants)
+            busy = busy + price + _fixed(book.load(route, wants) if switch else 0.0)
+            busy, model = busy + self._gap(route), wants or model
+        return Lane(route=route, free_in=busy, model=model)
 
     def _waiting(
         self, entries: list[Entry], unknown: set[str], views: Sequence[BackendView]
@@ -156,19 +199,53 @@ class Etas(Extension):
 
     def _gap(self, route: str) -> Estimate:
         """Claim and events, per job."""
-        gap = self.runtime.run_times.gap(route)
-        return Estimate(gap, gap, gap)
+        return _fixed(self.runtime.run_times.gap(route))
 
-    async def _recent_users(self) -> set[str]:
-        """Users who submitted lately (``RECENT_SECONDS``): who may well submit again
-        while a job waits. Read from the store at most once per ``interval``."""
-        now = time.time()
-        at, users = self._recent
-        if now - at > max(self.interval, RECENT_EVERY):
-            jobs = await self.runtime.store.list_jobs(since=now - RECENT_SECONDS, limit=500)
-            users = {job.user_id for job in jobs}
-            self._recent = (now, users)
-        return users
+    async def _recent(self) -> list[Job]:
+        """The jobs submitted in the arrival model's window (the latest 500), read from
+        the store at most once per ``RECENT_EVERY`` seconds (each projection adds the
+        queued and running jobs it reads anyway, so the latest submissions are never
+        missed)."""
+        now = time.monotonic()
+        if now - self._read_at < RECENT_EVERY:
+            return []
+        self._read_at = now
+        return await self.runtime.store.list_jobs(since=time.time() - WINDOW_SECONDS, limit=500)
+
+    def _submitted(
+        self, jobs: Iterable[Job], entries: Sequence[Entry], waiting: Sequence[Waiting]
+    ) -> list[Submitted]:
+        """Recent submissions, each priced as the work it brings: its run with its gap,
+        and the model load it is expected to cause (a load in proportion to the share of
+        jobs on its backend that want another model)."""
+        run_times, seen = self.runtime.run_times, self._seen
+        for job in jobs:
+            if (price := run_times.price(job.backend, job.request)) is not None:
+                seen[job.id] = _Recent(
+                    job.backend, job.request.model, min(job.request.priority, PREMIUM_PRIORITY),
+                    account(job.service, job.user_id), job.created_at,
+                    price.mid + run_times.gap(job.backend), job.request.cost,
+                )  # fmt: skip
+        for entry, wait in zip(entries, waiting, strict=True):
+            if wait.run.mid > 0:
+                seen[entry.job_id] = _Recent(
+                    entry.route, wait.model, min(entry.priority, PREMIUM_PRIORITY),
+                    entry.account, entry.enqueued_at, wait.run.mid, entry.cost,
+                )  # fmt: skip
+        horizon = time.time() - WINDOW_SECONDS
+        for old in [job_id for job_id, one in seen.items() if one.at < horizon]:
+            del seen[old]
+        models: dict[str, dict[str | None, int]] = {}
+        for one in seen.values():
+            per = models.setdefault(one.backend, {})
+            per[one.model] = per.get(one.model, 0) + 1
+        out = []
+        for one in seen.values():
+            per = models[one.backend]
+            others = 1.0 - per[one.model] / sum(per.values())
+            load = others * self.runtime.run_times.book.load(one.backend, one.model)
+            out.append(Submitted(one.tier, one.account, one.at, one.seconds + load, one.cost))
+        return out
 
     async def projections(self, limit: int = PROJECT_LIMIT) -> Projected | None:
         """The first ``limit`` queued jobs' projections; None: the store cannot tell."""
@@ -179,29 +256,34 @@ class Etas(Extension):
         unknown: set[str] = set()
         views = list((await self.runtime.fleet.views()).values())
         waiting = self._waiting(entries, unknown, views)
-        lanes = await self.lanes(time.time())
+        running = await self.runtime.store.list_jobs(state=JobState.running, limit=1000)
+        lanes = await self.lanes(time.time(), running)
         projected = project(waiting, lanes, self.runtime.run_times.book.load)
-        active = set((await self.runtime.store.stats()).users) | await self._recent_users()
-        runs = [(w.job_id, e.user_id, w.run.mid) for w, e in zip(waiting, entries, strict=True)]
         lanes_of: dict[str, int] = {}
         for lane in lanes:
             lanes_of[lane.route] = lanes_of.get(lane.route, 0) + 1
-        overtake = {
-            job_id: seconds / max(lanes_of.get(route, 1), 1)
-            for (job_id, seconds), route in zip(
-                overtaking(runs, active).items(), (e.route for e in entries), strict=True
-            )
-        }
+        order = [
+            Queued(e.job_id, min(e.priority, PREMIUM_PRIORITY), e.account, e.cost, p.wait.mid,
+                   lanes_of.get(e.route, 1))
+            for e, p in zip(entries, projected, strict=False)
+        ]  # fmt: skip
+        recent = [*await self._recent(), *running]
+        rates = arrivals(self._submitted(recent, entries, waiting), time.time())
+        overtake = overtaken(order, rates, self._weight)
         result = Projected(
             {p.job_id: p for p in projected},
             unknown,
             {e.job_id: e.route for e in entries},
-            {e.job_id: e.user_id for e in entries},
             overtake,
         )
         if limit == PROJECT_LIMIT:
             self._latest = result
         return result
+
+    def _weight(self, name: str) -> float:
+        """An account's fair-share weight (``service/user``, or a bare user id)."""
+        service, _, user = name.partition("/") if "/" in name else ("", "", name)
+        return self._policy.weight(service or None, user)
 
     # -- views ------------------------------------------------------------------------
 
@@ -220,7 +302,7 @@ class Etas(Extension):
             elapsed = time.time() - (job.started_at or time.time())
             left = Estimate(*(max(price.at(i) - elapsed, 0.0) for i in range(3)))
             finish = self.runtime.run_times.finish(job.backend)
-            return _eta_fields(ZERO, left + Estimate(finish, finish, finish))
+            return _eta_fields(ZERO, left + _fixed(finish))
         if job.state is not JobState.queued:
             return {}
         place = await self.runtime.store.place(job.id)
@@ -248,24 +330,23 @@ class Etas(Extension):
         self._said[view.id] = _Said(said, time.monotonic())
 
     def fields_of(self, projected: Projected, projection: Projection) -> dict[str, float]:
-        """The ETA fields of one job of a projection (empty: it was never measured)."""
+        """The ETA fields of one job of a projection (empty: it was never measured): its
+        wait as projected plus what later arrivals are expected to run before it."""
         if projection.job_id in projected.unknown:
             return {}
-        own = self._own(projected, projection)
-        total = replace(projection, run=own).total
-        # who arrives: a user whose waiting jobs kept being overtaken lately (other users'
-        # fair share, premium work) can expect more of it while this one waits
-        user = projected.users.get(projection.job_id)
-        pushed = self._pushed.get(user, 0.0) * projection.wait.mid if user is not None else 0.0
-        may = projected.overtake.get(projection.job_id, 0.0)
-        total = Estimate(total.low, total.mid, total.high + max(pushed, may))
-        return _eta_fields(projection.wait, own, total)
+        later = projected.overtake.get(projection.job_id, NONE)
+        wait = projection.wait + _fixed(later.expected)
+        whole = replace(projection, wait=wait, run=self._own(projected, projection),
+                        wait_var=projection.wait_var + later.variance)  # fmt: skip
+        total = whole.total
+        total = replace(total, high=max(total.high, total.mid + later.bound))
+        return _eta_fields(wait, whole.run, total)
 
     def _own(self, projected: Projected, projection: Projection) -> Estimate:
         """A job's own run, ending when its results are committed."""
         route = projected.routes.get(projection.job_id)
         finish = self.runtime.run_times.finish(route) if route is not None else 0.0
-        return projection.run + Estimate(finish, finish, finish)
+        return projection.run + _fixed(finish)
 
     async def _fallback(self, job: Job) -> dict[str, Any]:
         place = await self.runtime.store.place(job.id)
@@ -279,7 +360,7 @@ class Etas(Extension):
             return {"position": place.position}
         return {
             "position": place.position,
-            **_eta_fields(Estimate(eta - own, eta - own, eta - own), Estimate(own, own, own)),
+            **_eta_fields(_fixed(eta - own), _fixed(own)),
         }
 
     # -- updates ----------------------------------------------------------------------
@@ -304,33 +385,6 @@ class Etas(Extension):
             except Exception:
                 log.exception("could not update ETAs")
 
-    def _measure_pushes(self, projected: Projected, now: float) -> None:
-        """How far each user's waiting jobs were pushed back since the last round, per
-        second: a job's wait should have shrunk by the time that passed; what it did not
-        is work that arrived and went ahead of it."""
-        last, self._last = self._last, (now, projected)
-        if last is None or now - last[0] <= 0:
-            return
-        before, elapsed = last[1], now - last[0]
-        pushes: dict[str, list[float]] = {}
-        for job_id, projection in projected.by_id.items():
-            old = before.by_id.get(job_id)
-            user = projected.users.get(job_id)
-            if old is None or user is None or job_id in projected.unknown:
-                continue
-            grown = projection.wait.mid - max(old.wait.mid - elapsed, 0.0)
-            pushes.setdefault(user, []).append(min(max(grown / elapsed, 0.0), 10.0))
-        for user in pushes.keys() | self._pushed.keys():
-            rates = pushes.get(user, [0.0])
-            rate = sum(rates) / len(rates)
-            smoothed = self._pushed.get(user, rate) + PUSH_ALPHA * (
-                rate - self._pushed.get(user, rate)
-            )
-            if smoothed < 1e-3 and user not in pushes:
-                self._pushed.pop(user, None)
-            else:
-                self._pushed[user] = smoothed
-
     async def announce(self) -> int:
         """One round of updates; returns the events published. One process of a
         deployment announces (the store's ``lead``), so no update is sent twice."""
@@ -341,7 +395,6 @@ class Etas(Extension):
         if projected is None:
             return 0
         now = time.monotonic()
-        self._measure_pushes(projected, now)
         for gone in self._said.keys() - projected.by_id.keys():
             del self._said[gone]
         published = 0
@@ -369,12 +422,13 @@ class Etas(Extension):
         return published
 
 
-RECENT_SECONDS = 600.0
-"""Users who submitted within this many seconds count as ones who may submit again."""
 RECENT_EVERY = 5.0
-"""Seconds between two reads of the recent users (the last 500 jobs' users)."""
-PUSH_ALPHA = 0.3
-"""Smoothing of the per-user push-back rate, per update round."""
+"""Seconds between two reads of the recent submissions from the store."""
+
+
+def _fixed(seconds: float) -> Estimate:
+    """A time known exactly (p10 = p50 = p90)."""
+    return Estimate(seconds, seconds, seconds)
 
 
 def _eta_fields(wait: Estimate, run: Estimate, total: Estimate | None = None) -> dict[str, float]:

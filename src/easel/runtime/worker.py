@@ -180,6 +180,8 @@ class Worker:
         self._stopping = False
         self.model: str | None = None
         """The model of the last run here: a run of another one loads it first."""
+        self.cold = False
+        """Whether the run on the backend now loads its model first."""
         self._ran = False
         self._ended: float | None = None  # when the last run ended, if busy ever since
 
@@ -187,6 +189,11 @@ class Worker:
     def running(self) -> list[Job]:
         """Jobs on the backend now."""
         return list(self._running)
+
+    @property
+    def ahead(self) -> list[Job]:
+        """Jobs claimed ahead: they run next, after the jobs on the backend."""
+        return list(self._held_ahead)
 
     @property
     def current(self) -> list[Job]:
@@ -330,7 +337,7 @@ class Worker:
                 ready = await self.fleet.settled(self.backend.name)
             model = jobs[0].request.model
             cold = (not self._ran or model != self.model) and (ready is None or ready != model)
-            self.model, self._ran = model, True
+            self.model, self._ran, self.cold = model, True, cold
             began = time.monotonic()
             if self.finisher.depth > 0 and not self._stopping:
                 self._ahead.start()  # claimed when this call reports its last step
