@@ -29,7 +29,7 @@ from easel.jobs import (
     JobState,
 )
 from easel.queue.admission import admit
-from easel.queue.scheduler import RunTimes
+from easel.queue.run_times import RunTimes
 from easel.results.audio import encode_audio, read_tags
 from easel.results.files import LocalStorage
 from easel.runtime.facade import Runtime

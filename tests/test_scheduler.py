@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from easel.errors import QueueFull, UserQueueFull
 from easel.jobs import GenerationRequest
 from easel.queue.backoff import retry_delay
+from easel.queue.run_times import RunTimes
 from easel.queue.scheduler import (
     Entry,
     FairQueue,
     Policy,
-    RunTimes,
     check_queue_cap,
     check_user_cap,
     user_cap,

@@ -1,6 +1,6 @@
 """ETA policy: what a job will cost, and when it will be done. Pure: no I/O, no clock.
 
-Three parts:
+Two parts:
 
 - :class:`CostBook` prices one run from what runs like it measured: the recent samples of
   its exact shape (backend, model, kind, size, steps, batch) give a median and a spread
@@ -15,14 +15,13 @@ Three parts:
   has another model. Each job gets its wait (until it starts) and its run, at p10, p50
   and p90. Other users' queued jobs that will go first, premium work and model switches
   are all counted because the simulation follows the queue's own policy.
-- :func:`overtaken` adds the jobs not submitted yet that will go ahead: each account's
-  way of submitting (:func:`arrivals`: a steady client's next jobs are foreseen from its
-  gaps), let in as far as start-time fair queueing lets them (higher tiers all of it).
+
+The measurements themselves are :class:`easel.queue.run_times.RunTimes`; what is not
+queued yet, but will go ahead, is :mod:`easel.queue.arrivals`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 from collections import deque
@@ -439,225 +438,6 @@ def project(
         if job.job_id == until:
             break
     return out
-
-
-# -- arrivals -----------------------------------------------------------------------------
-
-WINDOW_SECONDS = 120.0
-"""Submissions this recent tell each account's rate."""
-MIN_SUBMISSIONS = 3
-"""Submissions an account must have made in the window to be expected to make more."""
-MIN_GAPS = 4
-"""Gaps an account must have shown before its next submission is foreseen from them."""
-QUIET_GAPS = 3.0
-"""An account silent for this many times its longest recent gap..."""
-QUIET_FLOOR = 0.2
-"""...and at least this many seconds is expected to stay quiet: a batch that ended."""
-MIN_SEEN = 3.0
-"""Seconds an account must have been submitting for to be expected to go on: a burst is
-not a rate."""
-MIN_SPAN = 30.0
-"""An account's rate is its submissions over at least this many seconds: a burst of them
-is not a rate."""
-EVERYONE = ""
-"""The account of a tier's pooled arrivals (what goes ahead of every lower tier)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Submitted:
-    """One recent submission, as the arrival model needs it."""
-
-    tier: int
-    account: str
-    at: float
-    seconds: float
-    """Its run as priced (with the model load it is expected to cause)."""
-    cost: float
-    """Its fair-share cost (``GenerationRequest.cost``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Arrival:
-    """How one account submits in one tier: the gaps between its recent submissions, the
-    seconds since its last one, and per job the mean run seconds, the mean of their
-    squares (the spread) and the mean fair-share cost."""
-
-    gaps: tuple[float, ...]
-    since: float
-    seconds: float
-    square: float
-    cost: float
-    steady: bool = True
-    """False: too new to have a rate (fewer than ``MIN_SUBMISSIONS``, or for less than
-    ``MIN_SEEN``): none of its work is expected, but it may still send some (the range's
-    high end counts what fair share would let in)."""
-
-    @property
-    def gap(self) -> float:
-        """The mean gap, but never shorter than the time since the first submission (the
-        silence since the last one counts), or ``MIN_SPAN``, spread over them all."""
-        count = len(self.gaps) + 1
-        mean = statistics.fmean(self.gaps) if self.gaps else 0.0
-        return max(mean, (sum(self.gaps) + self.since) / count, MIN_SPAN / count)
-
-    @property
-    def quiet(self) -> bool:
-        """Silent for ``QUIET_GAPS`` times its longest recent gap (and ``QUIET_FLOOR``):
-        done submitting, as a batch that ended."""
-        longest = max(self.gaps, default=0.0)
-        return self.since > max(QUIET_GAPS * longest, QUIET_FLOOR)
-
-    def expected(self, horizon: float) -> float:
-        """Submissions likely in the next ``horizon`` seconds, as a renewal process: the
-        next one comes once the median of the gaps seen that are longer than the time
-        already waited has passed (none: within a mean gap), the ones after it a mean gap
-        apart. A steady client's next job is foreseen; with fewer than ``MIN_GAPS`` gaps
-        seen, the mean rate is all there is."""
-        if horizon <= 0:
-            return 0.0
-        gap = self.gap
-        if len(self.gaps) < MIN_GAPS:  # too few to tell a steady client: its mean rate
-            return horizon / gap
-        nexts = [g - self.since for g in self.gaps if g > self.since] or [gap]
-        first = statistics.median(nexts)
-        return 0.0 if first > horizon else 1.0 + (horizon - first) // gap
-
-
-def arrivals(
-    submitted: Iterable[Submitted], now: float, *, window: float = WINDOW_SECONDS, keep: int = KEEP
-) -> dict[tuple[int, str], Arrival]:
-    """Each (tier, account)'s way of submitting, from its submissions in the last
-    ``window`` seconds (the latest ``keep`` gaps), and each tier's, pooled over every
-    account (``(tier, EVERYONE)``). An account :attr:`~Arrival.quiet` is left out; one with
-    fewer than ``MIN_SUBMISSIONS`` there, or submitting for less than ``MIN_SEEN`` seconds,
-    is not :attr:`~Arrival.steady`."""
-    grouped: dict[tuple[int, str], list[Submitted]] = {}
-    for one in submitted:
-        if now - window <= one.at <= now:
-            grouped.setdefault((one.tier, one.account), []).append(one)
-            grouped.setdefault((one.tier, EVERYONE), []).append(one)
-    out = {}
-    for key, ones in grouped.items():
-        times = sorted(o.at for o in ones)
-        gaps = tuple(b - a for a, b in itertools.pairwise(times))[-keep:]
-        arrival = Arrival(
-            gaps=gaps,
-            since=now - times[-1],
-            seconds=statistics.fmean(o.seconds for o in ones),
-            square=statistics.fmean(o.seconds * o.seconds for o in ones),
-            cost=statistics.fmean(o.cost for o in ones),
-        )
-        if not arrival.quiet:
-            steady = len(ones) >= MIN_SUBMISSIONS and now - times[0] >= MIN_SEEN
-            out[key] = replace(arrival, steady=steady)
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class Queued:
-    """A queued job in serving order, as :func:`overtaken` needs it."""
-
-    job_id: str
-    tier: int
-    account: str
-    cost: float
-    wait: float
-    """Its projected wait (nothing new arriving)."""
-    lanes: int = 1
-    """Workers that serve its route: arrivals' work is shared among them."""
-
-
-@dataclass(frozen=True, slots=True)
-class Overtaking:
-    """What later arrivals will run before a queued job starts, in seconds."""
-
-    expected: float
-    variance: float
-    bound: float = 0.0
-    """What accounts too new to have a rate may still get in (fair share's room)."""
-
-
-NONE = Overtaking(0.0, 0.0)
-
-
-def overtaken(
-    order: Sequence[Queued],
-    rates: Mapping[tuple[int, str], Arrival],
-    weight: Callable[[str], float] = lambda account: 1.0,
-) -> dict[str, Overtaking]:
-    """Per queued job: the seconds later arrivals will run before it starts, under the
-    fair queue's own policy (expected, their variance, and a bound for new accounts).
-
-    Work arriving in a higher tier goes first, all of it, whoever sends it (the tier's
-    pooled stream, ``EVERYONE``). In the job's own tier, start-time
-    fair queueing lets another account's new jobs in ahead of it only while that account's
-    start tags stay below the job's: as much cost (over its weight) as the job's own account
-    has queued ahead of it, less what the other already has ahead of it (a job that starts
-    inside that room gets in whatever its size). An account with queued jobs behind it gets
-    none in (its new ones queue behind those); the job's own account never overtakes it.
-    The wait grows by what arrives while it waits: the least ``W`` with ``W = wait +
-    arriving(W)``, found by iterating from the projected wait.
-    """
-    last: dict[tuple[int, str], int] = {}
-    for index, job in enumerate(order):
-        last[(job.tier, job.account)] = index
-    ahead: dict[tuple[int, str], float] = {}
-    out = {}
-    for index, job in enumerate(order):
-        own = ahead.get((job.tier, job.account), 0.0) / weight(job.account)
-        streams = []  # (arrival, jobs it may get in)
-        may = 0.0
-        for (tier, account), arrival in rates.items():
-            pooled = account == EVERYONE
-            if tier < job.tier or (tier > job.tier) != pooled or account == job.account:
-                continue  # higher tiers: their pooled stream; its own: the other accounts
-            allowed = math.inf
-            if tier == job.tier:
-                if last.get((tier, account), -1) > index:
-                    continue
-                share = weight(account)
-                room = (own - ahead.get((tier, account), 0.0) / share) * share
-                if room <= 1e-12:
-                    continue
-                if arrival.cost > 0:
-                    allowed = math.ceil(room / arrival.cost)
-            if arrival.steady:
-                streams.append((arrival, allowed))
-            elif allowed < math.inf:
-                may += allowed * arrival.seconds
-        lanes = max(job.lanes, 1)
-
-        def arriving(
-            horizon: float, streams: list[tuple[Arrival, float]] = streams, lanes: int = lanes
-        ) -> float:
-            return sum(a.seconds * min(a.expected(horizon), n) for a, n in streams) / lanes
-
-        wait = _least_fixed_point(job.wait, arriving)
-        # the spread: as if each came as a Poisson stream at its mean rate (a count
-        # foreseen from steady gaps may still be off by one)
-        var = sum(a.square * min(wait / a.gap, n) for a, n in streams) / (lanes * lanes)
-        out[job.job_id] = Overtaking(wait - job.wait, var, may / lanes)
-        key = (job.tier, job.account)
-        ahead[key] = ahead.get(key, 0.0) + job.cost
-    return out
-
-
-OVERLOAD = 10.0
-"""Arrivals at or over the lanes' capacity never let a job start in this model: its wait is
-taken as at most this many times its projected one (plus a minute)."""
-
-
-def _least_fixed_point(wait: float, arriving: Callable[[float], float]) -> float:
-    """The least ``W >= wait`` with ``W = wait + arriving(W)`` (``arriving`` grows with W):
-    iterating from ``wait`` climbs to it."""
-    bound = OVERLOAD * wait + 60.0
-    current = wait
-    for _ in range(200):
-        after = min(wait + arriving(current), bound)
-        if after - current < 1e-6:
-            return after
-        current = after
-    return current
 
 
 def material(

@@ -1,12 +1,12 @@
 """ETAs for views and ``queued`` updates, from a projection of the queue's own policy.
 
-The policy is pure (:mod:`easel.queue.estimates`); this module feeds it the moment's
-facts: the queued jobs in serving order (the store's fair queue), the worker lanes (what
-each runs now, what it claimed ahead, what model it has loaded), the measured costs and
-the recent submissions (read from the store every few seconds, topped up with the queued
-and running jobs every projection reads). A background loop
-projects the whole queue every ``interval`` seconds and announces a ``queued`` event for
-each job whose position or ETA moved materially, at most once per ``min_gap`` seconds
+The policy is pure (:mod:`easel.queue.estimates`, :mod:`easel.queue.arrivals`); this
+module feeds it the moment's facts: the queued jobs in serving order (the store's fair
+queue), the worker lanes (what each runs now, what it claimed ahead, what model it has
+loaded), the measured costs and the recent submissions (read from the store every few
+seconds, topped up with the queued and running jobs every projection reads). A background
+loop projects the whole queue every ``interval`` seconds and announces a ``queued`` event
+for each job whose position or ETA moved materially, at most once per ``min_gap`` seconds
 per job. Both stores tell their serving order (``JobStore.serving_order``); one that
 could not would fall back to the position and the cost ahead (``JobStore.place``).
 """
@@ -24,20 +24,22 @@ from typing import TYPE_CHECKING, Any
 
 from easel.errors import EaselError
 from easel.jobs import PREMIUM_PRIORITY, Event, EventType, Job, JobState, JobView
-from easel.queue.estimates import (
+from easel.queue.arrivals import (
     NONE,
     WINDOW_SECONDS,
+    Overtaking,
+    Queued,
+    Submitted,
+    arrivals,
+    overtaken,
+)
+from easel.queue.estimates import (
     ZERO,
     Estimate,
     Lane,
-    Overtaking,
     Projection,
-    Queued,
-    Submitted,
     Waiting,
-    arrivals,
     material,
-    overtaken,
     project,
 )
 from easel.queue.routing import BackendView, eligible

@@ -17,7 +17,7 @@ import logging
 import time
 
 from easel.errors import EaselError
-from easel.queue.scheduler import RunTimes
+from easel.queue.run_times import RunTimes
 from easel.runtime.extensions import Extension
 from easel.store.base import JobStore
 

@@ -22,7 +22,8 @@ from easel.events.bus import EventBus, InProcessEventBus
 from easel.events.redis import RedisEventBus
 from easel.fleet import fleet_of
 from easel.jobs import EventType
-from easel.queue.scheduler import Policy, RunTimes
+from easel.queue.run_times import RunTimes
+from easel.queue.scheduler import Policy
 from easel.results.clap import ClapScorer
 from easel.results.files import LocalStorage
 from easel.results.s3 import S3Store, Uploads

@@ -56,7 +56,7 @@ from easel.jobs import (
     Phase,
 )
 from easel.queue.backoff import retry_delay
-from easel.queue.scheduler import RunTimes
+from easel.queue.run_times import RunTimes
 from easel.results.files import LocalStorage
 from easel.results.s3 import Ref, Uploads
 from easel.runtime._ahead import Ahead
