@@ -15,6 +15,7 @@ import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from easel.queue.estimates import KEEP
 
@@ -51,7 +52,7 @@ class Submitted:
     """Its fair-share cost (``GenerationRequest.cost``)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: its derived figures are cached on it
 class Arrival:
     """How one account submits in one tier: the gaps between its recent submissions, the
     seconds since its last one, and per job the mean run seconds, the mean of their
@@ -67,7 +68,7 @@ class Arrival:
     ``MIN_SEEN``): none of its work is expected, but it may still send some (the range's
     high end counts what fair share would let in)."""
 
-    @property
+    @cached_property
     def gap(self) -> float:
         """The mean gap, but never shorter than the time since the first submission (the
         silence since the last one counts), or ``MIN_SPAN``, spread over them all."""
@@ -90,12 +91,16 @@ class Arrival:
         seen, the mean rate is all there is."""
         if horizon <= 0:
             return 0.0
-        gap = self.gap
         if len(self.gaps) < MIN_GAPS:  # too few to tell a steady client: its mean rate
-            return horizon / gap
-        nexts = [g - self.since for g in self.gaps if g > self.since] or [gap]
-        first = statistics.median(nexts)
-        return 0.0 if first > horizon else 1.0 + (horizon - first) // gap
+            return horizon / self.gap
+        first = self._next
+        return 0.0 if first > horizon else 1.0 + (horizon - first) // self.gap
+
+    @cached_property
+    def _next(self) -> float:
+        """Seconds until its next submission, as its gaps tell."""
+        nexts = [g - self.since for g in self.gaps if g > self.since] or [self.gap]
+        return statistics.median(nexts)
 
 
 def arrivals(
@@ -176,26 +181,31 @@ def overtaken(
     last: dict[tuple[int, str], int] = {}
     for index, job in enumerate(order):
         last[(job.tier, job.account)] = index
+    tiers = {job.tier for job in order}
+    higher = {  # what goes ahead of a tier, all of it: the higher tiers' pooled streams
+        t: [(a, math.inf) for (tier, name), a in rates.items()
+            if tier > t and name == EVERYONE and a.steady]
+        for t in tiers
+    }  # fmt: skip
+    peers = {  # the other accounts of a tier: (name, arrival, weight, its last queued job)
+        t: [(name, a, weight(name), last.get((t, name), -1)) for (tier, name), a in rates.items()
+            if tier == t and name != EVERYONE]
+        for t in tiers
+    }  # fmt: skip
     ahead: dict[tuple[int, str], float] = {}
+    solved: dict[tuple[int, str, int], tuple[float, float]] = {}  # its last job's W0 and W
     out = {}
     for index, job in enumerate(order):
         own = ahead.get((job.tier, job.account), 0.0) / weight(job.account)
-        streams = []  # (arrival, jobs it may get in)
+        streams = list(higher[job.tier])  # (arrival, jobs it may get in)
         may = 0.0
-        for (tier, account), arrival in rates.items():
-            pooled = account == EVERYONE
-            if tier < job.tier or (tier > job.tier) != pooled or account == job.account:
-                continue  # higher tiers: their pooled stream; its own: the other accounts
-            allowed = math.inf
-            if tier == job.tier:
-                if last.get((tier, account), -1) > index:
-                    continue
-                share = weight(account)
-                room = (own - ahead.get((tier, account), 0.0) / share) * share
-                if room <= 1e-12:
-                    continue
-                if arrival.cost > 0:
-                    allowed = math.ceil(room / arrival.cost)
+        for name, arrival, share, latest in peers[job.tier] if own > 0 else ():
+            if name == job.account or latest > index:
+                continue  # its own, or one whose next jobs queue behind its queued ones
+            room = (own - ahead.get((job.tier, name), 0.0) / share) * share
+            if room <= 1e-12:
+                continue
+            allowed = math.ceil(room / arrival.cost) if arrival.cost > 0 else math.inf
             if arrival.steady:
                 streams.append((arrival, allowed))
             elif allowed < math.inf:
@@ -207,7 +217,13 @@ def overtaken(
         ) -> float:
             return sum(a.seconds * min(a.expected(horizon), n) for a, n in streams) / lanes
 
-        wait = _least_fixed_point(job.wait, arriving)
+        # a later job of the same account waits at least as much longer as its projected
+        # wait is: the climb starts there (it never passes the least fixed point)
+        mine = (job.tier, job.account, lanes)
+        before = solved.get(mine)
+        start = job.wait if before is None else max(job.wait, before[1] + job.wait - before[0])
+        wait = _least_fixed_point(job.wait, arriving, start)
+        solved[mine] = (job.wait, wait)
         # the spread: as if each came as a Poisson stream at its mean rate (a count
         # foreseen from steady gaps may still be off by one)
         var = sum(a.square * min(wait / a.gap, n) for a, n in streams) / (lanes * lanes)
@@ -222,11 +238,13 @@ OVERLOAD = 10.0
 taken as at most this many times its projected one (plus a minute)."""
 
 
-def _least_fixed_point(wait: float, arriving: Callable[[float], float]) -> float:
+def _least_fixed_point(
+    wait: float, arriving: Callable[[float], float], start: float | None = None
+) -> float:
     """The least ``W >= wait`` with ``W = wait + arriving(W)`` (``arriving`` grows with W):
-    iterating from ``wait`` climbs to it."""
+    iterating from ``wait``, or from any ``start`` known not to pass it, climbs to it."""
     bound = OVERLOAD * wait + 60.0
-    current = wait
+    current = min(wait if start is None else start, bound)
     for _ in range(200):
         after = min(wait + arriving(current), bound)
         if after - current < 1e-6:

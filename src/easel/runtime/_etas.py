@@ -271,7 +271,10 @@ class Etas(Extension):
         ]  # fmt: skip
         recent = [*await self._recent(), *running]
         rates = arrivals(self._submitted(recent, entries, waiting), time.time())
-        overtake = overtaken(order, rates, self._weight)
+        if len(order) > INLINE_LIMIT:  # tenths of a second for thousands: not loop work
+            overtake = await asyncio.to_thread(overtaken, order, rates, self._weight)
+        else:
+            overtake = overtaken(order, rates, self._weight)
         result = Projected(
             {p.job_id: p for p in projected},
             unknown,
@@ -426,6 +429,9 @@ class Etas(Extension):
 
 RECENT_EVERY = 5.0
 """Seconds between two reads of the recent submissions from the store."""
+INLINE_LIMIT = 50
+"""Queued jobs whose arrivals are counted on the event loop (a few milliseconds); longer
+queues are counted on a thread."""
 
 
 def _fixed(seconds: float) -> Estimate:
