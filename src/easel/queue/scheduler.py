@@ -108,6 +108,10 @@ class Policy:
     """A starving tier gets one scheduling decision in this many."""
     top_priority: int = PREMIUM_PRIORITY
 
+    def tier(self, priority: int) -> int:
+        """The tier a job of this priority queues in (none above ``top_priority``)."""
+        return min(priority, self.top_priority)
+
     def weight(self, service: str | None, user_id: str) -> float:
         """The weight of one service's user: its own entry, else the bare user id's."""
         if service is not None and (own := self.weights.get(account(service, user_id))):
@@ -217,7 +221,7 @@ class FairQueue:
     def _add(self, entry: Entry, *, front: bool) -> None:
         if entry.job_id in self._tagged:
             raise ValueError(f"job {entry.job_id} is already queued")
-        priority = min(entry.priority, self.policy.top_priority)
+        priority = self.policy.tier(entry.priority)
         tier = self._tiers.get(priority)
         if tier is None:
             tier = self._tiers[priority] = _Tier()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from easel.errors import EaselError
-from easel.jobs import PREMIUM_PRIORITY, Event, EventType, Job, JobState, JobView
+from easel.jobs import Event, EventType, Job, JobState, JobView
 from easel.queue.arrivals import (
     NONE,
     WINDOW_SECONDS,
@@ -224,14 +224,14 @@ class Etas(Extension):
         for job in jobs:
             if (price := run_times.price(job.backend, job.request)) is not None:
                 seen[job.id] = _Recent(
-                    job.backend, job.request.model, min(job.request.priority, PREMIUM_PRIORITY),
+                    job.backend, job.request.model, self._policy.tier(job.request.priority),
                     account(job.service, job.user_id), job.created_at,
                     price.mid + run_times.gap(job.backend), job.request.cost,
                 )  # fmt: skip
         for entry, wait in zip(entries, waiting, strict=True):
             if wait.run.mid > 0:
                 seen[entry.job_id] = _Recent(
-                    entry.route, wait.model, min(entry.priority, PREMIUM_PRIORITY),
+                    entry.route, wait.model, self._policy.tier(entry.priority),
                     entry.account, entry.enqueued_at, wait.run.mid, entry.cost,
                 )  # fmt: skip
         horizon = time.time() - WINDOW_SECONDS
@@ -265,7 +265,7 @@ class Etas(Extension):
         for lane in lanes:
             lanes_of[lane.route] = lanes_of.get(lane.route, 0) + 1
         order = [
-            Queued(e.job_id, min(e.priority, PREMIUM_PRIORITY), e.account, e.cost, p.wait.mid,
+            Queued(e.job_id, self._policy.tier(e.priority), e.account, e.cost, p.wait.mid,
                    lanes_of.get(e.route, 1))
             for e, p in zip(entries, projected, strict=False)
         ]  # fmt: skip

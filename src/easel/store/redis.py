@@ -237,7 +237,7 @@ class RedisStore(JobStore):
         if idempotency_key is not None:
             idem = self._idem_key(job.service, job.user_id, idempotency_key)
         args = (
-            job.id, job.user_id, min(entry.priority, self.policy.top_priority), job.backend,
+            job.id, job.user_id, self.policy.tier(entry.priority), job.backend,
             repr(entry.cost), repr(job.created_at), entry.batch_key or "",
             job.model_dump_json(exclude=set(_CHANGING)), user_cap,
             "" if self.max_queue_size is None else self.max_queue_size,
