@@ -13,7 +13,10 @@ scored ones. For each job: the ETA in its 202 against the time from the 202 to i
 ``succeeded`` event. Printed side by side: p50 / p90 / max relative error of easel's ETA
 (the fair-queue projection over measured costs, with the arrivals the fair queue will let
 ahead) and of the naive "position x average run time" estimate (what the
-request-balancer clients show), then per user.
+request-balancer clients show); then the end a client counting down easel's latest
+``queued`` event expects halfway through the job's time; then the ETAs at submit split by
+what nobody could know at submit (whether jobs submitted later ran first, and whether one
+of them was premium); then per user.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,10 @@ STEPS = (5, 10, 20)
 MODELS = ("mock", "second")
 RATES = {"heavy": 1.0, "medium": 0.4, "u1": 0.15, "u2": 0.15, "u3": 0.15}
 """Jobs per second each user submits (about 90% of one worker's capacity in all)."""
+UPDATE_SECONDS = 0.1
+"""How often the server re-projects the queue (each job's updates at least 3 of these
+apart): 1 s by default, scaled like the runs, which are about 10 times shorter here than
+a GPU's (0.2-1.3 s: 2-13 s)."""
 TAIL = 30.0
 """Seconds of arrivals after the scored ones."""
 COST = {  # the realistic mock
@@ -68,58 +76,96 @@ def _shape(rng: random.Random) -> dict[str, Any]:
             "model": rng.choice(MODELS)}  # fmt: skip
 
 
+@dataclass
+class Outcome:
+    """One job of a run, as its client saw it."""
+
+    view: dict[str, Any]
+    """The 202."""
+    offset: float
+    """Seconds from the start of the run to its submission."""
+    submitted: float
+    started: float = 0.0
+    finished: float = 0.0
+    announced: list[tuple[float, float]] = field(default_factory=list)
+    """(at, eta_seconds) of each ``queued`` event: the 202's ETA and every update."""
+
+    @property
+    def real(self) -> float:
+        return self.finished - self.submitted
+
+    @property
+    def premium(self) -> bool:
+        return bool(self.view["request"].get("premium"))
+
+
 async def _run(
     url: str,
     schedule: list[tuple[float, dict[str, Any]]],
     after: list[tuple[float, float]] | None = None,
-) -> list[tuple[dict[str, Any], float, float]]:
-    """Submit each body at its offset (seconds from now); (202 view, seconds until
-    succeeded, offset) for each. With ``after``: also each job's ETA read once every job
-    is in, and its real time."""
-    done: dict[str, float] = {}
-    submitted: dict[str, float] = {}
+) -> list[Outcome]:
+    """Submit each body at its offset (seconds from now) and follow every job's events
+    until it succeeds. With ``after``: also each job's ETA read once every job is in, and
+    its real time."""
+    jobs: dict[str, Outcome] = {}
+    early: dict[str, list[dict[str, Any]]] = {}  # events that came before their 202
     ws_url = url.replace("http", "ws") + "/v1/events"
-    views: list[tuple[dict[str, Any], float]] = []
     async with websockets.connect(ws_url, max_size=None) as ws, httpx.AsyncClient() as http:
+
+        def record(job: Outcome, event: dict[str, Any]) -> None:
+            if event["type"] == "queued" and event.get("eta_seconds") is not None:
+                job.announced.append((event["at"], event["eta_seconds"]))
+            elif event["type"] == "started" and not job.started:
+                job.started = event["at"]
+            elif event["type"] == "succeeded":
+                job.finished = event["at"]
+            elif event["type"] == "failed":
+                raise RuntimeError(f"job failed: {event}")
 
         async def listen() -> None:
             while True:
                 event = json.loads(await ws.recv())
-                if event["type"] == "succeeded":
-                    done[event["job_id"]] = event["at"]
-                elif event["type"] == "failed":
-                    raise RuntimeError(f"job failed: {event}")
+                job = jobs.get(event["job_id"])
+                if job is None:
+                    early.setdefault(event["job_id"], []).append(event)
+                else:
+                    record(job, event)
 
         listener = asyncio.create_task(listen())
         began = time.monotonic()
         for offset, body in schedule:
             await asyncio.sleep(max(began + offset - time.monotonic(), 0.0))
+            submitted = time.time()
             response = await http.post(f"{url}/v1/jobs", json={"prompt": "bench", **body})
             response.raise_for_status()
             view = {**response.json(), "user": body["user_id"]}
-            submitted[view["id"]] = time.time()
-            views.append((view, offset))
-        ids = {view["id"] for view, _ in views}
+            job = jobs[view["id"]] = Outcome(view, offset, submitted)
+            for event in early.pop(view["id"], []):
+                record(job, event)
         later: dict[str, tuple[float, float]] = {}
         if after is not None:
-            for view, _ in views:
+            for job_id in jobs:
                 now = time.time()
-                seen = (await http.get(f"{url}/v1/jobs/{view['id']}")).json()
+                seen = (await http.get(f"{url}/v1/jobs/{job_id}")).json()
                 if seen["state"] == "queued" and seen.get("eta_seconds") is not None:
-                    later[view["id"]] = (seen["eta_seconds"], now)
-        while not ids <= done.keys():
+                    later[job_id] = (seen["eta_seconds"], now)
+        while not all(job.finished for job in jobs.values()):
             if listener.done():
                 listener.result()
             await asyncio.sleep(0.05)
         listener.cancel()
     if after is not None:
-        after.extend((eta, done[job_id] - at) for job_id, (eta, at) in later.items())
-    return [(view, done[view["id"]] - submitted[view["id"]], offset) for view, offset in views]
+        after.extend((eta, jobs[job_id].finished - at) for job_id, (eta, at) in later.items())
+    return list(jobs.values())
 
 
 def _errors(pairs: list[tuple[float, float]]) -> tuple[float, float, float]:
     errors = sorted(abs(eta - real) / real for eta, real in pairs)
-    return (statistics.median(errors), statistics.quantiles(errors, n=10)[-1], errors[-1])
+    return (
+        statistics.median(errors),
+        statistics.quantiles(errors, n=10, method="inclusive")[-1],
+        errors[-1],
+    )
 
 
 async def main() -> None:
@@ -146,7 +192,8 @@ async def main() -> None:
     rng = random.Random(args.seed)
     data = Path(tempfile.mkdtemp(prefix="easel-eta-"))
     port = _free_port()
-    env = {**os.environ, **COST, "EASEL_MAX_USER_QUEUE_SIZE": "1000"}
+    env = {**os.environ, **COST, "EASEL_MAX_USER_QUEUE_SIZE": "1000",
+           "EASEL_ETA_UPDATE_SECONDS": str(UPDATE_SECONDS)}  # fmt: skip
     server = subprocess.Popen(
         [_easel(), "serve", "--port", str(port), "--data-dir", str(data),
          "--concurrency", str(args.workers)],
@@ -166,7 +213,7 @@ async def main() -> None:
                   for m in MODELS for s in SIZES for n in STEPS]  # fmt: skip
         warm = await _run(url, [(0.0, {**shape, "user_id": "warm"}) for shape in shapes * 3])
         # naive: one average run time for all, from the warm-up's throughput
-        average = max(real for _, real, _ in warm) / len(warm)
+        average = max(job.real for job in warm) / len(warm)
         # arrivals go on past the scored ones, so that nothing scored waits in a queue
         # that suddenly stops filling
         end = args.seconds + TAIL
@@ -179,8 +226,7 @@ async def main() -> None:
         shutil.rmtree(data, ignore_errors=True)
 
     lead_in = 0.0 if args.burst else args.lead_in
-    scored = [(view, real) for view, real, offset in results
-              if lead_in <= offset <= args.seconds]  # fmt: skip
+    scored = [job for job in results if lead_in <= job.offset <= args.seconds]
     if args.burst:
         print(f"a burst of {args.jobs} jobs from 6 users (one heavy, 1 in 15 premium), "
               f"{args.workers} worker(s)")  # fmt: skip
@@ -194,32 +240,76 @@ async def main() -> None:
           f"{COST['EASEL_MOCK_SECONDS_PER_MEGAPIXEL_STEP']} s/step/MP, "
           f"{COST['EASEL_MOCK_OVERHEAD_SECONDS']} s per call, "
           f"{COST['EASEL_MOCK_LOAD_SECONDS']} s per model load")  # fmt: skip
-    easel = [(view["eta_seconds"], real) for view, real in scored if view.get("eta_seconds")]
-    naive = [(((view["position"] or 0) + 1) * average / args.workers, real)
-             for view, real in scored]  # fmt: skip
-    rows = [("easel (fair-queue projection)", easel), ("naive (position x average)", naive)]
+    with_eta = [job for job in scored if job.view.get("eta_seconds")]
+    overtaken = {job.view["id"]: _overtaken_by(job, results) for job in with_eta}
+
+    def easel(jobs: list[Outcome]) -> list[tuple[float, float]]:
+        return [(job.view["eta_seconds"], job.real) for job in jobs]
+
+    naive = [(((job.view["position"] or 0) + 1) * average / args.workers, job.real)
+             for job in scored]  # fmt: skip
+    rows: list[tuple[str, list[tuple[float, float]] | None]] = [
+        ("easel (fair-queue projection)", easel(with_eta)),
+        ("naive (position x average)", naive),
+    ]
     if args.burst:
         rows.append(("easel, read after the burst", after))
-    print(f"{'ETA at submit':<34} {'p50 error':>9} {'p90 error':>9} {'max':>7}  jobs with ETA")
+    rows += [
+        ("easel, counting down, at half-time", [_halfway(job) for job in with_eta]),
+        ("easel at submit, by what came later:", None),
+        *((f"  {label}", easel([job for job in with_eta if overtaken[job.view["id"]] == kind]))
+          for kind, label in OVERTAKEN.items()),
+    ]  # fmt: skip
+    print(f"{'ETA':<36} {'p50 error':>9} {'p90 error':>9} {'max':>7}  jobs")
     for label, pairs in rows:
+        if pairs is None or len(pairs) < 2:
+            print(label if pairs is None else f"{label:<36} {len(pairs)}/{len(scored)}")
+            continue
         p50, p90, worst = _errors(pairs)
-        print(f"{label:<34} {p50:>9.1%} {p90:>9.1%} {worst:>7.0%}  {len(pairs)}/{len(scored)}")
-    bias = statistics.median((eta - real) / real for eta, real in easel)
+        print(f"{label:<36} {p50:>9.1%} {p90:>9.1%} {worst:>7.0%}  {len(pairs)}/{len(scored)}")
+    bias = statistics.median((job.view["eta_seconds"] - job.real) / job.real for job in with_eta)
     print(f"median signed error of easel's ETA at submit: {bias:+.1%}")
-    for user in sorted({view["user"] for view, _ in scored}):
-        mine = [(view["eta_seconds"], real) for view, real in scored
-                if view["user"] == user and view.get("eta_seconds")]  # fmt: skip
+    for user in sorted({job.view["user"] for job in scored}):
+        mine = [job for job in with_eta if job.view["user"] == user]
         if len(mine) >= 2:
-            p50, p90, _ = _errors(mine)
-            mean = statistics.mean(real for _, real in mine)
+            p50, p90, _ = _errors(easel(mine))
+            mean = statistics.mean(job.real for job in mine)
             print(f"  {user:<8} {len(mine):>3} jobs, mean {mean:5.2f} s: "
                   f"p50 {p50:.1%}, p90 {p90:.1%}")  # fmt: skip
-    ranged = [(view, real) for view, real in scored if view.get("eta_low_seconds") is not None]
-    within = sum(1 for view, real in ranged
-                 if view["eta_low_seconds"] <= real <= view["eta_high_seconds"])  # fmt: skip
-    below = sum(1 for view, real in ranged if real < view["eta_low_seconds"])
+    ranged = [job for job in scored if job.view.get("eta_low_seconds") is not None]
+    within = sum(
+        1
+        for job in ranged
+        if job.view["eta_low_seconds"] <= job.real <= job.view["eta_high_seconds"]
+    )
+    below = sum(1 for job in ranged if job.real < job.view["eta_low_seconds"])
     print(f"actual time within easel's p10-p90 range at submit: {within}/{len(scored)} "
           f"(below it {below}, above it {len(ranged) - within - below})")  # fmt: skip
+
+
+OVERTAKEN = {
+    "": "nothing submitted later ran first",
+    "standard": "later standard jobs ran first",
+    "premium": "a later premium job ran first",
+}
+
+
+def _overtaken_by(job: Outcome, jobs: list[Outcome]) -> str:
+    """What, submitted after ``job``, started before it (a key of ``OVERTAKEN``): what
+    no ETA at submit can know of (whether and when such jobs come, their shapes and
+    models, whether they are premium)."""
+    later = [o for o in jobs if o.submitted > job.submitted and o.started < job.started]
+    return "premium" if any(o.premium for o in later) else "standard" if later else ""
+
+
+def _halfway(job: Outcome) -> tuple[float, float]:
+    """(ETA, real) as a client counting down the latest ``queued`` event it had halfway
+    through the job's time sees them: that event said the job ends at ``at + eta``; both
+    counted from the submission, so the error is a share of the job's time, as at submit."""
+    halfway = job.submitted + job.real / 2
+    said = [(at, eta) for at, eta in job.announced if at <= halfway] or job.announced[:1]
+    at, eta = said[-1]
+    return at + eta - job.submitted, job.real
 
 
 def _burst(rng: random.Random, jobs: int) -> list[tuple[float, dict[str, Any]]]:

@@ -20,6 +20,7 @@ from easel.backends.mock import MockBackend
 from easel.config import Settings
 from easel.jobs import EventType, GenerationRequest, JobState
 from easel.queue.estimates import (
+    Announced,
     CostBook,
     Estimate,
     Lane,
@@ -213,13 +214,16 @@ def test_cold_runs_price_a_shape_less_the_load_its_model_takes() -> None:
     assert book.samples(cold_only) == 0
 
 
-def test_material_changes_are_position_or_a_real_move() -> None:
-    one = Estimate(10.0, 10.0, 10.0)
-    (base,) = project([Waiting("a", "gpu", None, one)], [Lane("gpu")], lambda r, m: 0.0)
-    (later,) = project(
-        [Waiting("a", "gpu", None, one)], [Lane("gpu", free_in=one)], lambda r, m: 0.0
-    )
-    assert material(None, base) and material(base, later) and not material(base, base)
+def test_material_changes_are_position_or_a_moved_end() -> None:
+    said = Announced(position=2, at=100.0, end=120.0)
+    assert material(None, said) and not material(said, said)
+    assert material(said, Announced(1, 101.0, 120.0))  # another position
+    # counting down as said is no news, however much time passed
+    assert not material(said, Announced(2, 115.0, 120.0))
+    # an end moved by more than 10% of what is left and more than 1 s is
+    assert material(said, Announced(2, 110.0, 121.5))
+    assert not material(said, Announced(2, 110.0, 120.9))  # under 1 s
+    assert not material(said, Announced(2, 80.0, 123.0))  # under 10% of 43 s
 
 
 # -- against a real runtime ----------------------------------------------------------------

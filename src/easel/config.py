@@ -266,7 +266,7 @@ class Settings(BaseSettings):
         default=1.0,
         gt=0,
         description="How often waiting jobs' ETAs are recomputed (an update is announced "
-        "when one moved materially, at most every 3 s per job).",
+        "when one moved materially, at most every 3 of these intervals per job).",
     )
     results_depth: int = Field(
         default=2,

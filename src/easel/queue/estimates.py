@@ -440,14 +440,24 @@ def project(
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Announced:
+    """What a job's latest ``queued`` event said (or would say now)."""
+
+    position: int
+    at: float
+    """When it was said (any clock, the same for all)."""
+    end: float
+    """When it said the job will be done: ``at`` + its ETA."""
+
+
 def material(
-    old: Projection | None, new: Projection, *, ratio: float = 0.1, floor: float = 2.0
+    old: Announced | None, new: Announced, *, ratio: float = 0.1, floor: float = 1.0
 ) -> bool:
-    """Whether a new estimate is worth announcing: another position, or a total that
-    moved by more than ``ratio`` of itself and more than ``floor`` seconds."""
-    if old is None:
+    """Whether a new estimate is worth announcing: another position, or a job now expected
+    to be done more than ``ratio`` of what it has left and more than ``floor`` seconds
+    earlier or later than said. Ends are compared, not ETAs: an ETA that counts down as
+    said is no news."""
+    if old is None or old.position != new.position:
         return True
-    if old.position != new.position:
-        return True
-    before, after = old.total.mid, new.total.mid
-    return abs(after - before) > max(floor, ratio * max(before, after))
+    return abs(new.end - old.end) > max(floor, ratio * (new.end - new.at))

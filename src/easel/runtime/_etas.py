@@ -6,9 +6,10 @@ queue), the worker lanes (what each runs now, what it claimed ahead, what model 
 loaded), the measured costs and the recent submissions (read from the store every few
 seconds, topped up with the queued and running jobs every projection reads). A background
 loop projects the whole queue every ``interval`` seconds and announces a ``queued`` event
-for each job whose position or ETA moved materially, at most once per ``min_gap`` seconds
-per job. Both stores tell their serving order (``JobStore.serving_order``); one that
-could not would fall back to the position and the cost ahead (``JobStore.place``).
+for each job whose position or expected end moved materially, at most once per
+``GAP_INTERVALS`` intervals per job. Both stores tell their serving order
+(``JobStore.serving_order``); one that could not would fall back to the position and the
+cost ahead (``JobStore.place``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from easel.queue.arrivals import (
 )
 from easel.queue.estimates import (
     ZERO,
+    Announced,
     Estimate,
     Lane,
     Projection,
@@ -83,23 +85,17 @@ class _Recent:
     cost: float
 
 
-@dataclass
-class _Said:
-    projection: Projection
-    at: float
-
-
 class Etas(Extension):
     """ETAs of a runtime's jobs; as an extension, it announces their updates."""
 
     name = "etas"
 
-    def __init__(self, runtime: Runtime, *, interval: float = 1.0, min_gap: float = 3.0) -> None:
+    def __init__(self, runtime: Runtime, *, interval: float = 1.0) -> None:
         self.runtime = runtime
         self._task: asyncio.Task[None] | None = None
         self.interval = interval
-        self.min_gap = min_gap
-        self._said: dict[str, _Said] = {}
+        self.min_gap = GAP_INTERVALS * interval
+        self._said: dict[str, Announced] = {}
         self._latest: Projected | None = None
         self._seen: dict[str, _Recent] = {}
         """Submissions in the arrival model's window, by job id."""
@@ -326,13 +322,10 @@ class Etas(Extension):
 
     def announced(self, view: JobView) -> None:
         """What the ``queued`` event at submit said: later updates compare with it."""
-        if view.position is None:
+        if view.position is None or view.eta_seconds is None:
             return
-        wait = view.wait_eta_seconds or 0.0
-        run = view.run_eta_seconds or 0.0
-        said = Projection(view.id, view.position, Estimate(wait, wait, wait),
-                          Estimate(run, run, run))  # fmt: skip
-        self._said[view.id] = _Said(said, time.monotonic())
+        now = time.monotonic()
+        self._said[view.id] = Announced(view.position, now, now + view.eta_seconds)
 
     def fields_of(self, projected: Projected, projection: Projection) -> dict[str, float]:
         """The ETA fields of one job of a projection (empty: it was never measured): its
@@ -404,29 +397,30 @@ class Etas(Extension):
             del self._said[gone]
         published = 0
         for job_id, projection in projected.by_id.items():
+            fields = self.fields_of(projected, projection)
+            if not fields:  # never measured
+                continue
             said = self._said.get(job_id)
-            if job_id in projected.unknown:
-                continue
+            now_said = Announced(projection.position, now, now + fields["eta_seconds"])
             if said is None:  # a job queued before this process (or from another one)
-                self._said[job_id] = _Said(projection, now)
+                self._said[job_id] = now_said
                 continue
-            if now - said.at < self.min_gap:
-                continue
-            if not material(said.projection, projection):
+            if now - said.at < self.min_gap or not material(said, now_said):
                 continue
             with contextlib.suppress(EaselError):
                 job = await self.runtime.store.get(job_id)
                 if job.state is not JobState.queued:
                     continue
-                fields = self.fields_of(projected, projection)
                 await self.runtime.bus.publish(
                     Event.of(job, EventType.queued, position=projection.position, **fields)
                 )
                 published += 1
-            self._said[job_id] = _Said(projection, now)
+            self._said[job_id] = now_said
         return published
 
 
+GAP_INTERVALS = 3
+"""A job's ETA updates are at least this many update intervals apart."""
 RECENT_EVERY = 5.0
 """Seconds between two reads of the recent submissions from the store."""
 INLINE_LIMIT = 50

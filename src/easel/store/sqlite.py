@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs(user_id, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs(json_extract(data, '$.created_at'));
 CREATE TABLE IF NOT EXISTS timings (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,
@@ -625,7 +626,10 @@ class SqliteStore(JobStore):
             clauses.append("instr(casefold(json_extract(data, '$.request.prompt')), ?) > 0")
             params.append(text.casefold())
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT data FROM jobs {where} ORDER BY seq DESC LIMIT ?"
+        # with ``since`` the recent jobs are found by their creation time (``+seq``: not
+        # by walking the whole table newest first when fewer than ``limit`` match)
+        order = "+seq" if since is not None else "seq"
+        sql = f"SELECT data FROM jobs {where} ORDER BY {order} DESC LIMIT ?"
 
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(sql, (*params, limit)).fetchall()
