@@ -485,6 +485,9 @@ async def test_list_filters_inside_the_query(store: JobStore) -> None:
     assert [j.request.prompt for j in both] == ["A Red fox 9", "A Red fox 3"]
     dated = await store.list_jobs(since=1010.0, until=1013.0)
     assert [j.created_at for j in dated] == [1012.0, 1011.0, 1010.0]
+    recent = await store.list_jobs(since=1010.0, service="bot", before=bot[0], limit=3)
+    assert [j.created_at for j in recent] == [1026.0, 1024.0, 1022.0]
+    assert await store.list_jobs(since=2000.0) == []
     assert await store.list_jobs(service="nobody") == []
 
 

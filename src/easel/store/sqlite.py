@@ -615,21 +615,25 @@ class SqliteStore(JobStore):
             ("state = ?", None if state is None else str(state)),
             ("json_extract(data, '$.service') = ?", service),
             ("json_extract(data, '$.request.model') = ?", model),
-            ("json_extract(data, '$.created_at') >= ?", since),
             ("json_extract(data, '$.created_at') < ?", until),
             ("seq < (SELECT seq FROM jobs WHERE id = ?)", before),
         ):
             if value is not None:
                 clauses.append(clause)
                 params.append(value)
+        if since is not None:
+            # the oldest job created since then bounds the walk (newest first, it would
+            # read the whole table when fewer than ``limit`` match): found by the index
+            clauses.append(
+                "json_extract(data, '$.created_at') >= ? AND seq >= (SELECT min(seq) FROM "
+                "jobs INDEXED BY jobs_by_created WHERE json_extract(data, '$.created_at') >= ?)"
+            )
+            params += [since, since]
         if text:
             clauses.append("instr(casefold(json_extract(data, '$.request.prompt')), ?) > 0")
             params.append(text.casefold())
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        # with ``since`` the recent jobs are found by their creation time (``+seq``: not
-        # by walking the whole table newest first when fewer than ``limit`` match)
-        order = "+seq" if since is not None else "seq"
-        sql = f"SELECT data FROM jobs {where} ORDER BY {order} DESC LIMIT ?"
+        sql = f"SELECT data FROM jobs {where} ORDER BY seq DESC LIMIT ?"
 
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(sql, (*params, limit)).fetchall()
