@@ -1,10 +1,9 @@
 """The embedded store: SQLite (WAL, ``synchronous=FULL``) on one writer thread.
 
-Every call becomes one operation on a dedicated thread that owns the connection. The thread
-takes all operations waiting at once, runs each in its own savepoint and commits them with
-one fsync: group commit, so durable submissions scale with concurrency instead of being
-capped by the disk's fsync rate. The fair queue itself lives in memory, on the event loop,
-rebuilt from the table on ``open``; one process owns the file (use Redis to scale out).
+Every call becomes one operation on a dedicated thread that owns the connection, committed
+in groups (:mod:`easel.store._sqlite_writer`). The fair queue itself lives in memory, on
+the event loop, rebuilt from the table on ``open``; one process owns the file (use Redis to
+scale out).
 """
 
 from __future__ import annotations
@@ -13,13 +12,11 @@ import asyncio
 import fcntl
 import itertools
 import os
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 from easel.errors import (
     EaselError,
@@ -28,7 +25,6 @@ from easel.errors import (
     JobNotQueued,
     LeaseLost,
     StoreInUse,
-    StoreUnavailable,
 )
 from easel.jobs import Attempt, AudioRef, ImageRef, Job, JobError, JobState
 from easel.queue.scheduler import (
@@ -43,6 +39,7 @@ from easel.queue.scheduler import (
     check_user_cap,
     entry_for,
 )
+from easel.store._sqlite_writer import Writer
 from easel.store.base import (
     TIMINGS_KEEP,
     WORKER_LOST,
@@ -51,9 +48,6 @@ from easel.store.base import (
     Timings,
     annotation_json,
 )
-
-T = TypeVar("T")
-Op = Callable[[sqlite3.Connection], Any]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -88,107 +82,18 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 """
 IDEMPOTENCY_RETENTION_SECONDS = 24 * 3600
-_MAX_BATCH = 1024
 
 
-class _Writer:
-    """One connection on one thread; a batch of operations per transaction."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._ops: queue.SimpleQueue[tuple[Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._serve, args=(ready,), name="easel-sqlite", daemon=True
-        )
-        self._thread.start()
-        if (error := ready.get()) is not None:
-            raise StoreUnavailable(f"cannot open the job database {self.path}: {error}")
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._ops.put(None)
-            self._thread.join()
-            self._thread = None
-
-    async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        if self._thread is None or self._loop is None:
-            raise StoreUnavailable("the job store is closed")
-        future: asyncio.Future[T] = self._loop.create_future()
-        self._ops.put((op, future))
-        return await future
-
-    def _serve(self, ready: queue.SimpleQueue[BaseException | None]) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
-            conn.create_function("casefold", 1, _casefold, deterministic=True)
-        except (sqlite3.Error, OSError) as exc:
-            ready.put(exc)
-            return
-        ready.put(None)
-        try:
-            while (first := self._ops.get()) is not None:
-                batch = [first]
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        item = self._ops.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        self._ops.put(None)  # stop after this batch
-                        break
-                    batch.append(item)
-                self._run_batch(conn, batch)
-        finally:
-            conn.close()
-
-    def _run_batch(
-        self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any]]]
-    ) -> None:
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op, future in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    result = op(conn)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    outcomes.append((future, None, exc))
-                else:
-                    outcomes.append((future, result, None))
-                conn.execute("RELEASE op")
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            failure = StoreUnavailable(f"the job database failed: {exc}")
-            outcomes = [(future, None, failure) for _, future in batch]
-        for future, result, error in outcomes:
-            future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+def _setup(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.executescript(_SCHEMA)
+    conn.create_function("casefold", 1, _casefold, deterministic=True)
 
 
 def _casefold(value: str | None) -> str | None:
     """Prompt search ignores case the way Python does (SQLite's lower() is ASCII only)."""
     return value.casefold() if value is not None else None
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 def _load(conn: sqlite3.Connection, job_id: str) -> Job:
@@ -295,7 +200,7 @@ class SqliteStore(JobStore):
         self.clock = clock
         self.max_attempts = max_attempts
         self.max_queue_size = max_queue_size
-        self._writer = _Writer(self.path)
+        self._writer = Writer(self.path, _setup)
         self._queue = FairQueue(policy)
         self._active: dict[str, str] = {}  # job id -> account, queued or running
         self._active_per_user: dict[str, int] = {}  # per account (service, user)
