@@ -6,13 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import statistics
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from easel.jobs import GenerationRequest, JobKind
-from easel.queue.estimates import CostBook, Estimate, Shape, Timing, Timings
+from easel.queue.estimates import ZERO, CostBook, Estimate, Shape, Timing, Timings, spread
 
 ShapeKey = tuple[str, str | None, int, int, int]
 _AUDIO_KINDS = frozenset(str(kind) for kind in JobKind if kind.is_audio)
@@ -120,15 +119,17 @@ class RunTimes:
             self._keep(self._gap, backend, seconds)
             self._record("gap", backend, seconds)
 
-    def gap(self, backend: str) -> float:
+    def gap(self, backend: str) -> Estimate:
+        """Seconds a busy worker spends between two runs (claim, events): p10, p50, p90
+        of the measured gaps (0 until measured), so their jitter widens the range."""
         samples = self._gap.get(backend)
-        return statistics.median(samples) if samples else 0.0
+        return spread(samples) if samples else ZERO
 
-    def finish(self, backend: str) -> float:
+    def finish(self, backend: str) -> Estimate:
         """Seconds from a run's end to its results being committed (0 until measured);
         with pipelined results this delays the job's own end, not the next job's start."""
         samples = self._finish.get(backend)
-        return statistics.median(samples) if samples else 0.0
+        return spread(samples) if samples else ZERO
 
     def price(self, backend: str, request: GenerationRequest) -> Estimate | None:
         """One run of this request: p10, p50, p90 seconds, when anything like it was measured."""

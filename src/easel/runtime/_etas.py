@@ -197,7 +197,7 @@ class Etas(Extension):
 
     def _gap(self, route: str) -> Estimate:
         """Claim and events, per job."""
-        return _fixed(self.runtime.run_times.gap(route))
+        return self.runtime.run_times.gap(route)
 
     async def _recent(self) -> list[Job]:
         """The jobs submitted in the arrival model's window (the latest 500), read from
@@ -222,7 +222,7 @@ class Etas(Extension):
                 seen[job.id] = _Recent(
                     job.backend, job.request.model, self._policy.tier(job.request.priority),
                     account(job.service, job.user_id), job.created_at,
-                    price.mid + run_times.gap(job.backend), job.request.cost,
+                    price.mid + run_times.gap(job.backend).mid, job.request.cost,
                 )  # fmt: skip
         for entry, wait in zip(entries, waiting, strict=True):
             if wait.run.mid > 0:
@@ -302,8 +302,7 @@ class Etas(Extension):
                 return {}
             elapsed = time.time() - (job.started_at or time.time())
             left = Estimate(*(max(price.at(i) - elapsed, 0.0) for i in range(3)))
-            finish = self.runtime.run_times.finish(job.backend)
-            return _eta_fields(ZERO, left + _fixed(finish))
+            return _eta_fields(ZERO, left + self.runtime.run_times.finish(job.backend))
         if job.state is not JobState.queued:
             return {}
         place = await self.runtime.store.place(job.id)
@@ -343,8 +342,7 @@ class Etas(Extension):
     def _own(self, projected: Projected, projection: Projection) -> Estimate:
         """A job's own run, ending when its results are committed."""
         route = projected.routes.get(projection.job_id)
-        finish = self.runtime.run_times.finish(route) if route is not None else 0.0
-        return projection.run + _fixed(finish)
+        return projection.run + (ZERO if route is None else self.runtime.run_times.finish(route))
 
     async def _fallback(self, job: Job) -> dict[str, Any]:
         place = await self.runtime.store.place(job.id)
