@@ -70,7 +70,7 @@ def _easel() -> str:
     return shutil.which("easel") or str(Path(sys.executable).with_name("easel"))
 
 
-def _shape(rng: random.Random) -> dict[str, Any]:
+def shape(rng: random.Random) -> dict[str, Any]:
     side = rng.choice(SIZES)
     return {"width": side, "height": side, "steps": rng.choice(STEPS),
             "model": rng.choice(MODELS)}  # fmt: skip
@@ -159,7 +159,7 @@ async def _run(
     return list(jobs.values())
 
 
-def _errors(pairs: list[tuple[float, float]]) -> tuple[float, float, float]:
+def relative_errors(pairs: list[tuple[float, float]]) -> tuple[float, float, float]:
     errors = sorted(abs(eta - real) / real for eta, real in pairs)
     return (
         statistics.median(errors),
@@ -217,7 +217,7 @@ async def main() -> None:
         # arrivals go on past the scored ones, so that nothing scored waits in a queue
         # that suddenly stops filling
         end = args.seconds + TAIL
-        schedule = _burst(rng, args.jobs) if args.burst else _arrivals(rng, end, args.poisson)
+        schedule = burst(rng, args.jobs) if args.burst else workload(rng, end, args.poisson)
         after: list[tuple[float, float]] = []
         results = await _run(url, schedule, after if args.burst else None)
     finally:
@@ -241,7 +241,7 @@ async def main() -> None:
           f"{COST['EASEL_MOCK_OVERHEAD_SECONDS']} s per call, "
           f"{COST['EASEL_MOCK_LOAD_SECONDS']} s per model load")  # fmt: skip
     with_eta = [job for job in scored if job.view.get("eta_seconds")]
-    overtaken = {job.view["id"]: _overtaken_by(job, results) for job in with_eta}
+    overtaken = {job.view["id"]: overtaken_by(job, results) for job in with_eta}
 
     def easel(jobs: list[Outcome]) -> list[tuple[float, float]]:
         return [(job.view["eta_seconds"], job.real) for job in jobs]
@@ -265,14 +265,14 @@ async def main() -> None:
         if pairs is None or len(pairs) < 2:
             print(label if pairs is None else f"{label:<36} {len(pairs)}/{len(scored)}")
             continue
-        p50, p90, worst = _errors(pairs)
+        p50, p90, worst = relative_errors(pairs)
         print(f"{label:<36} {p50:>9.1%} {p90:>9.1%} {worst:>7.0%}  {len(pairs)}/{len(scored)}")
     bias = statistics.median((job.view["eta_seconds"] - job.real) / job.real for job in with_eta)
     print(f"median signed error of easel's ETA at submit: {bias:+.1%}")
     for user in sorted({job.view["user"] for job in scored}):
         mine = [job for job in with_eta if job.view["user"] == user]
         if len(mine) >= 2:
-            p50, p90, _ = _errors(easel(mine))
+            p50, p90, _ = relative_errors(easel(mine))
             mean = statistics.mean(job.real for job in mine)
             print(f"  {user:<8} {len(mine):>3} jobs, mean {mean:5.2f} s: "
                   f"p50 {p50:.1%}, p90 {p90:.1%}")  # fmt: skip
@@ -294,7 +294,7 @@ OVERTAKEN = {
 }
 
 
-def _overtaken_by(job: Outcome, jobs: list[Outcome]) -> str:
+def overtaken_by(job: Outcome, jobs: list[Outcome]) -> str:
     """What, submitted after ``job``, started before it (a key of ``OVERTAKEN``): what
     no ETA at submit can know of (whether and when such jobs come, their shapes and
     models, whether they are premium)."""
@@ -312,19 +312,19 @@ def _halfway(job: Outcome) -> tuple[float, float]:
     return at + eta - job.submitted, job.real
 
 
-def _burst(rng: random.Random, jobs: int) -> list[tuple[float, dict[str, Any]]]:
+def burst(rng: random.Random, jobs: int) -> list[tuple[float, dict[str, Any]]]:
     """Every job at once, from one heavy user and five light ones."""
     users = ["heavy"] * 4 + ["u1", "u2", "u3", "u4", "u5"]
     schedule = []
     for i in range(jobs):
-        body = {**_shape(rng), "user_id": rng.choice(users)}
+        body = {**shape(rng), "user_id": rng.choice(users)}
         if i % 15 == 14:
             body["premium"] = True
         schedule.append((0.0, body))
     return schedule
 
 
-def _arrivals(
+def workload(
     rng: random.Random, seconds: float, poisson: bool
 ) -> list[tuple[float, dict[str, Any]]]:
     """Each user submits at its own rate, 1 job in 15 premium: steadily (a bot, a batch
@@ -333,7 +333,7 @@ def _arrivals(
     for user, rate in RATES.items():
         at = rng.expovariate(rate)
         while at < seconds:
-            body = {**_shape(rng), "user_id": user}
+            body = {**shape(rng), "user_id": user}
             if rng.random() < 1 / 15:
                 body["premium"] = True
             schedule.append((at, body))
