@@ -5,6 +5,7 @@ the fair queue puts ahead)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 
@@ -22,6 +23,7 @@ from easel.queue.arrivals import (
     Submitted,
     arrivals,
     overtaken,
+    poisson_median,
 )
 
 
@@ -36,6 +38,32 @@ def test_a_steady_clients_next_submissions_are_foreseen() -> None:
     assert bot.gap == pytest.approx(2.0)
     assert bot.expected(1.0) == 0  # its next one comes 1.5 s from now
     assert bot.expected(1.6) == 1 and bot.expected(3.6) == 2 and bot.expected(5.4) == 2
+
+
+def test_a_random_streams_count_is_the_median_of_a_poisson_streams() -> None:
+    # gaps as scattered as a Poisson stream's (mean 2 s): users at random, a pooled tier
+    gaps = (0.3, 4.1, 1.2, 0.6, 3.8, 0.2, 2.9, 1.5, 0.4, 5.0) * 2
+    at = list(itertools.accumulate(gaps, initial=90.0))
+    stream = arrivals([Submitted(0, "anyone", t, 1.0, 1.0) for t in at], now=at[-1])
+    anyone = stream[(0, "anyone")]
+    assert anyone.random and anyone.gap == pytest.approx(2.0)
+    # its mean count would be 0.5 of a job in 1 s: the median says none comes...
+    assert anyone.expected(1.0) == 0
+    assert anyone.expected(2.0) == 1 and anyone.expected(4.0) == 2  # P(N <= 1) = 0.41
+    # ...while a steady client's next job is foreseen from its gaps, as before
+    bot = arrivals(_steady(gap=2.0, count=20, since=1.5), now=100.0)[(0, "bot")]
+    assert not bot.random and bot.expected(1.0) == 1
+
+
+@given(st.floats(0.0, 300.0), st.floats(0.0, 300.0))
+def test_the_poisson_median_is_within_its_known_bounds_and_grows_with_the_mean(
+    mean: float, other: float
+) -> None:
+    median = poisson_median(mean)
+    assert median == int(median)
+    assert mean - math.log(2) <= median <= mean + 1 / 3  # Choi (1994)
+    low, high = sorted((mean, other))
+    assert poisson_median(low) <= poisson_median(high)
 
 
 def test_bursts_lone_submissions_and_silence_are_not_rates() -> None:

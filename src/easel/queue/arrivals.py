@@ -29,6 +29,8 @@ QUIET_GAPS = 3.0
 """An account silent for this many times its longest recent gap..."""
 QUIET_FLOOR = 0.2
 """...and at least this many seconds is expected to stay quiet: a batch that ended."""
+RANDOM_SPREAD = 0.5
+"""Gaps whose standard deviation is over this share of their mean come at random."""
 MIN_SEEN = 3.0
 """Seconds an account must have been submitting for to be expected to go on: a burst is
 not a rate."""
@@ -83,16 +85,27 @@ class Arrival:
         longest = max(self.gaps, default=0.0)
         return self.since > max(QUIET_GAPS * longest, QUIET_FLOOR)
 
+    @cached_property
+    def random(self) -> bool:
+        """Its gaps spread like a Poisson stream's (their deviation over ``RANDOM_SPREAD``
+        of their mean): users at random, or a tier pooled over many accounts. A bot or a
+        script submits far more regularly than that."""
+        return statistics.pstdev(self.gaps) > RANDOM_SPREAD * statistics.fmean(self.gaps)
+
     def expected(self, horizon: float) -> float:
-        """Submissions likely in the next ``horizon`` seconds, as a renewal process: the
-        next one comes once the median of the gaps seen that are longer than the time
-        already waited has passed (none: within a mean gap), the ones after it a mean gap
-        apart. A steady client's next job is foreseen; with fewer than ``MIN_GAPS`` gaps
-        seen, the mean rate is all there is."""
+        """Submissions likely in the next ``horizon`` seconds. A steady client as a
+        renewal process: the next one comes once the median of the gaps seen that are
+        longer than the time already waited has passed (none: within a mean gap), the ones
+        after it a mean gap apart. A :attr:`random` stream: the median count of a Poisson
+        stream at its mean rate (the count an ETA is least often off by; its mean would
+        count a fraction of a job that mostly does not come). With fewer than ``MIN_GAPS``
+        gaps seen, the mean rate is all there is."""
         if horizon <= 0:
             return 0.0
         if len(self.gaps) < MIN_GAPS:  # too few to tell a steady client: its mean rate
             return horizon / self.gap
+        if self.random:
+            return poisson_median(horizon / self.gap)
         first = self._next
         return 0.0 if first > horizon else 1.0 + (horizon - first) // self.gap
 
@@ -251,3 +264,17 @@ def _least_fixed_point(
             return after
         current = after
     return current
+
+
+def poisson_median(mean: float) -> float:
+    """The median count of a Poisson stream expected to bring ``mean``: the least ``k``
+    with P(N <= k) >= 1/2 (past ``mean`` 50, ``floor(mean + 1/3)``, which is within one)."""
+    if mean >= 50.0:
+        return float(math.floor(mean + 1 / 3))
+    k, term = 0, math.exp(-mean)
+    total = term
+    while total < 0.5:
+        k += 1
+        term *= mean / k
+        total += term
+    return float(k)
