@@ -85,6 +85,7 @@ class Outcome:
     offset: float
     """Seconds from the start of the run to its submission."""
     submitted: float
+    """When its 202 came back: the moment the ETA in it counts from."""
     started: float = 0.0
     finished: float = 0.0
     announced: list[tuple[float, float]] = field(default_factory=list)
@@ -135,9 +136,9 @@ async def _run(
         began = time.monotonic()
         for offset, body in schedule:
             await asyncio.sleep(max(began + offset - time.monotonic(), 0.0))
-            submitted = time.time()
             response = await http.post(f"{url}/v1/jobs", json={"prompt": "bench", **body})
             response.raise_for_status()
+            submitted = time.time()  # the 202 is in: its ETA counts from now
             view = {**response.json(), "user": body["user_id"]}
             job = jobs[view["id"]] = Outcome(view, offset, submitted)
             for event in early.pop(view["id"], []):
@@ -184,6 +185,9 @@ async def main() -> None:
         default=30.0,
         help="jobs submitted earlier are not scored (rates being learnt)",
     )
+    parser.add_argument(
+        "--load", type=float, default=1.0, help="every user's rate times this (1: ~90%% busy)"
+    )
     parser.add_argument("--burst", action="store_true", help="every job at once instead")
     parser.add_argument("--jobs", type=int, default=60, help="jobs in the burst")
     parser.add_argument("--workers", type=int, default=1)
@@ -217,7 +221,9 @@ async def main() -> None:
         # arrivals go on past the scored ones, so that nothing scored waits in a queue
         # that suddenly stops filling
         end = args.seconds + TAIL
-        schedule = burst(rng, args.jobs) if args.burst else workload(rng, end, args.poisson)
+        schedule = (
+            burst(rng, args.jobs) if args.burst else workload(rng, end, args.poisson, args.load)
+        )
         after: list[tuple[float, float]] = []
         results = await _run(url, schedule, after if args.burst else None)
     finally:
@@ -231,7 +237,7 @@ async def main() -> None:
         print(f"a burst of {args.jobs} jobs from 6 users (one heavy, 1 in 15 premium), "
               f"{args.workers} worker(s)")  # fmt: skip
     else:
-        rates = ", ".join(f"{user} {rate}/s" for user, rate in RATES.items())
+        rates = ", ".join(f"{user} {round(rate * args.load, 4)}/s" for user, rate in RATES.items())
         kind = "Poisson arrivals" if args.poisson else "steady rates (gaps +-20%)"
         print(f"{len(results)} jobs, {kind} per user ({rates}; 1 in 15 premium); scored: "
               f"the {len(scored)} submitted from {args.lead_in:.0f} s to {args.seconds:.0f} s; "
@@ -325,12 +331,12 @@ def burst(rng: random.Random, jobs: int) -> list[tuple[float, dict[str, Any]]]:
 
 
 def workload(
-    rng: random.Random, seconds: float, poisson: bool
+    rng: random.Random, seconds: float, poisson: bool, load: float = 1.0
 ) -> list[tuple[float, dict[str, Any]]]:
-    """Each user submits at its own rate, 1 job in 15 premium: steadily (a bot, a batch
-    script: each gap its mean +-20%) or as a Poisson stream."""
+    """Each user submits at its own rate (``RATES`` times ``load``), 1 job in 15 premium:
+    steadily (a bot, a batch script: each gap its mean +-20%) or as a Poisson stream."""
     schedule = []
-    for user, rate in RATES.items():
+    for user, rate in ((user, rate * load) for user, rate in RATES.items()):
         at = rng.expovariate(rate)
         while at < seconds:
             body = {**shape(rng), "user_id": user}

@@ -121,15 +121,15 @@ class World:
 class Generator:
     """``eta.workload``'s process, continued from what was submitted up to a moment."""
 
-    def __init__(self, poisson: bool, end: float, rng: random.Random) -> None:
-        self.poisson, self.end, self.rng = poisson, end, rng
+    def __init__(self, poisson: bool, end: float, rng: random.Random, load: float) -> None:
+        self.poisson, self.end, self.rng, self.load = poisson, end, rng, load
 
     def future(self, past: list[Submission], now: float) -> list[Submission]:
         """One possible future: every submission after ``now`` until the end, given when
         each user last submitted."""
         rng, out = self.rng, []
         last = {one.user: one.at for one in past}
-        for user, rate in RATES.items():
+        for user, rate in ((user, rate * self.load) for user, rate in RATES.items()):
             at = self._next(rate, last.get(user), now)
             while at < self.end:
                 body = {**shape(rng), "user_id": user}
@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--lead-in", type=float, default=30.0, help="as in eta.py")
     parser.add_argument("--poisson", action="store_true", help="as in eta.py")
     parser.add_argument("--seed", type=int, default=7, help="as in eta.py")
+    parser.add_argument("--load", type=float, default=1.0, help="as in eta.py")
     parser.add_argument("--futures", type=int, default=200, help="futures played per job")
     parser.add_argument(
         "--gap", type=float, default=0.005, help="seconds per job besides the mock's run"
@@ -202,11 +203,13 @@ def main() -> None:
     end = args.seconds + TAIL
     schedule = [
         Submission(f"job{i}", at, body["user_id"], body)
-        for i, (at, body) in enumerate(workload(random.Random(args.seed), end, args.poisson))
+        for i, (at, body) in enumerate(
+            workload(random.Random(args.seed), end, args.poisson, args.load)
+        )
     ]
     bodies = {one.job_id: one.body for one in schedule}
     world = World(FairQueue(Policy(aging_seconds=None)), args.gap)
-    generator = Generator(args.poisson, end, random.Random(args.seed + 1))
+    generator = Generator(args.poisson, end, random.Random(args.seed + 1), args.load)
     resampler = Resampler(end, random.Random(args.seed + 2))
     guesses: dict[str, dict[str, float]] = {name: {} for name in GUESSES}
     ranges: dict[str, tuple[float, float]] = {}  # the oracle's p10 and p90 of futures
@@ -269,6 +272,7 @@ def _report(
 ) -> None:
     scored = list(ranges)
     kind = "Poisson arrivals" if args.poisson else "steady rates (gaps +-20%)"
+    kind += f", every rate x {args.load}" if args.load != 1 else ""
     print(f"simulated: {len(schedule)} jobs, {kind}, seed {args.seed}; scored: the "
           f"{len(scored)} submitted from {args.lead_in:.0f} s to {args.seconds:.0f} s; "
           f"one worker, {args.gap} s per job besides the mock's run; "
