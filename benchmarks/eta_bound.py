@@ -1,6 +1,6 @@
 """How close can any ETA given at submit come on ``eta.py``'s workload? An oracle answers.
 
-    python benchmarks/eta_bound.py [--poisson] [--seconds 120] [--futures 300]
+    python benchmarks/eta_bound.py [--poisson] [--seed 7] [--load 1] [--futures 200]
 
 ``eta.py`` measures easel's ETA at submit against a real server. This asks what the best
 ETA at submit could reach on the same workload, so that easel's figure can be read against
@@ -14,13 +14,17 @@ worker's current job and loaded model, when each user last submitted) and the wo
 generator itself (each user's rate and gap distribution, the shape and model mix, the
 premium share, when submissions stop) plays ``--futures`` possible futures from there and
 predicts the time that minimises the expected relative error (the median of the futures
-weighted by one over their times). What it still misses is what the future holds, and
-nothing else: no ETA at submit can be expected to do better on this workload.
+weighted by one over their times). What is left of its error is what the future holds.
 
-Printed side by side, against the simulated run's actual times: the oracle, the exact
-projection of what is queued with nothing arriving, and the naive "position x average run
-time"; then the oracle split as ``eta.py`` splits easel's ETA (by what, submitted later,
-ran first), and how often the actual time fell inside the oracle's own p10-p90 of futures.
+Printed side by side, against the simulated run's actual times: the oracle; a Monte Carlo
+that knows only the past (each user's recent gaps and jobs, resampled: what a server could
+draw futures from); easel's own arrival model (:mod:`easel.queue.arrivals`) fed the
+simulated facts, on the exact projection of what is queued; that projection alone (nothing
+arriving); the naive "position x average run time". Then the oracle and easel split as
+``eta.py`` splits easel's ETA (by what, submitted later, ran first), how often the actual
+time fell inside the oracle's p10-p90 of futures, and each user's mean time and the
+worker's busy share, to compare with a real run of ``eta.py``. Deterministic for a seed:
+the way to compare two arrival models.
 """
 
 from __future__ import annotations
@@ -51,7 +55,14 @@ from eta import (
 )
 
 from easel.jobs import PREMIUM_PRIORITY
-from easel.queue.arrivals import WINDOW_SECONDS, Queued, Submitted, arrivals, overtaken
+from easel.queue.arrivals import (
+    QUIET_GAPS,
+    WINDOW_SECONDS,
+    Queued,
+    Submitted,
+    arrivals,
+    overtaken,
+)
 from easel.queue.scheduler import Entry, FairQueue, Policy
 
 PER_STEP_MEGAPIXEL = float(COST["EASEL_MOCK_SECONDS_PER_MEGAPIXEL_STEP"])
@@ -165,7 +176,7 @@ class Resampler:
         for user, ones in by_user.items():
             gaps = [b.at - a.at for a, b in itertools.pairwise(ones)]
             since = now - ones[-1].at
-            if not gaps or since > 3 * max(gaps):  # one job is no rate; a silence is an end
+            if not gaps or since > QUIET_GAPS * max(gaps):  # one job: no rate; silence: an end
                 continue
             longer = [g - since for g in gaps if g > since]
             at = now + rng.choice(longer or gaps)
