@@ -53,6 +53,15 @@ def test_a_random_streams_count_is_the_median_of_a_poisson_streams() -> None:
     # ...while a steady client's next job is foreseen from its gaps, as before
     bot = arrivals(_steady(gap=2.0, count=20, since=1.5), now=100.0)[(0, "bot")]
     assert not bot.random and bot.expected(1.0) == 1
+    # watched since someone else's submission 70 s ago: the stream's 21 submissions
+    # spread over all 70 s (chance put its first one late), the steady client's do not
+    now = at[-1]
+    steady = [Submitted(0, "bot", now - 1.5 - 2.0 * i, 1.0, 1.0) for i in range(20)]
+    both = [Submitted(0, "other", now - 70.0, 1.0, 1.0), *steady,
+            *(Submitted(0, "anyone", t, 1.0, 1.0) for t in at)]  # fmt: skip
+    watched = arrivals(both, now=now)
+    assert watched[(0, "anyone")].gap == pytest.approx(70.0 / 21)
+    assert watched[(0, "bot")].gap == pytest.approx(2.0)
 
 
 @given(st.floats(0.0, 300.0), st.floats(0.0, 300.0))

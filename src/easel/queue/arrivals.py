@@ -65,6 +65,10 @@ class Arrival:
     seconds: float
     square: float
     cost: float
+    count: int = 0
+    """Its submissions in the window (``gaps`` holds the latest ``keep`` only)."""
+    seen: float = 0.0
+    """Seconds of the window the model has watched (since anyone's first submission in it)."""
     steady: bool = True
     """False: too new to have a rate (fewer than ``MIN_SUBMISSIONS``, or for less than
     ``MIN_SEEN``): none of its work is expected, but it may still send some (the range's
@@ -73,10 +77,13 @@ class Arrival:
     @cached_property
     def gap(self) -> float:
         """The mean gap, but never shorter than the time since the first submission (the
-        silence since the last one counts), or ``MIN_SPAN``, spread over them all."""
+        silence since the last one counts), or ``MIN_SPAN``, spread over them all. A
+        :attr:`random` stream's rate is its submissions over all the time it was watched:
+        its first one there came when chance had it, not when it began."""
         count = len(self.gaps) + 1
         mean = statistics.fmean(self.gaps) if self.gaps else 0.0
-        return max(mean, (sum(self.gaps) + self.since) / count, MIN_SPAN / count)
+        gap = max(mean, (sum(self.gaps) + self.since) / count, MIN_SPAN / count)
+        return max(gap, self.seen / self.count) if self.random and self.count else gap
 
     @property
     def quiet(self) -> bool:
@@ -90,6 +97,8 @@ class Arrival:
         """Its gaps spread like a Poisson stream's (their deviation over ``RANDOM_SPREAD``
         of their mean): users at random, or a tier pooled over many accounts. A bot or a
         script submits far more regularly than that."""
+        if len(self.gaps) < MIN_GAPS:  # too few to tell
+            return False
         return statistics.pstdev(self.gaps) > RANDOM_SPREAD * statistics.fmean(self.gaps)
 
     def expected(self, horizon: float) -> float:
@@ -120,7 +129,8 @@ def arrivals(
     submitted: Iterable[Submitted], now: float, *, window: float = WINDOW_SECONDS, keep: int = KEEP
 ) -> dict[tuple[int, str], Arrival]:
     """Each (tier, account)'s way of submitting, from its submissions in the last
-    ``window`` seconds (the latest ``keep`` gaps), and each tier's, pooled over every
+    ``window`` seconds (the latest ``keep`` gaps; one at random also counts them all over
+    the time since anyone's first submission there), and each tier's, pooled over every
     account (``(tier, EVERYONE)``). An account :attr:`~Arrival.quiet` is left out; one with
     fewer than ``MIN_SUBMISSIONS`` there, or submitting for less than ``MIN_SEEN`` seconds,
     is not :attr:`~Arrival.steady`."""
@@ -130,11 +140,14 @@ def arrivals(
             grouped.setdefault((one.tier, one.account), []).append(one)
             grouped.setdefault((one.tier, EVERYONE), []).append(one)
     out = {}
+    first = min((o.at for ones in grouped.values() for o in ones), default=now)
     for key, ones in grouped.items():
         times = sorted(o.at for o in ones)
         gaps = tuple(b - a for a, b in itertools.pairwise(times))[-keep:]
         arrival = Arrival(
             gaps=gaps,
+            count=len(times),
+            seen=now - first,
             since=now - times[-1],
             seconds=statistics.fmean(o.seconds for o in ones),
             square=statistics.fmean(o.seconds * o.seconds for o in ones),
