@@ -336,15 +336,26 @@ def workload(
     """Each user submits at its own rate (``RATES`` times ``load``), 1 job in 15 premium:
     steadily (a bot, a batch script: each gap its mean +-20%) or as a Poisson stream."""
     schedule = []
-    for user, rate in ((user, rate * load) for user, rate in RATES.items()):
-        at = rng.expovariate(rate)
-        while at < seconds:
-            body = {**shape(rng), "user_id": user}
-            if rng.random() < 1 / 15:
-                body["premium"] = True
-            schedule.append((at, body))
-            at += rng.expovariate(rate) if poisson else rng.uniform(0.8, 1.2) / rate
+    for user, rate in RATES.items():
+        first = rng.expovariate(rate * load)
+        schedule += submissions(rng, user, rate * load, first, seconds, poisson)
     return sorted(schedule, key=lambda item: item[0])
+
+
+def submissions(
+    rng: random.Random, user: str, rate: float, first: float, until: float, poisson: bool
+) -> list[tuple[float, dict[str, Any]]]:
+    """One user's submissions from ``first`` until ``until``: each job a random shape,
+    premium 1 time in 15, the next one a gap later (``workload``'s law, and the one
+    ``eta_bound.py``'s oracle continues)."""
+    out, at = [], first
+    while at < until:
+        body = {**shape(rng), "user_id": user}
+        if rng.random() < 1 / 15:
+            body["premium"] = True
+        out.append((at, body))
+        at += rng.expovariate(rate) if poisson else rng.uniform(0.8, 1.2) / rate
+    return out
 
 
 if __name__ == "__main__":

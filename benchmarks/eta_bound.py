@@ -50,7 +50,7 @@ from eta import (
     Outcome,
     overtaken_by,
     relative_errors,
-    shape,
+    submissions,
     workload,
 )
 
@@ -141,13 +141,9 @@ class Generator:
         rng, out = self.rng, []
         last = {one.user: one.at for one in past}
         for user, rate in ((user, rate * self.load) for user, rate in RATES.items()):
-            at = self._next(rate, last.get(user), now)
-            while at < self.end:
-                body = {**shape(rng), "user_id": user}
-                if rng.random() < 1 / 15:
-                    body["premium"] = True
+            first = self._next(rate, last.get(user), now)
+            for at, body in submissions(rng, user, rate, first, self.end, self.poisson):
                 out.append(Submission(f"{user}@{at:.6f}", at, user, body))
-                at += rng.expovariate(rate) if self.poisson else rng.uniform(0.8, 1.2) / rate
         return sorted(out, key=lambda one: one.at)
 
     def _next(self, rate: float, last: float | None, now: float) -> float:
@@ -366,15 +362,15 @@ def _overtaking(
     """What easel's arrival model (:mod:`easel.queue.arrivals`) expects later arrivals to
     run before ``job``, fed the simulated facts as the runtime feeds it the real ones
     (each submission priced with the share of a model load it causes)."""
-    recent = [one for one in past if one.at >= job.at - WINDOW_SECONDS]
-    models = [one.body["model"] for one in recent]
+    recent = [(one, one.entry) for one in past if one.at >= job.at - WINDOW_SECONDS]
+    models = [one.body["model"] for one, _ in recent]
     submitted = [
         Submitted(
-            tier=one.entry.priority, account=one.user, at=one.at, cost=one.entry.cost,
+            tier=entry.priority, account=one.user, at=one.at, cost=entry.cost,
             seconds=run_seconds(one.body, one.body["model"], gap)
             + (1 - models.count(one.body["model"]) / len(models)) * LOAD,
         )
-        for one in recent
+        for one, entry in recent
     ]  # fmt: skip
     queued = [Queued(e.job_id, e.priority, e.account, e.cost, ends[e.job_id][0] - job.at)
               for e in order]  # fmt: skip

@@ -135,12 +135,13 @@ def arrivals(
     fewer than ``MIN_SUBMISSIONS`` there, or submitting for less than ``MIN_SEEN`` seconds,
     is not :attr:`~Arrival.steady`."""
     grouped: dict[tuple[int, str], list[Submitted]] = {}
+    first = now  # anyone's first submission in the window: since then it was watched
     for one in submitted:
         if now - window <= one.at <= now:
             grouped.setdefault((one.tier, one.account), []).append(one)
             grouped.setdefault((one.tier, EVERYONE), []).append(one)
+            first = min(first, one.at)
     out = {}
-    first = min((o.at for ones in grouped.values() for o in ones), default=now)
     for key, ones in grouped.items():
         times = sorted(o.at for o in ones)
         gaps = tuple(b - a for a, b in itertools.pairwise(times))[-keep:]
